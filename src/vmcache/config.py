@@ -1,0 +1,267 @@
+"""Configuration: a TOML file with Kata's key names, structured by cattrs.
+
+Example (every key optional; these are the defaults)::
+
+    [factory]
+    vm_cache_number = 1          # VMs kept booted and ready
+    vm_cache_endpoint = ""       # the daemon's Unix socket; "" = vmcache.paths default
+
+    [hypervisor.qemu]
+    path = "qemu-system-x86_64"  # QEMU binary, a path or a name looked up on PATH
+    kernel = ""                  # "" = the default guest image (vmcache image build)
+    initrd = ""                  # "" = the default guest image
+    kernel_params = ""           # appended to the kernel command line
+    machine_type = "q35"
+    default_vcpus = 1
+    default_memory = 256         # MiB
+    accel = "auto"               # "kvm", "tcg" or "auto" (KVM, falling back to TCG)
+    boot_timeout = 30.0          # seconds until the guest agent must say READY
+    kvm_probe_timeout = 10.0     # with accel "auto": how long a KVM guest may take
+
+An unknown key or a value of the wrong type or range is a :class:`ConfigError`
+naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+
+from .errors import ConfigError
+from .image import INITRD_FILE, KERNEL_FILE, image_id, read_manifest
+from .paths import default_endpoint, default_image_dir, default_run_dir
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+class _RangeError(ValueError):
+    """A value of the right type outside its range; its text names the rule."""
+
+
+def _at_least(minimum: float) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value < minimum:
+            raise _RangeError(f"must be at least {minimum}, not {value}")
+
+    return check
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise _RangeError(f"must be more than 0, not {value}")
+
+
+def _one_of(*choices: str) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise _RangeError(f"must be one of {', '.join(choices)}, not {value!r}")
+
+    return check
+
+
+def _single_line(_instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise _RangeError("must be one line (no newline or NUL)")
+
+
+@attrs.frozen
+class FactoryConfig:
+    """``[factory]``: the cache itself."""
+
+    vm_cache_number: int = attrs.field(default=1, validator=_at_least(1))
+    vm_cache_endpoint: str = attrs.field(default="", validator=_single_line)
+
+
+@attrs.frozen
+class QemuConfig:
+    """``[hypervisor.qemu]``: how each cached VM is started."""
+
+    path: str = attrs.field(default="qemu-system-x86_64", validator=_single_line)
+    kernel: str = attrs.field(default="", validator=_single_line)
+    initrd: str = attrs.field(default="", validator=_single_line)
+    kernel_params: str = attrs.field(default="", validator=_single_line)
+    machine_type: str = attrs.field(default="q35", validator=_single_line)
+    default_vcpus: int = attrs.field(default=1, validator=_at_least(1))
+    default_memory: int = attrs.field(default=256, validator=_at_least(64))
+    accel: str = attrs.field(default="auto", validator=_one_of(*ACCELERATORS))
+    boot_timeout: float = attrs.field(default=30.0, validator=_positive)
+    kvm_probe_timeout: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class HypervisorConfig:
+    qemu: QemuConfig = attrs.Factory(QemuConfig)
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration. ``source`` is the file it came from, if any."""
+
+    factory: FactoryConfig = attrs.Factory(FactoryConfig)
+    hypervisor: HypervisorConfig = attrs.Factory(HypervisorConfig)
+    source: str = ""
+
+    @property
+    def qemu(self) -> QemuConfig:
+        return self.hypervisor.qemu
+
+    def endpoint(self) -> Path:
+        """The socket path from the config, else the default."""
+        return Path(self.factory.vm_cache_endpoint or default_endpoint())
+
+
+@attrs.frozen
+class VMSpec:
+    """Everything needed to start one VM, with every path checked to exist."""
+
+    qemu: Path
+    kernel: Path
+    initrd: Path
+    kernel_params: str
+    machine_type: str
+    vcpus: int
+    memory_mib: int
+    accel: str
+    boot_timeout: float
+    kvm_probe_timeout: float
+    run_root: Path
+    image: str = ""
+
+
+def _converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+
+    def strict_int(value: Any, _type: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"must be an integer, not {value!r}")
+        return value
+
+    def strict_float(value: Any, _type: type) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"must be a number, not {value!r}")
+        return float(value)
+
+    def strict_str(value: Any, _type: type) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string, not {value!r}")
+        return value
+
+    converter.register_structure_hook(int, strict_int)
+    converter.register_structure_hook(float, strict_float)
+    converter.register_structure_hook(str, strict_str)
+    return converter
+
+
+_CONVERTER = _converter()
+
+
+def _describe(error: BaseException, _type: Any) -> str:
+    if isinstance(error, (TypeError, _RangeError)):
+        return str(error)
+    if isinstance(error, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key {', '.join(sorted(error.extra_fields))}"
+    if isinstance(error, KeyError):
+        return "required key missing"
+    return str(error) or type(error).__name__
+
+
+def _readable(line: str) -> str:
+    """``must be ... @ $.hypervisor.qemu.x`` -> ``hypervisor.qemu.x: must be ...``."""
+    message, _, where = line.rpartition(" @ ")
+    key = where.removeprefix("$").lstrip(".")
+    if message.startswith("unknown key "):
+        names = message.removeprefix("unknown key ")
+        qualified = ", ".join(f"{key}.{name}" if key else name for name in names.split(", "))
+        return f"unknown key {qualified}"
+    return f"{key}: {message}" if key else message
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Structure a parsed TOML document, or raise a ConfigError naming the key."""
+    try:
+        config = _CONVERTER.structure(data, Config)
+    except cattrs.ClassValidationError as error:
+        lines = [_readable(line) for line in cattrs.transform_error(error, format_exception=_describe)]
+        raise ConfigError(f"{source}: {'; '.join(lines)}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return attrs.evolve(config, source=source)
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read the config file at ``path``; None gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    if "source" in data:
+        raise ConfigError(f"{path}: unknown key source")
+    return config_from_dict(data, str(path))
+
+
+def _existing_file(value: str, what: str, source: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        where = f" (from {source})" if source else ""
+        raise ConfigError(f"{what} not found: {path}{where}")
+    return path
+
+
+def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
+    """Turn a config into a :class:`VMSpec`, checking that every file it names exists.
+
+    An unset kernel or initrd means the default guest image; if that is not
+    built yet, the error says how to build it.
+    """
+    qemu = config.qemu
+    binary = shutil.which(qemu.path) if os.sep not in qemu.path else qemu.path
+    if binary is None or not os.access(binary, os.X_OK):
+        raise ConfigError(
+            f"QEMU binary not found: {qemu.path} "
+            "(apt-get install qemu-system-x86, or set hypervisor.qemu.path)"
+        )
+    image_dir = default_image_dir()
+
+    def pick(value: str, default: Path, what: str) -> Path:
+        if value:
+            return _existing_file(value, what, config.source)
+        if not default.is_file():
+            raise ConfigError(
+                f"default guest image missing: {default} (run `vmcache image build`, "
+                f"or set hypervisor.qemu.{what})"
+            )
+        return default
+
+    kernel = pick(qemu.kernel, image_dir / KERNEL_FILE, "kernel")
+    initrd = pick(qemu.initrd, image_dir / INITRD_FILE, "initrd")
+    manifest = read_manifest(image_dir) if not (qemu.kernel and qemu.initrd) else None
+    image_name = image_id(manifest) if manifest is not None else ""
+    return VMSpec(
+        qemu=Path(binary),
+        kernel=kernel,
+        initrd=initrd,
+        kernel_params=qemu.kernel_params,
+        machine_type=qemu.machine_type,
+        vcpus=qemu.default_vcpus,
+        memory_mib=qemu.default_memory,
+        accel=qemu.accel,
+        boot_timeout=qemu.boot_timeout,
+        kvm_probe_timeout=qemu.kvm_probe_timeout,
+        run_root=run_root if run_root is not None else default_run_dir(),
+        image=image_name,
+    )

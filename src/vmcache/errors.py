@@ -1,0 +1,85 @@
+"""The one error tree of vmcache.
+
+Every error the package raises on purpose is a :class:`VmcacheError`. Each one
+carries a message that says what went wrong *and what to do about it*, and an
+``exit_status`` the CLI uses, so that the command line can print one line on
+stderr and exit without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class VmcacheError(Exception):
+    """Root of every error vmcache raises on purpose."""
+
+    #: Exit status the CLI uses for this error.
+    exit_status: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(VmcacheError):
+    """The configuration is invalid: fix the file or option named in the message."""
+
+    exit_status = 2
+
+
+class ImageError(VmcacheError):
+    """The guest image could not be built or is missing: the message says what to install or pass."""
+
+    exit_status = 2
+
+
+class VMError(VmcacheError):
+    """Something went wrong with one QEMU VM."""
+
+
+class BootError(VMError):
+    """A VM did not become ready. The message quotes the guest's last console lines."""
+
+
+class VMGoneError(VMError):
+    """The VM is no longer running (it was stopped, or it died)."""
+
+
+class QMPError(VMError):
+    """QEMU's monitor (QMP) failed or answered with an error."""
+
+
+class QMPProtocolError(QMPError):
+    """QEMU's monitor sent something that is not QMP. Usually a bug or a wrong socket."""
+
+
+class AgentError(VMError):
+    """The guest agent failed, or the connection to it broke."""
+
+
+class AgentProtocolError(AgentError):
+    """The guest agent sent something that is not the agent protocol."""
+
+
+class CacheError(VmcacheError):
+    """Talking to the cache daemon failed."""
+
+
+class DaemonNotRunningError(CacheError):
+    """No daemon answers at the endpoint: start one with ``vmcache serve``."""
+
+
+class CacheUnavailableError(CacheError):
+    """The daemon cannot hand out a VM now (shutting down, or boots keep failing)."""
+
+
+class DeadlineExceededError(CacheError):
+    """No VM became ready before the deadline. Retry, raise --timeout or enlarge the cache."""
+
+
+class EndpointInUseError(CacheError):
+    """Another live daemon already serves this socket."""
+
+    exit_status = 2

@@ -1,0 +1,414 @@
+"""One QEMU VM under Trio: launch, wait for the guest agent, use, stop.
+
+A VM lives inside :func:`launch_vm`, an async context manager. Leaving it, by
+return, error or cancellation at any point (while QEMU starts, while waiting for
+the agent, while running), stops QEMU (QMP ``quit``, then SIGTERM, then
+SIGKILL, each step bounded in time), reaps it and removes its run directory,
+unless the VM was :meth:`VM.release`\\ d to a new owner first.
+
+QEMU runs in its own session (a terminal's Ctrl-C reaches only us, and we
+decide what to kill), its output goes to files in the run directory (never to a
+pipe that would break when we exit), and it is started from an argv list,
+never through a shell.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import trio
+
+from ._unix import connect_when_ready
+from .agent import AgentClient
+from .agent_protocol import ExecResult
+from .config import VMSpec
+from .errors import BootError, ConfigError, VmcacheError, VMGoneError
+from .handle import VMHandle, process_start_time
+from .qmp import QMPClient
+
+log = logging.getLogger("vmcache.qemu")
+
+#: Bounds of the stop escalation, in seconds.
+QUIT_GRACE = 3.0
+TERM_GRACE = 3.0
+KILL_GRACE = 5.0
+
+AGENT_PORT_NAME = "vmcache.agent"
+BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
+SOCKET_PATH_MAX = 107
+
+T = TypeVar("T")
+
+
+class VMState(enum.Enum):
+    """Where a VM is in its life. Only READY VMs are handed out or used."""
+
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    RELEASED = "released"
+
+
+class ProcessLike(Protocol):
+    """What :func:`stop_process` needs of a process (trio.Process has it)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+async def stop_process(
+    process: ProcessLike,
+    polite: Callable[[], Awaitable[object]] | None = None,
+    *,
+    quit_grace: float = QUIT_GRACE,
+    term_grace: float = TERM_GRACE,
+    kill_grace: float = KILL_GRACE,
+) -> int | None:
+    """Stop ``process``: ``polite()`` (QMP quit), then SIGTERM, then SIGKILL.
+
+    Each step waits at most its grace period for the process to exit. The whole
+    escalation is shielded from cancellation (it is what cancellation relies on)
+    and bounded by the sum of the graces. Returns the exit status, or None if
+    the process survived even SIGKILL for ``kill_grace`` s (logged; it is in an
+    uninterruptible kernel state we cannot do anything about).
+    """
+    with trio.CancelScope(shield=True):
+        if polite is not None and process.returncode is None:
+            with trio.move_on_after(quit_grace):
+                try:
+                    await polite()
+                except VmcacheError:
+                    pass  # QEMU often closes the monitor before answering quit
+                await process.wait()
+        for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
+            if process.returncode is not None:
+                break
+            try:
+                process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(grace):
+                await process.wait()
+        if process.returncode is None:
+            log.error("process did not exit %.0f s after SIGKILL; giving up on it", kill_grace)
+        return process.returncode
+
+
+def _escape(value: str) -> str:
+    """Escape a value for a QEMU ``-chardev``/``-device`` option list (comma doubled)."""
+    return value.replace(",", ",,")
+
+
+def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
+    """The QEMU command line for one VM (pure: tested without QEMU)."""
+    params = " ".join(part for part in (BASE_KERNEL_PARAMS, spec.kernel_params) if part)
+    accel_option = "kvm" if accel == "kvm" else "tcg"
+    return [
+        str(spec.qemu),
+        "-name", name,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", spec.machine_type,
+        "-accel", accel_option,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", params,
+        "-no-reboot",
+        "-chardev", f"file,id=console,path={_escape(str(run_dir / 'console.log'))}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={_escape(str(run_dir / 'qmp.sock'))},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vmcache-serial",
+        "-chardev", f"socket,id=agent,path={_escape(str(run_dir / 'agent.sock'))},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-device", "virtio-rng-pci",
+        "-pidfile", str(run_dir / "qemu.pid"),
+    ]
+
+
+def console_tail(run_dir: Path, lines: int = 5) -> str:
+    """The guest's last console lines and QEMU's own messages, joined on one line."""
+    collected: list[str] = []
+    for name in ("qemu.log", "console.log"):
+        try:
+            text = (run_dir / name).read_text(errors="replace")
+        except OSError:
+            continue
+        collected += [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(collected[-lines:]) or "(no console output)"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0700, or fail with a clear error."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as error:
+        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
+
+
+class VM:
+    """A QEMU VM this process started and supervises. Made by :func:`launch_vm`."""
+
+    def __init__(self, spec: VMSpec, vm_id: str, run_dir: Path, accel: str) -> None:
+        self.spec = spec
+        self.id = vm_id
+        self.run_dir = run_dir
+        self.accel = accel
+        self.state = VMState.STARTING
+        self.process: trio.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.agent: AgentClient | None = None
+        self.boot_id = ""
+        self.started_at = time.monotonic()
+        self.boot_seconds = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def handle(self) -> VMHandle:
+        """What a new owner needs to find, use and stop this VM."""
+        return VMHandle(
+            id=self.id,
+            pid=self.pid,
+            start_time=process_start_time(self.pid),
+            qmp_socket=str(self.run_dir / "qmp.sock"),
+            agent_socket=str(self.run_dir / "agent.sock"),
+            console_log=str(self.run_dir / "console.log"),
+            run_dir=str(self.run_dir),
+            cpu=self.spec.vcpus,
+            memory=self.spec.memory_mib,
+            accel=self.accel,
+            image=self.spec.image,
+            boot_id=self.boot_id,
+        )
+
+    def _require_ready(self) -> AgentClient:
+        if self.state is not VMState.READY or self.agent is None:
+            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        if not self.alive:
+            raise VMGoneError(f"VM {self.id} is not running any more")
+        return self.agent
+
+    async def ping(self) -> str:
+        """Check the guest agent answers; returns the boot id."""
+        return await self._require_ready().ping()
+
+    async def exec(self, argv: list[str], timeout: int = 0) -> ExecResult:
+        """Run a command in the guest; see :meth:`AgentClient.exec`."""
+        return await self._require_ready().exec(argv, timeout)
+
+    async def wait_exited(self) -> int:
+        """Wait until QEMU exits (for whatever reason) and return its status."""
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def _close_connections(self) -> None:
+        for connection in (self.qmp, self.agent):
+            if connection is not None:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+        self.qmp = self.agent = None
+
+    async def release(self) -> tuple[VMHandle, trio.Process]:
+        """Give up supervision: close our connections and keep QEMU running.
+
+        Returns the handle for the new owner and the process object (still our
+        child: whoever keeps it should reap it when it exits, so no zombie stays).
+        After this, leaving :func:`launch_vm` leaves the VM alone.
+        """
+        handle = self.handle()
+        assert self.process is not None
+        await self._close_connections()
+        self.state = VMState.RELEASED
+        return handle, self.process
+
+    async def stop(self) -> None:
+        """Stop QEMU (bounded escalation), reap it and remove the run directory."""
+        if self.state in (VMState.STOPPED, VMState.RELEASED):
+            return
+        self.state = VMState.STOPPING
+        qmp = self.qmp
+
+        async def polite_quit() -> None:
+            if qmp is not None:
+                await qmp.execute("quit")
+
+        with trio.CancelScope(shield=True):
+            if self.process is not None:
+                await stop_process(self.process, polite_quit if qmp is not None else None)
+            await self._close_connections()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.state = VMState.STOPPED
+
+
+async def _until_exit(process: trio.Process, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work()``, but give up with a BootError as soon as QEMU exits."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await process.wait()
+            nursery.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                result.append(await work())
+            except (VmcacheError, OSError) as error:
+                failure.append(error)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        nursery.start_soon(run)
+    if result:
+        return result[0]
+    if failure and process.returncode is None:
+        with trio.move_on_after(1.0):  # an EOF usually means QEMU is exiting right now
+            await process.wait()
+    if process.returncode is not None:
+        raise BootError(f"QEMU exited with status {process.returncode} during boot")
+    raise failure[0]
+
+
+async def _boot(spec: VMSpec, accel: str, timeout: float) -> VM:
+    """Start QEMU and wait until its agent is ready; on any failure, leave nothing."""
+    vm_id = secrets.token_hex(6)
+    run_dir = spec.run_root / f"vm-{vm_id}"
+    if len(str(run_dir / "agent.sock")) > SOCKET_PATH_MAX:
+        raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
+    make_private_dir(spec.run_root)
+    make_private_dir(run_dir)
+    vm = VM(spec, vm_id, run_dir, accel)
+    try:
+        argv = qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}")
+        with open(run_dir / "qemu.log", "wb") as qemu_log:
+            vm.process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=qemu_log,
+                start_new_session=True,
+            )
+        process = vm.process
+
+        def starting() -> bool:
+            return process.returncode is None
+
+        async def connect_and_wait() -> str:
+            qmp_stream = await connect_when_ready(run_dir / "qmp.sock", still_starting=starting)
+            vm.qmp = await QMPClient.negotiate(qmp_stream)
+            agent_stream = await connect_when_ready(run_dir / "agent.sock", still_starting=starting)
+            vm.agent = AgentClient(agent_stream)
+            return await vm.agent.wait_ready()
+
+        with trio.move_on_after(timeout) as deadline:
+            vm.boot_id = await _until_exit(process, connect_and_wait)
+        if deadline.cancelled_caught:
+            raise BootError(
+                f"VM {vm_id} did not become ready within {timeout:g} s (accel {accel}); "
+                f"last console lines: {console_tail(run_dir)}"
+            )
+    except BootError as error:
+        tail = "" if "console lines" in str(error) else f"; last console lines: {console_tail(run_dir)}"
+        await vm.stop()
+        raise BootError(f"{error}{tail}") from None
+    except BaseException:
+        await vm.stop()
+        raise
+    vm.state = VMState.READY
+    vm.boot_seconds = time.monotonic() - vm.started_at
+    return vm
+
+
+class _KVMProbe:
+    """What this process learned about KVM under accel "auto" (one probe at a time)."""
+
+    usable: bool | None = None
+    lock: trio.Lock | None = None
+
+    @classmethod
+    def device_opens(cls) -> bool:
+        try:
+            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        except OSError:
+            return False
+        return True
+
+
+async def _boot_auto(spec: VMSpec) -> VM:
+    if _KVMProbe.usable is False or not _KVMProbe.device_opens():
+        return await _boot(spec, "tcg", spec.boot_timeout)
+    if _KVMProbe.lock is None:
+        _KVMProbe.lock = trio.Lock()
+    async with _KVMProbe.lock:
+        if _KVMProbe.usable is None:
+            probe_timeout = min(spec.kvm_probe_timeout, spec.boot_timeout)
+            try:
+                vm = await _boot(spec, "kvm", probe_timeout)
+            except BootError as error:
+                _KVMProbe.usable = False
+                log.warning("KVM guest did not come up (%s); using TCG from now on", error)
+            else:
+                _KVMProbe.usable = True
+                return vm
+    if _KVMProbe.usable:
+        return await _boot(spec, "kvm", spec.boot_timeout)
+    return await _boot(spec, "tcg", spec.boot_timeout)
+
+
+async def boot_vm(spec: VMSpec) -> VM:
+    """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it."""
+    if spec.accel == "auto":
+        return await _boot_auto(spec)
+    return await _boot(spec, spec.accel, spec.boot_timeout)
+
+
+@asynccontextmanager
+async def launch_vm(spec: VMSpec) -> AsyncIterator[VM]:
+    """Boot a VM, yield it ready, and stop it on the way out unless it was released."""
+    vm = await boot_vm(spec)
+    try:
+        yield vm
+    finally:
+        await vm.stop()
+
+
+def describe_exit(status: int | None) -> str:
+    """'exited with status N' or 'was killed by SIGX', for log lines."""
+    if status is None:
+        return "is still running"
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
