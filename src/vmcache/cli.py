@@ -7,6 +7,7 @@ error's exit status; no traceback reaches the user.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import trio
 
 from .config import load_config, resolve_spec
 from .errors import VmcacheError
+from .handle import VMHandle
 from .image import build_image
 
 EPILOG = """\
@@ -111,7 +113,94 @@ def cmd_run(args: argparse.Namespace) -> int:
     _relay_and_exit(stdout, stderr, status)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve_until_signalled
+
+    config = load_config(args.config)
+    trio.run(serve_until_signalled, config)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from .client import connect
+
+    endpoint = _endpoint(args)
+
+    async def get() -> str:
+        async with connect(endpoint) as cache:
+            vm = await cache.get_vm(timeout=args.timeout)
+        return vm.to_json()
+
+    print(trio.run(get))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import CacheStatus, connect
+
+    endpoint = _endpoint(args)
+
+    async def status() -> CacheStatus:
+        async with connect(endpoint) as cache:
+            return await cache.status()
+
+    result = trio.run(status)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+        return 0
+    print(f"VM cache server pid = {result.pid}")
+    for vm in result.vms:
+        print(f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB")
+    return 0
+
+
+def cmd_quit(args: argparse.Namespace) -> int:
+    from .client import quit_and_wait
+
+    endpoint = _endpoint(args)
+    pid = trio.run(quit_and_wait, endpoint)
+    print(f"vmcache: daemon (pid {pid}) stopped", file=sys.stderr)
+    return 0
+
+
+def _read_handle(source: str) -> VMHandle:
+    """A VM handle from a file, or from stdin when ``source`` is ``-``."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as error:
+        raise VmcacheError(f"cannot read the VM handle {source}: {error.strerror}") from None
+    return VMHandle.from_json(text)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = _command(args)
+    handle = _read_handle(args.handle)
+
+    async def run() -> tuple[bytes, bytes, int]:
+        try:
+            result = await handle.exec(command, args.timeout)
+        finally:
+            await handle.disconnect()
+        return result.stdout, result.stderr, result.exit_status
+
+    _relay_and_exit(*trio.run(run))
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    handle = _read_handle(args.handle)
+    trio.run(handle.stop)
+    print(f"vmcache: VM {handle.id} stopped", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------- parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", metavar="PATH",
+                        help="the daemon's socket (default: $VMCACHE_ENDPOINT, the config's, "
+                        "or the built-in default)")
+    parser.add_argument("--config", metavar="PATH", help="config file, for its endpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +211,52 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="what to log on stderr (default %(default)s)")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the cache daemon in the foreground",
+        description="Keep vm_cache_number VMs booted and hand them out over Kata's VMCache "
+        "gRPC protocol on a Unix socket. Ctrl-C or SIGTERM kills every cached VM; VMs "
+        "already handed out keep running.",
+        epilog="example: vmcache serve --config /etc/vmcache/vmcache.toml",
+    )
+    serve.add_argument("--config", metavar="PATH", help="config file (TOML)")
+    serve.set_defaults(func=cmd_serve)
+
+    get = sub.add_parser(
+        "get",
+        help="take a VM from the daemon and print its handle (JSON)",
+        description="Take a ready VM and print its handle as one JSON object. The VM is "
+        "yours: stop it with `vmcache stop`.",
+        epilog="example: vmcache get > vm.json",
+    )
+    _client_options(get)
+    get.add_argument("--timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
+                     help="how long to wait for a ready VM (default %(default)s)")
+    get.set_defaults(func=cmd_get)
+
+    status = sub.add_parser(
+        "status",
+        help="show the daemon's pid and its cached VMs",
+        description="Show the daemon's pid and one line per cached, ready VM.",
+        epilog="example: vmcache status --json",
+    )
+    _client_options(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    quit_ = sub.add_parser(
+        "quit",
+        help="stop the daemon and wait until it is gone",
+        description="Ask the daemon to stop (as Ctrl-C does) and wait until it has exited.",
+        epilog="example: vmcache quit --endpoint /run/vmcache/cache.sock",
+    )
+    _client_options(quit_)
+    quit_.set_defaults(func=cmd_quit)
 
     run = sub.add_parser(
         "run",
@@ -132,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: vmcache run -- sh -c 'uname -r; id'",
     )
     run.add_argument("--direct", action="store_true", help="boot a fresh VM; no daemon needed")
-    run.add_argument("--config", metavar="PATH", help="config file (TOML)")
-    run.add_argument("--endpoint", metavar="PATH", help="the daemon's socket")
+    _client_options(run)
     run.add_argument("--keep", action="store_true", help="keep the VM and print its handle")
     run.add_argument("--wait", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a VM from the daemon (default %(default)s)")
@@ -141,6 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kill the command after S seconds (default: no limit)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     run.set_defaults(func=cmd_run)
+
+    exec_ = sub.add_parser(
+        "exec",
+        help="run a command in a VM you hold, by its handle",
+        description="Run CMD in the VM whose handle (the JSON `vmcache get` printed) is in "
+        "the file HANDLE, or on stdin for -. Relays output, exits with CMD's status.",
+        epilog="example: vmcache get > vm.json && vmcache exec vm.json -- cat /proc/version",
+    )
+    exec_.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
+    exec_.add_argument("--timeout", type=int, default=0, metavar="S",
+                       help="kill the command after S seconds (default: no limit)")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    exec_.set_defaults(func=cmd_exec)
+
+    stop = sub.add_parser(
+        "stop",
+        help="stop a VM you hold, by its handle",
+        description="Stop the VM whose handle is in the file HANDLE (or on stdin for -): "
+        "QMP quit, then SIGTERM, then SIGKILL; its run directory is removed.",
+        epilog="example: vmcache stop vm.json",
+    )
+    stop.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
+    stop.set_defaults(func=cmd_stop)
 
     image = sub.add_parser("image", help="manage the default guest image")
     image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
@@ -158,8 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_vmcache_error(group: BaseExceptionGroup[BaseException]) -> VmcacheError | None:
+    for error in group.exceptions:
+        if isinstance(error, VmcacheError):
+            return error
+        if isinstance(error, BaseExceptionGroup) and (leaf := _first_vmcache_error(error)):
+            return leaf
+    return None
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s vmcache %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         status = func(args)
@@ -167,5 +337,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _fail(str(error), error.exit_status)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except BaseExceptionGroup as group:
+        # Trio nurseries wrap errors in groups; the user wants the one that matters.
+        leaf = _first_vmcache_error(group)
+        if leaf is None:
+            raise
+        _fail(str(leaf), leaf.exit_status)
     raise SystemExit(status)
 

@@ -172,6 +172,10 @@ class VMHandle:
         agent = await self._connected_agent()
         return await agent.ping()
 
+    async def disconnect(self) -> None:
+        """Close the connection to the agent (the VM keeps running)."""
+        await self._close_agent()
+
     async def _close_agent(self) -> None:
         if self._agent is not None:
             with trio.CancelScope(shield=True):

@@ -1,0 +1,1 @@
+"""Code generated from protos/cache.proto by scripts/gen_proto.py."""

@@ -1,0 +1,100 @@
+import purerpc
+from . import cache_pb2 as cache__pb2
+import google.protobuf.empty_pb2 as google_dot_protobuf_dot_empty__pb2
+
+
+class CacheServiceServicer(purerpc.Servicer):
+    async def Config(self, input_message):
+        raise NotImplementedError()
+
+    async def GetBaseVM(self, input_message):
+        raise NotImplementedError()
+
+    async def Status(self, input_message):
+        raise NotImplementedError()
+
+    async def Quit(self, input_message):
+        raise NotImplementedError()
+
+    @property
+    def service(self) -> purerpc.Service:
+        service_obj = purerpc.Service(
+            "cache.CacheService"
+        )
+        service_obj.add_method(
+            "Config",
+            self.Config,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcVMConfig,
+            )
+        )
+        service_obj.add_method(
+            "GetBaseVM",
+            self.GetBaseVM,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcVM,
+            )
+        )
+        service_obj.add_method(
+            "Status",
+            self.Status,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcStatus,
+            )
+        )
+        service_obj.add_method(
+            "Quit",
+            self.Quit,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+            )
+        )
+        return service_obj
+
+
+class CacheServiceStub:
+    def __init__(self, channel):
+        self._client = purerpc.Client(
+            "cache.CacheService",
+            channel
+        )
+        self.Config = self._client.get_method_stub(
+            "Config",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcVMConfig,
+            )
+        )
+        self.GetBaseVM = self._client.get_method_stub(
+            "GetBaseVM",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcVM,
+            )
+        )
+        self.Status = self._client.get_method_stub(
+            "Status",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcStatus,
+            )
+        )
+        self.Quit = self._client.get_method_stub(
+            "Quit",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+            )
+        )

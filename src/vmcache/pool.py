@@ -1,0 +1,289 @@
+"""The cache: N slots, each a Trio task that keeps one VM booted and ready.
+
+Task tree (see docs/architecture.md)::
+
+    VMPool.run            nursery
+    ├── slot 0            boots a VM, offers it, waits until it is taken or dies, repeats
+    ├── slot 1 ...
+    └── reaper per handed-out VM: waits for its exit so no zombie stays
+
+A slot owns its VM while it is cached: cancelling the pool (Ctrl-C, Quit, a
+library caller's nursery) cancels the slot, whose ``finally`` stops the VM,
+shielded and bounded. A VM that is handed out is *released* first, so that
+``finally`` leaves it running: it belongs to its client now.
+
+Hand-outs are first come, first served: a ready VM goes to the longest-waiting
+client. Before a VM leaves, its agent is pinged; a VM that fails the ping is
+killed and replaced, and the client gets the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from .config import VMSpec
+from .errors import CacheUnavailableError, VmcacheError
+from .handle import VMHandle
+from .qemu import VM, boot_vm, describe_exit
+
+log = logging.getLogger("vmcache.pool")
+
+PING_TIMEOUT = 2.0
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 30.0
+
+
+@attrs.define(eq=False)
+class _Entry:
+    """A booted VM while its slot offers it. ``done`` ends the offer."""
+
+    vm: VM
+    done: trio.Event = attrs.Factory(trio.Event)
+    leased: bool = False
+    released: bool = False
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """A client waiting for a VM, in arrival order."""
+
+    event: trio.Event = attrs.Factory(trio.Event)
+    entry: _Entry | None = None
+    error: VmcacheError | None = None
+
+
+class Backoff:
+    """Capped exponential backoff: initial, 2x initial, ... up to cap."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+@attrs.define
+class PoolStats:
+    """Counters for Status and the exit summary."""
+
+    boots: int = 0
+    boot_failures: int = 0
+    failures_in_row: int = 0
+    last_error: str = ""
+    handed_out: int = 0
+    killed: int = 0
+    boot_seconds: list[float] = attrs.Factory(list)
+
+    def median_boot(self) -> float:
+        return statistics.median(self.boot_seconds) if self.boot_seconds else 0.0
+
+
+class Lease:
+    """A ready VM set aside for one client until :meth:`commit` or :meth:`abort`."""
+
+    def __init__(self, pool: VMPool, entry: _Entry) -> None:
+        self._pool = pool
+        self._entry = entry
+        self.handle: VMHandle = entry.vm.handle()
+
+    async def commit(self) -> VMHandle:
+        """The client has its reply: the VM is theirs. The slot boots a replacement."""
+        return await self._pool._release(self._entry)
+
+    async def abort(self) -> None:
+        """The reply did not go out: offer the VM again, to the next client in line."""
+        self._entry.leased = False
+        if self._entry.vm.alive:
+            self._pool._offer(self._entry, front=True)
+        else:
+            self._entry.done.set()
+
+
+class VMPool:
+    """Keeps ``size`` VMs of ``spec`` booted; hands them out in arrival order."""
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        size: int,
+        boot: Callable[[VMSpec], Awaitable[VM]] = boot_vm,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        self.spec = spec
+        self.size = size
+        self._boot = boot
+        self._backoff = backoff
+        self._ready: deque[_Entry] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._closed: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self.stats = PoolStats()
+        self.started_at = time.monotonic()
+
+    # ---------------------------------------------------------- supervision
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the slots until cancelled. Cancellation stops every cached and booting VM."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for index in range(self.size):
+                nursery.start_soon(self._slot, index, name=f"vmcache slot {index}")
+            task_status.started()
+
+    async def _slot(self, index: int) -> None:
+        backoff = self._backoff()
+        while True:
+            try:
+                vm = await self._boot(self.spec)
+            except VmcacheError as error:
+                self.stats.boot_failures += 1
+                self.stats.failures_in_row += 1
+                self.stats.last_error = str(error)
+                delay = backoff.next()
+                log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
+                            index, self.stats.failures_in_row, error, delay)
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            self.stats.boots += 1
+            self.stats.failures_in_row = 0
+            self.stats.last_error = ""
+            self.stats.boot_seconds.append(vm.boot_seconds)
+            del self.stats.boot_seconds[:-100]
+            log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
+                     vm.id, vm.boot_seconds, vm.pid, vm.accel, len(self._ready) + 1, self.size)
+            entry = _Entry(vm)
+            try:
+                await self._serve_entry(entry)
+            finally:
+                if not entry.released:
+                    self._forget(entry)
+                    was_alive = vm.alive
+                    await vm.stop()
+                    if was_alive:
+                        self.stats.killed += 1
+                        log.info("VM %s killed (pid %d)", vm.id, vm.pid)
+
+    async def _serve_entry(self, entry: _Entry) -> None:
+        """Offer the VM until it is handed out or discarded; notice if it dies meanwhile."""
+        self._offer(entry)
+        async with trio.open_nursery() as nursery:
+
+            async def watch_exit() -> None:
+                status = await entry.vm.wait_exited()
+                if not entry.released:
+                    log.warning("cached VM %s %s; replacing it", entry.vm.id, describe_exit(status))
+                    entry.done.set()
+
+            nursery.start_soon(watch_exit)
+            await entry.done.wait()
+            nursery.cancel_scope.cancel()
+
+    def _forget(self, entry: _Entry) -> None:
+        if entry in self._ready:
+            self._ready.remove(entry)
+
+    # ---------------------------------------------------------- hand-out
+
+    def _offer(self, entry: _Entry, front: bool = False) -> None:
+        """Give a ready VM to the longest-waiting client, or keep it ready."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            entry.leased = True
+            waiter.entry = entry
+            waiter.event.set()
+            return
+        if front:
+            self._ready.appendleft(entry)
+        else:
+            self._ready.append(entry)
+
+    async def _take(self) -> _Entry:
+        if self._closed is not None:
+            raise CacheUnavailableError(self._closed)
+        if self._ready and not self._waiters:
+            entry = self._ready.popleft()
+            entry.leased = True
+            return entry
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.entry is not None:  # a VM arrived as we were cancelled: pass it on
+                waiter.entry.leased = False
+                self._offer(waiter.entry, front=True)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.entry is not None
+        return waiter.entry
+
+    async def lease(self) -> Lease:
+        """Wait (first come, first served) for a ready VM whose agent answers a ping.
+
+        The caller bounds the wait with a cancel scope; cancellation leaves the
+        VM in the cache. Raises :class:`CacheUnavailableError` once the pool closes.
+        """
+        while True:
+            entry = await self._take()
+            try:
+                with trio.fail_after(PING_TIMEOUT):
+                    await entry.vm.ping()
+            except (VmcacheError, trio.TooSlowError) as error:
+                log.warning("VM %s failed its ping before hand-out (%s); replacing it",
+                            entry.vm.id, error or "timeout")
+                entry.leased = False
+                entry.done.set()
+                continue
+            except BaseException:
+                entry.leased = False
+                self._offer(entry, front=True)
+                raise
+            return Lease(self, entry)
+
+    async def _release(self, entry: _Entry) -> VMHandle:
+        handle, process = await entry.vm.release()
+        entry.released = True
+        entry.done.set()
+        self.stats.handed_out += 1
+        log.info("VM %s handed out (pid %d)", handle.id, handle.pid)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._reap, handle, process)
+        return handle
+
+    async def _reap(self, handle: VMHandle, process: trio.Process) -> None:
+        """Wait for a handed-out VM to exit so it does not stay a zombie of ours."""
+        status = await process.wait()
+        log.info("handed-out VM %s %s", handle.id, describe_exit(status))
+
+    # ---------------------------------------------------------- state
+
+    def ready_vms(self) -> list[VM]:
+        """Cached VMs that are ready and not set aside for a client."""
+        return [entry.vm for entry in self._ready if entry.vm.alive]
+
+    def close(self, reason: str = "the daemon is shutting down") -> None:
+        """Refuse new clients and fail the waiting ones with UNAVAILABLE."""
+        self._closed = reason
+        error = CacheUnavailableError(reason)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.event.set()
