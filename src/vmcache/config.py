@@ -43,31 +43,35 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 class _RangeError(ValueError):
     """A value of the right type outside its range; its text names the rule."""
 
+    def __init__(self, attribute: attrs.Attribute[Any], rule: str) -> None:
+        super().__init__(rule)
+        self.key = attribute.name
+
 
 def _at_least(minimum: float) -> Any:
     def check(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
         if value < minimum:
-            raise _RangeError(f"must be at least {minimum}, not {value}")
+            raise _RangeError(attribute, f"must be at least {minimum}, not {value}")
 
     return check
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
-        raise _RangeError(f"must be more than 0, not {value}")
+        raise _RangeError(attribute, f"must be more than 0, not {value}")
 
 
 def _one_of(*choices: str) -> Any:
     def check(_instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
-            raise _RangeError(f"must be one of {', '.join(choices)}, not {value!r}")
+            raise _RangeError(attribute, f"must be one of {', '.join(choices)}, not {value!r}")
 
     return check
 
 
 def _single_line(_instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if "\n" in value or "\r" in value or "\0" in value:
-        raise _RangeError("must be one line (no newline or NUL)")
+        raise _RangeError(attribute, "must be one line (no newline or NUL)")
 
 
 @attrs.frozen
@@ -162,7 +166,9 @@ _CONVERTER = _converter()
 
 
 def _describe(error: BaseException, _type: Any) -> str:
-    if isinstance(error, (TypeError, _RangeError)):
+    if isinstance(error, _RangeError):
+        return f"{error.key}={error}"  # validators run per class: _readable adds the key
+    if isinstance(error, TypeError):
         return str(error)
     if isinstance(error, cattrs.ForbiddenExtraKeysError):
         return f"unknown key {', '.join(sorted(error.extra_fields))}"
@@ -179,6 +185,10 @@ def _readable(line: str) -> str:
         names = message.removeprefix("unknown key ")
         qualified = ", ".join(f"{key}.{name}" if key else name for name in names.split(", "))
         return f"unknown key {qualified}"
+    name, equals, rule = message.partition("=")
+    if equals and name.isidentifier():
+        key = f"{key}.{name}" if key else name
+        message = rule
     return f"{key}: {message}" if key else message
 
 

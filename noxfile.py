@@ -1,0 +1,49 @@
+"""Developer sessions. `scripts/test` runs lint, typecheck and tests with --no-venv."""
+
+from __future__ import annotations
+
+import nox
+from nox.virtualenv import PassthroughEnv
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    """Install into the session's venv; with --no-venv the caller's env already has it."""
+    if not isinstance(session.virtualenv, PassthroughEnv):
+        session.install(*packages)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite: unit tests plus real QEMU guests, a real daemon, real gRPC."""
+    _install(session, "-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    _install(session, "ruff")
+    session.run("ruff", "check", "src", "tests", "noxfile.py", "scripts")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package (trio's own inline types; no trio-typing)."""
+    _install(session, "-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Regenerate src/vmcache/_proto from protos/cache.proto (commit the result)."""
+    _install(session, "-e", ".[test]")
+    session.run("python", "scripts/gen_proto.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Cold vs warm, side by side (see bench/README.md)."""
+    _install(session, "-e", ".")
+    session.run("python", "bench/bench.py", *session.posargs)

@@ -1,0 +1,5 @@
+"""``python -m vmcache`` is the ``vmcache`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Shared fixtures: QEMU process counting, private run directories, test configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmcache.paths import default_image_dir
+
+TCG_BOOT_TIMEOUT = 60.0
+
+
+def qemu_pids() -> set[int]:
+    """Live (not zombie) qemu-system processes on this machine."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state = stat[stat.rindex(")") + 2]
+        if b"qemu-system" in os.path.basename(argv0) and state != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_qemu() -> Iterator[None]:
+    """Every test must leave the set of QEMU processes as it found it."""
+    before = qemu_pids()
+    yield
+    leaked: set[int] = set()
+
+    def settled() -> bool:
+        nonlocal leaked
+        leaked = qemu_pids() - before
+        return not leaked
+
+    if not wait_until(settled, 10.0):
+        for pid in leaked:
+            os.kill(pid, 9)
+        pytest.fail(f"test leaked QEMU processes: {sorted(leaked)}")
+
+
+@pytest.fixture
+def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private VMCACHE_RUN_DIR (short path: Unix sockets live there) that must end empty."""
+    path = Path(f"/tmp/vmcache-test-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("VMCACHE_RUN_DIR", str(path))
+    yield path
+    leftovers = [p.name for p in path.iterdir() if p.name.startswith("vm-")]
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+    assert not leftovers, f"run directories left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    image = default_image_dir()
+    if not (image / "vmlinuz").is_file():
+        pytest.fail(f"no guest image at {image}: run scripts/setup (vmcache image build)")
+    return image
+
+
+def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None, **qemu: object) -> Path:
+    """A TOML config for tests: TCG, generous boot timeout, overrides from ``qemu``."""
+    settings: dict[str, object] = {"accel": "tcg", "boot_timeout": TCG_BOOT_TIMEOUT} | qemu
+    lines = ["[factory]", f"vm_cache_number = {cache}"]
+    if endpoint is not None:
+        lines.append(f'vm_cache_endpoint = "{endpoint}"')
+    lines.append("[hypervisor.qemu]")
+    for key, value in settings.items():
+        rendered = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        lines.append(f"{key} = {rendered}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+VMCACHE = [sys.executable, "-m", "vmcache"]

@@ -1,0 +1,86 @@
+"""Config parsing and validation, and the one-line errors the CLI makes of them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import VMCACHE
+from vmcache.config import load_config, resolve_spec
+from vmcache.errors import ConfigError
+
+
+def config_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vmcache.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_kata_key_names(tmp_path: Path) -> None:
+    config = load_config(config_file(tmp_path, """
+[factory]
+vm_cache_number = 3
+vm_cache_endpoint = "/tmp/x.sock"
+[hypervisor.qemu]
+default_memory = 512
+default_vcpus = 2
+kernel_params = "loglevel=3"
+boot_timeout = 12
+"""))
+    assert config.factory.vm_cache_number == 3
+    assert str(config.endpoint()) == "/tmp/x.sock"
+    assert (config.qemu.default_memory, config.qemu.default_vcpus) == (512, 2)
+    assert config.qemu.boot_timeout == 12.0
+    assert config.qemu.accel == "auto"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[factory]\nvm_cache_nmuber = 2\n", "unknown key factory.vm_cache_nmuber"),
+    ("[hypervisor.qemu]\ncolour = 'red'\n", "unknown key hypervisor.qemu.colour"),
+    ("[factory]\nvm_cache_number = 'two'\n", "factory.vm_cache_number: must be an integer"),
+    ("[factory]\nvm_cache_number = -1\n", "factory.vm_cache_number: must be at least 1"),
+    ("[hypervisor.qemu]\ndefault_memory = 0\n", "hypervisor.qemu.default_memory: must be at least 64"),
+    ("[hypervisor.qemu]\nboot_timeout = 0\n", "hypervisor.qemu.boot_timeout: must be more than 0"),
+    ("[hypervisor.qemu]\naccel = 'xen'\n", "hypervisor.qemu.accel: must be one of auto, kvm, tcg"),
+    ('[hypervisor.qemu]\nkernel_params = "a\\nb"\n', "hypervisor.qemu.kernel_params: must be one line"),
+    ("[factory\n", "not valid TOML"),
+])
+def test_bad_config_names_key_and_file(tmp_path: Path, text: str, message: str) -> None:
+    path = config_file(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    config = load_config(config_file(tmp_path, f'[hypervisor.qemu]\nkernel = "{missing}"\ninitrd = "{missing}"\n'))
+    with pytest.raises(ConfigError, match=f"kernel not found: {missing}"):
+        resolve_spec(config)
+    config = load_config(config_file(tmp_path, '[hypervisor.qemu]\npath = "/no/such/qemu"\n'))
+    with pytest.raises(ConfigError, match="QEMU binary not found: /no/such/qemu"):
+        resolve_spec(config)
+
+
+def test_default_image_missing_says_how_to_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMCACHE_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="vmcache image build"):
+        resolve_spec(load_config(None))
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[factory]\nsize = 2\n", "unknown key factory.size"),
+    ('[hypervisor.qemu]\ninitrd = "/no/initrd"\nkernel = "/no/kernel"\n', "kernel not found: /no/kernel"),
+    ('[hypervisor.qemu]\npath = "/no/qemu"\n', "QEMU binary not found: /no/qemu"),
+])
+def test_cli_prints_one_line_and_exits_2(tmp_path: Path, text: str, needle: str) -> None:
+    path = config_file(tmp_path, text)
+    for command in (["run", "--direct", "--config", str(path), "--", "true"],
+                    ["serve", "--config", str(path)]):
+        done = subprocess.run([*VMCACHE, *command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert needle in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,151 @@
+"""One real QEMU guest under Trio (TCG): boot, exec, stop, and every way a boot can end badly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import VMCACHE, pid_alive, qemu_pids, write_config
+from vmcache.config import load_config, resolve_spec
+from vmcache.errors import BootError
+from vmcache.qemu import VMState, boot_vm, launch_vm, qemu_argv
+
+pytestmark = pytest.mark.qemu
+
+
+def spec_for(tmp_path: Path, run_dir: Path, **qemu: object):  # type: ignore[no-untyped-def]
+    return resolve_spec(load_config(write_config(tmp_path / "vmcache.toml", **qemu)), run_root=run_dir)
+
+
+def test_argv_is_a_list_with_private_sockets(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    argv = qemu_argv(spec, run_dir / "vm-x", "tcg", "vmcache-x")
+    assert argv[0] == str(spec.qemu)
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    joined = " ".join(argv)
+    assert f"path={run_dir}/vm-x/qmp.sock" in joined and f"path={run_dir}/vm-x/agent.sock" in joined
+    weird = spec_for(tmp_path, Path("/tmp/a,b"))
+    assert "path=/tmp/a,,b/vm-x/agent.sock" in " ".join(qemu_argv(weird, Path("/tmp/a,b/vm-x"), "tcg", "n"))
+
+
+async def test_two_vms_boot_run_commands_and_leave_nothing(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    boot_ids = []
+    pids = []
+
+    async def one() -> None:
+        async with launch_vm(spec) as vm:
+            assert vm.state is VMState.READY
+            assert oct(vm.run_dir.stat().st_mode & 0o777) == "0o700"
+            assert os.getsid(vm.pid) == vm.pid  # its own session: a terminal's ^C is ours to relay
+            pids.append(vm.pid)
+            result = await vm.exec(["cat", "/proc/sys/kernel/random/boot_id"])
+            assert result.exit_status == 0
+            boot_ids.append(result.stdout.decode().strip())
+            assert boot_ids[-1] == vm.boot_id
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+    assert len(set(boot_ids)) == 2
+    assert not any(pid_alive(pid) for pid in pids)
+    assert list(run_dir.iterdir()) == []
+
+
+def test_run_direct_relays_output_and_status(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    config = write_config(tmp_path / "vmcache.toml")
+    before = qemu_pids()
+    done = subprocess.run(
+        [*VMCACHE, "run", "--direct", "--config", str(config), "--",
+         "sh", "-c", "printf 'out\\0put'; echo oops >&2; exit 42"],
+        capture_output=True, timeout=120,
+    )
+    assert done.returncode == 42
+    assert done.stdout == b"out\0put"
+    assert done.stderr.endswith(b"oops\n")
+    assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []
+
+
+async def test_cancelled_boot_leaves_nothing(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    for delay in (0.0, 0.05, 0.5):
+        before = qemu_pids()
+        with trio.move_on_after(delay) as scope:
+            await boot_vm(spec)
+        assert scope.cancelled_caught
+        assert qemu_pids() == before
+        assert list(run_dir.iterdir()) == []
+
+
+async def test_boot_timeout_kills_and_quotes_console(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir, boot_timeout=1.5, kernel_params="loglevel=7 ignore_loglevel")
+    before = qemu_pids()
+    with trio.fail_after(60), pytest.raises(BootError) as caught:
+        await boot_vm(spec)
+    message = str(caught.value)
+    assert "did not become ready within 1.5 s" in message
+    assert "last console lines:" in message and "\n" not in message
+    assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []
+
+
+async def test_qemu_exiting_mid_boot_is_a_boot_error(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    before = qemu_pids()
+
+    async def kill_qemu_once_started() -> None:
+        while True:
+            started = qemu_pids() - before
+            if started:
+                await trio.sleep(0.3)
+                for pid in started:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            await trio.sleep(0.01)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_qemu_once_started)
+            with pytest.raises(BootError, match="QEMU exited with status -9 during boot"):
+                await boot_vm(spec)
+    assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []
+
+
+async def test_bad_initrd_fails_fast_with_console_lines(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    bogus = tmp_path / "bogus.cpio.gz"
+    bogus.write_bytes(b"this is not an initramfs")
+    spec = spec_for(tmp_path, run_dir, kernel=str(guest_image / "vmlinuz"), initrd=str(bogus),
+                    kernel_params="loglevel=4")
+    with trio.fail_after(60), pytest.raises(BootError) as caught:
+        await boot_vm(spec)
+    assert "exited" in str(caught.value) or "did not become ready" in str(caught.value)
+    assert list(run_dir.iterdir()) == []
+
+
+async def test_auto_accel_falls_back_to_tcg(tmp_path: Path, run_dir: Path, guest_image: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from vmcache import qemu
+
+    monkey_state = qemu._KVMProbe.usable
+    qemu._KVMProbe.usable = None
+    try:
+        spec = spec_for(tmp_path, run_dir, accel="auto", kvm_probe_timeout=3.0)
+        with trio.fail_after(120):
+            async with launch_vm(spec) as vm:
+                result = await vm.exec(["echo", "up"])
+        assert result.stdout == b"up\n"
+        if qemu._KVMProbe.device_opens() and vm.accel == "tcg":
+            warnings = [r for r in caplog.records if "using TCG from now on" in r.getMessage()]
+            assert len(warnings) == 1
+        assert vm.accel in ("kvm", "tcg")
+    finally:
+        qemu._KVMProbe.usable = monkey_state
