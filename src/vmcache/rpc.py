@@ -194,8 +194,11 @@ class RpcServer:
                             requests.start_soon(self._request, grpc_stream)
                         # The client closed the connection: nobody waits for these any more.
                         requests.cancel_scope.cancel()
-            except _STREAM_ERRORS as error:
-                log.info("closed a broken client connection: %s", _one_line(error))
+            except* _STREAM_ERRORS as group:
+                log.info("closed a broken client connection: %s", _first_line(group))
+            except* Exception as group:  # never let one connection take the daemon down
+                log.warning("closed a client connection after an error: %s", _first_line(group))
+                log.debug("details", exc_info=group)
 
     async def _refuse(self, stream: anyio.abc.SocketStream, reason: str) -> None:
         log.warning("refused a connection: %s", reason)
@@ -206,15 +209,15 @@ class RpcServer:
                         await grpc_stream.start_response()
                         await grpc_stream.close(Status(StatusCode.PERMISSION_DENIED, reason))
                         break
-            except _STREAM_ERRORS:
+            except* (*_STREAM_ERRORS, Exception):
                 pass
 
     async def _request(self, stream: GRPCProtoStream) -> None:
         self.active_requests += 1
         try:
             await self._respond(stream)
-        except _STREAM_ERRORS as error:
-            log.info("could not answer a client: %s", _one_line(error))
+        except* _STREAM_ERRORS as group:
+            log.info("could not answer a client: %s", _first_line(group))
         finally:
             self.active_requests -= 1
             if not self.active_requests:
@@ -261,6 +264,14 @@ class RpcServer:
 
 def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
+def _first_line(group: BaseExceptionGroup[BaseException]) -> str:
+    """One line about the first real error inside a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return _one_line(error)
 
 
 def bind_unix_socket(path: Path) -> socket.socket:

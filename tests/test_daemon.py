@@ -1,0 +1,221 @@
+"""A real daemon process, real QEMU guests, real gRPC on a real Unix socket, real signals."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+import vmcache
+from conftest import VMCACHE, pid_alive, qemu_pids, wait_until
+from daemon import Daemon, stop_handed_out
+from vmcache.errors import DeadlineExceededError
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, run_dir: Path, guest_image: Path):  # type: ignore[no-untyped-def]
+    instance = Daemon(tmp_path, run_dir, cache=2)
+    yield instance
+    instance.ensure_stopped()
+
+
+def test_fill_hand_out_refill_and_sigint(daemon: Daemon, tmp_path: Path, run_dir: Path) -> None:
+    before = qemu_pids()
+    daemon.start()
+    cached = daemon.wait_cached(2)
+    assert daemon.status()["pid"] == daemon.pid
+    assert set(cached) == qemu_pids() - before
+
+    text = daemon.cli("status").stdout.splitlines()
+    assert text[0] == f"VM cache server pid = {daemon.pid}"
+    assert sorted(text[1:]) == sorted(f"VM pid = {pid} Cpu = 1 Memory = 256MiB" for pid in cached)
+
+    handle_json = daemon.cli("get").stdout
+    handle = json.loads(handle_json)
+    assert {"id", "pid", "qmp_socket", "agent_socket", "cpu", "memory"} <= handle.keys()
+    assert handle["pid"] in cached and pid_alive(handle["pid"])
+    assert (handle["cpu"], handle["memory"]) == (1, 256)
+    assert handle["pid"] not in daemon.cached_pids()
+
+    refilled = daemon.wait_cached(2)
+    assert handle["pid"] not in refilled
+
+    handle_file = tmp_path / "vm.json"
+    handle_file.write_text(handle_json)
+    ran = daemon.cli("exec", str(handle_file), "--", "cat", "/proc/sys/kernel/random/boot_id")
+    assert ran.stdout.strip() == handle["boot_id"]
+
+    assert daemon.signal(signal.SIGINT) == 0
+    assert not any(pid_alive(pid) for pid in refilled)
+    assert pid_alive(handle["pid"]), "the handed-out VM must outlive the daemon"
+    assert not daemon.endpoint.exists()
+    assert qemu_pids() - before == {handle["pid"]}
+    assert "stopped: 1 VMs handed out, 2 cached VMs killed" in daemon.log()
+
+    # The VM is ours: it still answers, and we can stop it.
+    ran = daemon.cli("exec", str(handle_file), "--", "echo", "still here")
+    assert ran.stdout == "still here\n"
+    daemon.cli("stop", str(handle_file))
+    assert not pid_alive(handle["pid"])
+    assert not Path(handle["run_dir"]).exists()
+    again = daemon.cli("stop", str(handle_file), check=False)
+    assert again.returncode == 1
+    assert again.stderr.count("\n") == 1 and "not running" in again.stderr
+
+
+def test_quit_stops_the_daemon_with_nothing_left(daemon: Daemon, run_dir: Path) -> None:
+    before = qemu_pids()
+    daemon.start()
+    daemon.wait_cached(2)
+    done = daemon.cli("quit")
+    assert "stopped" in done.stderr
+    assert daemon.process is not None and daemon.process.wait(timeout=5) == 0
+    assert qemu_pids() == before
+    assert not daemon.endpoint.exists()
+    assert [p for p in run_dir.iterdir() if p.name.startswith("vm-")] == []
+
+
+def test_client_without_daemon_gets_one_line(tmp_path: Path) -> None:
+    for command in (["status"], ["get"], ["quit"]):
+        done = subprocess.run([*VMCACHE, *command, "--endpoint", str(tmp_path / "none.sock")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert done.stderr == f"vmcache: no vmcache daemon at {tmp_path / 'none.sock'}: start one with `vmcache serve`\n"
+
+
+def test_stale_socket_is_taken_over_and_a_live_one_refused(daemon: Daemon, tmp_path: Path, run_dir: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(daemon.endpoint))
+    stale.close()  # the file stays, with nothing behind it: what a crash leaves
+    assert daemon.endpoint.is_socket()
+    daemon.start()
+    assert oct(daemon.endpoint.stat().st_mode & 0o777) == "0o600"
+    assert daemon.status()["pid"] == daemon.pid
+
+    second = subprocess.run([*VMCACHE, "serve", "--config", str(daemon.config)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert second.stderr == f"vmcache: another vmcache daemon is already serving {daemon.endpoint}\n"
+    assert daemon.status()["pid"] == daemon.pid
+    assert daemon.signal(signal.SIGTERM) == 0
+
+
+def grpcio_stubs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Kata's proto compiled with grpcio's own generator: an independent client."""
+    proto_dir = Path(__file__).resolve().parent.parent / "protos"
+    out = tmp_path / "grpcio_stubs"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out}",
+                    f"--grpc_python_out={out}", str(proto_dir / "cache.proto")], check=True, timeout=60)
+    sys.path.insert(0, str(out))
+    try:
+        for name in ("cache_pb2", "cache_pb2_grpc"):
+            sys.modules.pop(name, None)
+        return importlib.import_module("cache_pb2"), importlib.import_module("cache_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+
+
+def test_grpcio_client_calls_all_four_rpcs(daemon: Daemon, tmp_path: Path) -> None:
+    import grpc
+    from google.protobuf.empty_pb2 import Empty
+
+    pb2, pb2_grpc = grpcio_stubs(tmp_path)
+    before = qemu_pids()
+    daemon.start()
+    daemon.wait_cached(2)
+    with grpc.insecure_channel(f"unix://{daemon.endpoint}") as channel:
+        stub = pb2_grpc.CacheServiceStub(channel)
+        config = stub.Config(Empty(), timeout=10)
+        assert json.loads(config.Data)["memory"] == 256
+        assert json.loads(config.AgentConfig)["port"] == "vmcache.agent"
+        status = stub.Status(Empty(), timeout=10)
+        assert status.pid == daemon.pid and len(status.vmstatus) == 2
+        vm = stub.GetBaseVM(Empty(), timeout=30)
+        hypervisor = json.loads(vm.hypervisor)
+        assert hypervisor["ID"] == vm.id and hypervisor["State"]["Pid"] in [s.pid for s in status.vmstatus]
+        assert os.path.exists(hypervisor["QmpChannelpath"])
+        assert (vm.cpu, vm.memory) == (1, 256)
+        stub.Quit(Empty(), timeout=10)
+    assert daemon.process is not None and daemon.process.wait(timeout=30) == 0
+    assert qemu_pids() - before == {hypervisor["State"]["Pid"]}
+    stop_handed_out(json.dumps(hypervisor["vmcache"]), tmp_path)
+
+
+async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Daemon, tmp_path: Path) -> None:
+    before = qemu_pids()
+    daemon.start()
+    daemon.wait_cached(2)
+    outcomes: dict[int, str | int] = {}
+    served_order: list[int] = []
+    handles: list[vmcache.VMHandle] = []
+
+    async def client(index: int) -> None:
+        await trio.sleep(index * 0.05)  # arrive in index order
+        async with vmcache.connect(daemon.endpoint) as cache:
+            try:
+                vm = await cache.get_vm(timeout=8)
+            except DeadlineExceededError:
+                outcomes[index] = "deadline"
+                return
+        outcomes[index] = vm.pid
+        served_order.append(index)
+        handles.append(vm)
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for index in range(20):
+                    nursery.start_soon(client, index)
+        served = [i for i in range(20) if outcomes[i] != "deadline"]
+        assert len(outcomes) == 20
+        assert served == list(range(len(served))), f"not first come first served: {outcomes}"
+        assert served_order == served
+        assert len(served) >= 2
+        handed_pids = {vm.pid for vm in handles}
+        assert len(handed_pids) == len(handles), "a VM was handed out twice"
+        cached = set(daemon.wait_cached(2))  # refilled: no boot in progress any more
+        assert not cached & handed_pids
+        assert qemu_pids() - before == cached | handed_pids, "an orphaned QEMU"
+        assert all(pid_alive(pid) for pid in handed_pids)
+    finally:
+        for vm in handles:
+            await vm.aclose()
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert qemu_pids() == before
+
+
+async def test_library_serve_in_a_nursery(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    from conftest import write_config
+
+    before = qemu_pids()
+    endpoint = run_dir / "lib.sock"
+    config = vmcache.load_config(write_config(tmp_path / "lib.toml", cache=1, endpoint=endpoint))
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vmcache.serve, config)
+            assert endpoint.is_socket()  # started() means the socket listens
+            async with vmcache.connect(endpoint) as cache:
+                vm = await cache.get_vm(timeout=60)
+                while not (await cache.status()).vms:
+                    await trio.sleep(0.2)
+                cached_pid = (await cache.status()).vms[0].pid
+            nursery.cancel_scope.cancel()
+    assert not pid_alive(cached_pid), "cancelling the nursery purges the cache"
+    assert not endpoint.exists()
+    async with vm:
+        assert pid_alive(vm.pid), "the handed-out VM outlives the cancelled server"
+        result = await vm.exec(["uname", "-s"])
+        assert result.stdout == b"Linux\n"
+    assert not pid_alive(vm.pid)
+    assert wait_until(lambda: qemu_pids() == before, 10)
