@@ -29,9 +29,11 @@ def generate(out: Path) -> None:
     )
     grpc_file = out / "cache_grpc.py"
     # protoc writes a top-level import; inside our package it must be relative.
-    text = grpc_file.read_text().replace("import cache_pb2 as", "from . import cache_pb2 as")
+    text = grpc_file.read_text()
+    text = text.replace("import cache_pb2 as", "from . import cache_pb2 as")
     grpc_file.write_text(text)
-    (out / "__init__.py").write_text('"""Code generated from protos/cache.proto by scripts/gen_proto.py."""\n')
+    docstring = '"""Code generated from protos/cache.proto by scripts/gen_proto.py."""\n'
+    (out / "__init__.py").write_text(docstring)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,8 +97,7 @@ def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None, **
         lines.append(f'vm_cache_endpoint = "{endpoint}"')
     lines.append("[hypervisor.qemu]")
     for key, value in settings.items():
-        rendered = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
-        lines.append(f"{key} = {rendered}")
+        lines.append(f"{key} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import VMCACHE
+
 from vmcache.config import load_config, resolve_spec
 from vmcache.errors import ConfigError
 
@@ -57,7 +57,8 @@ def test_bad_config_names_key_and_file(tmp_path: Path, text: str, message: str) 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    config = load_config(config_file(tmp_path, f'[hypervisor.qemu]\nkernel = "{missing}"\ninitrd = "{missing}"\n'))
+    text = f'[hypervisor.qemu]\nkernel = "{missing}"\ninitrd = "{missing}"\n'
+    config = load_config(config_file(tmp_path, text))
     with pytest.raises(ConfigError, match=f"kernel not found: {missing}"):
         resolve_spec(config)
     config = load_config(config_file(tmp_path, '[hypervisor.qemu]\npath = "/no/such/qemu"\n'))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import trio
-
-import vmcache
 from conftest import VMCACHE, pid_alive, qemu_pids, wait_until
 from daemon import Daemon, stop_handed_out
+
+import vmcache
 from vmcache.errors import DeadlineExceededError
 
 pytestmark = pytest.mark.qemu
@@ -90,10 +90,11 @@ def test_client_without_daemon_gets_one_line(tmp_path: Path) -> None:
         done = subprocess.run([*VMCACHE, *command, "--endpoint", str(tmp_path / "none.sock")],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 1
-        assert done.stderr == f"vmcache: no vmcache daemon at {tmp_path / 'none.sock'}: start one with `vmcache serve`\n"
+        endpoint = tmp_path / "none.sock"
+        assert done.stderr == f"vmcache: no vmcache daemon at {endpoint}: start one with `vmcache serve`\n"
 
 
-def test_stale_socket_is_taken_over_and_a_live_one_refused(daemon: Daemon, tmp_path: Path, run_dir: Path) -> None:
+def test_stale_socket_is_taken_over_and_a_live_one_refused(daemon: Daemon) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(daemon.endpoint))
     stale.close()  # the file stays, with nothing behind it: what a crash leaves
@@ -130,7 +131,7 @@ def test_grpcio_client_calls_all_four_rpcs(daemon: Daemon, tmp_path: Path) -> No
     import grpc
     from google.protobuf.empty_pb2 import Empty
 
-    pb2, pb2_grpc = grpcio_stubs(tmp_path)
+    _pb2, pb2_grpc = grpcio_stubs(tmp_path)
     before = qemu_pids()
     daemon.start()
     daemon.wait_cached(2)
@@ -152,7 +153,7 @@ def test_grpcio_client_calls_all_four_rpcs(daemon: Daemon, tmp_path: Path) -> No
     stop_handed_out(json.dumps(hypervisor["vmcache"]), tmp_path)
 
 
-async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Daemon, tmp_path: Path) -> None:
+async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Daemon) -> None:
     before = qemu_pids()
     daemon.start()
     daemon.wait_cached(2)

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import VMCACHE
+
 from vmcache.errors import ImageError
 from vmcache.image import (
     S_IFCHR,

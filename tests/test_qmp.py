@@ -12,7 +12,8 @@ from vmcache.errors import QMPError, QMPProtocolError
 from vmcache.qmp import QMPClient
 from vmcache.qmp_protocol import ErrorReply, Greeting, QMPEvent, QMPProtocol, Return
 
-GREETING = b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": ["oob"]}}\r\n'
+GREETING = (b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, '
+            b'"capabilities": ["oob"]}}\r\n')
 EVENT = b'{"timestamp": {"seconds": 10, "microseconds": 500000}, "event": "STOP"}\r\n'
 
 
@@ -25,7 +26,8 @@ def test_command_encoding_carries_an_id() -> None:
 
 def test_partial_and_combined_reads() -> None:
     protocol = QMPProtocol()
-    data = GREETING + EVENT + b'{"return": {}, "id": 1}\r\n' + b'{"error": {"class": "GenericError", "desc": "no"}, "id": 2}\r\n'
+    error = b'{"error": {"class": "GenericError", "desc": "no"}, "id": 2}\r\n'
+    data = GREETING + EVENT + b'{"return": {}, "id": 1}\r\n' + error
     messages = []
     for start in range(0, len(data), 7):
         messages += protocol.receive_data(data[start:start + 7])

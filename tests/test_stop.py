@@ -8,8 +8,8 @@ import sys
 
 import trio
 import trio.testing
-
 from conftest import pid_alive
+
 from vmcache.errors import QMPError
 from vmcache.qemu import stop_process
 
@@ -42,7 +42,9 @@ class StubbornProcess:
         self.send_signal(signal.SIGKILL)
 
 
-async def test_escalates_to_sigkill_with_each_step_bounded(autojump_clock: trio.testing.MockClock) -> None:
+async def test_escalates_to_sigkill_with_each_step_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     process = StubbornProcess(dies_of={signal.SIGKILL})
     quits = []
 
@@ -68,7 +70,9 @@ async def test_stops_at_sigterm_when_that_works(autojump_clock: trio.testing.Moc
     assert process.signals == [signal.SIGTERM]
 
 
-async def test_cleanup_is_shielded_from_the_cancel_that_triggered_it(autojump_clock: trio.testing.MockClock) -> None:
+async def test_cleanup_is_shielded_from_the_cancel_that_triggered_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     process = StubbornProcess(dies_of={signal.SIGKILL})
     with trio.CancelScope() as scope:
         scope.cancel()
@@ -84,7 +88,8 @@ async def test_a_gives_up_after_kill_grace_without_hanging(autojump_clock: trio.
 
 
 async def test_real_process_that_ignores_sigterm_is_killed_and_reaped() -> None:
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)")
     process = await trio.lowlevel.open_process([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert process.stdout is not None
     with trio.fail_after(10):

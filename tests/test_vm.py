@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from conftest import VMCACHE, pid_alive, qemu_pids, write_config
+
 from vmcache.config import load_config, resolve_spec
 from vmcache.errors import BootError
 from vmcache.qemu import VMState, boot_vm, launch_vm, qemu_argv
@@ -34,7 +34,9 @@ def test_argv_is_a_list_with_private_sockets(tmp_path: Path, run_dir: Path, gues
     assert "path=/tmp/a,,b/vm-x/agent.sock" in " ".join(qemu_argv(weird, Path("/tmp/a,b/vm-x"), "tcg", "n"))
 
 
-async def test_two_vms_boot_run_commands_and_leave_nothing(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+async def test_two_vms_boot_run_commands_and_leave_nothing(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
     spec = spec_for(tmp_path, run_dir)
     boot_ids = []
     pids = []
@@ -85,7 +87,9 @@ async def test_cancelled_boot_leaves_nothing(tmp_path: Path, run_dir: Path, gues
         assert list(run_dir.iterdir()) == []
 
 
-async def test_boot_timeout_kills_and_quotes_console(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+async def test_boot_timeout_kills_and_quotes_console(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
     spec = spec_for(tmp_path, run_dir, boot_timeout=1.5, kernel_params="loglevel=7 ignore_loglevel")
     before = qemu_pids()
     with trio.fail_after(60), pytest.raises(BootError) as caught:
@@ -97,7 +101,9 @@ async def test_boot_timeout_kills_and_quotes_console(tmp_path: Path, run_dir: Pa
     assert list(run_dir.iterdir()) == []
 
 
-async def test_qemu_exiting_mid_boot_is_a_boot_error(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+async def test_qemu_exiting_mid_boot_is_a_boot_error(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
     spec = spec_for(tmp_path, run_dir)
     before = qemu_pids()
 
@@ -120,7 +126,9 @@ async def test_qemu_exiting_mid_boot_is_a_boot_error(tmp_path: Path, run_dir: Pa
     assert list(run_dir.iterdir()) == []
 
 
-async def test_bad_initrd_fails_fast_with_console_lines(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+async def test_bad_initrd_fails_fast_with_console_lines(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
     bogus = tmp_path / "bogus.cpio.gz"
     bogus.write_bytes(b"this is not an initramfs")
     spec = spec_for(tmp_path, run_dir, kernel=str(guest_image / "vmlinuz"), initrd=str(bogus),

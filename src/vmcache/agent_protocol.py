@@ -162,7 +162,7 @@ class AgentProtocol:
     def set_clock(self, unix_seconds: float) -> tuple[int, bytes]:
         return self._request("CLOCK", str(round(unix_seconds)))
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes read from the port; return every complete message in them."""
         self._buffer += data
         events: list[Event] = []

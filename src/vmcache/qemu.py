@@ -109,7 +109,7 @@ async def stop_process(
                 await process.wait()
         if process.returncode is None:
             log.error("process did not exit %.0f s after SIGKILL; giving up on it", kill_grace)
-        return process.returncode
+    return process.returncode
 
 
 def _escape(value: str) -> str:
@@ -310,7 +310,8 @@ async def _boot(spec: VMSpec, accel: str, timeout: float) -> VM:
     vm = VM(spec, vm_id, run_dir, accel)
     try:
         argv = qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}")
-        with open(run_dir / "qemu.log", "wb") as qemu_log:
+        # A local file in the directory we just made: no need to leave the event loop.
+        with open(run_dir / "qemu.log", "wb") as qemu_log:  # noqa: ASYNC230
             vm.process = await trio.lowlevel.open_process(
                 argv,
                 stdin=subprocess.DEVNULL,

@@ -94,7 +94,7 @@ class QMPProtocol:
             message["arguments"] = arguments
         return request_id, json.dumps(message).encode() + b"\n"
 
-    def receive_data(self, data: bytes) -> list[Message]:
+    def receive_data(self, data: bytes | bytearray) -> list[Message]:
         """Feed bytes read from the socket; return every complete message in them."""
         self._buffer += data
         messages: list[Message] = []

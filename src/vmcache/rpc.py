@@ -82,7 +82,7 @@ class _UnixGRPCSocket(GRPCProtoSocket):  # type: ignore[misc]
         self._grpc_connection = GRPCConnection(config=config)
         self._socket = _UnixSocketWrapper(self._grpc_connection, sock)
         self._receive_buffer_size = receive_buffer_size
-        self._streams = {}
+        self._streams: dict[int, Any] = {}
 
 
 _STREAM_ERRORS = (
@@ -188,12 +188,12 @@ class RpcServer:
                 await self._refuse(stream, reason)
                 return
             try:
-                async with _UnixGRPCSocket(GRPCConfiguration(client_side=False), stream) as grpc:
-                    async with trio.open_nursery() as requests:
-                        async for grpc_stream in grpc.listen():
-                            requests.start_soon(self._request, grpc_stream)
-                        # The client closed the connection: nobody waits for these any more.
-                        requests.cancel_scope.cancel()
+                config = GRPCConfiguration(client_side=False)
+                async with _UnixGRPCSocket(config, stream) as grpc, trio.open_nursery() as requests:
+                    async for grpc_stream in grpc.listen():
+                        requests.start_soon(self._request, grpc_stream)
+                    # The client closed the connection: nobody waits for these any more.
+                    requests.cancel_scope.cancel()
             except* _STREAM_ERRORS as group:
                 log.info("closed a broken client connection: %s", _first_line(group))
             except* Exception as group:  # never let one connection take the daemon down
