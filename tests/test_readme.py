@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import VMCACHE, qemu_pids, wait_until
 from daemon import Daemon
 
