@@ -85,6 +85,17 @@ def test_quit_stops_the_daemon_with_nothing_left(daemon: Daemon, run_dir: Path) 
     assert [p for p in run_dir.iterdir() if p.name.startswith("vm-")] == []
 
 
+def test_endpoint_from_environment_then_config(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    env = {**os.environ, "VMCACHE_ENDPOINT": str(daemon.endpoint)}
+    done = subprocess.run([*VMCACHE, "status", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(done.stdout)["pid"] == daemon.pid
+    done = subprocess.run([*VMCACHE, "status", "--json", "--config", str(daemon.config)],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout)["pid"] == daemon.pid
+    assert daemon.signal(signal.SIGTERM) == 0
+
+
 def test_client_without_daemon_gets_one_line(tmp_path: Path) -> None:
     for command in (["status"], ["get"], ["quit"]):
         done = subprocess.run([*VMCACHE, *command, "--endpoint", str(tmp_path / "none.sock")],
@@ -109,6 +120,20 @@ def test_stale_socket_is_taken_over_and_a_live_one_refused(daemon: Daemon) -> No
     assert second.stderr == f"vmcache: another vmcache daemon is already serving {daemon.endpoint}\n"
     assert daemon.status()["pid"] == daemon.pid
     assert daemon.signal(signal.SIGTERM) == 0
+
+
+def zombie_children(parent: int) -> list[int]:
+    zombies = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "Z" and int(fields[1]) == parent:
+                zombies.append(int(entry.name))
+    return zombies
 
 
 def grpcio_stubs(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -192,6 +217,8 @@ async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Dae
     finally:
         for vm in handles:
             await vm.aclose()
+    # The daemon reaps the VMs it handed out once they exit: no zombies stay behind.
+    assert wait_until(lambda: not zombie_children(daemon.pid), 10), zombie_children(daemon.pid)
     assert daemon.signal(signal.SIGTERM) == 0
     assert qemu_pids() == before
 

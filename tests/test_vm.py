@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,34 @@ async def test_auto_accel_falls_back_to_tcg(tmp_path: Path, run_dir: Path, guest
         assert vm.accel in ("kvm", "tcg")
     finally:
         qemu._KVMProbe.usable = monkey_state
+
+
+async def test_clock_and_entropy_reach_the_guest(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    with trio.fail_after(120):
+        async with launch_vm(spec) as vm:
+            assert vm.agent is not None
+            await vm.agent.set_clock(2_000_000_000)
+            result = await vm.exec(["date", "+%s"])
+            assert abs(int(result.stdout) - 2_000_000_000) <= 2
+            await vm.agent.set_clock()
+            result = await vm.exec(["date", "+%s"])
+            assert abs(int(result.stdout) - time.time()) <= 2
+            await vm.agent.add_entropy(b"\x00\xff" * 32)
+            assert (await vm.exec(["true"])).exit_status == 0
+
+
+async def test_cancel_while_running_a_command_stops_the_vm(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
+    spec = spec_for(tmp_path, run_dir)
+    before = qemu_pids()
+    with trio.fail_after(120):
+        async with launch_vm(spec) as vm:
+            with trio.move_on_after(0.5) as scope:
+                await vm.exec(["sleep", "30"])
+            assert scope.cancelled_caught
+            pid = vm.pid
+    assert not pid_alive(pid)
+    assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []

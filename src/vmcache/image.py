@@ -279,7 +279,9 @@ def _fetch_debian_kernel(data_dir: Path, progress: Progress) -> KernelSource:
             workdir = Path(scratch)
             os.chmod(workdir, 0o755)  # apt's sandbox user must be able to write here
             progress(f"fetching Debian's {DEBIAN_KERNEL_PACKAGE} with apt-get download")
-            _run(["apt-get", "download", DEBIAN_KERNEL_PACKAGE], "apt-get download", workdir)
+            fetch = f"fetching {DEBIAN_KERNEL_PACKAGE} (is the package registry reachable? " \
+                "`apt-get update` first, or pass --kernel PATH)"
+            _run(["apt-get", "download", DEBIAN_KERNEL_PACKAGE], fetch, workdir)
             meta = next(workdir.glob("*.deb"))
             depends = _run(["dpkg-deb", "-f", str(meta), "Depends"], "dpkg-deb -f")
             image_package = next(
@@ -290,7 +292,7 @@ def _fetch_debian_kernel(data_dir: Path, progress: Progress) -> KernelSource:
             if image_package is None:
                 raise ImageError(f"{DEBIAN_KERNEL_PACKAGE} names no linux-image package")
             progress(f"fetching {image_package}")
-            _run(["apt-get", "download", image_package], "apt-get download", workdir)
+            _run(["apt-get", "download", image_package], fetch, workdir)
             package = next(workdir.glob(f"{image_package}_*.deb"))
             data_dir.mkdir(parents=True, exist_ok=True)
             staging = data_dir / "kernel-package.partial"

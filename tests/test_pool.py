@@ -1,0 +1,217 @@
+"""The pool's logic with a fake QEMU, in virtual time: order, retries, deaths, hand-back."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from vmcache.config import VMSpec
+from vmcache.errors import AgentError, BootError, CacheUnavailableError
+from vmcache.handle import VMHandle
+from vmcache.pool import Backoff, VMPool
+
+SPEC = VMSpec(qemu=Path("/fake/qemu"), kernel=Path("/k"), initrd=Path("/i"), kernel_params="",
+              machine_type="q35", vcpus=1, memory_mib=256, accel="tcg", boot_timeout=10,
+              kvm_probe_timeout=5, run_root=Path("/tmp/fake"))
+BOOT_SECONDS = 2.0
+
+
+class FakeProcess:
+    async def wait(self) -> int:
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+class FakeVM:
+    """Enough of vmcache.qemu.VM for the pool."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.id = f"vm{pid}"
+        self.spec = SPEC
+        self.accel = "tcg"
+        self.boot_seconds = BOOT_SECONDS
+        self.alive = True
+        self.answers_ping = True
+        self.stopped = False
+        self.released = False
+        self._exited = trio.Event()
+
+    async def ping(self) -> str:
+        if not self.answers_ping:
+            raise AgentError("no answer")
+        return "boot"
+
+    def handle(self) -> VMHandle:
+        return VMHandle(id=self.id, pid=self.pid, start_time=1, qmp_socket="q", agent_socket="a",
+                        console_log="c", run_dir="r", cpu=1, memory=256)
+
+    async def release(self) -> tuple[VMHandle, FakeProcess]:
+        self.released = True
+        return self.handle(), FakeProcess()
+
+    async def stop(self) -> None:
+        if not self.released:
+            self.stopped = True
+            self.die()
+
+    def die(self) -> None:
+        self.alive = False
+        self._exited.set()
+
+    async def wait_exited(self) -> int:
+        await self._exited.wait()
+        return -9
+
+
+class FakeBooter:
+    """Boots FakeVMs in BOOT_SECONDS of virtual time; can be told to fail."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.pids = itertools.count(100)
+        self.vms: list[FakeVM] = []
+        self.attempts: list[float] = []
+
+    async def __call__(self, spec: VMSpec) -> FakeVM:
+        self.attempts.append(trio.current_time())
+        await trio.sleep(BOOT_SECONDS)
+        if self.failures:
+            self.failures -= 1
+            raise BootError("kernel panic")
+        vm = FakeVM(next(self.pids))
+        self.vms.append(vm)
+        return vm
+
+
+async def start_pool(nursery: trio.Nursery, booter: FakeBooter, size: int) -> VMPool:
+    pool = VMPool(SPEC, size, boot=booter)  # type: ignore[arg-type]
+    await nursery.start(pool.run)
+    return pool
+
+
+async def test_waiting_clients_are_served_first_come_first_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    served: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+
+        async def client(index: int) -> None:
+            await trio.sleep(index * 0.01)
+            lease = await pool.lease()
+            handle = await lease.commit()
+            served.append((index, handle.pid))
+
+        async with trio.open_nursery() as clients:
+            for index in range(4):
+                clients.start_soon(client, index)
+        nursery.cancel_scope.cancel()
+    assert served == [(0, 100), (1, 101), (2, 102), (3, 103)]
+    assert all(vm.released for vm in booter.vms[:4])
+    assert all(vm.stopped for vm in booter.vms if not vm.released), "cached VMs die with the pool"
+
+
+async def test_failed_boots_back_off_up_to_a_cap_and_recover(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter(failures=6)
+    async with trio.open_nursery() as nursery:
+        pool = VMPool(SPEC, 1, boot=booter,  # type: ignore[arg-type]
+                      backoff=lambda: Backoff(initial=1, cap=4))
+        await nursery.start(pool.run)
+        lease = await pool.lease()
+        assert pool.stats.boot_failures == 6 and pool.stats.failures_in_row == 0
+        assert pool.stats.last_error == ""
+        await lease.commit()
+        nursery.cancel_scope.cancel()
+    gaps = [b - a - BOOT_SECONDS for a, b in itertools.pairwise(booter.attempts)]
+    assert gaps[:6] == [1, 2, 4, 4, 4, 4]
+
+
+async def test_a_vm_that_fails_its_ping_is_replaced_not_handed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        while not pool.ready_vms():
+            await trio.sleep(0.1)
+        booter.vms[0].answers_ping = False
+        lease = await pool.lease()
+        assert lease.handle.pid == 101
+        assert booter.vms[0].stopped
+        await lease.commit()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_cached_vm_that_dies_is_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        while not pool.ready_vms():
+            await trio.sleep(0.1)
+        booter.vms[0].die()
+        await trio.sleep(0.1)
+        assert pool.ready_vms() == []
+        await trio.sleep(BOOT_SECONDS)
+        assert [vm.pid for vm in pool.ready_vms()] == [101]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_undelivered_reply_puts_the_vm_back_first_in_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=2)
+        while len(pool.ready_vms()) < 2:
+            await trio.sleep(0.1)
+        lease = await pool.lease()
+        first = lease.handle.pid
+        await lease.abort()
+        again = await pool.lease()
+        assert again.handle.pid == first
+        await again.commit()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_cancelled_as_its_vm_arrives_passes_it_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        with trio.move_on_after(BOOT_SECONDS - 0.5):
+            await pool.lease()  # gives up before the first boot ends
+        lease = await pool.lease()
+        assert lease.handle.pid == 100
+        assert len(booter.vms) == 1
+        await lease.commit()
+        nursery.cancel_scope.cancel()
+
+
+async def test_close_fails_waiting_clients_with_unavailable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter(failures=100)
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+
+        async def close_soon() -> None:
+            await trio.sleep(1)
+            pool.close("shutting down")
+
+        nursery.start_soon(close_soon)
+        with pytest.raises(CacheUnavailableError, match="shutting down"):
+            await pool.lease()
+        with pytest.raises(CacheUnavailableError):
+            await pool.lease()
+        nursery.cancel_scope.cancel()
