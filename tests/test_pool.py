@@ -125,9 +125,16 @@ async def test_failed_boots_back_off_up_to_a_cap_and_recover(
         pool = VMPool(SPEC, 1, boot=booter,  # type: ignore[arg-type]
                       backoff=lambda: Backoff(initial=1, cap=4))
         await nursery.start(pool.run)
-        lease = await pool.lease()
+        await trio.sleep(3 * BOOT_SECONDS + 1 + 2)  # three failures: the pool is failing
+        assert pool.failing()
+        with pytest.raises(CacheUnavailableError, match=r"3 failures in a row.*kernel panic"):
+            await pool.lease()
+        while not pool.ready_vms():
+            await trio.sleep(0.1)
+        assert not pool.failing()
         assert pool.stats.boot_failures == 6 and pool.stats.failures_in_row == 0
         assert pool.stats.last_error == ""
+        lease = await pool.lease()
         await lease.commit()
         nursery.cancel_scope.cancel()
     gaps = [b - a - BOOT_SECONDS for a, b in itertools.pairwise(booter.attempts)]
@@ -196,6 +203,41 @@ async def test_a_client_cancelled_as_its_vm_arrives_passes_it_on(
         assert len(booter.vms) == 1
         await lease.commit()
         nursery.cancel_scope.cancel()
+
+
+async def test_waiting_clients_learn_when_boots_keep_failing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter(failures=100)
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        start = trio.current_time()
+        with pytest.raises(CacheUnavailableError, match="kernel panic"):
+            await pool.lease()
+        assert trio.current_time() - start < 3 * BOOT_SECONDS + 1 + 2 + 1  # bounded, not forever
+        nursery.cancel_scope.cancel()
+
+
+async def test_watchers_see_events_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = VMPool(SPEC, 1, boot=booter)  # type: ignore[arg-type]
+        events = pool.watch()
+        await nursery.start(pool.run)
+        lease = await pool.lease()
+        await lease.commit()
+        while not pool.ready_vms():
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    kinds = []
+    while True:
+        try:
+            kinds.append(events.receive_nowait().kind)
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    assert kinds[:5] == ["booting", "ready", "handed_out", "booting", "ready"]
 
 
 async def test_close_fails_waiting_clients_with_unavailable(

@@ -24,8 +24,10 @@ naming the key and the file.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ from .image import INITRD_FILE, KERNEL_FILE, image_id, read_manifest
 from .paths import default_endpoint, default_image_dir, default_run_dir
 
 ACCELERATORS = ("auto", "kvm", "tcg")
+#: QEMU's seccomp filter, Kata's default; used where the QEMU binary supports -sandbox.
+DEFAULT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 class _RangeError(ValueError):
@@ -80,6 +84,11 @@ class FactoryConfig:
 
     vm_cache_number: int = attrs.field(default=1, validator=_at_least(1))
     vm_cache_endpoint: str = attrs.field(default="", validator=_single_line)
+    socket_group: str = attrs.field(default="", validator=_single_line)
+    boot_retry_initial: float = attrs.field(default=0.5, validator=_positive)
+    boot_retry_max: float = attrs.field(default=30.0, validator=_positive)
+    health_interval: float = attrs.field(default=5.0, validator=_positive)
+    boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
 
 
 @attrs.frozen
@@ -96,6 +105,8 @@ class QemuConfig:
     accel: str = attrs.field(default="auto", validator=_one_of(*ACCELERATORS))
     boot_timeout: float = attrs.field(default=30.0, validator=_positive)
     kvm_probe_timeout: float = attrs.field(default=10.0, validator=_positive)
+    seccompsandbox: str = attrs.field(default=DEFAULT_SANDBOX, validator=_single_line)
+    tb_size: int = attrs.field(default=0, validator=_at_least(0))
 
 
 @attrs.frozen
@@ -136,6 +147,8 @@ class VMSpec:
     kvm_probe_timeout: float
     run_root: Path
     image: str = ""
+    sandbox: str = ""
+    tb_size_mib: int = 0
 
 
 def _converter() -> cattrs.Converter:
@@ -274,4 +287,27 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         kvm_probe_timeout=qemu.kvm_probe_timeout,
         run_root=run_root if run_root is not None else default_run_dir(),
         image=image_name,
+        sandbox=qemu.seccompsandbox if _sandbox_supported(binary, qemu.seccompsandbox) else "",
+        tb_size_mib=qemu.tb_size,
     )
+
+
+_SANDBOX_SUPPORT: dict[tuple[str, str], bool] = {}
+
+
+def _sandbox_supported(qemu: str, value: str) -> bool:
+    """Whether this QEMU accepts ``-sandbox value`` (built with seccomp); asked once per binary."""
+    if not value:
+        return False
+    key = (qemu, value)
+    if key not in _SANDBOX_SUPPORT:
+        try:
+            done = subprocess.run([qemu, "-sandbox", value, "-version"], capture_output=True,
+                                  timeout=30, check=False)
+            _SANDBOX_SUPPORT[key] = done.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _SANDBOX_SUPPORT[key] = False
+        if not _SANDBOX_SUPPORT[key]:
+            logging.getLogger("vmcache.config").warning(
+                "%s does not accept -sandbox %s; running QEMU without its seccomp filter", qemu, value)
+    return _SANDBOX_SUPPORT[key]

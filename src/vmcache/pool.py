@@ -38,6 +38,24 @@ log = logging.getLogger("vmcache.pool")
 PING_TIMEOUT = 2.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_CAP = 30.0
+HEALTH_INTERVAL = 5.0
+#: Boot failures in a row (at least the cache size) after which clients are told
+#: UNAVAILABLE at once instead of waiting for a VM that cannot come.
+FAILING_AFTER = 3
+WATCH_BUFFER = 256
+
+
+@attrs.frozen
+class CacheEvent:
+    """One change in the cache, as ``Watch`` streams it."""
+
+    kind: str  # booting, ready, handed_out, died, killed, boot_failed
+    vm_id: str
+    pid: int
+    message: str
+    time: float
+    ready: int
+    cache_size: int
 
 
 @attrs.define(eq=False)
@@ -86,23 +104,33 @@ class PoolStats:
     last_error: str = ""
     handed_out: int = 0
     killed: int = 0
+    died: int = 0
+    booting: int = 0
     boot_seconds: list[float] = attrs.Factory(list)
+    handout_seconds: list[float] = attrs.Factory(list)
 
     def median_boot(self) -> float:
         return statistics.median(self.boot_seconds) if self.boot_seconds else 0.0
+
+    def median_handout(self) -> float:
+        return statistics.median(self.handout_seconds) if self.handout_seconds else 0.0
 
 
 class Lease:
     """A ready VM set aside for one client until :meth:`commit` or :meth:`abort`."""
 
-    def __init__(self, pool: VMPool, entry: _Entry) -> None:
+    def __init__(self, pool: VMPool, entry: _Entry, asked_at: float) -> None:
         self._pool = pool
         self._entry = entry
+        self._asked_at = asked_at
         self.handle: VMHandle = entry.vm.handle()
 
     async def commit(self) -> VMHandle:
         """The client has its reply: the VM is theirs. The slot boots a replacement."""
-        return await self._pool._release(self._entry)
+        handle = await self._pool._release(self._entry)
+        self._pool.stats.handout_seconds.append(trio.current_time() - self._asked_at)
+        del self._pool.stats.handout_seconds[:-1000]
+        return handle
 
     async def abort(self) -> None:
         """The reply did not go out: offer the VM again, to the next client in line."""
@@ -122,15 +150,18 @@ class VMPool:
         size: int,
         boot: Callable[[VMSpec], Awaitable[VM]] = boot_vm,
         backoff: Callable[[], Backoff] = Backoff,
+        health_interval: float = HEALTH_INTERVAL,
     ) -> None:
         self.spec = spec
         self.size = size
         self._boot = boot
         self._backoff = backoff
+        self._health_interval = health_interval
         self._ready: deque[_Entry] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._closed: str | None = None
         self._nursery: trio.Nursery | None = None
+        self._watchers: set[trio.MemorySendChannel[CacheEvent]] = set()
         self.stats = PoolStats()
         self.started_at = time.monotonic()
 
@@ -147,25 +178,22 @@ class VMPool:
     async def _slot(self, index: int) -> None:
         backoff = self._backoff()
         while True:
+            self._publish("booting", message=f"slot {index}")
+            self.stats.booting += 1
             try:
                 vm = await self._boot(self.spec)
             except VmcacheError as error:
-                self.stats.boot_failures += 1
-                self.stats.failures_in_row += 1
-                self.stats.last_error = str(error)
-                delay = backoff.next()
-                log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
-                            index, self.stats.failures_in_row, error, delay)
-                await trio.sleep(delay)
+                self._boot_failed(index, error, backoff.next())
+                await trio.sleep(self._retry_delay)
                 continue
+            finally:
+                self.stats.booting -= 1
             backoff.reset()
             self.stats.boots += 1
             self.stats.failures_in_row = 0
             self.stats.last_error = ""
             self.stats.boot_seconds.append(vm.boot_seconds)
             del self.stats.boot_seconds[:-100]
-            log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
-                     vm.id, vm.boot_seconds, vm.pid, vm.accel, len(self._ready) + 1, self.size)
             entry = _Entry(vm)
             try:
                 await self._serve_entry(entry)
@@ -177,19 +205,66 @@ class VMPool:
                     if was_alive:
                         self.stats.killed += 1
                         log.info("VM %s killed (pid %d)", vm.id, vm.pid)
+                        self._publish("killed", vm)
+
+    def _boot_failed(self, index: int, error: VmcacheError, delay: float) -> None:
+        self.stats.boot_failures += 1
+        self.stats.failures_in_row += 1
+        self.stats.last_error = str(error)
+        self._retry_delay = delay
+        log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
+                    index, self.stats.failures_in_row, error, delay)
+        self._publish("boot_failed", message=str(error))
+        if self.failing():
+            self._fail_waiters(CacheUnavailableError(self.failure_reason()))
+
+    _retry_delay = BACKOFF_INITIAL
+
+    def failing(self) -> bool:
+        """True when boots keep failing: clients get UNAVAILABLE instead of waiting."""
+        return self.stats.failures_in_row >= max(FAILING_AFTER, self.size) and not self._ready
+
+    def failure_reason(self) -> str:
+        return (f"no VM could be booted ({self.stats.failures_in_row} failures in a row; "
+                f"retrying): {self.stats.last_error}")
 
     async def _serve_entry(self, entry: _Entry) -> None:
-        """Offer the VM until it is handed out or discarded; notice if it dies meanwhile."""
+        """Offer the VM until it is handed out or discarded; notice if it dies or hangs."""
+        vm = entry.vm
         self._offer(entry)
+        log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
+                 vm.id, vm.boot_seconds, vm.pid, vm.accel, self.ready_count(), self.size)
+        self._publish("ready", vm, message=f"booted in {vm.boot_seconds:.2f} s")
         async with trio.open_nursery() as nursery:
 
             async def watch_exit() -> None:
-                status = await entry.vm.wait_exited()
+                status = await vm.wait_exited()
                 if not entry.released:
-                    log.warning("cached VM %s %s; replacing it", entry.vm.id, describe_exit(status))
+                    self.stats.died += 1
+                    log.warning("cached VM %s %s; replacing it", vm.id, describe_exit(status))
+                    self._publish("died", vm, message=describe_exit(status))
                     entry.done.set()
 
+            async def check_health() -> None:
+                while True:
+                    await trio.sleep(self._health_interval)
+                    if entry.leased or entry.released:
+                        continue
+                    try:
+                        with trio.fail_after(PING_TIMEOUT):
+                            await vm.ping()
+                    except (VmcacheError, trio.TooSlowError) as error:
+                        if entry.leased or entry.released:
+                            continue
+                        self._forget(entry)
+                        log.warning("cached VM %s does not answer its agent (%s); replacing it",
+                                    vm.id, error or "timeout")
+                        self._publish("died", vm, message="agent does not answer")
+                        entry.done.set()
+                        return
+
             nursery.start_soon(watch_exit)
+            nursery.start_soon(check_health)
             await entry.done.wait()
             nursery.cancel_scope.cancel()
 
@@ -215,6 +290,8 @@ class VMPool:
     async def _take(self) -> _Entry:
         if self._closed is not None:
             raise CacheUnavailableError(self._closed)
+        if self.failing():
+            raise CacheUnavailableError(self.failure_reason())
         if self._ready and not self._waiters:
             entry = self._ready.popleft()
             entry.leased = True
@@ -241,6 +318,7 @@ class VMPool:
         The caller bounds the wait with a cancel scope; cancellation leaves the
         VM in the cache. Raises :class:`CacheUnavailableError` once the pool closes.
         """
+        asked_at = trio.current_time()
         while True:
             entry = await self._take()
             try:
@@ -256,7 +334,7 @@ class VMPool:
                 entry.leased = False
                 self._offer(entry, front=True)
                 raise
-            return Lease(self, entry)
+            return Lease(self, entry, asked_at)
 
     async def _release(self, entry: _Entry) -> VMHandle:
         handle, process = await entry.vm.release()
@@ -264,6 +342,7 @@ class VMPool:
         entry.done.set()
         self.stats.handed_out += 1
         log.info("VM %s handed out (pid %d)", handle.id, handle.pid)
+        self._publish("handed_out", entry.vm)
         if self._nursery is not None:
             self._nursery.start_soon(self._reap, handle, process)
         return handle
@@ -279,11 +358,40 @@ class VMPool:
         """Cached VMs that are ready and not set aside for a client."""
         return [entry.vm for entry in self._ready if entry.vm.alive]
 
+    def ready_count(self) -> int:
+        return len(self.ready_vms())
+
     def close(self, reason: str = "the daemon is shutting down") -> None:
         """Refuse new clients and fail the waiting ones with UNAVAILABLE."""
         self._closed = reason
-        error = CacheUnavailableError(reason)
+        self._fail_waiters(CacheUnavailableError(reason))
+        for channel in list(self._watchers):
+            channel.close()
+        self._watchers.clear()
+
+    def _fail_waiters(self, error: CacheUnavailableError) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.error = error
             waiter.event.set()
+
+    # ---------------------------------------------------------- events
+
+    def watch(self) -> trio.MemoryReceiveChannel[CacheEvent]:
+        """A channel of every event from now on. A watcher that falls
+        ``WATCH_BUFFER`` events behind is dropped (its channel closes)."""
+        send, receive = trio.open_memory_channel[CacheEvent](WATCH_BUFFER)
+        self._watchers.add(send)
+        return receive
+
+    def _publish(self, kind: str, vm: VM | None = None, message: str = "") -> None:
+        if not self._watchers:
+            return
+        event = CacheEvent(kind, vm.id if vm else "", vm.pid if vm else 0,
+                           message, time.time(), self.ready_count(), self.size)
+        for channel in list(self._watchers):
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(channel)
+                channel.close()

@@ -61,6 +61,14 @@ class VMState(enum.Enum):
     RELEASED = "released"
 
 
+class Registry(Protocol):
+    """Where a daemon records the VMs it is responsible for (see vmcache.state)."""
+
+    def add(self, vm: VM) -> None: ...
+
+    def remove(self, vm: VM) -> None: ...
+
+
 class ProcessLike(Protocol):
     """What :func:`stop_process` needs of a process (trio.Process has it)."""
 
@@ -121,6 +129,9 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     """The QEMU command line for one VM (pure: tested without QEMU)."""
     params = " ".join(part for part in (BASE_KERNEL_PARAMS, spec.kernel_params) if part)
     accel_option = "kvm" if accel == "kvm" else "tcg"
+    if accel_option == "tcg" and spec.tb_size_mib:
+        accel_option += f",tb-size={spec.tb_size_mib}"
+    sandbox = ["-sandbox", spec.sandbox] if spec.sandbox else []
     return [
         str(spec.qemu),
         "-name", name,
@@ -145,6 +156,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-device", "virtio-rng-pci",
         "-pidfile", str(run_dir / "qemu.pid"),
+        *sandbox,
     ]
 
 
@@ -172,8 +184,10 @@ def make_private_dir(path: Path) -> None:
 class VM:
     """A QEMU VM this process started and supervises. Made by :func:`launch_vm`."""
 
-    def __init__(self, spec: VMSpec, vm_id: str, run_dir: Path, accel: str) -> None:
+    def __init__(self, spec: VMSpec, vm_id: str, run_dir: Path, accel: str,
+                 registry: Registry | None = None) -> None:
         self.spec = spec
+        self.registry = registry
         self.id = vm_id
         self.run_dir = run_dir
         self.accel = accel
@@ -249,6 +263,8 @@ class VM:
         assert self.process is not None
         await self._close_connections()
         self.state = VMState.RELEASED
+        if self.registry is not None:
+            self.registry.remove(self)
         return handle, self.process
 
     async def stop(self) -> None:
@@ -267,6 +283,9 @@ class VM:
                 await stop_process(self.process, polite_quit if qmp is not None else None)
             await self._close_connections()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        reaped = self.process is None or self.process.returncode is not None
+        if reaped and self.registry is not None:
+            self.registry.remove(self)  # kept otherwise: the next daemon tries again
         self.state = VMState.STOPPED
 
 
@@ -299,7 +318,7 @@ async def _until_exit(process: trio.Process, work: Callable[[], Awaitable[T]]) -
     raise failure[0]
 
 
-async def _boot(spec: VMSpec, accel: str, timeout: float) -> VM:
+async def _boot(spec: VMSpec, accel: str, timeout: float, registry: Registry | None) -> VM:
     """Start QEMU and wait until its agent is ready; on any failure, leave nothing."""
     vm_id = secrets.token_hex(6)
     run_dir = spec.run_root / f"vm-{vm_id}"
@@ -307,7 +326,7 @@ async def _boot(spec: VMSpec, accel: str, timeout: float) -> VM:
         raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
     make_private_dir(spec.run_root)
     make_private_dir(run_dir)
-    vm = VM(spec, vm_id, run_dir, accel)
+    vm = VM(spec, vm_id, run_dir, accel, registry)
     try:
         argv = qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}")
         # A local file in the directory we just made: no need to leave the event loop.
@@ -319,6 +338,8 @@ async def _boot(spec: VMSpec, accel: str, timeout: float) -> VM:
                 stderr=qemu_log,
                 start_new_session=True,
             )
+        if registry is not None:
+            registry.add(vm)
         process = vm.process
 
         def starting() -> bool:
@@ -365,32 +386,33 @@ class _KVMProbe:
         return True
 
 
-async def _boot_auto(spec: VMSpec) -> VM:
+async def _boot_auto(spec: VMSpec, registry: Registry | None) -> VM:
     if _KVMProbe.usable is False or not _KVMProbe.device_opens():
-        return await _boot(spec, "tcg", spec.boot_timeout)
+        return await _boot(spec, "tcg", spec.boot_timeout, registry)
     if _KVMProbe.lock is None:
         _KVMProbe.lock = trio.Lock()
     async with _KVMProbe.lock:
         if _KVMProbe.usable is None:
             probe_timeout = min(spec.kvm_probe_timeout, spec.boot_timeout)
             try:
-                vm = await _boot(spec, "kvm", probe_timeout)
+                vm = await _boot(spec, "kvm", probe_timeout, registry)
             except BootError as error:
                 _KVMProbe.usable = False
                 log.warning("KVM guest did not come up (%s); using TCG from now on", error)
             else:
                 _KVMProbe.usable = True
                 return vm
-    if _KVMProbe.usable:
-        return await _boot(spec, "kvm", spec.boot_timeout)
-    return await _boot(spec, "tcg", spec.boot_timeout)
+    return await _boot(spec, "kvm" if _KVMProbe.usable else "tcg", spec.boot_timeout, registry)
 
 
-async def boot_vm(spec: VMSpec) -> VM:
-    """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it."""
+async def boot_vm(spec: VMSpec, registry: Registry | None = None) -> VM:
+    """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it.
+
+    ``registry`` (if any) gets the VM as soon as its QEMU process exists.
+    """
     if spec.accel == "auto":
-        return await _boot_auto(spec)
-    return await _boot(spec, spec.accel, spec.boot_timeout)
+        return await _boot_auto(spec, registry)
+    return await _boot(spec, spec.accel, spec.boot_timeout, registry)
 
 
 @asynccontextmanager

@@ -42,7 +42,11 @@ from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import GRPCError, RpcFailedError
 from purerpc.grpclib.status import Status, StatusCode
-from purerpc.wrappers import extract_message_from_singleton_stream, send_single_message_client
+from purerpc.wrappers import (
+    extract_message_from_singleton_stream,
+    send_single_message_client,
+    stream_to_async_iterator,
+)
 
 from ._proto import cache_grpc, cache_pb2
 from .errors import (
@@ -56,6 +60,8 @@ from .errors import (
 log = logging.getLogger("vmcache.rpc")
 
 SERVICE = "cache.CacheService"
+#: Connections served at once; more are closed at once (a flood must not exhaust fds).
+MAX_CONNECTIONS = 512
 #: Extra time the client waits beyond the deadline it sends, for the server's answer.
 CLIENT_GRACE = 2.0
 
@@ -107,7 +113,7 @@ class Reply:
     undelivered: Callable[[], Awaitable[None]]
 
 
-Handler = Callable[[ProtoMessage], Awaitable["ProtoMessage | Reply"]]
+Handler = Callable[[ProtoMessage], Awaitable["ProtoMessage | Reply | AsyncIterator[ProtoMessage]"]]
 
 
 def status_for(error: BaseException) -> Status:
@@ -154,6 +160,8 @@ class RpcServer:
             raise ValueError(f"no such rpc in {SERVICE}: {', '.join(sorted(unknown))}")
         self._handlers = handlers
         self._check_peer = check_peer
+        self.connections = 0
+        self._refused_over_cap = 0
         self.active_requests = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -173,6 +181,13 @@ class RpcServer:
                     backoff = min(backoff * 2, 1.0)
                     continue
                 backoff = 0.01
+                if self.connections >= MAX_CONNECTIONS:
+                    self._refused_over_cap += 1
+                    if self._refused_over_cap in (1, 10, 100) or self._refused_over_cap % 1000 == 0:
+                        log.warning("%d connections open already; closed %d new ones",
+                                    self.connections, self._refused_over_cap)
+                    await stream.aclose()
+                    continue
                 nursery.start_soon(self._connection, stream)
 
     async def wait_idle(self) -> None:
@@ -182,6 +197,13 @@ class RpcServer:
             await self._idle.wait()
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.connections -= 1
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
             raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
             if self._check_peer is not None and (reason := self._check_peer(raw)) is not None:
@@ -236,14 +258,19 @@ class RpcServer:
             return
         stream.expect_message_type(self._request_types[event.method_name])
         handler = self._handlers[event.method_name]
-        reply: ProtoMessage | Reply | None = None
+        reply: ProtoMessage | Reply | AsyncIterator[ProtoMessage] | None = None
         delivered = False
         with trio.move_on_after(_timeout_seconds(event)) as deadline:
             try:
                 request = await extract_message_from_singleton_stream(stream)
                 reply = await handler(request)
-                message = reply.message if isinstance(reply, Reply) else reply
-                await stream.send_message(message)
+                if isinstance(reply, Reply):
+                    await stream.send_message(reply.message)
+                elif isinstance(reply, ProtoMessage):
+                    await stream.send_message(reply)
+                else:
+                    async for message in reply:
+                        await stream.send_message(message)
                 await stream.close(Status(StatusCode.OK))
                 delivered = True
             except (VmcacheError, DecodeError, RpcFailedError) as error:
@@ -274,14 +301,18 @@ def _first_line(group: BaseExceptionGroup[BaseException]) -> str:
     return _one_line(error)
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
+def bind_unix_socket(path: Path, group_gid: int | None = None) -> socket.socket:
     """A listening socket at ``path``, mode 0600, replacing a stale socket file.
+
+    With ``group_gid`` the socket is mode 0660 and belongs to that group.
 
     A socket file with a live server behind it is left alone: raises
     :class:`EndpointInUseError`.
     """
     from .errors import ConfigError, EndpointInUseError
+    from .security import check_socket_directory
 
+    check_socket_directory(path.parent)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
@@ -306,6 +337,9 @@ def bind_unix_socket(path: Path) -> socket.socket:
     try:
         sock.bind(os.fspath(path))
         os.chmod(path, 0o600)
+        if group_gid is not None:
+            os.chown(path, -1, group_gid)
+            os.chmod(path, 0o660)
         sock.listen(128)
     except OSError as error:
         sock.close()
@@ -354,6 +388,21 @@ class Channel:
             raise CacheError(f"{method}: the connection to the daemon broke ({_one_line(error)})") from None
 
 
+    async def stream(self, method: str, response_type: type[ProtoMessage]) -> AsyncIterator[Any]:
+        """A server-streaming call with no deadline: yields each message until the server ends."""
+        try:
+            stream = await self._grpc.start_request(
+                "http", SERVICE, method, Empty.DESCRIPTOR.full_name, authority="localhost")
+            stream.expect_message_type(response_type)
+            await send_single_message_client(stream, Empty())
+            async for message in stream_to_async_iterator(stream):
+                yield message
+        except RpcFailedError as error:
+            raise _error_for(error.status) from None
+        except _STREAM_ERRORS as error:
+            raise CacheError(f"{method}: the connection to the daemon broke ({_one_line(error)})") from None
+
+
 @asynccontextmanager
 async def open_channel(endpoint: Path) -> AsyncIterator[Channel]:
     """Connect to the daemon at ``endpoint``; no daemon there is a DaemonNotRunningError."""
@@ -379,4 +428,5 @@ RESPONSE_TYPES: dict[str, type[ProtoMessage]] = {
     "GetBaseVM": cache_pb2.GrpcVM,
     "Status": cache_pb2.GrpcStatus,
     "Quit": Empty,
+    "Watch": cache_pb2.GrpcEvent,
 }

@@ -16,6 +16,9 @@ class CacheServiceServicer(purerpc.Servicer):
     async def Quit(self, input_message):
         raise NotImplementedError()
 
+    async def Watch(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -57,6 +60,15 @@ class CacheServiceServicer(purerpc.Servicer):
                 google_dot_protobuf_dot_empty__pb2.Empty,
             )
         )
+        service_obj.add_method(
+            "Watch",
+            self.Watch,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcEvent,
+            )
+        )
         return service_obj
 
 
@@ -96,5 +108,13 @@ class CacheServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 google_dot_protobuf_dot_empty__pb2.Empty,
                 google_dot_protobuf_dot_empty__pb2.Empty,
+            )
+        )
+        self.Watch = self._client.get_method_stub(
+            "Watch",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                google_dot_protobuf_dot_empty__pb2.Empty,
+                cache__pb2.GrpcEvent,
             )
         )

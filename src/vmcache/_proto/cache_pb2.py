@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x61\x63he.proto\x12\x05\x63\x61\x63he\x1a\x1bgoogle/protobuf/empty.proto\"1\n\x0cGrpcVMConfig\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x41gentConfig\x18\x02 \x01(\x0c\"{\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\x0c\x12\x10\n\x08proxyPid\x18\x03 \x01(\x03\x12\x10\n\x08proxyURL\x18\x04 \x01(\t\x12\x0b\n\x03\x63pu\x18\x05 \x01(\r\x12\x0e\n\x06memory\x18\x06 \x01(\r\x12\x10\n\x08\x63puDelta\x18\x07 \x01(\r\"@\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12%\n\x08vmstatus\x18\x02 \x03(\x0b\x32\x13.cache.GrpcVMStatus\"8\n\x0cGrpcVMStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\x0e\n\x06memory\x18\x03 \x01(\r2\xe6\x01\n\x0c\x43\x61\x63heService\x12\x35\n\x06\x43onfig\x12\x16.google.protobuf.Empty\x1a\x13.cache.GrpcVMConfig\x12\x32\n\tGetBaseVM\x12\x16.google.protobuf.Empty\x1a\r.cache.GrpcVM\x12\x33\n\x06Status\x12\x16.google.protobuf.Empty\x1a\x11.cache.GrpcStatus\x12\x36\n\x04Quit\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x61\x63he.proto\x12\x05\x63\x61\x63he\x1a\x1bgoogle/protobuf/empty.proto\"1\n\x0cGrpcVMConfig\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x41gentConfig\x18\x02 \x01(\x0c\"{\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\x0c\x12\x10\n\x08proxyPid\x18\x03 \x01(\x03\x12\x10\n\x08proxyURL\x18\x04 \x01(\t\x12\x0b\n\x03\x63pu\x18\x05 \x01(\r\x12\x0e\n\x06memory\x18\x06 \x01(\r\x12\x10\n\x08\x63puDelta\x18\x07 \x01(\r\"\xbe\x02\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12%\n\x08vmstatus\x18\x02 \x03(\x0b\x32\x13.cache.GrpcVMStatus\x12\x12\n\ncache_size\x18\x03 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x04 \x01(\r\x12\x17\n\x0flast_boot_error\x18\x05 \x01(\t\x12\x1c\n\x14\x62oot_failures_in_row\x18\x06 \x01(\r\x12\r\n\x05\x62oots\x18\x07 \x01(\x04\x12\x15\n\rboot_failures\x18\x08 \x01(\x04\x12\x12\n\nhanded_out\x18\t \x01(\x04\x12\x1b\n\x13median_boot_seconds\x18\n \x01(\x01\x12\x1e\n\x16median_handout_seconds\x18\x0b \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x0c \x01(\x01\x12\x11\n\tboot_mode\x18\r \x01(\t\"W\n\x0cGrpcVMStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\x0e\n\x06memory\x18\x03 \x01(\r\x12\n\n\x02id\x18\x04 \x01(\t\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\"w\n\tGrpcEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04time\x18\x05 \x01(\x01\x12\r\n\x05ready\x18\x06 \x01(\r\x12\x12\n\ncache_size\x18\x07 \x01(\r2\x9b\x02\n\x0c\x43\x61\x63heService\x12\x35\n\x06\x43onfig\x12\x16.google.protobuf.Empty\x1a\x13.cache.GrpcVMConfig\x12\x32\n\tGetBaseVM\x12\x16.google.protobuf.Empty\x1a\r.cache.GrpcVM\x12\x33\n\x06Status\x12\x16.google.protobuf.Empty\x1a\x11.cache.GrpcStatus\x12\x36\n\x04Quit\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12\x33\n\x05Watch\x12\x16.google.protobuf.Empty\x1a\x10.cache.GrpcEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRPCVMCONFIG']._serialized_end=100
   _globals['_GRPCVM']._serialized_start=102
   _globals['_GRPCVM']._serialized_end=225
-  _globals['_GRPCSTATUS']._serialized_start=227
-  _globals['_GRPCSTATUS']._serialized_end=291
-  _globals['_GRPCVMSTATUS']._serialized_start=293
-  _globals['_GRPCVMSTATUS']._serialized_end=349
-  _globals['_CACHESERVICE']._serialized_start=352
-  _globals['_CACHESERVICE']._serialized_end=582
+  _globals['_GRPCSTATUS']._serialized_start=228
+  _globals['_GRPCSTATUS']._serialized_end=546
+  _globals['_GRPCVMSTATUS']._serialized_start=548
+  _globals['_GRPCVMSTATUS']._serialized_end=635
+  _globals['_GRPCEVENT']._serialized_start=637
+  _globals['_GRPCEVENT']._serialized_end=756
+  _globals['_CACHESERVICE']._serialized_start=759
+  _globals['_CACHESERVICE']._serialized_end=1042
 # @@protoc_insertion_point(module_scope)
