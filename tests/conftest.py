@@ -89,12 +89,14 @@ def guest_image() -> Path:
     return image
 
 
-def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None, **qemu: object) -> Path:
-    """A TOML config for tests: TCG, generous boot timeout, overrides from ``qemu``."""
+def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None,
+                 factory: dict[str, object] | None = None, **qemu: object) -> Path:
+    """A TOML config for tests: TCG, generous boot timeout; overrides from ``factory``/``qemu``."""
     settings: dict[str, object] = {"accel": "tcg", "boot_timeout": TCG_BOOT_TIMEOUT} | qemu
     lines = ["[factory]", f"vm_cache_number = {cache}"]
     if endpoint is not None:
         lines.append(f'vm_cache_endpoint = "{endpoint}"')
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (factory or {}).items()]
     lines.append("[hypervisor.qemu]")
     for key, value in settings.items():
         lines.append(f"{key} = {json.dumps(value)}")

@@ -38,7 +38,9 @@ def test_fill_hand_out_refill_and_sigint(daemon: Daemon, tmp_path: Path, run_dir
 
     text = daemon.cli("status").stdout.splitlines()
     assert text[0] == f"VM cache server pid = {daemon.pid}"
-    assert sorted(text[1:]) == sorted(f"VM pid = {pid} Cpu = 1 Memory = 256MiB" for pid in cached)
+    vm_lines = [line for line in text[1:] if line.startswith("VM pid")]
+    assert sorted(vm_lines) == sorted(f"VM pid = {pid} Cpu = 1 Memory = 256MiB" for pid in cached)
+    assert "Cache: 2/2 ready, 0 booting, boot mode boot" in text
 
     handle_json = daemon.cli("get").stdout
     handle = json.loads(handle_json)

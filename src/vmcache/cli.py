@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -144,6 +145,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         async with connect(endpoint) as cache:
             return await cache.status()
 
+    if args.watch:
+        return _watch(endpoint)
     result = trio.run(status)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
@@ -151,6 +154,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"VM cache server pid = {result.pid}")
     for vm in result.vms:
         print(f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB")
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
+def _watch(endpoint: Path) -> int:
+    """``status --watch``: the cache as it changes, one line per event, until the daemon stops."""
+    from .client import connect
+
+    async def watch() -> None:
+        async with connect(endpoint) as cache:
+            status = await cache.status()
+            print(f"{time.strftime('%H:%M:%S')} {len(status.vms)}/{status.cache_size} ready "
+                  f"(daemon pid {status.pid})", flush=True)
+            async for event in cache.watch():
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
+                vm = f" VM {event.vm_id} (pid {event.pid})" if event.vm_id else ""
+                detail = f": {event.message}" if event.message else ""
+                print(f"{stamp} {event.ready}/{event.cache_size} ready  {event.kind}{vm}{detail}",
+                      flush=True)
+        print("vmcache: the daemon stopped", file=sys.stderr)
+
+    trio.run(watch)
     return 0
 
 
@@ -247,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _client_options(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--watch", action="store_true",
+                        help="show every change as it happens (booting, ready, handed out, ...)")
     status.set_defaults(func=cmd_status)
 
     quit_ = sub.add_parser(

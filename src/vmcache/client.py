@@ -21,6 +21,7 @@ import trio
 from ._proto import cache_pb2
 from .errors import CacheError
 from .handle import PidfdProcess, VMHandle
+from .pool import CacheEvent
 from .rpc import RESPONSE_TYPES, Channel, open_channel
 from .server import handle_from_grpc_vm
 
@@ -34,17 +35,63 @@ class CachedVMStatus:
     pid: int
     cpu: int
     memory: int
+    id: str = ""
+    rss_bytes: int = 0
 
 
 @attrs.frozen
 class CacheStatus:
-    """What ``Status`` says: the daemon's pid and its cached, ready VMs."""
+    """What ``Status`` says: the daemon's pid, its cached ready VMs, and counters."""
 
     pid: int
     vms: list[CachedVMStatus]
+    cache_size: int = 0
+    booting: int = 0
+    last_boot_error: str = ""
+    boot_failures_in_row: int = 0
+    boots: int = 0
+    boot_failures: int = 0
+    handed_out: int = 0
+    median_boot_seconds: float = 0.0
+    median_handout_seconds: float = 0.0
+    uptime_seconds: float = 0.0
+    boot_mode: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "vms": [attrs.asdict(vm) for vm in self.vms]}
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_message(cls, reply: cache_pb2.GrpcStatus) -> CacheStatus:
+        return cls(
+            pid=reply.pid,
+            vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes) for vm in reply.vmstatus],
+            cache_size=reply.cache_size,
+            booting=reply.booting,
+            last_boot_error=reply.last_boot_error,
+            boot_failures_in_row=reply.boot_failures_in_row,
+            boots=reply.boots,
+            boot_failures=reply.boot_failures,
+            handed_out=reply.handed_out,
+            median_boot_seconds=reply.median_boot_seconds,
+            median_handout_seconds=reply.median_handout_seconds,
+            uptime_seconds=reply.uptime_seconds,
+            boot_mode=reply.boot_mode,
+        )
+
+    def summary_lines(self) -> list[str]:
+        """What ``vmcache status`` prints after Kata's lines."""
+        lines = [
+            f"Cache: {len(self.vms)}/{self.cache_size} ready, {self.booting} booting, "
+            f"boot mode {self.boot_mode or 'boot'}",
+            f"Counters: {self.boots} boots, {self.boot_failures} boot failures, "
+            f"{self.handed_out} handed out, median boot {self.median_boot_seconds:.2f} s, "
+            f"median hand-out {self.median_handout_seconds * 1000:.1f} ms, "
+            f"uptime {self.uptime_seconds:.0f} s",
+        ]
+        if self.last_boot_error:
+            lines.append(f"Failing: {self.boot_failures_in_row} boot failures in a row; "
+                         f"last boot error: {self.last_boot_error}")
+        return lines
 
 
 class CacheClient:
@@ -69,9 +116,13 @@ class CacheClient:
 
     async def status(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> CacheStatus:
         reply: cache_pb2.GrpcStatus = await self._call("Status", timeout)
-        return CacheStatus(
-            reply.pid, [CachedVMStatus(vm.pid, vm.cpu, vm.memory) for vm in reply.vmstatus]
-        )
+        return CacheStatus.from_message(reply)
+
+    async def watch(self) -> AsyncIterator[CacheEvent]:
+        """Every change in the cache from now on, until the daemon stops."""
+        async for message in self._channel.stream("Watch", RESPONSE_TYPES["Watch"]):
+            yield CacheEvent(message.kind, message.vm_id, message.pid, message.message,
+                             message.time, message.ready, message.cache_size)
 
     async def config(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> dict[str, Any]:
         """The daemon's VM configuration (``Config.Data``)."""

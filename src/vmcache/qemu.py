@@ -172,11 +172,16 @@ def console_tail(run_dir: Path, lines: int = 5) -> str:
     return " | ".join(collected[-lines:]) or "(no console output)"
 
 
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) with mode 0700, or fail with a clear error."""
+def make_private_dir(path: Path, *, enforce: bool = True) -> None:
+    """Create ``path`` (and parents) with mode 0700, or fail with a clear error.
+
+    With ``enforce`` an existing directory is set to 0700 too; without, it is left
+    as it is (the run root may be 0710 for a socket group).
+    """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+        if enforce:
+            os.chmod(path, 0o700)
     except OSError as error:
         raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
@@ -324,7 +329,7 @@ async def _boot(spec: VMSpec, accel: str, timeout: float, registry: Registry | N
     run_dir = spec.run_root / f"vm-{vm_id}"
     if len(str(run_dir / "agent.sock")) > SOCKET_PATH_MAX:
         raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
-    make_private_dir(spec.run_root)
+    make_private_dir(spec.run_root, enforce=False)
     make_private_dir(run_dir)
     vm = VM(spec, vm_id, run_dir, accel, registry)
     try:

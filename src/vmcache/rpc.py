@@ -79,13 +79,26 @@ class _UnixSocketWrapper(SocketWrapper):  # type: ignore[misc]
         """TCP keepalive and NODELAY do not apply to a Unix socket."""
 
 
+class _ResetAwareConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc drops RST_STREAM; we need it: a client that cancels one call (grpcio does
+    this when its deadline passes) must stop that call's handler, or a VM is handed to
+    nobody."""
+
+    on_reset: Callable[[int], None] | None = None
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        if self.on_reset is not None:
+            self.on_reset(event.stream_id)
+        return []
+
+
 class _UnixGRPCSocket(GRPCProtoSocket):  # type: ignore[misc]
     """purerpc's gRPC-over-HTTP/2 socket on any anyio stream, Unix sockets included."""
 
     def __init__(self, config: GRPCConfiguration, sock: Any,
                  receive_buffer_size: int = 1024 * 1024) -> None:
         AsyncExitStack.__init__(self)
-        self._grpc_connection = GRPCConnection(config=config)
+        self._grpc_connection = _ResetAwareConnection(config=config)
         self._socket = _UnixSocketWrapper(self._grpc_connection, sock)
         self._receive_buffer_size = receive_buffer_size
         self._streams: dict[int, Any] = {}
@@ -211,9 +224,17 @@ class RpcServer:
                 return
             try:
                 config = GRPCConfiguration(client_side=False)
+                scopes: dict[int, trio.CancelScope] = {}
+
+                def cancel_request(stream_id: int) -> None:
+                    if stream_id in scopes:
+                        log.debug("client cancelled its request on stream %d", stream_id)
+                        scopes[stream_id].cancel()
+
                 async with _UnixGRPCSocket(config, stream) as grpc, trio.open_nursery() as requests:
+                    grpc._grpc_connection.on_reset = cancel_request
                     async for grpc_stream in grpc.listen():
-                        requests.start_soon(self._request, grpc_stream)
+                        requests.start_soon(self._request, grpc_stream, scopes)
                     # The client closed the connection: nobody waits for these any more.
                     requests.cancel_scope.cancel()
             except* _STREAM_ERRORS as group:
@@ -223,6 +244,11 @@ class RpcServer:
                 log.debug("details", exc_info=group)
 
     async def _refuse(self, stream: anyio.abc.SocketStream, reason: str) -> None:
+        """Answer every call on the connection with PERMISSION_DENIED, for at most a second.
+
+        Hanging up right after answering would make the client's own writes fail before
+        it reads the answer; so we wait for it to hang up first.
+        """
         log.warning("refused a connection: %s", reason)
         with trio.move_on_after(1.0):
             try:
@@ -230,17 +256,18 @@ class RpcServer:
                     async for grpc_stream in grpc.listen():
                         await grpc_stream.start_response()
                         await grpc_stream.close(Status(StatusCode.PERMISSION_DENIED, reason))
-                        break
             except* (*_STREAM_ERRORS, Exception):
                 pass
 
-    async def _request(self, stream: GRPCProtoStream) -> None:
+    async def _request(self, stream: GRPCProtoStream, scopes: dict[int, trio.CancelScope]) -> None:
         self.active_requests += 1
         try:
-            await self._respond(stream)
+            with trio.CancelScope() as scopes[stream.stream_id]:
+                await self._respond(stream)
         except* _STREAM_ERRORS as group:
             log.info("could not answer a client: %s", _first_line(group))
         finally:
+            scopes.pop(stream.stream_id, None)
             self.active_requests -= 1
             if not self.active_requests:
                 self._idle.set()
@@ -295,16 +322,14 @@ def _one_line(error: BaseException) -> str:
 
 def _first_line(group: BaseExceptionGroup[BaseException]) -> str:
     """One line about the first real error inside a (nested) exception group."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return _one_line(error)
+    return _one_line(_leaf(group))
 
 
 def bind_unix_socket(path: Path, group_gid: int | None = None) -> socket.socket:
     """A listening socket at ``path``, mode 0600, replacing a stale socket file.
 
-    With ``group_gid`` the socket is mode 0660 and belongs to that group.
+    With ``group_gid`` the socket is mode 0660 and belongs to that group, and its
+    directory is 0710 (that group may traverse it, not list it).
 
     A socket file with a live server behind it is left alone: raises
     :class:`EndpointInUseError`.
@@ -340,6 +365,9 @@ def bind_unix_socket(path: Path, group_gid: int | None = None) -> socket.socket:
         if group_gid is not None:
             os.chown(path, -1, group_gid)
             os.chmod(path, 0o660)
+            # The group must be able to reach the socket: let it traverse (not list) the directory.
+            os.chown(path.parent, -1, group_gid)
+            os.chmod(path.parent, 0o710)
         sock.listen(128)
     except OSError as error:
         sock.close()
@@ -416,10 +444,26 @@ async def open_channel(endpoint: Path) -> AsyncIterator[Channel]:
     except PermissionError:
         raise DaemonNotRunningError(f"not allowed to connect to {endpoint} (permission denied)") from None
     try:
-        async with _UnixGRPCSocket(GRPCConfiguration(client_side=True), stream) as grpc:
+        async with stream, _UnixGRPCSocket(GRPCConfiguration(client_side=True), stream) as grpc:
             yield Channel(endpoint, grpc)
     except _STREAM_ERRORS as error:
         raise CacheError(f"the connection to the daemon broke ({_one_line(error)})") from None
+    except BaseExceptionGroup as group:
+        # purerpc's reader and writer run in a task group: unwrap to the error that matters.
+        ours, others = group.split(VmcacheError)
+        if ours is not None:
+            raise _leaf(ours) from None
+        broken, others = others.split(_STREAM_ERRORS) if others is not None else (None, None)
+        if others is not None or broken is None:
+            raise
+        raise CacheError(f"the connection to the daemon broke ({_first_line(broken)})") from None
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 #: The response type of each rpc, for the client.

@@ -47,6 +47,7 @@ class VMRegistry:
 
     def prepare(self) -> None:
         """Create the directory (0700) and check it is writable; a ConfigError if not."""
+        make_private_dir(self.path.parent)
         make_private_dir(self.path)
         probe = self.path / ".write-test"
         try:
