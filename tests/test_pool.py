@@ -46,6 +46,9 @@ class FakeVM:
             raise AgentError("no answer")
         return "boot"
 
+    async def sync_clock(self) -> None:
+        pass
+
     def handle(self) -> VMHandle:
         return VMHandle(id=self.id, pid=self.pid, start_time=1, qmp_socket="q", agent_socket="a",
                         console_log="c", run_dir="r", cpu=1, memory=256)

@@ -121,7 +121,7 @@ async def test_qemu_exiting_mid_boot_is_a_boot_error(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kill_qemu_once_started)
-            with pytest.raises(BootError, match="QEMU exited with status -9 during boot"):
+            with pytest.raises(BootError, match="QEMU exited with status -9 during start-up"):
                 await boot_vm(spec)
     assert qemu_pids() == before
     assert list(run_dir.iterdir()) == []

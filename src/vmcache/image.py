@@ -230,6 +230,46 @@ def kernel_version(bzimage: bytes) -> str:
 
 
 # --------------------------------------------------------------------------
+# vmcache-reseed: a tiny static helper, written here as machine code
+# --------------------------------------------------------------------------
+
+#: x86-64 code of ``vmcache-reseed``: open("/dev/urandom", O_RDWR), then
+#: ioctl(fd, RNDRESEEDCRNG), then exit with 0 or the errno. Busybox cannot
+#: issue an ioctl, and without this a guest restored from a snapshot keeps
+#: the template's CRNG state until the kernel's own reseed interval passes,
+#: however much fresh entropy the host writes into its pool.
+RESEED_CODE = bytes.fromhex(
+    "b802000000"      # mov eax, 2 (open)
+    "488d3d26000000"  # lea rdi, [rip+0x26] -> path
+    "be02000000"      # mov esi, 2 (O_RDWR)
+    "0f05"            # syscall
+    "85c0"            # test eax, eax
+    "7810"            # js fail
+    "89c7"            # mov edi, eax (fd)
+    "b810000000"      # mov eax, 16 (ioctl)
+    "be07520000"      # mov esi, 0x5207 (RNDRESEEDCRNG = _IO('R', 7))
+    "31d2"            # xor edx, edx
+    "0f05"            # syscall
+    "89c7"            # fail: mov edi, eax
+    "f7df"            # neg edi (-errno -> errno; 0 stays 0)
+    "b83c000000"      # mov eax, 60 (exit)
+    "0f05"            # syscall
+) + b"/dev/urandom\0"
+
+
+def static_elf(code: bytes, base: int = 0x400000) -> bytes:
+    """A minimal static x86-64 ELF executable that runs ``code`` (one RX segment)."""
+    header_size, phdr_size = 64, 56
+    entry = base + header_size + phdr_size
+    size = header_size + phdr_size + len(code)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, header_size, 0, 0,
+                                 header_size, phdr_size, 1, 0, 0, 0)
+    program = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return header + program + code
+
+
+# --------------------------------------------------------------------------
 # building
 # --------------------------------------------------------------------------
 
@@ -387,6 +427,7 @@ def initramfs_entries(
     entries.append(regular_file("init", _guest_file("init"), 0o755))
     entries.append(regular_file("bin/busybox", busybox, 0o755))
     entries.append(regular_file("bin/vmcache-agent", _guest_file("vmcache-agent"), 0o755))
+    entries.append(regular_file("bin/vmcache-reseed", static_elf(RESEED_CODE), 0o755))
     entries.extend(
         symlink(f"bin/{applet}", "busybox") for applet in applets if applet != "busybox"
     )

@@ -246,6 +246,7 @@ class VMPool:
                     entry.done.set()
 
             async def check_health() -> None:
+                """Ping the idle VM now and then; keep its clock on the host's while it waits."""
                 while True:
                     await trio.sleep(self._health_interval)
                     if entry.leased or entry.released:
@@ -253,6 +254,7 @@ class VMPool:
                     try:
                         with trio.fail_after(PING_TIMEOUT):
                             await vm.ping()
+                            await vm.sync_clock()
                     except (VmcacheError, trio.TooSlowError) as error:
                         if entry.leased or entry.released:
                             continue

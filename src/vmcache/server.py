@@ -34,6 +34,7 @@ from .pool import Backoff, CacheEvent, VMPool
 from .qemu import VM, boot_vm, make_private_dir
 from .rpc import Reply, RpcServer, bind_unix_socket
 from .security import PeerPolicy, raise_open_file_limit, resolve_group
+from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
 
 log = logging.getLogger("vmcache.server")
@@ -83,7 +84,12 @@ class CacheDaemon:
         self.endpoint = config.endpoint()
         factory = config.factory
         self.group_gid = resolve_group(factory.socket_group)
-        self.registry = VMRegistry(state_dir_for(self.spec.run_root, self.endpoint))
+        state_dir = state_dir_for(self.spec.run_root, self.endpoint)
+        self.registry = VMRegistry(state_dir)
+        self.snapshots: SnapshotManager | None = None
+        if boot is None and factory.boot_mode == "snapshot":
+            self.snapshots = SnapshotManager(self.spec, state_dir / "snapshots", self.registry)
+            boot = self.snapshots.boot
         self.pool = VMPool(
             self.spec,
             factory.vm_cache_number,
@@ -124,6 +130,8 @@ class CacheDaemon:
                             killed, self.endpoint)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._report_progress, self.pool.watch())
+                if self.snapshots is not None:
+                    await nursery.start(self.snapshots.run)
                 await nursery.start(self.pool.run)
                 await nursery.start(self.rpc.serve, sock)
                 log.info("listening on %s; filling a cache of %d VMs (pid %d)",

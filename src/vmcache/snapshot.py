@@ -1,0 +1,287 @@
+"""Snapshot refill (``boot_mode = "snapshot"``): restore cached VMs instead of booting them.
+
+One *template* VM boots the ordinary way; then QMP ``stop`` + ``migrate`` writes
+its state to a file. Every cached VM then starts as a fresh QEMU with
+``-incoming defer -S``, gets the file streamed into ``migrate-incoming``, and is
+resumed with ``cont``. Each VM loads its own private copy of the state: no
+guest memory is shared between VMs (unlike VM templating, which maps one
+template's memory into every clone).
+
+Clones start with the template's kernel state, random pool included. So each
+restored VM gets fresh host entropy through its agent, which also forces an
+immediate CRNG reseed (``vmcache-reseed``), and its clock is set to the host's,
+before it is offered. Two restored VMs never share RNG output.
+
+The snapshot is keyed by everything that shapes the guest (QEMU binary and
+version, kernel and initrd, vCPUs, memory, machine, accel, kernel parameters,
+sandbox, TCG cache size). A changed key, or a file whose size or SHA-256 no
+longer matches (checked while it is streamed), discards the snapshot and
+rebuilds it; slots boot the ordinary way meanwhile. The file is removed when
+the daemon exits.
+
+Both migration directions use a Unix socket between QEMU and us (QEMU 7.2 has
+no ``file:`` migration, and ``exec:`` would need QEMU to spawn, which the
+seccomp sandbox forbids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import attrs
+import trio
+
+from .config import VMSpec
+from .errors import BootError, VmcacheError
+from .qemu import VM, Registry, boot_vm, connect_agent, connect_monitor, make_private_dir, start_vm
+
+log = logging.getLogger("vmcache.snapshot")
+
+CHUNK = 1 << 20
+SAVE_TIMEOUT = 60.0
+#: QEMU's default migration bandwidth cap (128 MiB/s) would make saving take seconds.
+MAX_BANDWIDTH = 64 << 30
+
+
+class SnapshotError(VmcacheError):
+    """The snapshot could not be made or used; vmcache falls back to plain boots."""
+
+
+def _stat_key(path: Path) -> list[object]:
+    try:
+        info = path.stat()
+    except OSError:
+        return [str(path), None]
+    return [str(path), info.st_size, info.st_mtime_ns]
+
+
+_QEMU_VERSIONS: dict[str, str] = {}
+
+
+def _qemu_version(qemu: Path) -> str:
+    if str(qemu) not in _QEMU_VERSIONS:
+        done = subprocess.run([str(qemu), "-version"], capture_output=True, text=True, timeout=30)
+        _QEMU_VERSIONS[str(qemu)] = done.stdout.splitlines()[0] if done.stdout else ""
+    return _QEMU_VERSIONS[str(qemu)]
+
+
+def snapshot_key(spec: VMSpec, accel: str) -> str:
+    """A hash of everything that shapes the guest a snapshot holds."""
+    shape = {
+        "qemu": _stat_key(spec.qemu),
+        "qemu_version": _qemu_version(spec.qemu),
+        "kernel": _stat_key(spec.kernel),
+        "initrd": _stat_key(spec.initrd),
+        "image": spec.image,
+        "vcpus": spec.vcpus,
+        "memory": spec.memory_mib,
+        "machine": spec.machine_type,
+        "accel": accel,
+        "kernel_params": spec.kernel_params,
+        "sandbox": spec.sandbox,
+        "tb_size": spec.tb_size_mib,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@attrs.frozen
+class Snapshot:
+    """A saved template state: where it is, what it is for, and how to check it."""
+
+    path: Path
+    key: str
+    accel: str
+    size: int
+    sha256: str
+    boot_id: str
+
+
+async def _wait_migration(vm: VM, timeout: float, *, incoming: bool) -> None:
+    """Poll QMP until the migration completed (or failed), at most ``timeout`` seconds."""
+    assert vm.qmp is not None
+    with trio.move_on_after(timeout):
+        while True:
+            if incoming:
+                status = (await vm.qmp.execute("query-status"))["status"]
+                if status in ("paused", "postmigrate"):
+                    return
+                if status not in ("inmigrate", "prelaunch"):
+                    raise SnapshotError(f"restore ended in state {status}")
+            else:
+                info = await vm.qmp.execute("query-migrate")
+                status = info.get("status", "")
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    raise SnapshotError(f"saving the snapshot failed: {info.get('error-desc', status)}")
+            await trio.sleep(0.005)
+    raise SnapshotError(f"migration did not finish within {timeout:g} s")
+
+
+async def save_snapshot(vm: VM, path: Path) -> Snapshot:
+    """Stop ``vm`` and write its state to ``path`` (via a Unix socket we read)."""
+    assert vm.qmp is not None
+    sock_path = vm.run_dir / "save.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    digest = hashlib.sha256()
+    size = 0
+    partial = path.with_suffix(".partial")
+    with listener:
+        await listener.bind(os.fspath(sock_path))
+        listener.listen(1)
+        await vm.qmp.execute("stop")
+        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        await vm.qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
+        with trio.fail_after(SAVE_TIMEOUT):
+            connection, _ = await listener.accept()
+            with connection, open(partial, "wb") as out:  # noqa: ASYNC230 - local file
+                while chunk := await connection.recv(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+            await _wait_migration(vm, SAVE_TIMEOUT, incoming=False)
+    partial.replace(path)
+    return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id)
+
+
+async def _stream_into(vm: VM, snapshot: Snapshot) -> None:
+    """Feed the snapshot into the VM's ``migrate-incoming`` socket, checking it on the way."""
+    assert vm.qmp is not None
+    sock_path = vm.run_dir / "incoming.sock"
+    await vm.qmp.execute("migrate-incoming", {"uri": f"unix:{sock_path}"})
+    connection = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    digest = hashlib.sha256()
+    size = 0
+    with connection:
+        await connection.connect(os.fspath(sock_path))
+        try:
+            with open(snapshot.path, "rb") as source:  # noqa: ASYNC230 - local file
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        sent = await connection.send(view)
+                        view = view[sent:]
+        except OSError as error:
+            raise SnapshotError(f"restore broke off: {error}") from None
+    if size != snapshot.size or digest.hexdigest() != snapshot.sha256:
+        raise SnapshotError(f"snapshot file {snapshot.path} is corrupt or truncated")
+
+
+class SnapshotManager:
+    """Owns the template snapshot; boots VMs by restoring it, or plainly while it is missing."""
+
+    def __init__(self, spec: VMSpec, directory: Path, registry: Registry | None = None) -> None:
+        self.spec = spec
+        self.directory = directory
+        self.registry = registry
+        self.snapshot: Snapshot | None = None
+        self._building = False
+        self._wanted = trio.Event()
+        self.builds = 0
+        self.restores = 0
+        self.fallbacks = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Build the snapshot at start and whenever it is discarded; remove it on exit."""
+        make_private_dir(self.directory)
+        task_status.started()
+        delay = 1.0
+        try:
+            while True:
+                if self.snapshot is None:
+                    try:
+                        await self._build()
+                        delay = 1.0
+                    except VmcacheError as error:
+                        log.warning("could not make the snapshot (%s); plain boots until it works; "
+                                    "retrying in %.0f s", error, delay)
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 60.0)
+                        continue
+                self._wanted = trio.Event()
+                await self._wanted.wait()
+        finally:
+            self.discard()
+
+    async def _build(self) -> None:
+        started = time.monotonic()
+        self._building = True
+        try:
+            template = await boot_vm(self.spec, self.registry)
+            try:
+                key = snapshot_key(self.spec, template.accel)
+                path = self.directory / f"template-{key}.vmstate"
+                saved = await save_snapshot(template, path)
+            finally:
+                await template.stop()
+        finally:
+            self._building = False
+        self.snapshot = attrs.evolve(saved, key=key)
+        self.builds += 1
+        log.info("snapshot %s saved: %.0f MB in %.2f s (template booted and stopped)",
+                 key, saved.size / 1e6, time.monotonic() - started)
+
+    def discard(self) -> None:
+        """Forget the snapshot and remove its file (the run loop makes a new one)."""
+        if self.snapshot is not None:
+            self.snapshot.path.unlink(missing_ok=True)
+            self.snapshot = None
+        self._wanted.set()
+
+    async def boot(self, spec: VMSpec) -> VM:
+        """The pool's boot function: restore when the snapshot is there and current."""
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot_key(spec, snapshot.accel) != snapshot.key:
+            log.info("the guest's configuration or image changed: rebuilding the snapshot")
+            self.discard()
+            snapshot = None
+        if snapshot is None:
+            self.fallbacks += 1
+            return await boot_vm(spec, self.registry)
+        try:
+            vm = await self.restore(spec, snapshot)
+        except SnapshotError as error:
+            log.warning("restore failed (%s): discarding the snapshot, booting plainly", error)
+            self.discard()
+            self.fallbacks += 1
+            return await boot_vm(spec, self.registry)
+        self.restores += 1
+        return vm
+
+    async def restore(self, spec: VMSpec, snapshot: Snapshot) -> VM:
+        """Start a VM from ``snapshot``: incoming migration, cont, fresh entropy and clock."""
+
+        async def become_ready(vm: VM) -> str:
+            await connect_monitor(vm)
+            # Connected before the guest runs, so its agent never sees the port closed.
+            agent = await connect_agent(vm)
+            marks = [time.monotonic()]
+            await _stream_into(vm, snapshot)
+            marks.append(time.monotonic())
+            await _wait_migration(vm, spec.boot_timeout, incoming=True)
+            marks.append(time.monotonic())
+            assert vm.qmp is not None
+            await vm.qmp.execute("cont")
+            boot_id = await agent.ping()
+            marks.append(time.monotonic())
+            log.debug("VM %s restored: stream %.3f s, load %.3f s, resume+ping %.3f s", vm.id,
+                      *(b - a for a, b in itertools.pairwise(marks)))
+            await agent.add_entropy()  # also reseeds the guest's CRNG at once
+            await agent.set_clock()
+            return boot_id
+
+        try:
+            return await start_vm(spec, snapshot.accel, spec.boot_timeout, self.registry,
+                                  become_ready=become_ready, extra_args=("-incoming", "defer", "-S"),
+                                  what="restore")
+        except BootError as error:  # QEMU refusing the state exits: the snapshot is suspect
+            raise SnapshotError(str(error)) from None

@@ -1,0 +1,122 @@
+"""Snapshot refill: restored VMs are private, fresh (RNG, clock) and behave like booted ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import VMCACHE, pid_alive, qemu_pids, write_config
+from daemon import Daemon, stop_handed_out
+
+from vmcache.config import load_config, resolve_spec
+from vmcache.snapshot import SnapshotManager
+
+pytestmark = pytest.mark.qemu
+
+
+def test_snapshot_daemon_hands_out_fresh_private_vms(tmp_path: Path, run_dir: Path,
+                                                     guest_image: Path) -> None:
+    before = qemu_pids()
+    daemon = Daemon(tmp_path, run_dir, cache=2, factory={"boot_mode": "snapshot", "health_interval": 1.0})
+    daemon.start()
+    handles: list[str] = []
+    try:
+        daemon.wait_cached(2)
+        handles += [daemon.cli("get").stdout for _ in range(3)]  # the third one is a restore
+        refilled = daemon.wait_cached(2)
+        status = daemon.status()
+        assert status["boot_mode"] == "snapshot"
+        log = daemon.log()
+        assert "snapshot" in log and "saved" in log
+        assert "restored" in log, "refills come from the snapshot"
+        samples = []
+        for number, handle in enumerate(handles):
+            path = tmp_path / f"vm{number}.json"
+            path.write_text(handle)
+            asked = time.time()
+            out = daemon.cli("exec", str(path), "--", "sh", "-c",
+                             "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s").stdout
+            random_hex, guest_time = out.split()
+            samples.append(random_hex)
+            assert asked - 1 <= int(guest_time) <= time.time() + 1, "guest clock within 1 s of the host"
+        assert len(set(samples)) == len(samples), "two VMs shared RNG output"
+
+        snapshots = list((run_dir / "state").rglob("*.vmstate"))
+        assert len(snapshots) == 1
+        assert daemon.signal(signal.SIGINT) == 0
+        assert not snapshots[0].exists(), "the snapshot file is removed when the daemon exits"
+        assert not any(pid_alive(pid) for pid in refilled)
+        pids = {json.loads(h)["pid"] for h in handles}
+        assert all(pid_alive(pid) for pid in pids)
+        assert qemu_pids() - before == pids
+    finally:
+        daemon.ensure_stopped()
+        for handle in handles:
+            stop_handed_out(handle, tmp_path)
+    assert qemu_pids() == before
+
+
+async def test_corrupt_snapshot_is_discarded_and_rebuilt(tmp_path: Path, run_dir: Path,
+                                                        guest_image: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
+    shutil.copy(guest_image / "vmlinuz", kernel)
+    shutil.copy(guest_image / "initramfs.cpio.gz", initrd)
+    config = write_config(tmp_path / "c.toml", kernel=str(kernel), initrd=str(initrd))
+    spec = resolve_spec(load_config(config), run_root=run_dir)
+    manager = SnapshotManager(spec, run_dir / "snapshots")
+
+    async def wait_for_snapshot() -> None:
+        while manager.snapshot is None:
+            await trio.sleep(0.05)
+
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await wait_for_snapshot()
+            first = manager.snapshot
+            assert first is not None
+            vm = await manager.boot(spec)
+            assert manager.restores == 1
+            await vm.stop()
+
+            # Truncate the file: the restore is refused, the VM boots plainly, a new snapshot is made.
+            with open(first.path, "r+b") as handle:
+                handle.truncate(first.size // 2)
+            vm = await manager.boot(spec)
+            assert (manager.restores, manager.fallbacks) == (1, 1)
+            assert (await vm.exec(["echo", "ok"])).stdout == b"ok\n"
+            await vm.stop()
+            await wait_for_snapshot()
+            assert manager.builds == 2
+
+            # Change what shapes the guest (a new initrd): the snapshot is rebuilt for it.
+            initrd.touch()
+            vm = await manager.boot(spec)
+            assert manager.fallbacks == 2
+            await vm.stop()
+            await wait_for_snapshot()
+            assert manager.builds == 3
+            vm = await manager.boot(spec)
+            assert manager.restores == 2
+            await vm.stop()
+            nursery.cancel_scope.cancel()
+    assert list((run_dir / "snapshots").iterdir()) == []
+    assert [p for p in run_dir.iterdir() if p.name.startswith("vm-")] == []
+
+
+def test_snapshot_mode_run_end_to_end(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    daemon = Daemon(tmp_path, run_dir, cache=1, factory={"boot_mode": "snapshot"}).start()
+    try:
+        daemon.wait_cached(1)
+        done = subprocess.run([*VMCACHE, "run", "--endpoint", str(daemon.endpoint), "--", "uname", "-s"],
+                              capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout) == (0, "Linux\n")
+        assert daemon.signal(signal.SIGTERM) == 0
+    finally:
+        daemon.ensure_stopped()
