@@ -25,7 +25,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     _install(session, "ruff")
-    session.run("ruff", "check", "src", "tests", "noxfile.py", "scripts")
+    session.run("ruff", "check", "src", "tests", "bench", "noxfile.py", "scripts")
 
 
 @nox.session

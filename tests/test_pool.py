@@ -128,7 +128,7 @@ async def test_failed_boots_back_off_up_to_a_cap_and_recover(
         pool = VMPool(SPEC, 1, boot=booter,  # type: ignore[arg-type]
                       backoff=lambda: Backoff(initial=1, cap=4))
         await nursery.start(pool.run)
-        await trio.sleep(3 * BOOT_SECONDS + 1 + 2)  # three failures: the pool is failing
+        await trio.sleep(3 * BOOT_SECONDS + 1 + 2 + 0.5)  # just after the third failure
         assert pool.failing()
         with pytest.raises(CacheUnavailableError, match=r"3 failures in a row.*kernel panic"):
             await pool.lease()

@@ -70,6 +70,23 @@ def _command(args: argparse.Namespace) -> list[str]:
 # ----------------------------------------------------------------- commands
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from .config import render_toml
+
+    config = load_config(args.config)
+    print(f"# effective configuration{f' from {config.source}' if config.source else ' (defaults)'}")
+    print(render_toml(config), end="")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    if args.files:
+        resolve_spec(config)
+    print(f"{args.file}: ok")
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"vmcache image: {message}", file=sys.stderr, flush=True)
@@ -101,6 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stdout, stderr, status = trio.run(direct)
         _relay_and_exit(stdout, stderr, status)
     from .client import run_warm
+    from .errors import DaemonNotRunningError
 
     endpoint = _endpoint(args)
 
@@ -108,9 +126,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await run_warm(endpoint, command, timeout=args.timeout, keep=args.keep,
                               wait=args.wait)
 
-    stdout, stderr, status, kept = trio.run(warm)
+    try:
+        stdout, stderr, status, kept = trio.run(warm)
+    except DaemonNotRunningError as error:
+        raise DaemonNotRunningError(
+            f"{error}, or boot a VM just for this with `vmcache run --direct`") from None
     if kept is not None:
-        print(kept, file=sys.stderr)
+        if args.handle_file:
+            Path(args.handle_file).write_text(kept + "\n")
+        else:
+            print(f"vmcache: kept VM {kept}", file=sys.stderr)
     _relay_and_exit(stdout, stderr, status)
 
 
@@ -295,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--direct", action="store_true", help="boot a fresh VM; no daemon needed")
     _client_options(run)
-    run.add_argument("--keep", action="store_true", help="keep the VM and print its handle")
+    run.add_argument("--keep", action="store_true",
+                     help="keep the VM running and print its handle (on stderr, or to --handle-file)")
+    run.add_argument("--handle-file", metavar="PATH", help="with --keep: write the handle (JSON) here")
     run.add_argument("--wait", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a VM from the daemon (default %(default)s)")
     run.add_argument("--timeout", type=int, default=0, metavar="S",
@@ -325,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stop.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
     stop.set_defaults(func=cmd_stop)
+
+    config_parser = sub.add_parser("config", help="show the effective config, or check a file")
+    config_sub = config_parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser(
+        "show", help="print the effective config (defaults filled in) as TOML",
+        description="Print every key with its effective value: the file's, else the default.",
+        epilog="example: vmcache config show --config /etc/vmcache/vmcache.toml",
+    )
+    show.add_argument("--config", metavar="PATH", help="config file (default: none, all defaults)")
+    show.set_defaults(func=cmd_config_show)
+    check = config_sub.add_parser(
+        "check", help="validate a config file",
+        description="Check a config file: TOML syntax, key names, types and ranges; with "
+        "--files also that the QEMU binary, kernel and initrd it names exist.",
+        epilog="example: vmcache config check --files contrib/vmcache.toml",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--files", action="store_true", help="also check the files it names")
+    check.set_defaults(func=cmd_config_check)
 
     image = sub.add_parser("image", help="manage the default guest image")
     image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)

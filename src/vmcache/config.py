@@ -24,6 +24,7 @@ naming the key and the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -235,6 +236,26 @@ def load_config(path: Path | str | None) -> Config:
     if "source" in data:
         raise ConfigError(f"{path}: unknown key source")
     return config_from_dict(data, str(path))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def render_toml(config: Config) -> str:
+    """The effective config as TOML, every key with its value (defaults filled in)."""
+    lines = []
+    sections = (("factory", config.factory), ("hypervisor.qemu", config.qemu))
+    for name, section in sections:
+        lines.append(f"[{name}]")
+        for field in attrs.fields(type(section)):
+            lines.append(f"{field.name} = {_toml_value(getattr(section, field.name))}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _existing_file(value: str, what: str, source: str) -> Path:

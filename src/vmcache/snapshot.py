@@ -45,6 +45,11 @@ from .qemu import VM, Registry, boot_vm, connect_agent, connect_monitor, make_pr
 log = logging.getLogger("vmcache.snapshot")
 
 CHUNK = 1 << 20
+#: The template boots with init_on_free=1: freed guest pages are zeroed, so the snapshot
+#: carries (and each restored VM allocates) only pages in use: 56 MB instead of 95 MB for
+#: the default image. Plain boots go without it: zeroing all free memory at boot makes
+#: QEMU touch every guest page (RSS 380 MB instead of about 200 MB for 256 MiB guests).
+TEMPLATE_KERNEL_PARAMS = "init_on_free=1"
 SAVE_TIMEOUT = 60.0
 #: QEMU's default migration bandwidth cap (128 MiB/s) would make saving take seconds.
 MAX_BANDWIDTH = 64 << 30
@@ -181,6 +186,8 @@ class SnapshotManager:
 
     def __init__(self, spec: VMSpec, directory: Path, registry: Registry | None = None) -> None:
         self.spec = spec
+        self.template_spec = attrs.evolve(
+            spec, kernel_params=" ".join(filter(None, (spec.kernel_params, TEMPLATE_KERNEL_PARAMS))))
         self.directory = directory
         self.registry = registry
         self.snapshot: Snapshot | None = None
@@ -216,9 +223,9 @@ class SnapshotManager:
         started = time.monotonic()
         self._building = True
         try:
-            template = await boot_vm(self.spec, self.registry)
+            template = await boot_vm(self.template_spec, self.registry)
             try:
-                key = snapshot_key(self.spec, template.accel)
+                key = snapshot_key(self.template_spec, template.accel)
                 path = self.directory / f"template-{key}.vmstate"
                 saved = await save_snapshot(template, path)
             finally:
@@ -240,7 +247,8 @@ class SnapshotManager:
     async def boot(self, spec: VMSpec) -> VM:
         """The pool's boot function: restore when the snapshot is there and current."""
         snapshot = self.snapshot
-        if snapshot is not None and snapshot_key(spec, snapshot.accel) != snapshot.key:
+        template_spec = attrs.evolve(spec, kernel_params=self.template_spec.kernel_params)
+        if snapshot is not None and snapshot_key(template_spec, snapshot.accel) != snapshot.key:
             log.info("the guest's configuration or image changed: rebuilding the snapshot")
             self.discard()
             snapshot = None
@@ -248,7 +256,7 @@ class SnapshotManager:
             self.fallbacks += 1
             return await boot_vm(spec, self.registry)
         try:
-            vm = await self.restore(spec, snapshot)
+            vm = await self.restore(template_spec, snapshot)
         except SnapshotError as error:
             log.warning("restore failed (%s): discarding the snapshot, booting plainly", error)
             self.discard()
