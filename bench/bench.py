@@ -37,12 +37,12 @@ import trio
 
 import vmcache
 from vmcache.config import load_config, resolve_spec
+from vmcache.procfs import cpu_ticks, qemu_pids, rss_bytes
 from vmcache.qemu import launch_vm
 
 ROOT = Path(__file__).resolve().parent.parent
 VMCACHE = [sys.executable, "-m", "vmcache"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------ helpers
@@ -63,30 +63,6 @@ def summary(values: list[float]) -> dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
-
-
-def qemu_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if b"qemu-system" in os.path.basename(argv0) and stat[stat.rindex(")") + 2] != "Z":
-                pids.add(int(entry.name))
-    return pids
-
-
-def cpu_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def rss_bytes(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
 class Bench:

@@ -12,34 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from vmcache import procfs
 from vmcache.paths import default_image_dir
+from vmcache.procfs import qemu_pids
 
 TCG_BOOT_TIMEOUT = 60.0
 
 
-def qemu_pids() -> set[int]:
-    """Live (not zombie) qemu-system processes on this machine."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state = stat[stat.rindex(")") + 2]
-        if b"qemu-system" in os.path.basename(argv0) and state != "Z":
-            pids.add(int(entry.name))
-    return pids
-
-
 def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    return procfs.alive(pid)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -23,26 +23,9 @@ from pathlib import Path
 import trio
 
 import vmcache
+from vmcache.procfs import open_fds, qemu_pids
 
 OVERALL_DEADLINE = 600.0
-
-
-def qemu_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if b"qemu-system" in os.path.basename(argv0) and stat[stat.rindex(")") + 2] != "Z":
-                pids.add(int(entry.name))
-    return pids
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 async def cached(endpoint: Path) -> list[int]:

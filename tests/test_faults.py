@@ -23,12 +23,9 @@ from daemon import Daemon, stop_handed_out
 
 import vmcache
 from vmcache.errors import CacheError, DeadlineExceededError
+from vmcache.procfs import open_fds
 
 pytestmark = pytest.mark.qemu
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def vm_dirs(run_dir: Path) -> set[str]:

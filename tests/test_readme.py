@@ -58,10 +58,16 @@ def test_tour_commands_and_output_shape(tmp_path: Path, run_dir: Path, guest_ima
         status = daemon.cli("status").stdout.splitlines()
         assert re.fullmatch(r"VM cache server pid = \d+", status[0])
         assert re.fullmatch(r"VM pid = \d+ Cpu = 1 Memory = 256MiB", status[1])
+        assert re.fullmatch(r"Cache: 1/1 ready, 0 booting, boot mode boot", status[2])
+        assert re.fullmatch(r"Counters: 1 boots, 0 boot failures, 0 handed out, median boot [\d.]+ s, "
+                            r"median hand-out [\d.]+ ms, uptime \d+ s", status[3])
         handle = tmp_path / "vm.json"
         handle.write_text(daemon.cli("get").stdout)
         assert daemon.cli("exec", str(handle), "--", "uname", "-r").stdout.strip()[0].isdigit()
         daemon.cli("stop", str(handle))
+        warm = subprocess.run([*VMCACHE, "run", "--endpoint", str(daemon.endpoint), "--", "echo", "warm"],
+                              capture_output=True, text=True, timeout=120)
+        assert warm.stdout == "warm\n"
         direct = subprocess.run([*VMCACHE, "run", "--direct", "--config", str(daemon.config), "--",
                                  "echo", "cold"], capture_output=True, text=True, timeout=120)
         assert direct.stdout == "cold\n"

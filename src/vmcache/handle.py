@@ -24,21 +24,11 @@ from ._unix import connect_when_ready
 from .agent import AgentClient
 from .agent_protocol import ExecResult
 from .errors import AgentError, VmcacheError, VMGoneError
+from .procfs import process_start_time
 from .qmp import QMPClient
 
 CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 3.0
-
-
-def process_start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 if it does not exist)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    # The command name (field 2) may contain spaces and parentheses: split after it.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
 
 
 class PidfdProcess:

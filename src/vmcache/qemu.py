@@ -35,7 +35,8 @@ from .agent import AgentClient
 from .agent_protocol import ExecResult
 from .config import VMSpec
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
-from .handle import VMHandle, process_start_time
+from .handle import VMHandle
+from .procfs import process_start_time
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.qemu")

@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .handle import VMHandle
 from .notify import Notifier
 from .pool import Backoff, CacheEvent, VMPool
+from .procfs import rss_bytes
 from .qemu import VM, boot_vm, make_private_dir
 from .rpc import Reply, RpcServer, bind_unix_socket
 from .security import PeerPolicy, raise_open_file_limit, resolve_group
@@ -58,14 +59,6 @@ def handle_from_grpc_vm(vm: cache_pb2.GrpcVM) -> VMHandle:
     """The VM handle inside a ``GrpcVM`` reply (our ``vmcache`` key in ``hypervisor``)."""
     data = json.loads(vm.hypervisor)
     return VMHandle.from_dict(data["vmcache"])
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def event_message(event: CacheEvent) -> cache_pb2.GrpcEvent:
@@ -213,7 +206,7 @@ class CacheDaemon:
             pid=os.getpid(),
             vmstatus=[
                 cache_pb2.GrpcVMStatus(pid=vm.pid, cpu=vm.spec.vcpus, memory=vm.spec.memory_mib,
-                                       id=vm.id, rss_bytes=_rss_bytes(vm.pid))
+                                       id=vm.id, rss_bytes=rss_bytes(vm.pid))
                 for vm in self.pool.ready_vms()
             ],
             cache_size=self.pool.size,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import trio
 
-from .handle import PidfdProcess, process_start_time
+from .handle import PidfdProcess
+from .procfs import cmdline, process_start_time
 from .qemu import VM, make_private_dir, stop_process
 
 log = logging.getLogger("vmcache.state")
@@ -30,13 +31,6 @@ def state_dir_for(run_root: Path, endpoint: Path) -> Path:
     """The state directory of the daemon serving ``endpoint`` (one per endpoint)."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(endpoint))).hexdigest()[:16]
     return run_root / "state" / digest
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 class VMRegistry:
@@ -94,7 +88,7 @@ class VMRegistry:
                 continue
             process = PidfdProcess(pid, start_time)
             try:
-                ours = start_time and f"vmcache-{vm_id}".encode() in _cmdline(pid)
+                ours = start_time and f"vmcache-{vm_id}".encode() in cmdline(pid)
                 if process.returncode is None and ours:
                     log.warning("killing VM %s (pid %d) that a previous daemon left behind", vm_id, pid)
                     with trio.CancelScope(shield=True):
