@@ -189,3 +189,26 @@ async def test_cancel_while_running_a_command_stops_the_vm(
     assert not pid_alive(pid)
     assert qemu_pids() == before
     assert list(run_dir.iterdir()) == []
+
+
+def test_ctrl_c_during_run_direct_stops_the_vm(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """SIGINT to our process group: QEMU (its own session) does not get it; we stop it."""
+    config = write_config(tmp_path / "vmcache.toml")
+    before = qemu_pids()
+    process = subprocess.Popen([*VMCACHE, "run", "--direct", "--config", str(config), "--", "sleep", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (qemu_pids() - before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(4)  # booted by now, running `sleep 60`
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's ^C does
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert stderr.decode().strip().endswith("vmcache: interrupted")
+    assert "Traceback" not in stderr.decode()
+    assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []

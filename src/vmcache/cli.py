@@ -51,10 +51,14 @@ def _endpoint(args: argparse.Namespace) -> Path:
 
 
 def _relay_and_exit(stdout: bytes, stderr: bytes, status: int) -> NoReturn:
-    sys.stdout.buffer.write(stdout)
-    sys.stdout.buffer.flush()
-    sys.stderr.buffer.write(stderr)
-    sys.stderr.buffer.flush()
+    """Write the command's output as it was, and exit with its status."""
+    try:
+        sys.stdout.buffer.write(stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(stderr)
+        sys.stderr.buffer.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): the status still counts
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(status)
 
 

@@ -183,8 +183,9 @@ class VMPool:
             try:
                 vm = await self._boot(self.spec)
             except VmcacheError as error:
-                self._boot_failed(index, error, backoff.next())
-                await trio.sleep(self._retry_delay)
+                delay = backoff.next()
+                self._boot_failed(index, error, delay)
+                await trio.sleep(delay)
                 continue
             finally:
                 self.stats.booting -= 1
@@ -211,14 +212,11 @@ class VMPool:
         self.stats.boot_failures += 1
         self.stats.failures_in_row += 1
         self.stats.last_error = str(error)
-        self._retry_delay = delay
         log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
                     index, self.stats.failures_in_row, error, delay)
         self._publish("boot_failed", message=str(error))
         if self.failing():
             self._fail_waiters(CacheUnavailableError(self.failure_reason()))
-
-    _retry_delay = BACKOFF_INITIAL
 
     def failing(self) -> bool:
         """True when boots keep failing: clients get UNAVAILABLE instead of waiting."""
