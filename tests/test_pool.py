@@ -91,6 +91,11 @@ class FakeBooter:
         return vm
 
 
+async def wait_ready(pool: VMPool, count: int = 1) -> None:
+    while len(pool.ready_vms()) < count:
+        await trio.sleep(0.1)
+
+
 async def start_pool(nursery: trio.Nursery, booter: FakeBooter, size: int) -> VMPool:
     pool = VMPool(SPEC, size, boot=booter)  # type: ignore[arg-type]
     await nursery.start(pool.run)
@@ -132,8 +137,7 @@ async def test_failed_boots_back_off_up_to_a_cap_and_recover(
         assert pool.failing()
         with pytest.raises(CacheUnavailableError, match=r"3 failures in a row.*kernel panic"):
             await pool.lease()
-        while not pool.ready_vms():
-            await trio.sleep(0.1)
+        await wait_ready(pool)
         assert not pool.failing()
         assert pool.stats.boot_failures == 6 and pool.stats.failures_in_row == 0
         assert pool.stats.last_error == ""
@@ -150,8 +154,7 @@ async def test_a_vm_that_fails_its_ping_is_replaced_not_handed_out(
     booter = FakeBooter()
     async with trio.open_nursery() as nursery:
         pool = await start_pool(nursery, booter, size=1)
-        while not pool.ready_vms():
-            await trio.sleep(0.1)
+        await wait_ready(pool)
         booter.vms[0].answers_ping = False
         lease = await pool.lease()
         assert lease.handle.pid == 101
@@ -166,8 +169,7 @@ async def test_a_cached_vm_that_dies_is_replaced(
     booter = FakeBooter()
     async with trio.open_nursery() as nursery:
         pool = await start_pool(nursery, booter, size=1)
-        while not pool.ready_vms():
-            await trio.sleep(0.1)
+        await wait_ready(pool)
         booter.vms[0].die()
         await trio.sleep(0.1)
         assert pool.ready_vms() == []
@@ -182,8 +184,7 @@ async def test_an_undelivered_reply_puts_the_vm_back_first_in_line(
     booter = FakeBooter()
     async with trio.open_nursery() as nursery:
         pool = await start_pool(nursery, booter, size=2)
-        while len(pool.ready_vms()) < 2:
-            await trio.sleep(0.1)
+        await wait_ready(pool, 2)
         lease = await pool.lease()
         first = lease.handle.pid
         await lease.abort()
@@ -231,8 +232,7 @@ async def test_watchers_see_events_in_order(
         await nursery.start(pool.run)
         lease = await pool.lease()
         await lease.commit()
-        while not pool.ready_vms():
-            await trio.sleep(0.1)
+        await wait_ready(pool)
         nursery.cancel_scope.cancel()
     kinds = []
     while True:

@@ -200,6 +200,8 @@ class SnapshotManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Build the snapshot at start and whenever it is discarded; remove it on exit."""
         make_private_dir(self.directory)
+        for stale in self.directory.glob("template-*"):  # a killed daemon's, or an old key's
+            stale.unlink(missing_ok=True)
         task_status.started()
         delay = 1.0
         try:
