@@ -11,7 +11,7 @@ import trio.testing
 from conftest import pid_alive
 
 from vmcache.errors import QMPError
-from vmcache.qemu import stop_process
+from vmcache.process import stop_process
 
 
 class StubbornProcess:

@@ -20,8 +20,9 @@ import trio
 
 from ._proto import cache_pb2
 from .errors import CacheError
-from .handle import PidfdProcess, VMHandle
+from .handle import VMHandle
 from .pool import CacheEvent
+from .process import PidfdProcess
 from .rpc import RESPONSE_TYPES, Channel, open_channel
 from .server import handle_from_grpc_vm
 

@@ -9,10 +9,7 @@ owner's child process, so it is watched and signalled through a pidfd.
 from __future__ import annotations
 
 import json
-import os
-import select
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,58 +21,11 @@ from ._unix import connect_when_ready
 from .agent import AgentClient
 from .agent_protocol import ExecResult
 from .errors import AgentError, VmcacheError, VMGoneError
-from .procfs import process_start_time
+from .process import PidfdProcess, stop_process
 from .qmp import QMPClient
 
 CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 3.0
-
-
-class PidfdProcess:
-    """A process that is not our child, watched through a pidfd (a :class:`ProcessLike`).
-
-    Opening checks the start time, so a pid that was reused by another process
-    is reported as gone rather than signalled.
-    """
-
-    def __init__(self, pid: int, start_time: int) -> None:
-        self.pid = pid
-        self._fd: int | None = None
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        if start_time and process_start_time(pid) != start_time:
-            os.close(fd)
-            return
-        self._fd = fd
-
-    @property
-    def returncode(self) -> int | None:
-        """None while running; 0 once exited (a non-child's status is not ours to know)."""
-        if self._fd is None:
-            return 0
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        return 0 if poller.poll(0) else None
-
-    async def wait(self) -> int:
-        if self._fd is not None:
-            await trio.lowlevel.wait_readable(self._fd)
-        return 0
-
-    def send_signal(self, sig: int) -> None:
-        if self._fd is None:
-            raise ProcessLookupError(self.pid)
-        signal.pidfd_send_signal(self._fd, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @attrs.define(eq=False)
@@ -177,8 +127,6 @@ class VMHandle:
 
         Raises :class:`VMGoneError` if the VM was not running any more.
         """
-        from .qemu import stop_process
-
         await self._close_agent()
         process = PidfdProcess(self.pid, self.start_time)
         try:
@@ -188,20 +136,18 @@ class VMHandle:
 
             async def polite_quit() -> None:
                 with trio.move_on_after(QMP_TIMEOUT):
-                    stream = await connect_when_ready(Path(self.qmp_socket), still_starting=lambda: False)
+                    try:
+                        stream = await connect_when_ready(Path(self.qmp_socket),
+                                                          still_starting=lambda: False)
+                    except OSError:
+                        return  # no monitor to ask: the signals follow
                     qmp = await QMPClient.negotiate(stream)
                     try:
                         await qmp.execute("quit")
                     finally:
                         await qmp.aclose()
 
-            async def quit_or_not() -> None:
-                try:
-                    await polite_quit()
-                except OSError:
-                    pass
-
-            await stop_process(process, quit_or_not)
+            await stop_process(process, polite_quit)
         finally:
             process.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -31,7 +31,8 @@ import trio
 from .config import VMSpec
 from .errors import CacheUnavailableError, VmcacheError
 from .handle import VMHandle
-from .qemu import VM, boot_vm, describe_exit
+from .process import describe_exit
+from .qemu import VM, boot_vm
 
 log = logging.getLogger("vmcache.pool")
 

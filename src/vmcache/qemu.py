@@ -20,7 +20,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,15 +35,11 @@ from .agent_protocol import ExecResult
 from .config import VMSpec
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
 from .handle import VMHandle
+from .process import stop_process
 from .procfs import process_start_time
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.qemu")
-
-#: Bounds of the stop escalation, in seconds.
-QUIT_GRACE = 3.0
-TERM_GRACE = 3.0
-KILL_GRACE = 5.0
 
 AGENT_PORT_NAME = "vmcache.agent"
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
@@ -69,57 +64,6 @@ class Registry(Protocol):
     def add(self, vm: VM) -> None: ...
 
     def remove(self, vm: VM) -> None: ...
-
-
-class ProcessLike(Protocol):
-    """What :func:`stop_process` needs of a process (trio.Process has it)."""
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def wait(self) -> int: ...
-
-    def send_signal(self, sig: int) -> None: ...
-
-    def kill(self) -> None: ...
-
-
-async def stop_process(
-    process: ProcessLike,
-    polite: Callable[[], Awaitable[object]] | None = None,
-    *,
-    quit_grace: float = QUIT_GRACE,
-    term_grace: float = TERM_GRACE,
-    kill_grace: float = KILL_GRACE,
-) -> int | None:
-    """Stop ``process``: ``polite()`` (QMP quit), then SIGTERM, then SIGKILL.
-
-    Each step waits at most its grace period for the process to exit. The whole
-    escalation is shielded from cancellation (it is what cancellation relies on)
-    and bounded by the sum of the graces. Returns the exit status, or None if
-    the process survived even SIGKILL for ``kill_grace`` s (logged; it is in an
-    uninterruptible kernel state we cannot do anything about).
-    """
-    with trio.CancelScope(shield=True):
-        if polite is not None and process.returncode is None:
-            with trio.move_on_after(quit_grace):
-                try:
-                    await polite()
-                except VmcacheError:
-                    pass  # QEMU often closes the monitor before answering quit
-                await process.wait()
-        for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
-            if process.returncode is not None:
-                break
-            try:
-                process.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            with trio.move_on_after(grace):
-                await process.wait()
-        if process.returncode is None:
-            log.error("process did not exit %.0f s after SIGKILL; giving up on it", kill_grace)
-    return process.returncode
 
 
 def _escape(value: str) -> str:
@@ -470,15 +414,3 @@ async def launch_vm(spec: VMSpec) -> AsyncIterator[VM]:
         yield vm
     finally:
         await vm.stop()
-
-
-def describe_exit(status: int | None) -> str:
-    """'exited with status N' or 'was killed by SIGX', for log lines."""
-    if status is None:
-        return "is still running"
-    if status < 0:
-        try:
-            return f"was killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"was killed by signal {-status}"
-    return f"exited with status {status}"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import trio
 
-from .handle import PidfdProcess
+from .process import PidfdProcess, stop_process
 from .procfs import cmdline, process_start_time
-from .qemu import VM, make_private_dir, stop_process
+from .qemu import VM, make_private_dir
 
 log = logging.getLogger("vmcache.state")
 
