@@ -122,6 +122,9 @@ async def test_watch_streams_boot_handout_refill_in_order(daemon: Daemon) -> Non
     events: list[vmcache.client.CacheEvent] = []
     watcher = subprocess.Popen([*VMCACHE, "status", "--watch", "--endpoint", str(daemon.endpoint)],
                                stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
+    # `status --watch` prints the cache first, then streams: wait for that line before acting.
+    first_line = await trio.to_thread.run_sync(watcher.stdout.readline)
     try:
         with trio.fail_after(120):
             async with vmcache.connect(daemon.endpoint) as cache, trio.open_nursery() as nursery:
@@ -143,7 +146,7 @@ async def test_watch_streams_boot_handout_refill_in_order(daemon: Daemon) -> Non
     finally:
         daemon.signal(signal.SIGTERM)
         output, _ = watcher.communicate(timeout=30)
-    lines = output.splitlines()
+    lines = [first_line.rstrip("\n"), *output.splitlines()]
     assert lines[0].endswith(f"1/1 ready (daemon pid {daemon.pid})")
     assert any(f"handed_out VM {vm.id}" in line for line in lines), output
     assert any(line.split()[1] == "1/1" and "ready" in line.split()[3] for line in lines[1:]), output
