@@ -27,10 +27,6 @@ class Notifier:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.setblocking(False)
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def send(self, **fields: str) -> None:
         """Send ``KEY=VALUE`` lines, e.g. ``send(READY="1", STATUS="2/2 VMs ready")``."""
         if self._socket is None:

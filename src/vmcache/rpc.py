@@ -66,10 +66,6 @@ MAX_CONNECTIONS = 512
 CLIENT_GRACE = 2.0
 
 
-class PermissionDeniedError(VmcacheError):
-    """The peer is not allowed to use the daemon (checked by its credentials)."""
-
-
 # ------------------------------------------------------------ transport
 
 
@@ -135,8 +131,6 @@ def status_for(error: BaseException) -> Status:
         code = StatusCode.UNAVAILABLE
     elif isinstance(error, DeadlineExceededError):
         code = StatusCode.DEADLINE_EXCEEDED
-    elif isinstance(error, PermissionDeniedError):
-        code = StatusCode.PERMISSION_DENIED
     elif isinstance(error, VmcacheError):
         code = StatusCode.FAILED_PRECONDITION
     else:
