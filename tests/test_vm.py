@@ -13,7 +13,7 @@ import trio
 from conftest import VMCACHE, pid_alive, qemu_pids, write_config
 
 from vmcache.config import load_config, resolve_spec
-from vmcache.errors import BootError
+from vmcache.errors import AgentError, BootError
 from vmcache.qemu import VMState, boot_vm, launch_vm, qemu_argv
 
 pytestmark = pytest.mark.qemu
@@ -211,4 +211,21 @@ def test_ctrl_c_during_run_direct_stops_the_vm(tmp_path: Path, run_dir: Path, gu
     assert stderr.decode().strip().endswith("vmcache: interrupted")
     assert "Traceback" not in stderr.decode()
     assert qemu_pids() == before
+    assert list(run_dir.iterdir()) == []
+
+
+async def test_a_guest_panic_ends_qemu_so_the_pool_notices(
+    tmp_path: Path, run_dir: Path, guest_image: Path
+) -> None:
+    """panic=-1 and -no-reboot turn a guest kernel panic into QEMU exiting: the exit the
+    pool watches for every cached VM."""
+    spec = spec_for(tmp_path, run_dir)
+    with trio.fail_after(120):
+        async with launch_vm(spec) as vm:
+            console = vm.run_dir / "console.log"
+            with pytest.raises(AgentError):
+                await vm.exec(["sh", "-c", "echo c > /proc/sysrq-trigger"])
+            assert await vm.wait_exited() == 0
+            assert "Kernel panic" in console.read_text(errors="replace")
+            assert not vm.alive
     assert list(run_dir.iterdir()) == []
