@@ -44,31 +44,35 @@ def test_sigkilled_daemon_leaves_no_orphans_after_restart(daemon: Daemon, tmp_pa
     before = qemu_pids()
     daemon.start()
     daemon.wait_cached(2)
-    handle = json.loads(daemon.cli("get").stdout)
-    orphans = set(daemon.wait_cached(2))
-    assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
-    assert all(pid_alive(pid) for pid in orphans), "cached VMs outlive a SIGKILLed daemon..."
-
-    # A record that names a live process which is not that VM (pid reuse) must be left alone.
-    bystander = subprocess.Popen(["sleep", "60"])
-    state = next((run_dir / "state").iterdir())
-    (state / "vm-feedfacecafe.json").write_text(json.dumps({
-        "id": "feedfacecafe", "pid": bystander.pid, "start_time": 1, "run_dir": "/nonexistent"}))
+    handle_json = daemon.cli("get").stdout
+    handle = json.loads(handle_json)
     try:
-        daemon.start()  # ...until the next daemon on the endpoint starts
-        assert wait_until(lambda: not any(pid_alive(pid) for pid in orphans), 15), daemon.log()
-        assert bystander.poll() is None, "a reused pid was killed"
+        orphans = set(daemon.wait_cached(2))
+        assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+        assert all(pid_alive(pid) for pid in orphans), "cached VMs outlive a SIGKILLed daemon..."
+
+        # A record that names a live process which is not that VM (pid reuse) must be left alone.
+        bystander = subprocess.Popen(["sleep", "60"])
+        state = next((run_dir / "state").iterdir())
+        (state / "vm-feedfacecafe.json").write_text(json.dumps({
+            "id": "feedfacecafe", "pid": bystander.pid, "start_time": 1, "run_dir": "/nonexistent"}))
+        try:
+            daemon.start()  # ...until the next daemon on the endpoint starts
+            assert wait_until(lambda: not any(pid_alive(pid) for pid in orphans), 15), daemon.log()
+            assert wait_until(lambda: "killed 2 cached VMs a previous daemon" in daemon.log(), 10)
+            assert bystander.poll() is None, "a reused pid was killed"
+        finally:
+            bystander.kill()
+            bystander.wait()
+        assert pid_alive(handle["pid"]), "the handed-out VM is not the daemon's to kill"
+        fresh = set(daemon.wait_cached(2))
+        assert qemu_pids() - before == fresh | {handle["pid"]}
+        assert vm_dirs(run_dir) == {f"vm-{vm['id']}" for vm in daemon.status()["vms"]} | {
+            Path(handle["run_dir"]).name}
+        assert daemon.signal(signal.SIGTERM) == 0
     finally:
-        bystander.kill()
-        bystander.wait()
-    assert pid_alive(handle["pid"]), "the handed-out VM is not the daemon's to kill"
-    assert "killed 2 cached VMs a previous daemon" in daemon.log()
-    fresh = set(daemon.wait_cached(2))
-    assert qemu_pids() - before == fresh | {handle["pid"]}
-    assert vm_dirs(run_dir) == {f"vm-{vm['id']}" for vm in daemon.status()["vms"]} | {
-        Path(handle["run_dir"]).name}
-    assert daemon.signal(signal.SIGTERM) == 0
-    stop_handed_out(json.dumps(handle), tmp_path)
+        daemon.ensure_stopped()
+        stop_handed_out(handle_json, tmp_path)
     assert qemu_pids() == before
 
 
