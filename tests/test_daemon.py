@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import signal
@@ -185,7 +186,6 @@ async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Dae
     daemon.start()
     daemon.wait_cached(2)
     outcomes: dict[int, str | int] = {}
-    served_order: list[int] = []
     served_at: dict[int, float] = {}
     gave_up_at: dict[int, float] = {}
     handles: list[vmcache.VMHandle] = []
@@ -202,7 +202,6 @@ async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Dae
                 return
         outcomes[index] = vm.pid
         served_at[index] = trio.current_time()
-        served_order.append(index)
         handles.append(vm)
 
     try:
@@ -212,7 +211,11 @@ async def test_twenty_concurrent_clients_are_served_in_arrival_order(daemon: Dae
                     nursery.start_soon(client, index)
         served = [i for i in range(20) if outcomes[i] != "deadline"]
         assert len(outcomes) == 20
-        assert served_order == served, f"served out of arrival order: {served_order}"
+        # First come, first served: no served client got its VM after a later one. Two VMs that
+        # become ready in the same instant reach their clients a few ms apart in either order
+        # (each is pinged first), hence the 0.1 s of slack.
+        for early, late in itertools.combinations(served, 2):
+            assert served_at[early] <= served_at[late] + 0.1, f"not in arrival order: {outcomes}"
         # A client may only be overtaken by a later one once its own deadline has passed.
         for early, deadline in gave_up_at.items():
             for late in served:
