@@ -261,3 +261,25 @@ async def test_library_serve_in_a_nursery(tmp_path: Path, run_dir: Path, guest_i
         assert result.stdout == b"Linux\n"
     assert not pid_alive(vm.pid)
     assert wait_until(lambda: qemu_pids() == before, 10)
+
+
+async def test_giving_up_on_a_shared_connection_costs_no_vm(tmp_path: Path, run_dir: Path,
+                                                            guest_image: Path) -> None:
+    """A library caller cancels get_vm but keeps its connection: the daemon must stop
+    waiting on its behalf (RST_STREAM), not hand the next VM to a call nobody reads."""
+    daemon = Daemon(tmp_path, run_dir, cache=1).start()
+    try:
+        await trio.to_thread.run_sync(daemon.wait_cached, 1)
+        async with vmcache.connect(daemon.endpoint) as cache:
+            taken = await cache.get_vm(timeout=30)
+            with trio.move_on_after(0.5) as gave_up:
+                await cache.get_vm(timeout=60)  # waits for the refill; we give up first
+            assert gave_up.cancelled_caught
+            refilled = await trio.to_thread.run_sync(daemon.wait_cached, 1)
+            status = await cache.status()
+            assert status.handed_out == 1, "a VM went to the call we gave up"
+            assert [vm.pid for vm in status.vms] == refilled
+        await taken.aclose()
+        assert daemon.signal(signal.SIGTERM) == 0
+    finally:
+        daemon.ensure_stopped()

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import attrs
+import h2.errors
 import h2.exceptions
 import trio
 from google.protobuf.empty_pb2 import Empty
@@ -400,8 +401,12 @@ class Channel:
                     authority="localhost", timeout=datetime.timedelta(seconds=timeout),
                 )
                 stream.expect_message_type(response_type)
-                await send_single_message_client(stream, request if request is not None else Empty())
-                return await extract_message_from_singleton_stream(stream)
+                try:
+                    await send_single_message_client(stream, request if request is not None else Empty())
+                    return await extract_message_from_singleton_stream(stream)
+                except BaseException:
+                    self._reset(stream.stream_id)
+                    raise
         except trio.TooSlowError:
             raise DeadlineExceededError(f"{method}: no answer from the daemon within {timeout:g} s") from None
         except RpcFailedError as error:
@@ -409,6 +414,15 @@ class Channel:
         except _STREAM_ERRORS as error:
             raise CacheError(f"{method}: the connection to the daemon broke ({_one_line(error)})") from None
 
+
+    def _reset(self, stream_id: int) -> None:
+        """Tell the daemon we gave up on a call (RST_STREAM), so that it stops waiting on our
+        behalf: a VM it found for us would otherwise go to a call nobody reads."""
+        try:
+            self._grpc._grpc_connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._grpc._socket._flush_event.set()
+        except Exception:  # the stream or the connection is already closed: nothing to tell
+            pass
 
     async def stream(self, method: str, response_type: type[ProtoMessage]) -> AsyncIterator[Any]:
         """A server-streaming call with no deadline: yields each message until the server ends."""
