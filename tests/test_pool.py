@@ -9,10 +9,11 @@ import pytest
 import trio
 import trio.testing
 
+from vmcache.backoff import Backoff
 from vmcache.config import VMSpec
-from vmcache.errors import AgentError, BootError, CacheUnavailableError
+from vmcache.errors import AgentError, BootError, CacheUnavailableError, VMGoneError
 from vmcache.handle import VMHandle
-from vmcache.pool import Backoff, VMPool
+from vmcache.pool import VMPool
 
 SPEC = VMSpec(qemu=Path("/fake/qemu"), kernel=Path("/k"), initrd=Path("/i"), kernel_params="",
               machine_type="q35", vcpus=1, memory_mib=256, accel="tcg", boot_timeout=10,
@@ -113,7 +114,7 @@ async def test_waiting_clients_are_served_first_come_first_served(
         async def client(index: int) -> None:
             await trio.sleep(index * 0.01)
             lease = await pool.lease()
-            handle = await lease.commit()
+            handle, _ = await lease.commit()
             served.append((index, handle.pid))
 
         async with trio.open_nursery() as clients:
@@ -259,4 +260,51 @@ async def test_close_fails_waiting_clients_with_unavailable(
             await pool.lease()
         with pytest.raises(CacheUnavailableError):
             await pool.lease()
+        nursery.cancel_scope.cancel()
+
+
+class ExplodingBooter(FakeBooter):
+    """Boots that fail with errors that are not VmcacheErrors (ENOMEM from fork, a missing binary)."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        super().__init__()
+        self.errors = errors
+
+    async def __call__(self, spec: VMSpec) -> FakeVM:
+        if self.errors:
+            self.attempts.append(trio.current_time())
+            raise self.errors.pop(0)
+        return await super().__call__(spec)
+
+
+async def test_a_boot_failing_with_any_exception_is_retried_not_fatal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = ExplodingBooter([OSError(12, "Cannot allocate memory"), FileNotFoundError("qemu"),
+                              TimeoutError("qemu -version")])
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        await wait_ready(pool)
+        assert pool.stats.boot_failures == 3
+        lease = await pool.lease()
+        handle, _ = await lease.commit()
+        assert handle.pid == 100
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_that_dies_while_set_aside_is_died_not_handed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        await wait_ready(pool)
+        lease = await pool.lease()
+        booter.vms[0].die()
+        await trio.sleep(0.1)
+        with pytest.raises(VMGoneError):
+            await lease.commit()
+        assert (pool.stats.died, pool.stats.handed_out) == (1, 0)
+        assert not booter.vms[0].released
+        await wait_ready(pool)
         nursery.cancel_scope.cancel()

@@ -3,29 +3,55 @@
 The public API, for Trio-based tooling:
 
 - :func:`serve` runs the daemon in your nursery (``await nursery.start(serve, config)``);
-- :func:`connect` talks to a running daemon and gets you :class:`VMHandle`\\ s;
+- :func:`connect` talks to a running daemon: ``get_vm()`` and ``lease_vm()`` give you
+  :class:`VMHandle`\\ s;
 - :func:`launch_vm` boots one VM directly, with no daemon;
 - :func:`load_config` reads a config file; every error is a :class:`VmcacheError`.
+
+Names are imported on first use (PEP 562), so that ``vmcache`` the command starts
+quickly and can take charge of signals before the heavy imports.
 """
 
-from .client import CacheClient, CacheStatus, connect
-from .config import Config, load_config, resolve_spec
-from .errors import (
-    AgentError,
-    BootError,
-    CacheError,
-    CacheUnavailableError,
-    ConfigError,
-    DaemonNotRunningError,
-    DeadlineExceededError,
-    ImageError,
-    VmcacheError,
-    VMError,
-    VMGoneError,
-)
-from .handle import VMHandle
-from .qemu import VM, launch_vm
-from .server import serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import CacheClient, connect
+    from .config import Config, load_config, resolve_spec
+    from .errors import (
+        AgentError,
+        BootError,
+        CacheError,
+        CacheUnavailableError,
+        ConfigError,
+        DaemonNotRunningError,
+        DeadlineExceededError,
+        HandleError,
+        ImageError,
+        LeaseLostError,
+        VmcacheError,
+        VMError,
+        VMGoneError,
+    )
+    from .handle import VMHandle
+    from .qemu import VM, launch_vm
+    from .server import serve
+    from .wire import CacheEvent, CacheStatus
+
+_WHERE = {
+    "CacheClient": "client", "connect": "client",
+    "Config": "config", "load_config": "config", "resolve_spec": "config",
+    "AgentError": "errors", "BootError": "errors", "CacheError": "errors",
+    "CacheUnavailableError": "errors", "ConfigError": "errors", "DaemonNotRunningError": "errors",
+    "DeadlineExceededError": "errors", "HandleError": "errors", "ImageError": "errors",
+    "LeaseLostError": "errors", "VmcacheError": "errors", "VMError": "errors", "VMGoneError": "errors",
+    "VMHandle": "handle",
+    "VM": "qemu", "launch_vm": "qemu",
+    "serve": "server",
+    "CacheEvent": "wire", "CacheStatus": "wire",
+}
 
 __all__ = [
     "VM",
@@ -33,13 +59,16 @@ __all__ = [
     "BootError",
     "CacheClient",
     "CacheError",
+    "CacheEvent",
     "CacheStatus",
     "CacheUnavailableError",
     "Config",
     "ConfigError",
     "DaemonNotRunningError",
     "DeadlineExceededError",
+    "HandleError",
     "ImageError",
+    "LeaseLostError",
     "VMError",
     "VMGoneError",
     "VMHandle",
@@ -50,3 +79,12 @@ __all__ = [
     "resolve_spec",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,7 +1,14 @@
 """The ``vmcache`` command line.
 
-Every :class:`~vmcache.errors.VmcacheError` becomes one line on stderr and the
-error's exit status; no traceback reaches the user.
+Whatever happens, the user sees one line on stderr and an exit status, never a
+traceback: a :class:`~vmcache.errors.VmcacheError` gives its message and its
+``exit_status``; SIGINT, SIGTERM and SIGHUP, whenever they arrive, give
+``interrupted (SIGINT)`` and 128 + the signal number (130, 143, 129), after the
+command cleaned up (a VM it booted or leased is stopped); anything else is a bug,
+reported in one line (the traceback goes to the debug log).
+
+Signals are taken in charge first thing, before the heavy imports: the package
+imports lazily for that reason.
 """
 
 from __future__ import annotations
@@ -10,39 +17,107 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import trio
-
-from .config import load_config, resolve_spec
-from .errors import VmcacheError
-from .handle import VMHandle
-from .image import build_image
+if TYPE_CHECKING:
+    from .handle import VMHandle
+    from .wire import CacheStatus
 
 EPILOG = """\
 examples:
   vmcache serve --config /etc/vmcache/vmcache.toml    keep VMs booted, hand them out
   vmcache run -- uname -a                             run a command in a warm VM
   vmcache run --direct -- uname -a                    the same in a freshly booted VM
-  vmcache get > vm.json; vmcache exec vm.json -- ls /; vmcache stop vm.json
+  vmcache get --ttl 600 > vm.json; vmcache exec vm.json -- ls /; vmcache stop vm.json
   vmcache status
   vmcache image build                                  build the default guest image
 """
 
 DEFAULT_CLIENT_TIMEOUT = 60.0
+T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+INTERNAL_ERROR_STATUS = 70
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived: the command was cancelled and cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_in_trio = False
+_pending_signal: int | None = None
+
+
+def _early_signal(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP before (or between) event loops: stop at once, or note it for the loop."""
+    global _pending_signal
+    if _in_trio:
+        _pending_signal = signum  # the loop's receiver is being set up: it picks this up
+        return
+    raise Interrupted(signum)
+
+
+def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``trio.run(function, *args)``, with SIGINT, SIGTERM and SIGHUP cancelling it cleanly.
+
+    The function is cancelled (so its cleanup runs: VMs stopped, leases released),
+    then :class:`Interrupted` is raised.
+    """
+    import trio
+
+    global _in_trio
+
+    async def main() -> T:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            got: list[int] = [] if _pending_signal is None else [_pending_signal]
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        got.append(signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                if got:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(watch)
+                result = await function(*args)
+                nursery.cancel_scope.cancel()
+            if got:
+                raise Interrupted(got[0])
+            return result
+
+    from .errors import unwrap_group
+
+    _in_trio = True
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:  # the nursery wrapped the command's own error
+        single = unwrap_group(group)
+        if single is group:
+            raise
+        raise single from single.__cause__
+    finally:
+        _in_trio = False
 
 
 def _fail(message: str, status: int) -> NoReturn:
-    print(f"vmcache: {message}", file=sys.stderr)
+    print(f"vmcache: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
 def _endpoint(args: argparse.Namespace) -> Path:
     """--endpoint, else $VMCACHE_ENDPOINT, else the config's, else the default."""
+    from .config import load_config
+
     if getattr(args, "endpoint", None):
         return Path(args.endpoint)
     if env := os.environ.get("VMCACHE_ENDPOINT"):
@@ -71,11 +146,18 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _ttl(args: argparse.Namespace) -> float | None:
+    ttl: float | None = getattr(args, "ttl", None)
+    if ttl is not None and not 0 < ttl <= 30 * 24 * 3600:
+        _fail("--ttl must be more than 0 and at most 30 days (in seconds)", 2)
+    return ttl
+
+
 # ----------------------------------------------------------------- commands
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from .config import render_toml
+    from .config import load_config, render_toml
 
     config = load_config(args.config)
     print(f"# effective configuration{f' from {config.source}' if config.source else ' (defaults)'}")
@@ -84,6 +166,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import load_config, resolve_spec
+
     config = load_config(args.file)
     if args.files:
         resolve_spec(config)
@@ -92,6 +176,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from .image import build_image
+
     def progress(message: str) -> None:
         print(f"vmcache image: {message}", file=sys.stderr, flush=True)
 
@@ -111,27 +197,38 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     command = _command(args)
     if args.direct:
-        spec = resolve_spec(load_config(args.config))
+        from .config import load_config, resolve_spec
         from .qemu import launch_vm
+
+        spec = resolve_spec(load_config(args.config))
 
         async def direct() -> tuple[bytes, bytes, int]:
             async with launch_vm(spec) as vm:
                 result = await vm.exec(command, args.timeout)
             return result.stdout, result.stderr, result.exit_status
 
-        stdout, stderr, status = trio.run(direct)
-        _relay_and_exit(stdout, stderr, status)
-    from .client import run_warm
+        _relay_and_exit(*run_async(direct))
+    from .client import connect
     from .errors import DaemonNotRunningError
 
     endpoint = _endpoint(args)
+    ttl = _ttl(args)
 
     async def warm() -> tuple[bytes, bytes, int, str | None]:
-        return await run_warm(endpoint, command, timeout=args.timeout, keep=args.keep,
-                              wait=args.wait)
+        async with connect(endpoint) as cache:
+            if args.keep:
+                vm = await cache.get_vm(timeout=args.wait, ttl=ttl)
+                result = await vm.exec(command, args.timeout)
+                return result.stdout, result.stderr, result.exit_status, vm.to_json()
+            async with cache.lease_vm(timeout=args.wait, ttl=ttl) as vm:
+                try:
+                    result = await vm.exec(command, args.timeout)
+                finally:
+                    await vm.disconnect()
+            return result.stdout, result.stderr, result.exit_status, None
 
     try:
-        stdout, stderr, status, kept = trio.run(warm)
+        stdout, stderr, status, kept = run_async(warm)
     except DaemonNotRunningError as error:
         raise DaemonNotRunningError(
             f"{error}, or boot a VM just for this with `vmcache run --direct`") from None
@@ -144,6 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .config import load_config
     from .server import serve_until_signalled
 
     config = load_config(args.config)
@@ -155,36 +255,59 @@ def cmd_get(args: argparse.Namespace) -> int:
     from .client import connect
 
     endpoint = _endpoint(args)
+    ttl = _ttl(args)
 
-    async def get() -> str:
+    def print_handle(handle: VMHandle) -> None:
+        # Out before the claim: a VM is never claimed by a client that could not pass it on.
+        print(handle.to_json(), flush=True)
+
+    async def get() -> None:
         async with connect(endpoint) as cache:
-            vm = await cache.get_vm(timeout=args.timeout)
-        return vm.to_json()
+            await cache.get_vm(timeout=args.timeout, ttl=ttl, on_offer=print_handle)
 
-    print(trio.run(get))
+    run_async(get)
     return 0
 
 
+def status_lines(status: CacheStatus) -> list[str]:
+    """What ``vmcache status`` prints: Kata's lines, then ours."""
+    lines = [f"VM cache server pid = {status.pid}"]
+    lines += [f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB" for vm in status.vms]
+    lines += [
+        f"Cache: {len(status.vms)}/{status.cache_size} ready, {status.booting} booting, "
+        f"boot mode {status.boot_mode or 'boot'}",
+        f"Counters: {status.boots} boots, {status.boot_failures} boot failures, "
+        f"{status.handed_out} handed out, median boot {status.median_boot_seconds:.2f} s, "
+        f"median hand-out {status.median_handout_seconds * 1000:.1f} ms, "
+        f"uptime {status.uptime_seconds:.0f} s",
+    ]
+    if status.last_boot_error:
+        lines.append(f"Failing: {status.boot_failures_in_row} boot failures in a row; "
+                     f"last boot error: {status.last_boot_error}")
+    now = time.time()
+    for vm in status.handed_out_vms:
+        ttl = f", TTL ends in {max(0.0, vm.expires_at - now):.0f} s" if vm.expires_at else ""
+        lines.append(f"Handed out: VM {vm.id} pid = {vm.pid} {vm.state} by uid {vm.owner_uid} "
+                     f"{now - vm.handed_at:.0f} s ago{ttl}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from .client import CacheStatus, connect
+    from .client import connect
 
     endpoint = _endpoint(args)
+    if args.watch:
+        return _watch(endpoint)
 
     async def status() -> CacheStatus:
         async with connect(endpoint) as cache:
             return await cache.status()
 
-    if args.watch:
-        return _watch(endpoint)
-    result = trio.run(status)
+    result = run_async(status)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
-        return 0
-    print(f"VM cache server pid = {result.pid}")
-    for vm in result.vms:
-        print(f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB")
-    for line in result.summary_lines():
-        print(line)
+    else:
+        print("\n".join(status_lines(result)))
     return 0
 
 
@@ -205,7 +328,7 @@ def _watch(endpoint: Path) -> int:
                       flush=True)
         print("vmcache: the daemon stopped", file=sys.stderr)
 
-    trio.run(watch)
+    run_async(watch)
     return 0
 
 
@@ -213,13 +336,16 @@ def cmd_quit(args: argparse.Namespace) -> int:
     from .client import quit_and_wait
 
     endpoint = _endpoint(args)
-    pid = trio.run(quit_and_wait, endpoint)
+    pid = run_async(quit_and_wait, endpoint)
     print(f"vmcache: daemon (pid {pid}) stopped", file=sys.stderr)
     return 0
 
 
 def _read_handle(source: str) -> VMHandle:
     """A VM handle from a file, or from stdin when ``source`` is ``-``."""
+    from .errors import VmcacheError
+    from .handle import VMHandle
+
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as error:
@@ -238,12 +364,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
             await handle.disconnect()
         return result.stdout, result.stderr, result.exit_status
 
-    _relay_and_exit(*trio.run(run))
+    _relay_and_exit(*run_async(run))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     handle = _read_handle(args.handle)
-    trio.run(handle.stop)
+    run_async(handle.stop)
     print(f"vmcache: VM {handle.id} stopped", file=sys.stderr)
     return 0
 
@@ -266,9 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="info",
+    parser.add_argument("--log-level", default=None,
                         choices=["debug", "info", "warning", "error"],
-                        help="what to log on stderr (default %(default)s)")
+                        help="what to log on stderr (default: info for serve, warning otherwise)")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
@@ -286,18 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
         "get",
         help="take a VM from the daemon and print its handle (JSON)",
         description="Take a ready VM and print its handle as one JSON object. The VM is "
-        "yours: stop it with `vmcache stop`.",
-        epilog="example: vmcache get > vm.json",
+        "yours: stop it with `vmcache stop` (or give it a --ttl and the daemon stops it).",
+        epilog="example: vmcache get --ttl 600 > vm.json",
     )
     _client_options(get)
     get.add_argument("--timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a ready VM (default %(default)s)")
+    get.add_argument("--ttl", type=float, metavar="S",
+                     help="the daemon stops the VM S seconds after the hand-out")
     get.set_defaults(func=cmd_get)
 
     status = sub.add_parser(
         "status",
-        help="show the daemon's pid and its cached VMs",
-        description="Show the daemon's pid and one line per cached, ready VM.",
+        help="show the daemon's pid, its cached VMs and the VMs it handed out",
+        description="Show the daemon's pid, one line per cached, ready VM, counters, and "
+        "one line per handed-out VM the daemon keeps track of.",
         epilog="example: vmcache status --json",
     )
     _client_options(status)
@@ -319,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a command in a VM and relay its output and exit status",
         description="Take a warm VM from the daemon (or boot one with --direct), run CMD "
-        "in it, relay its stdout and stderr, exit with its status and stop the VM.",
+        "in it, relay its stdout and stderr, exit with its status and stop the VM. The VM "
+        "is leased: if this command dies by any path, the daemon stops the VM.",
         epilog="example: vmcache run -- sh -c 'uname -r; id'",
     )
     run.add_argument("--direct", action="store_true", help="boot a fresh VM; no daemon needed")
@@ -327,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", action="store_true",
                      help="keep the VM running and print its handle (on stderr, or to --handle-file)")
     run.add_argument("--handle-file", metavar="PATH", help="with --keep: write the handle (JSON) here")
+    run.add_argument("--ttl", type=float, metavar="S",
+                     help="the daemon stops the VM S seconds after the hand-out")
     run.add_argument("--wait", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a VM from the daemon (default %(default)s)")
     run.add_argument("--timeout", type=int, default=0, metavar="S",
@@ -351,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stop",
         help="stop a VM you hold, by its handle",
         description="Stop the VM whose handle is in the file HANDLE (or on stdin for -): "
-        "QMP quit, then SIGTERM, then SIGKILL; its run directory is removed.",
+        "QMP quit, then SIGTERM, then SIGKILL; its run directory is removed. Only a VM whose "
+        "pid, start time and command line match the handle, and whose run directory is "
+        "vm-<id> under the run directory ($VMCACHE_RUN_DIR), is touched.",
         epilog="example: vmcache stop vm.json",
     )
     stop.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
@@ -392,34 +526,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_vmcache_error(group: BaseExceptionGroup[BaseException]) -> VmcacheError | None:
-    for error in group.exceptions:
-        if isinstance(error, VmcacheError):
-            return error
-        if isinstance(error, BaseExceptionGroup) and (leaf := _first_vmcache_error(error)):
-            return leaf
-    return None
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _exit_for(error: BaseException) -> NoReturn:
+    """One line and an exit status for whatever ended the command."""
+    from .errors import VmcacheError
+
+    leaves = _leaves(error)
+    for leaf in leaves:
+        if isinstance(leaf, Interrupted):
+            _fail(f"interrupted ({signal.Signals(leaf.signum).name})", 128 + leaf.signum)
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            _fail("interrupted (SIGINT)", 128 + signal.SIGINT)
+    for leaf in leaves:
+        if isinstance(leaf, VmcacheError):
+            _fail(str(leaf), leaf.exit_status)
+    for leaf in leaves:
+        if isinstance(leaf, SystemExit):
+            raise leaf
+    logging.getLogger("vmcache").debug("unexpected error", exc_info=error)
+    leaf = leaves[0]
+    _fail(f"unexpected error (a bug; --log-level debug shows where): {type(leaf).__name__}: {leaf}",
+          INTERNAL_ERROR_STATUS)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s vmcache %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    func: Callable[[argparse.Namespace], int] = args.func
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _early_signal)
     try:
+        args = build_parser().parse_args(argv)
+        level = args.log_level or ("info" if args.subcommand == "serve" else "warning")
+        logging.basicConfig(
+            level=level.upper(),
+            format="%(asctime)s vmcache %(levelname)s %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        for chatty in ("hpack", "h2"):  # they log every header at debug level
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        func: Callable[[argparse.Namespace], int] = args.func
         status = func(args)
-    except VmcacheError as error:
-        _fail(str(error), error.exit_status)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except BaseExceptionGroup as group:
-        # Trio nurseries wrap errors in groups; the user wants the one that matters.
-        leaf = _first_vmcache_error(group)
-        if leaf is None:
-            raise
-        _fail(str(leaf), leaf.exit_status)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        _exit_for(error)
     raise SystemExit(status)
-

@@ -3,143 +3,214 @@
 ::
 
     async with vmcache.connect("/run/vmcache/cache.sock") as cache:
-        async with await cache.get_vm() as vm:      # stopped when the block ends
-            result = await vm.exec(["uname", "-r"])
+        async with cache.lease_vm() as vm:          # stopped when the block ends,
+            result = await vm.exec(["uname", "-r"])  # or when this process dies
+        vm = await cache.get_vm(ttl=600)             # yours until you stop it (or 10 min pass)
+
+Every VM comes through the acknowledged hand-out (``TakeVM``): the daemon offers
+a VM, this client claims it, and only then is the VM the client's. A client that
+dies before claiming costs a VM nothing: the daemon kills it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from ._proto import cache_pb2
-from .errors import CacheError
+from .errors import (
+    CacheError,
+    HandOutAbortedError,
+    LeaseLostError,
+    VmcacheError,
+    unwrap_group,
+)
 from .handle import VMHandle
-from .pool import CacheEvent
 from .process import PidfdProcess
-from .rpc import RESPONSE_TYPES, Channel, open_channel
-from .server import handle_from_grpc_vm
+from .rpc.client import Call, Channel, open_channel
+from .wire import (
+    SERVICE,
+    CacheEvent,
+    CacheStatus,
+    event_from_message,
+    handle_from_grpc_vm,
+    status_from_message,
+)
 
 DEFAULT_GET_TIMEOUT = 60.0
 DEFAULT_CALL_TIMEOUT = 10.0
 QUIT_WAIT = 60.0
-
-
-@attrs.frozen
-class CachedVMStatus:
-    pid: int
-    cpu: int
-    memory: int
-    id: str = ""
-    rss_bytes: int = 0
-
-
-@attrs.frozen
-class CacheStatus:
-    """What ``Status`` says: the daemon's pid, its cached ready VMs, and counters."""
-
-    pid: int
-    vms: list[CachedVMStatus]
-    cache_size: int = 0
-    booting: int = 0
-    last_boot_error: str = ""
-    boot_failures_in_row: int = 0
-    boots: int = 0
-    boot_failures: int = 0
-    handed_out: int = 0
-    median_boot_seconds: float = 0.0
-    median_handout_seconds: float = 0.0
-    uptime_seconds: float = 0.0
-    boot_mode: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_message(cls, reply: cache_pb2.GrpcStatus) -> CacheStatus:
-        return cls(
-            pid=reply.pid,
-            vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes) for vm in reply.vmstatus],
-            cache_size=reply.cache_size,
-            booting=reply.booting,
-            last_boot_error=reply.last_boot_error,
-            boot_failures_in_row=reply.boot_failures_in_row,
-            boots=reply.boots,
-            boot_failures=reply.boot_failures,
-            handed_out=reply.handed_out,
-            median_boot_seconds=reply.median_boot_seconds,
-            median_handout_seconds=reply.median_handout_seconds,
-            uptime_seconds=reply.uptime_seconds,
-            boot_mode=reply.boot_mode,
-        )
-
-    def summary_lines(self) -> list[str]:
-        """What ``vmcache status`` prints after Kata's lines."""
-        lines = [
-            f"Cache: {len(self.vms)}/{self.cache_size} ready, {self.booting} booting, "
-            f"boot mode {self.boot_mode or 'boot'}",
-            f"Counters: {self.boots} boots, {self.boot_failures} boot failures, "
-            f"{self.handed_out} handed out, median boot {self.median_boot_seconds:.2f} s, "
-            f"median hand-out {self.median_handout_seconds * 1000:.1f} ms, "
-            f"uptime {self.uptime_seconds:.0f} s",
-        ]
-        if self.last_boot_error:
-            lines.append(f"Failing: {self.boot_failures_in_row} boot failures in a row; "
-                         f"last boot error: {self.last_boot_error}")
-        return lines
+#: How long the daemon may take to confirm a claim, and to stop a released lease's VM.
+CLAIM_WAIT = 10.0
+RELEASE_WAIT = 20.0
+#: Offers of a VM that died before the claim are retried this many times.
+TAKE_ATTEMPTS = 3
 
 
 class CacheClient:
-    """The daemon's four rpcs, over one connection."""
+    """The daemon's rpcs, over one connection."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
 
-    async def _call(self, method: str, timeout: float) -> Any:
-        return await self._channel.call(method, RESPONSE_TYPES[method], timeout)
+    # ------------------------------------------------------------ hand-outs
 
-    async def get_vm(self, timeout: float = DEFAULT_GET_TIMEOUT) -> VMHandle:
-        """Take a ready VM; it is yours from now on (stop it, or it runs on).
+    async def get_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *, ttl: float | None = None,
+                     on_offer: Callable[[VMHandle], None] | None = None) -> VMHandle:
+        """Take a ready VM; it is yours from now on: stop it, or it runs on (for ``ttl``
+        seconds at most, if given: then the daemon stops it).
 
-        Waits up to ``timeout`` seconds for one to be ready.
+        Waits up to ``timeout`` seconds for one to be ready. ``on_offer`` sees the VM
+        before it is claimed (the CLI prints the handle there, so that a VM is never
+        claimed by a client that could not pass it on).
         """
-        reply: cache_pb2.GrpcVM = await self._call("GetBaseVM", timeout)
-        try:
-            return handle_from_grpc_vm(reply)
-        except (ValueError, KeyError) as error:
-            raise CacheError(f"the daemon's GetBaseVM reply has no vmcache handle: {error}") from None
+        async with self._taken(timeout, ttl, lease=False, on_offer=on_offer) as (call, handle):
+            await _expect_end(call)
+            return handle
+
+    @asynccontextmanager
+    async def lease_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *,
+                       ttl: float | None = None) -> AsyncIterator[VMHandle]:
+        """A VM for the block's duration, bound to this client's life.
+
+        When the block ends (by return, error or cancellation) the daemon stops the VM;
+        if this process dies first, by any path (SIGKILL included), its connection closes
+        and the daemon stops the VM then. If the VM ends first (it died, its ``ttl``
+        passed, the daemon went away), the block is cancelled and :class:`LeaseLostError`
+        says why.
+        """
+        async with self._taken(timeout, ttl, lease=True) as (call, handle):
+            lost: list[str] = []
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def watch() -> None:
+                        try:
+                            reply = await call.receive()
+                        except CacheError as error:
+                            lost.append(str(error))
+                        else:
+                            lost.append(_ended_reason(reply, "the daemon ended the lease"))
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch)
+                    try:
+                        yield handle
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                single = unwrap_group(group)
+                if single is group:
+                    raise
+                raise single from single.__cause__
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._end_lease(call, handle, bool(lost))
+            if lost:
+                raise LeaseLostError(f"lost VM {handle.id}: {lost[0]}")
+
+    @asynccontextmanager
+    async def _taken(self, timeout: float, ttl: float | None, *, lease: bool,
+                     on_offer: Callable[[VMHandle], None] | None = None,
+                     ) -> AsyncIterator[tuple[Call, VMHandle]]:
+        """A TakeVM call with a claimed VM; a VM that died before its claim is asked for again."""
+        for attempt in range(TAKE_ATTEMPTS):
+            async with self._channel.open_call("TakeVM", cache_pb2.TakeReply) as call:
+                try:
+                    handle = await self._take(call, timeout, ttl, lease=lease, on_offer=on_offer)
+                except HandOutAbortedError:
+                    if attempt == TAKE_ATTEMPTS - 1:
+                        raise
+                    continue
+                yield call, handle
+                return
+
+    async def _take(self, call: Call, timeout: float, ttl: float | None, *, lease: bool,
+                    on_offer: Callable[[VMHandle], None] | None = None) -> VMHandle:
+        """Ask, receive the offer, claim, and wait for the daemon to confirm."""
+        with trio.fail_after(timeout + CLAIM_WAIT):
+            await call.send(cache_pb2.TakeRequest(ask=cache_pb2.TakeAsk(
+                wait_seconds=timeout, ttl_seconds=ttl or 0.0, lease=lease)))
+            offer = await call.receive()
+            if offer is None or offer.WhichOneof("step") != "offer":
+                raise CacheError("TakeVM: the daemon sent no offer")
+            handle = handle_from_grpc_vm(offer.offer)  # type: ignore[attr-defined]
+            if on_offer is not None:
+                on_offer(handle)
+            await call.send(cache_pb2.TakeRequest(claim=cache_pb2.TakeClaim(vm_id=handle.id)))
+            confirmed = await call.receive()
+            if confirmed is None or confirmed.WhichOneof("step") != "claimed":
+                raise CacheError(f"TakeVM: the daemon did not confirm the claim of VM {handle.id}")
+        return handle
+
+    async def _end_lease(self, call: Call, handle: VMHandle, lost: bool) -> None:
+        """Release the VM and wait (bounded) until the daemon says it is stopped."""
+        if not lost:
+            with trio.move_on_after(RELEASE_WAIT):
+                try:
+                    await call.send(cache_pb2.TakeRequest(release=cache_pb2.TakeRelease()))
+                    await call.done_sending()
+                    await _expect_end(call)
+                    return
+                except VmcacheError:
+                    pass  # the daemon went away: stop the VM ourselves below
+        # The daemon could not be told (or it is gone): stop the VM ourselves, if it still runs.
+        with trio.move_on_after(RELEASE_WAIT):
+            try:
+                await handle.stop(run_root=Path(handle.run_dir).parent)
+            except VmcacheError:
+                pass
+
+    async def get_base_vm(self, timeout: float = DEFAULT_GET_TIMEOUT) -> VMHandle:
+        """Kata's hand-out (``GetBaseVM``), without a claim: for clients built from Kata's proto."""
+        reply = await self._channel.unary("GetBaseVM", Empty(), cache_pb2.GrpcVM, timeout)
+        return handle_from_grpc_vm(reply)
+
+    # ------------------------------------------------------------ the rest
 
     async def status(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> CacheStatus:
-        reply: cache_pb2.GrpcStatus = await self._call("Status", timeout)
-        return CacheStatus.from_message(reply)
+        reply = await self._channel.unary("Status", Empty(), cache_pb2.GrpcStatus, timeout)
+        return status_from_message(reply)
 
     async def watch(self) -> AsyncIterator[CacheEvent]:
         """Every change in the cache from now on, until the daemon stops."""
-        async for message in self._channel.stream("Watch", RESPONSE_TYPES["Watch"]):
-            yield CacheEvent(message.kind, message.vm_id, message.pid, message.message,
-                             message.time, message.ready, message.cache_size)
+        async for message in self._channel.server_stream("Watch", Empty(), cache_pb2.GrpcEvent):
+            yield event_from_message(message)
 
     async def config(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> dict[str, Any]:
         """The daemon's VM configuration (``Config.Data``)."""
-        reply: cache_pb2.GrpcVMConfig = await self._call("Config", timeout)
+        reply = await self._channel.unary("Config", Empty(), cache_pb2.GrpcVMConfig, timeout)
         data: dict[str, Any] = json.loads(reply.Data or b"{}")
         return data
 
     async def quit(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         """Ask the daemon to stop (it replies first, then purges its cache)."""
-        await self._call("Quit", timeout)
+        await self._channel.unary("Quit", Empty(), Empty, timeout)
+
+
+def _ended_reason(reply: object, default: str) -> str:
+    if isinstance(reply, cache_pb2.TakeReply) and reply.WhichOneof("step") == "ended":
+        return reply.ended.reason or default
+    return default
+
+
+async def _expect_end(call: Call) -> None:
+    """Read the rest of a TakeVM call (a TakeEnded, then the end), bounded."""
+    with trio.fail_after(RELEASE_WAIT):
+        while await call.receive() is not None:
+            pass
 
 
 @asynccontextmanager
 async def connect(endpoint: Path | str) -> AsyncIterator[CacheClient]:
     """Connect to the daemon at ``endpoint`` (its Unix socket)."""
-    async with open_channel(Path(endpoint)) as channel:
+    async with open_channel(Path(endpoint), SERVICE) as channel:
         yield CacheClient(channel)
 
 
@@ -160,21 +231,3 @@ async def quit_and_wait(endpoint: Path | str, timeout: float = QUIT_WAIT) -> int
     finally:
         process.close()
     return pid
-
-
-async def run_warm(
-    endpoint: Path | str, command: list[str], *, timeout: int = 0, keep: bool = False,
-    wait: float = DEFAULT_GET_TIMEOUT,
-) -> tuple[bytes, bytes, int, str | None]:
-    """Take a warm VM, run ``command``, stop the VM (unless ``keep``).
-
-    Returns stdout, stderr, exit status, and the kept VM's handle JSON (or None).
-    """
-    async with connect(endpoint) as cache:
-        vm = await cache.get_vm(timeout=wait)
-    if keep:
-        result = await vm.exec(command, timeout)
-        return result.stdout, result.stderr, result.exit_status, vm.to_json()
-    async with vm:
-        result = await vm.exec(command, timeout)
-    return result.stdout, result.stderr, result.exit_status, None

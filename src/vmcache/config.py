@@ -25,10 +25,8 @@ naming the key and the file.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -308,27 +306,7 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         kvm_probe_timeout=qemu.kvm_probe_timeout,
         run_root=run_root if run_root is not None else default_run_dir(),
         image=image_name,
-        sandbox=qemu.seccompsandbox if _sandbox_supported(binary, qemu.seccompsandbox) else "",
+        # Whether this QEMU supports it is asked at start (vmcache.qemu_binary.usable_spec).
+        sandbox=qemu.seccompsandbox,
         tb_size_mib=qemu.tb_size,
     )
-
-
-_SANDBOX_SUPPORT: dict[tuple[str, str], bool] = {}
-
-
-def _sandbox_supported(qemu: str, value: str) -> bool:
-    """Whether this QEMU accepts ``-sandbox value`` (built with seccomp); asked once per binary."""
-    if not value:
-        return False
-    key = (qemu, value)
-    if key not in _SANDBOX_SUPPORT:
-        try:
-            done = subprocess.run([qemu, "-sandbox", value, "-version"], capture_output=True,
-                                  timeout=30, check=False)
-            _SANDBOX_SUPPORT[key] = done.returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            _SANDBOX_SUPPORT[key] = False
-        if not _SANDBOX_SUPPORT[key]:
-            logging.getLogger("vmcache.config").warning(
-                "%s does not accept -sandbox %s; running QEMU without its seccomp filter", qemu, value)
-    return _SANDBOX_SUPPORT[key]

@@ -8,6 +8,8 @@ stderr and exit without a traceback.
 
 from __future__ import annotations
 
+import trio
+
 
 class VmcacheError(Exception):
     """Root of every error vmcache raises on purpose."""
@@ -83,3 +85,47 @@ class EndpointInUseError(CacheError):
     """Another live daemon already serves this socket."""
 
     exit_status = 2
+
+
+class InvalidRequestError(CacheError):
+    """The daemon refused a request as invalid (a size beyond the limits, a bad TTL...)."""
+
+    exit_status = 2
+
+
+class PermissionDeniedError(CacheError):
+    """The daemon does not admit this user: ask for its ``socket_group``."""
+
+
+class HandOutAbortedError(CacheError):
+    """The VM died on its way to the client (between offer and claim); asking again helps."""
+
+
+class LeaseLostError(CacheError):
+    """A leased VM ended before its lease did (it died, its TTL passed, or the daemon went away)."""
+
+
+class HandleError(VmcacheError):
+    """A VM handle that does not describe a VM of ours: it is not acted on."""
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a nursery wrapped, Cancelled aside; else ``group`` itself.
+
+    Context managers that own a nursery (a connection, a lease) use this so that the
+    caller sees its own exception, as trio-websocket does for its users.
+    """
+    _cancelled, rest = group.split(trio.Cancelled)
+    if rest is None:
+        return group
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(rest)
+    return leaves[0] if len(leaves) == 1 else rest

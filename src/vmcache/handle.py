@@ -20,12 +20,44 @@ import trio
 from ._unix import connect_when_ready
 from .agent import AgentClient
 from .agent_protocol import ExecResult
-from .errors import AgentError, VmcacheError, VMGoneError
-from .process import PidfdProcess, stop_process
+from .errors import AgentError, HandleError, VmcacheError, VMGoneError
+from .paths import VM_ID_PATTERN, default_run_dir, vm_run_dir
+from .process import PidfdProcess, ProcessLike, open_vm_process, stop_process
+from .procfs import process_start_time
 from .qmp import QMPClient
 
 CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 3.0
+
+
+async def quit_via_qmp(qmp_socket: Path) -> None:
+    """Ask QEMU to quit through its monitor socket; at most :data:`QMP_TIMEOUT` s, errors ignored
+    (the signals of :func:`stop_vm_process` follow anyway)."""
+    with trio.move_on_after(QMP_TIMEOUT):
+        try:
+            stream = await connect_when_ready(qmp_socket, still_starting=lambda: False)
+        except OSError:
+            return
+        try:
+            qmp = await QMPClient.negotiate(stream)
+        except VmcacheError:
+            await stream.aclose()
+            return
+        try:
+            await qmp.execute("quit")
+        except VmcacheError:
+            pass  # QEMU often closes the monitor before answering quit
+        finally:
+            await qmp.aclose()
+
+
+async def stop_vm_process(process: ProcessLike, qmp_socket: Path) -> int | None:
+    """Stop a VM we do not hold a monitor connection to: QMP quit, SIGTERM, SIGKILL (bounded)."""
+
+    async def polite() -> None:
+        await quit_via_qmp(qmp_socket)
+
+    return await stop_process(process, polite)
 
 
 @attrs.define(eq=False)
@@ -75,13 +107,37 @@ class VMHandle:
             raise VmcacheError("not a VM handle: expected a JSON object")
         return cls.from_dict(data)
 
+    def run_dir_path(self, run_root: Path | None = None) -> Path:
+        """The VM's run directory, checked: ``vm-<id>`` under ``run_root`` (the configured one
+        by default), and the handle's socket paths inside it. A handle is user input: one that
+        names anything else is a :class:`HandleError`, and nothing is done with it."""
+        root = run_root if run_root is not None else default_run_dir()
+        expected = vm_run_dir(root, self.id)
+        if expected is None:
+            raise HandleError(f"not a VM handle of ours: the id {self.id[:40]!r} is not a vmcache VM id")
+        if Path(self.run_dir) != expected:
+            raise HandleError(f"VM handle {self.id}: its run directory {self.run_dir[:200]} is not "
+                              f"{expected}; not touching it")
+        for name, value in (("qmp.sock", self.qmp_socket), ("agent.sock", self.agent_socket),
+                            ("console.log", self.console_log)):
+            if Path(value) != expected / name:
+                raise HandleError(f"VM handle {self.id}: {value[:200]} is not {expected / name}; "
+                                  "not touching it")
+        return expected
+
+    def _process(self) -> PidfdProcess | None:
+        """The VM's QEMU process if this pid, start time and command line still are that VM."""
+        if not VM_ID_PATTERN.fullmatch(self.id):
+            return None
+        return open_vm_process(self.id, self.pid, self.start_time)
+
     def is_running(self) -> bool:
-        """True while the VM's QEMU process (this pid with this start time) is alive."""
-        process = PidfdProcess(self.pid, self.start_time)
-        try:
-            return process.returncode is None
-        finally:
-            process.close()
+        """True while the VM's QEMU process (this pid, start time and command line) is alive."""
+        process = self._process()
+        if process is None:
+            return False
+        process.close()
+        return True
 
     async def _connected_agent(self) -> AgentClient:
         if self._agent is None:
@@ -122,35 +178,29 @@ class VMHandle:
                 await self._agent.aclose()
             self._agent = None
 
-    async def stop(self) -> None:
+    async def stop(self, run_root: Path | None = None) -> None:
         """Stop the VM: QMP quit, then SIGTERM, then SIGKILL (bounded); remove its run directory.
 
-        Raises :class:`VMGoneError` if the VM was not running any more.
+        Acts only on a VM whose pid, start time and command line match the handle and
+        whose run directory is ``vm-<id>`` under ``run_root`` (the configured run root by
+        default): anything else is a :class:`HandleError`. Raises :class:`VMGoneError` if
+        the VM was not running any more.
         """
+        run_dir = self.run_dir_path(run_root)
         await self._close_agent()
-        process = PidfdProcess(self.pid, self.start_time)
+        process = self._process()
+        if process is None:
+            if _vm_runs_in(run_dir, self.id):
+                raise HandleError(f"VM handle {self.id}: pid {self.pid} is not that VM's QEMU "
+                                  "(was the handle edited?); not touching it")
+            _remove_tree(run_dir)
+            raise VMGoneError(f"VM {self.id} is not running (already stopped, or it died)")
         try:
-            if process.returncode is not None:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-                raise VMGoneError(f"VM {self.id} is not running (already stopped, or it died)")
-
-            async def polite_quit() -> None:
-                with trio.move_on_after(QMP_TIMEOUT):
-                    try:
-                        stream = await connect_when_ready(Path(self.qmp_socket),
-                                                          still_starting=lambda: False)
-                    except OSError:
-                        return  # no monitor to ask: the signals follow
-                    qmp = await QMPClient.negotiate(stream)
-                    try:
-                        await qmp.execute("quit")
-                    finally:
-                        await qmp.aclose()
-
-            await stop_process(process, polite_quit)
+            await stop_vm_process(process, run_dir / "qmp.sock")
         finally:
             process.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        _remove_tree(run_dir)
+
 
     async def aclose(self) -> None:
         """Stop the VM if it is still running (what ``async with`` does on exit)."""
@@ -164,6 +214,23 @@ class VMHandle:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _vm_runs_in(run_dir: Path, vm_id: str) -> bool:
+    """Whether VM ``vm_id`` still runs, by the pid file QEMU wrote in its run directory."""
+    try:
+        pid = int((run_dir / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        return False
+    process = open_vm_process(vm_id, pid, process_start_time(pid))
+    if process is None:
+        return False
+    process.close()
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 _CONVERTER = cattrs.Converter()

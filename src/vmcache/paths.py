@@ -18,6 +18,7 @@ holds one private directory per VM.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -50,3 +51,18 @@ def default_run_dir() -> Path:
 def default_endpoint() -> Path:
     """The daemon's Unix socket when neither the command line nor the config names one."""
     return default_run_dir() / "cache.sock"
+
+
+#: What a VM id looks like (``secrets.token_hex(6)``); anything else names no VM of ours.
+VM_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+
+
+def vm_run_dir(run_root: Path, vm_id: str) -> Path | None:
+    """The run directory of VM ``vm_id`` under ``run_root``, or None if the id is not one of ours.
+
+    Code that removes a VM's directory uses this rather than a path it was given, so
+    that a tampered handle or record can never make it remove anything else.
+    """
+    if not VM_ID_PATTERN.fullmatch(vm_id):
+        return None
+    return run_root / f"vm-{vm_id}"

@@ -5,12 +5,12 @@ Task tree (see docs/architecture.md)::
     VMPool.run            nursery
     ├── slot 0            boots a VM, offers it, waits until it is taken or dies, repeats
     ├── slot 1 ...
-    └── reaper per handed-out VM: waits for its exit so no zombie stays
 
 A slot owns its VM while it is cached: cancelling the pool (Ctrl-C, Quit, a
 library caller's nursery) cancels the slot, whose ``finally`` stops the VM,
 shielded and bounded. A VM that is handed out is *released* first, so that
-``finally`` leaves it running: it belongs to its client now.
+``finally`` leaves it running: the daemon's ledger (:mod:`vmcache.ledger`)
+answers for it from then on.
 
 Hand-outs are first come, first served: a ready VM goes to the longest-waiting
 client. Before a VM leaves, its agent is pinged; a VM that fails the ping is
@@ -28,11 +28,13 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from .backoff import Backoff
 from .config import VMSpec
-from .errors import CacheUnavailableError, VmcacheError
+from .errors import CacheUnavailableError, VmcacheError, VMGoneError
 from .handle import VMHandle
 from .process import describe_exit
 from .qemu import VM, boot_vm
+from .wire import CacheEvent
 
 log = logging.getLogger("vmcache.pool")
 
@@ -44,19 +46,6 @@ HEALTH_INTERVAL = 5.0
 #: UNAVAILABLE at once instead of waiting for a VM that cannot come.
 FAILING_AFTER = 3
 WATCH_BUFFER = 256
-
-
-@attrs.frozen
-class CacheEvent:
-    """One change in the cache, as ``Watch`` streams it."""
-
-    kind: str  # booting, ready, handed_out, died, killed, boot_failed
-    vm_id: str
-    pid: int
-    message: str
-    time: float
-    ready: int
-    cache_size: int
 
 
 @attrs.define(eq=False)
@@ -78,21 +67,8 @@ class _Waiter:
     error: VmcacheError | None = None
 
 
-class Backoff:
-    """Capped exponential backoff: initial, 2x initial, ... up to cap."""
-
-    def __init__(self, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP) -> None:
-        self.initial = initial
-        self.cap = cap
-        self._next = initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.initial
+def default_backoff() -> Backoff:
+    return Backoff(BACKOFF_INITIAL, BACKOFF_CAP)
 
 
 @attrs.define
@@ -126,12 +102,17 @@ class Lease:
         self._asked_at = asked_at
         self.handle: VMHandle = entry.vm.handle()
 
-    async def commit(self) -> VMHandle:
-        """The client has its reply: the VM is theirs. The slot boots a replacement."""
-        handle = await self._pool._release(self._entry)
+    async def commit(self) -> tuple[VMHandle, trio.Process]:
+        """The VM leaves the cache (the slot boots a replacement); returns its handle and
+        process, for the ledger to keep. Raises :class:`VMGoneError` if it died meanwhile
+        (it is then counted as died, not handed out)."""
+        entry = self._entry
+        if entry.done.is_set() or not entry.vm.alive:
+            raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
+        handed = await self._pool._release(entry)
         self._pool.stats.handout_seconds.append(trio.current_time() - self._asked_at)
         del self._pool.stats.handout_seconds[:-1000]
-        return handle
+        return handed
 
     async def abort(self) -> None:
         """The reply did not go out: offer the VM again, to the next client in line."""
@@ -150,7 +131,7 @@ class VMPool:
         spec: VMSpec,
         size: int,
         boot: Callable[[VMSpec], Awaitable[VM]] = boot_vm,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] = default_backoff,
         health_interval: float = HEALTH_INTERVAL,
     ) -> None:
         self.spec = spec
@@ -161,7 +142,6 @@ class VMPool:
         self._ready: deque[_Entry] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._closed: str | None = None
-        self._nursery: trio.Nursery | None = None
         self._watchers: set[trio.MemorySendChannel[CacheEvent]] = set()
         self.stats = PoolStats()
         self.started_at = time.monotonic()
@@ -171,7 +151,6 @@ class VMPool:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the slots until cancelled. Cancellation stops every cached and booting VM."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             for index in range(self.size):
                 nursery.start_soon(self._slot, index, name=f"vmcache slot {index}")
             task_status.started()
@@ -183,7 +162,9 @@ class VMPool:
             self.stats.booting += 1
             try:
                 vm = await self._boot(self.spec)
-            except VmcacheError as error:
+            except Exception as error:  # any failure to boot is retried, never fatal
+                if not isinstance(error, VmcacheError):
+                    log.debug("slot %d: unexpected boot failure", index, exc_info=True)
                 delay = backoff.next()
                 self._boot_failed(index, error, delay)
                 await trio.sleep(delay)
@@ -209,13 +190,14 @@ class VMPool:
                         log.info("VM %s killed (pid %d)", vm.id, vm.pid)
                         self._publish("killed", vm)
 
-    def _boot_failed(self, index: int, error: VmcacheError, delay: float) -> None:
+    def _boot_failed(self, index: int, error: Exception, delay: float) -> None:
         self.stats.boot_failures += 1
         self.stats.failures_in_row += 1
-        self.stats.last_error = str(error)
+        self.stats.last_error = str(error) if isinstance(error, VmcacheError) else (
+            f"{type(error).__name__}: {error}")
         log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
                     index, self.stats.failures_in_row, error, delay)
-        self._publish("boot_failed", message=str(error))
+        self._publish("boot_failed", message=self.stats.last_error)
         if self.failing():
             self._fail_waiters(CacheUnavailableError(self.failure_reason()))
 
@@ -337,21 +319,14 @@ class VMPool:
                 raise
             return Lease(self, entry, asked_at)
 
-    async def _release(self, entry: _Entry) -> VMHandle:
-        handle, process = await entry.vm.release()
+    async def _release(self, entry: _Entry) -> tuple[VMHandle, trio.Process]:
         entry.released = True
+        handle, process = await entry.vm.release()
         entry.done.set()
         self.stats.handed_out += 1
         log.info("VM %s handed out (pid %d)", handle.id, handle.pid)
         self._publish("handed_out", entry.vm)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._reap, handle, process)
-        return handle
-
-    async def _reap(self, handle: VMHandle, process: trio.Process) -> None:
-        """Wait for a handed-out VM to exit so it does not stay a zombie of ours."""
-        status = await process.wait()
-        log.info("handed-out VM %s %s", handle.id, describe_exit(status))
+        return handle, process
 
     # ---------------------------------------------------------- state
 
@@ -386,10 +361,13 @@ class VMPool:
         return receive
 
     def _publish(self, kind: str, vm: VM | None = None, message: str = "") -> None:
+        self.publish(kind, vm.id if vm else "", vm.pid if vm else 0, message)
+
+    def publish(self, kind: str, vm_id: str = "", pid: int = 0, message: str = "") -> None:
+        """Send an event to every watcher (the ledger's events go out this way too)."""
         if not self._watchers:
             return
-        event = CacheEvent(kind, vm.id if vm else "", vm.pid if vm else 0,
-                           message, time.time(), self.ready_count(), self.size)
+        event = CacheEvent(kind, vm_id, pid, message, time.time(), self.ready_count(), self.size)
         for channel in list(self._watchers):
             try:
                 channel.send_nowait(event)

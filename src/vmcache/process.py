@@ -18,7 +18,7 @@ from typing import Protocol
 import trio
 
 from .errors import VmcacheError
-from .procfs import process_start_time
+from .procfs import cmdline, process_start_time
 
 log = logging.getLogger("vmcache.process")
 
@@ -124,6 +124,23 @@ class PidfdProcess:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def open_vm_process(vm_id: str, pid: int, start_time: int) -> PidfdProcess | None:
+    """The running QEMU of VM ``vm_id``, or None if ``pid`` is not that process any more.
+
+    All three must match: the pid, its start time (so a reused pid is never taken for
+    the VM) and a command line naming the VM (``-name vmcache-<id>``). Whatever claims
+    to be a VM (a handle a user passes, a record on disk) is checked this way before
+    anything is signalled. The caller closes the returned process.
+    """
+    if pid <= 0 or start_time <= 0:
+        return None
+    process = PidfdProcess(pid, start_time)
+    if process.returncode is not None or f"vmcache-{vm_id}".encode() not in cmdline(pid).split(b"\0"):
+        process.close()
+        return None
+    return process
 
 
 def describe_exit(status: int | None) -> str:

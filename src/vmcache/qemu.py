@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from ._unix import connect_when_ready
+from .accel import AccelChooser
 from .agent import AgentClient
 from .agent_protocol import ExecResult
 from .config import VMSpec
@@ -37,6 +38,7 @@ from .errors import BootError, ConfigError, VmcacheError, VMGoneError
 from .handle import VMHandle
 from .process import stop_process
 from .procfs import process_start_time
+from .qemu_binary import usable_spec
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.qemu")
@@ -44,6 +46,8 @@ log = logging.getLogger("vmcache.qemu")
 AGENT_PORT_NAME = "vmcache.agent"
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
 SOCKET_PATH_MAX = 107
+#: The longest name of a socket we put in a VM's run directory (see vmcache.snapshot).
+LONGEST_SOCKET_NAME = "incoming.sock"
 
 T = TypeVar("T")
 
@@ -61,9 +65,9 @@ class VMState(enum.Enum):
 class Registry(Protocol):
     """Where a daemon records the VMs it is responsible for (see vmcache.state)."""
 
-    def add(self, vm: VM) -> None: ...
+    def add(self, vm_id: str, pid: int) -> None: ...
 
-    def remove(self, vm: VM) -> None: ...
+    def remove(self, vm_id: str) -> None: ...
 
 
 def _escape(value: str) -> str:
@@ -217,14 +221,13 @@ class VM:
 
         Returns the handle for the new owner and the process object (still our
         child: whoever keeps it should reap it when it exits, so no zombie stays).
-        After this, leaving :func:`launch_vm` leaves the VM alone.
+        After this, leaving :func:`launch_vm` leaves the VM alone. The VM's record in
+        the registry (if any) stays: the new keeper (the daemon's ledger) rewrites it.
         """
         handle = self.handle()
         assert self.process is not None
         await self._close_connections()
         self.state = VMState.RELEASED
-        if self.registry is not None:
-            self.registry.remove(self)
         return handle, self.process
 
     async def stop(self) -> None:
@@ -245,7 +248,7 @@ class VM:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         reaped = self.process is None or self.process.returncode is not None
         if reaped and self.registry is not None:
-            self.registry.remove(self)  # kept otherwise: the next daemon tries again
+            self.registry.remove(self.id)  # kept otherwise: the next daemon tries again
         self.state = VMState.STOPPED
 
 
@@ -304,10 +307,6 @@ async def wait_for_boot(vm: VM) -> str:
     return await agent.wait_ready()
 
 
-async def _boot(spec: VMSpec, accel: str, timeout: float, registry: Registry | None) -> VM:
-    return await start_vm(spec, accel, timeout, registry, become_ready=wait_for_boot)
-
-
 async def start_vm(
     spec: VMSpec,
     accel: str,
@@ -317,32 +316,40 @@ async def start_vm(
     become_ready: Callable[[VM], Awaitable[str]],
     extra_args: tuple[str, ...] = (),
     what: str = "become ready",
+    die_with_parent: bool = False,
 ) -> VM:
     """Start QEMU and run ``become_ready`` within ``timeout``; on any failure, leave nothing.
 
     ``become_ready`` (a cold boot's wait for READY, or a snapshot restore) returns the
     guest's boot id. QEMU exiting meanwhile is a BootError quoting the console.
+    ``die_with_parent`` makes the kernel kill QEMU if this process dies (even by
+    SIGKILL): for VMs nobody else will ever own (``launch_vm``), never for a daemon's.
     """
+    spec = await usable_spec(spec)
     vm_id = secrets.token_hex(6)
     run_dir = spec.run_root / f"vm-{vm_id}"
-    if len(str(run_dir / "agent.sock")) > SOCKET_PATH_MAX:
+    if len(str(run_dir / LONGEST_SOCKET_NAME)) > SOCKET_PATH_MAX:
         raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
     make_private_dir(spec.run_root, enforce=False)
     make_private_dir(run_dir)
     vm = VM(spec, vm_id, run_dir, accel, registry)
     try:
         argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}"), *extra_args]
-        # A local file in the directory we just made: no need to leave the event loop.
-        with open(run_dir / "qemu.log", "wb") as qemu_log:  # noqa: ASYNC230
-            vm.process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=qemu_log,
-                start_new_session=True,
-            )
+        try:
+            # A local file in the directory we just made: no need to leave the event loop.
+            with open(run_dir / "qemu.log", "wb") as qemu_log:  # noqa: ASYNC230
+                vm.process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=qemu_log,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent() if die_with_parent else None,
+                )
+        except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
+            raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
         if registry is not None:
-            registry.add(vm)
+            registry.add(vm.id, vm.pid)
         with trio.move_on_after(timeout) as deadline:
             vm.boot_id = await _until_exit(vm.process, functools.partial(become_ready, vm))
         if deadline.cancelled_caught:
@@ -362,54 +369,58 @@ async def start_vm(
     return vm
 
 
-class _KVMProbe:
-    """What this process learned about KVM under accel "auto" (one probe at a time)."""
-
-    usable: bool | None = None
-    lock: trio.Lock | None = None
-
-    @classmethod
-    def device_opens(cls) -> bool:
-        try:
-            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-        except OSError:
-            return False
-        return True
-
-
-async def _boot_auto(spec: VMSpec, registry: Registry | None) -> VM:
-    if _KVMProbe.usable is False or not _KVMProbe.device_opens():
-        return await _boot(spec, "tcg", spec.boot_timeout, registry)
-    if _KVMProbe.lock is None:
-        _KVMProbe.lock = trio.Lock()
-    async with _KVMProbe.lock:
-        if _KVMProbe.usable is None:
-            probe_timeout = min(spec.kvm_probe_timeout, spec.boot_timeout)
-            try:
-                vm = await _boot(spec, "kvm", probe_timeout, registry)
-            except BootError as error:
-                _KVMProbe.usable = False
-                log.warning("KVM guest did not come up (%s); using TCG from now on", error)
-            else:
-                _KVMProbe.usable = True
-                return vm
-    return await _boot(spec, "kvm" if _KVMProbe.usable else "tcg", spec.boot_timeout, registry)
-
-
-async def boot_vm(spec: VMSpec, registry: Registry | None = None) -> VM:
+async def boot_vm(spec: VMSpec, registry: Registry | None = None,
+                  accel: AccelChooser | None = None, *, die_with_parent: bool = False) -> VM:
     """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it.
 
-    ``registry`` (if any) gets the VM as soon as its QEMU process exists.
+    ``registry`` (if any) gets the VM as soon as its QEMU process exists. Under
+    ``accel = "auto"``, ``accel`` decides between KVM and TCG (and remembers);
+    without one, a chooser that keeps its verdict in the run root's state directory.
     """
-    if spec.accel == "auto":
-        return await _boot_auto(spec, registry)
-    return await _boot(spec, spec.accel, spec.boot_timeout, registry)
+
+    async def boot(accel_name: str, timeout: float | None) -> VM:
+        return await start_vm(spec, accel_name, timeout if timeout is not None else spec.boot_timeout,
+                              registry, become_ready=wait_for_boot, die_with_parent=die_with_parent)
+
+    if spec.accel != "auto":
+        return await boot(spec.accel, None)
+    chooser = accel if accel is not None else AccelChooser(kvm_probe_file(spec.run_root))
+    return await chooser.boot(spec.qemu, min(spec.kvm_probe_timeout, spec.boot_timeout), boot)
+
+
+def kvm_probe_file(run_root: Path) -> Path:
+    """Where the KVM probe's verdict for this host is kept."""
+    return run_root / "state" / "kvm-probe.json"
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when we die (PR_SET_PDEATHSIG).
+
+    Resolved here, in the parent: the child, between fork and exec, only makes the call
+    (and exits at once if we already died in between).
+    """
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_death_signal
 
 
 @asynccontextmanager
 async def launch_vm(spec: VMSpec) -> AsyncIterator[VM]:
-    """Boot a VM, yield it ready, and stop it on the way out unless it was released."""
-    vm = await boot_vm(spec)
+    """Boot a VM, yield it ready, and stop it on the way out unless it was released.
+
+    The VM belongs to this process: if the process dies without leaving the block
+    (SIGKILL), the kernel kills QEMU too.
+    """
+    vm = await boot_vm(spec, die_with_parent=True)
     try:
         yield vm
     finally:

@@ -15,12 +15,17 @@ import resource
 import socket
 import struct
 from pathlib import Path
+from typing import Protocol
 
 import attrs
+import trio
 
 from .errors import ConfigError
 
 _UCRED = struct.Struct("3i")
+#: How long a group-membership answer is kept, and how long its lookup may take.
+MEMBERSHIP_TTL = 60.0
+NSS_TIMEOUT = 5.0
 
 
 @attrs.frozen
@@ -30,7 +35,11 @@ class PeerCredentials:
     gid: int
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
+class _HasSockopt(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+
+
+def peer_credentials(sock: _HasSockopt) -> PeerCredentials:
     """The pid, uid and gid of the process at the other end of a Unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
@@ -47,30 +56,46 @@ def resolve_group(name: str) -> int | None:
 
 
 class PeerPolicy:
-    """Admits root, the daemon's uid, and members of one optional group."""
+    """Admits root, the daemon's uid, and members of one optional group.
+
+    Group membership beyond the peer's primary gid needs the user and group
+    databases (NSS: maybe LDAP, maybe slow): that lookup runs in a worker thread,
+    bounded in time, and its answer is kept for :data:`MEMBERSHIP_TTL` seconds.
+    """
 
     def __init__(self, group_gid: int | None) -> None:
         self.own_uid = os.geteuid()
         self.group_gid = group_gid
+        self._members: dict[int, tuple[bool, float]] = {}
 
-    def _in_group(self, credentials: PeerCredentials) -> bool:
-        if self.group_gid is None:
-            return False
-        if credentials.gid == self.group_gid:
-            return True
+    def _lookup_member(self, uid: int) -> bool:
+        assert self.group_gid is not None
         try:
-            user = pwd.getpwuid(credentials.uid).pw_name
+            user = pwd.getpwuid(uid).pw_name
             return user in grp.getgrgid(self.group_gid).gr_mem
         except KeyError:
             return False
 
-    def check(self, sock: socket.socket) -> str | None:
+    async def _in_group(self, credentials: PeerCredentials) -> bool:
+        if self.group_gid is None:
+            return False
+        if credentials.gid == self.group_gid:
+            return True
+        known = self._members.get(credentials.uid)
+        if known is not None and known[1] > trio.current_time():
+            return known[0]
+        member = False
+        with trio.move_on_after(NSS_TIMEOUT):
+            member = await trio.to_thread.run_sync(self._lookup_member, credentials.uid,
+                                                   abandon_on_cancel=True)
+        if len(self._members) > 4096:
+            self._members.clear()
+        self._members[credentials.uid] = (member, trio.current_time() + MEMBERSHIP_TTL)
+        return member
+
+    async def check(self, credentials: PeerCredentials) -> str | None:
         """None to admit the peer, or why it is refused."""
-        try:
-            credentials = peer_credentials(sock)
-        except OSError as error:
-            return f"cannot read the peer's credentials: {error.strerror}"
-        if credentials.uid in (0, self.own_uid) or self._in_group(credentials):
+        if credentials.uid in (0, self.own_uid) or await self._in_group(credentials):
             return None
         allowed = f"root, uid {self.own_uid}"
         if self.group_gid is not None:

@@ -1,4 +1,4 @@
-"""The cache daemon: a VM pool plus Kata's ``cache.CacheService`` on a Unix socket.
+"""The cache daemon: a VM pool, a ledger of handed-out VMs, and ``cache.CacheService``.
 
 Library use (the caller's nursery supervises; cancelling it purges the cache)::
 
@@ -9,6 +9,14 @@ Library use (the caller's nursery supervises; cancelling it purges the cache)::
         nursery.cancel_scope.cancel()                # kills every cached VM
 
 :func:`serve` also returns by itself when a client calls ``Quit``.
+
+Task tree::
+
+    CacheDaemon.run       nursery
+    ├── ledger            one watcher per handed-out VM (reap, TTL, stop on request)
+    ├── snapshots         (boot_mode = "snapshot") the template snapshot
+    ├── pool              one task per cache slot
+    └── rpc server        one task per connection, one per call
 """
 
 from __future__ import annotations
@@ -16,59 +24,58 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import trio
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message as ProtoMessage
 
 from ._proto import cache_pb2
+from .accel import AccelChooser
+from .backoff import Backoff
 from .config import Config, VMSpec, resolve_spec
-from .errors import ConfigError
-from .handle import VMHandle
+from .errors import ConfigError, DeadlineExceededError, InvalidRequestError, VMGoneError
+from .ledger import HandedOut, Ledger
 from .notify import Notifier
-from .pool import Backoff, CacheEvent, VMPool
+from .pool import VMPool
 from .procfs import rss_bytes
-from .qemu import VM, boot_vm, make_private_dir
-from .rpc import Reply, RpcServer, bind_unix_socket
+from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
+from .rpc.endpoint import bind_unix_socket
+from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
 from .security import PeerPolicy, raise_open_file_limit, resolve_group
 from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
+from .wire import (
+    SERVICE,
+    CachedVMStatus,
+    CacheEvent,
+    CacheStatus,
+    HandedOutVMStatus,
+    event_message,
+    grpc_vm,
+    status_message,
+)
 
 log = logging.getLogger("vmcache.server")
 
-#: After Quit or a signal, how long in-flight replies may take to go out.
-DRAIN_TIMEOUT = 1.0
+#: After Quit or a signal, how long calls may take to end (leases end as their VMs stop).
+DRAIN_TIMEOUT = 3.0
+#: How long a TakeVM client has to claim the VM it was offered.
+CLAIM_TIMEOUT = 10.0
+#: How long a TakeVM ask waits for a ready VM when it does not say.
+DEFAULT_WAIT = 60.0
+#: The longest wait or TTL a client may ask for.
+MAX_SECONDS = 30 * 24 * 3600.0
 AGENT_CONFIG = {"protocol": "vmcache-agent/1", "port": "vmcache.agent"}
 
 
-def kata_hypervisor_json(handle: VMHandle) -> bytes:
-    """``GrpcVM.hypervisor``: Kata's QEMU-handle key names where one fits, plus ours."""
-    return json.dumps({
-        "ID": handle.id,
-        "QmpChannelpath": handle.qmp_socket,
-        "State": {"Pid": handle.pid, "UUID": handle.boot_id},
-        "vmcache": handle.to_dict(),
-    }, sort_keys=True).encode()
-
-
-def handle_from_grpc_vm(vm: cache_pb2.GrpcVM) -> VMHandle:
-    """The VM handle inside a ``GrpcVM`` reply (our ``vmcache`` key in ``hypervisor``)."""
-    data = json.loads(vm.hypervisor)
-    return VMHandle.from_dict(data["vmcache"])
-
-
-def event_message(event: CacheEvent) -> cache_pb2.GrpcEvent:
-    return cache_pb2.GrpcEvent(kind=event.kind, vm_id=event.vm_id, pid=event.pid,
-                               message=event.message, time=event.time, ready=event.ready,
-                               cache_size=event.cache_size)
-
-
 class CacheDaemon:
-    """One daemon: the pool, the rpc handlers, crash recovery, and an orderly stop."""
+    """One daemon: the pool, the ledger, the rpc handlers, crash recovery, an orderly stop."""
 
     def __init__(self, config: Config, spec: VMSpec | None = None,
                  boot: Callable[[VMSpec], Awaitable[VM]] | None = None) -> None:
@@ -78,27 +85,32 @@ class CacheDaemon:
         factory = config.factory
         self.group_gid = resolve_group(factory.socket_group)
         state_dir = state_dir_for(self.spec.run_root, self.endpoint)
-        self.registry = VMRegistry(state_dir)
+        self.registry = VMRegistry(state_dir, self.spec.run_root)
+        self.accel = AccelChooser(kvm_probe_file(self.spec.run_root))
+        plain_boot = functools.partial(boot_vm, registry=self.registry, accel=self.accel)
         self.snapshots: SnapshotManager | None = None
         if boot is None and factory.boot_mode == "snapshot":
-            self.snapshots = SnapshotManager(self.spec, state_dir / "snapshots", self.registry)
+            self.snapshots = SnapshotManager(self.spec, state_dir / "snapshots", self.registry,
+                                             plain_boot=plain_boot)
             boot = self.snapshots.boot
         self.pool = VMPool(
             self.spec,
             factory.vm_cache_number,
-            boot=boot if boot is not None else functools.partial(boot_vm, registry=self.registry),
+            boot=boot if boot is not None else plain_boot,
             backoff=lambda: Backoff(factory.boot_retry_initial, factory.boot_retry_max),
             health_interval=factory.health_interval,
         )
+        self.ledger = Ledger(self.registry, on_event=self._ledger_event)
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = trio.Event()
-        self.rpc = RpcServer({
-            "Config": self._config,
-            "GetBaseVM": self._get_base_vm,
-            "Status": self._status,
-            "Quit": self._quit,
-            "Watch": self._watch,
+        self.rpc = RpcServer(SERVICE, {
+            "Config": Method(Empty, unary(self._config)),
+            "GetBaseVM": Method(Empty, self._get_base_vm),
+            "Status": Method(Empty, unary(self._status)),
+            "Quit": Method(Empty, unary(self._quit)),
+            "Watch": Method(Empty, server_streaming(self._watch)),
+            "TakeVM": Method(cache_pb2.TakeRequest, self._take_vm),
         }, check_peer=PeerPolicy(self.group_gid).check)
 
     def request_stop(self) -> None:
@@ -118,10 +130,11 @@ class CacheDaemon:
         raise_open_file_limit()
         try:
             # Only now, holding the endpoint, do we know no live daemon owns these records.
-            if killed := await self.registry.recover():
-                log.warning("killed %d cached VMs a previous daemon on %s left behind",
-                            killed, self.endpoint)
+            killed, claimed = await self.registry.recover()
+            if killed:
+                log.warning("killed %d VMs a previous daemon on %s left behind", killed, self.endpoint)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.ledger.run, claimed)
                 nursery.start_soon(self._report_progress, self.pool.watch())
                 if self.snapshots is not None:
                     await nursery.start(self.snapshots.run)
@@ -134,17 +147,20 @@ class CacheDaemon:
                 log.info("stopping: purging the cache")
                 self.notifier.send(STOPPING="1", STATUS="stopping: purging the cache")
                 self.pool.close()
+                for entry in self.ledger.entries():
+                    if entry.role != "claimed":
+                        self.ledger.request_stop(entry, "the daemon is stopping")
                 with trio.move_on_after(DRAIN_TIMEOUT):
                     await self.rpc.wait_idle()
-                    await trio.sleep(0.05)  # let the connection writers flush the last replies
                 nursery.cancel_scope.cancel()
         finally:
             sock.close()
             self._remove_socket(inode)
             self.notifier.close()
             stats = self.pool.stats
-            log.info("stopped: %d VMs handed out, %d cached VMs killed",
-                     stats.handed_out, stats.killed)
+            log.info("stopped: %d VMs handed out, %d cached VMs killed, %d handed-out VMs left running",
+                     stats.handed_out, stats.killed,
+                     sum(entry.role == "claimed" for entry in self.ledger.entries()))
 
     async def _report_progress(self, events: trio.MemoryReceiveChannel[CacheEvent]) -> None:
         """Tell systemd (if it is there) how full the cache is; READY=1 at the first VM."""
@@ -166,6 +182,9 @@ class CacheDaemon:
         except FileNotFoundError:
             pass
 
+    def _ledger_event(self, kind: str, entry: HandedOut, message: str) -> None:
+        self.pool.publish(kind, entry.id, entry.handle.pid, message)
+
     # ------------------------------------------------------------ rpcs
 
     async def _config(self, _request: ProtoMessage) -> cache_pb2.GrpcVMConfig:
@@ -182,33 +201,126 @@ class CacheDaemon:
             AgentConfig=json.dumps(AGENT_CONFIG, sort_keys=True).encode(),
         )
 
-    async def _get_base_vm(self, _request: ProtoMessage) -> Reply:
+    async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
+        """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
+        await call.receive_one()
         lease = await self.pool.lease()
-        handle = lease.handle
-        message = cache_pb2.GrpcVM(
-            id=handle.id,
-            hypervisor=kata_hypervisor_json(handle),
-            proxyPid=0,
-            proxyURL=f"unix://{handle.agent_socket}",
-            cpu=handle.cpu,
-            memory=handle.memory,
-            cpuDelta=0,
-        )
+        written = False
+        try:
+            await call.send(grpc_vm(lease.handle))
+            await call.finish()
+            written = True
+        finally:
+            with trio.CancelScope(shield=True):
+                if not written:
+                    await lease.abort()
+                else:
+                    try:
+                        handle, process = await lease.commit()
+                    except VMGoneError as error:
+                        log.warning("%s; the client got a VM that is gone", error)
+                    else:
+                        self.ledger.adopt(handle, process, call.peer.uid, "claimed")
 
-        async def delivered() -> None:
-            await lease.commit()
+    async def _take_vm(self, call: RpcCall[ProtoMessage]) -> None:
+        """The acknowledged hand-out (see protos/cache.proto): offer, claim, and for a lease, hold."""
+        first = await call.receive_one()
+        assert isinstance(first, cache_pb2.TakeRequest)
+        if first.WhichOneof("step") != "ask":
+            raise InvalidRequestError("TakeVM must start with an ask")
+        ask = first.ask
+        wait = _seconds(ask.wait_seconds, "wait_seconds") or DEFAULT_WAIT
+        ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
+        entry = await self._offer(call, wait)
+        claimed = False
+        try:
+            with trio.move_on_after(CLAIM_TIMEOUT):
+                reply = await call.receive()
+            if reply is None or reply.WhichOneof("step") != "claim":
+                why = "no claim came in time" if reply is None and not call.client_gone else "no claim"
+                raise InvalidRequestError(f"VM {entry.id} was not claimed ({why}); it was stopped")
+            if cast(cache_pb2.TakeRequest, reply).claim.vm_id != entry.id:
+                raise InvalidRequestError(f"the claim names another VM than {entry.id}; it was stopped")
+            if not entry.alive:
+                raise VMGoneError(f"VM {entry.id} died before it was claimed; ask again")
+            self.ledger.claim(entry, lease=ask.lease, ttl=ttl)
+            claimed = True
+        finally:
+            if not claimed:
+                with trio.CancelScope(shield=True):
+                    await self.ledger.stop(entry, "it was not claimed")
+        if not ask.lease:
+            # From here the VM is the client's: it asked for it, got it and claimed it.
+            await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+                vm_id=entry.id, expires_at=entry.expires_at)))
+            await call.finish()
+            return
+        await self._hold_lease(call, entry)
 
-        return Reply(message, delivered, lease.abort)
+    async def _offer(self, call: RpcCall[ProtoMessage], wait: float) -> HandedOut:
+        """Take a VM out of the cache for this client and send it the offer."""
+        with trio.move_on_after(wait) as waited:
+            while True:
+                lease = await self.pool.lease()
+                try:
+                    handle, process = await lease.commit()
+                except VMGoneError as error:
+                    log.info("%s; offering the next one", error)
+                    continue
+                break
+        if waited.cancelled_caught:
+            raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
+        entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
+        try:
+            await call.send(cache_pb2.TakeReply(offer=grpc_vm(handle)))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.ledger.stop(entry, "its offer could not be sent")
+            raise
+        return entry
+
+    async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut) -> None:
+        """Keep a leased VM while the client holds the call; stop it when either side ends."""
+        await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+            vm_id=entry.id, expires_at=entry.expires_at)))
+        reason = "the client went away"
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def client_side() -> None:
+                    nonlocal reason
+                    try:
+                        message = await call.receive()
+                    except CallGone:
+                        message = None
+                    if call.client_gone:
+                        reason = "the client went away"
+                    elif message is None or message.WhichOneof("step") == "release":
+                        reason = "the client released it"
+                    else:
+                        reason = "the client sent something else than a release"
+                    nursery.cancel_scope.cancel()
+
+                async def vm_side() -> None:
+                    nonlocal reason
+                    await entry.gone.wait()
+                    reason = entry.stop_reason or "its VM exited"
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(client_side)
+                nursery.start_soon(vm_side)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.ledger.stop(entry, reason)
+        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(vm_id=entry.id, reason=reason)))
+        await call.finish()
 
     async def _status(self, _request: ProtoMessage) -> cache_pb2.GrpcStatus:
         stats = self.pool.stats
-        return cache_pb2.GrpcStatus(
+        status = CacheStatus(
             pid=os.getpid(),
-            vmstatus=[
-                cache_pb2.GrpcVMStatus(pid=vm.pid, cpu=vm.spec.vcpus, memory=vm.spec.memory_mib,
-                                       id=vm.id, rss_bytes=rss_bytes(vm.pid))
-                for vm in self.pool.ready_vms()
-            ],
+            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss_bytes(vm.pid))
+                 for vm in self.pool.ready_vms()],
             cache_size=self.pool.size,
             booting=stats.booting,
             last_boot_error=stats.last_error,
@@ -220,7 +332,13 @@ class CacheDaemon:
             median_handout_seconds=stats.median_handout(),
             uptime_seconds=time.monotonic() - self.started,
             boot_mode=self.config.factory.boot_mode,
+            handed_out_vms=[
+                HandedOutVMStatus(entry.id, entry.handle.pid, entry.owner_uid, entry.handed_at,
+                                  entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory)
+                for entry in self.ledger.entries()
+            ],
         )
+        return status_message(status)
 
     async def _quit(self, _request: ProtoMessage) -> Empty:
         log.info("Quit requested by a client")
@@ -238,6 +356,12 @@ class CacheDaemon:
         return stream()
 
 
+def _seconds(value: float, name: str) -> float:
+    if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
+        raise InvalidRequestError(f"{name} must be between 0 and {MAX_SECONDS:g} seconds, not {value}")
+    return value
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the cache daemon until cancelled or until a client calls Quit.
 
@@ -250,7 +374,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[None] = trio.TAS
 async def serve_until_signalled(config: Config) -> None:
     """``vmcache serve``: like :func:`serve`, stopping cleanly on SIGINT or SIGTERM."""
     daemon = CacheDaemon(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
@@ -261,3 +385,4 @@ async def serve_until_signalled(config: Config) -> None:
             nursery.start_soon(on_signal)
             await daemon.run()
             nursery.cancel_scope.cancel()
+

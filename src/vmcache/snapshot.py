@@ -14,10 +14,11 @@ before it is offered. Two restored VMs never share RNG output.
 
 The snapshot is keyed by everything that shapes the guest (QEMU binary and
 version, kernel and initrd, vCPUs, memory, machine, accel, kernel parameters,
-sandbox, TCG cache size). A changed key, or a file whose size or SHA-256 no
-longer matches (checked while it is streamed), discards the snapshot and
-rebuilds it; slots boot the ordinary way meanwhile. The file is removed when
-the daemon exits.
+sandbox, TCG cache size). A changed key, a file whose size or SHA-256 no longer
+matches (checked while it is streamed, in a worker thread), or a restore that
+fails in any way (QEMU refusing the state, a failing ``cont``, an agent that does
+not answer) discards the snapshot and rebuilds it; slots boot the ordinary way
+meanwhile. The file is removed when the daemon exits.
 
 Both migration directions use a Unix socket between QEMU and us (QEMU 7.2 has
 no ``file:`` migration, and ``exec:`` would need QEMU to spawn, which the
@@ -31,16 +32,19 @@ import itertools
 import json
 import logging
 import os
-import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 import trio
 
+from .backoff import Backoff
 from .config import VMSpec
-from .errors import BootError, VmcacheError
+from .errors import VMError
 from .qemu import VM, Registry, boot_vm, connect_agent, connect_monitor, make_private_dir, start_vm
+from .qemu_binary import qemu_version
 
 log = logging.getLogger("vmcache.snapshot")
 
@@ -55,7 +59,7 @@ SAVE_TIMEOUT = 60.0
 MAX_BANDWIDTH = 64 << 30
 
 
-class SnapshotError(VmcacheError):
+class SnapshotError(VMError):
     """The snapshot could not be made or used; vmcache falls back to plain boots."""
 
 
@@ -67,21 +71,11 @@ def _stat_key(path: Path) -> list[object]:
     return [str(path), info.st_size, info.st_mtime_ns]
 
 
-_QEMU_VERSIONS: dict[str, str] = {}
-
-
-def _qemu_version(qemu: Path) -> str:
-    if str(qemu) not in _QEMU_VERSIONS:
-        done = subprocess.run([str(qemu), "-version"], capture_output=True, text=True, timeout=30)
-        _QEMU_VERSIONS[str(qemu)] = done.stdout.splitlines()[0] if done.stdout else ""
-    return _QEMU_VERSIONS[str(qemu)]
-
-
-def snapshot_key(spec: VMSpec, accel: str) -> str:
+async def snapshot_key(spec: VMSpec, accel: str) -> str:
     """A hash of everything that shapes the guest a snapshot holds."""
     shape = {
         "qemu": _stat_key(spec.qemu),
-        "qemu_version": _qemu_version(spec.qemu),
+        "qemu_version": await qemu_version(spec.qemu),
         "kernel": _stat_key(spec.kernel),
         "initrd": _stat_key(spec.initrd),
         "image": spec.image,
@@ -131,29 +125,45 @@ async def _wait_migration(vm: VM, timeout: float, *, incoming: bool) -> None:
 
 
 async def save_snapshot(vm: VM, path: Path) -> Snapshot:
-    """Stop ``vm`` and write its state to ``path`` (via a Unix socket we read)."""
+    """Stop ``vm`` and write its state to ``path`` (via a Unix socket we read).
+
+    The whole save, QMP commands included, is bounded by :data:`SAVE_TIMEOUT`.
+    """
     assert vm.qmp is not None
     sock_path = vm.run_dir / "save.sock"
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     digest = hashlib.sha256()
     size = 0
     partial = path.with_suffix(".partial")
-    with listener:
-        await listener.bind(os.fspath(sock_path))
-        listener.listen(1)
-        await vm.qmp.execute("stop")
-        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        await vm.qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
-        with trio.fail_after(SAVE_TIMEOUT):
+    try:
+        with trio.fail_after(SAVE_TIMEOUT), listener:
+            await listener.bind(os.fspath(sock_path))
+            listener.listen(1)
+            await vm.qmp.execute("stop")
+            await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            await vm.qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
             connection, _ = await listener.accept()
             with connection, open(partial, "wb") as out:  # noqa: ASYNC230 - local file
                 while chunk := await connection.recv(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
+                    await trio.to_thread.run_sync(_write_and_hash, out, digest, chunk)
                     size += len(chunk)
             await _wait_migration(vm, SAVE_TIMEOUT, incoming=False)
+    except trio.TooSlowError:
+        partial.unlink(missing_ok=True)
+        raise SnapshotError(f"saving the snapshot took longer than {SAVE_TIMEOUT:g} s") from None
     partial.replace(path)
     return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id)
+
+
+def _write_and_hash(out: BinaryIO, digest: hashlib._Hash, chunk: bytes) -> None:
+    out.write(chunk)
+    digest.update(chunk)
+
+
+def _read_and_hash(source: BinaryIO, digest: hashlib._Hash) -> bytes:
+    chunk = source.read(CHUNK)
+    digest.update(chunk)
+    return chunk
 
 
 async def _stream_into(vm: VM, snapshot: Snapshot) -> None:
@@ -168,8 +178,9 @@ async def _stream_into(vm: VM, snapshot: Snapshot) -> None:
         await connection.connect(os.fspath(sock_path))
         try:
             with open(snapshot.path, "rb") as source:  # noqa: ASYNC230 - local file
-                while chunk := source.read(CHUNK):
-                    digest.update(chunk)
+                # Reading and hashing in a worker thread keeps the event loop free
+                # (a hand-out must not wait behind 60 MB of SHA-256).
+                while chunk := await trio.to_thread.run_sync(_read_and_hash, source, digest):
                     size += len(chunk)
                     view = memoryview(chunk)
                     while view:
@@ -184,8 +195,10 @@ async def _stream_into(vm: VM, snapshot: Snapshot) -> None:
 class SnapshotManager:
     """Owns the template snapshot; boots VMs by restoring it, or plainly while it is missing."""
 
-    def __init__(self, spec: VMSpec, directory: Path, registry: Registry | None = None) -> None:
+    def __init__(self, spec: VMSpec, directory: Path, registry: Registry | None = None,
+                 plain_boot: Callable[[VMSpec], Awaitable[VM]] | None = None) -> None:
         self.spec = spec
+        self._plain_boot = plain_boot if plain_boot is not None else boot_vm
         self.template_spec = attrs.evolve(
             spec, kernel_params=" ".join(filter(None, (spec.kernel_params, TEMPLATE_KERNEL_PARAMS))))
         self.directory = directory
@@ -203,18 +216,18 @@ class SnapshotManager:
         for stale in self.directory.glob("template-*"):  # a killed daemon's, or an old key's
             stale.unlink(missing_ok=True)
         task_status.started()
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         try:
             while True:
                 if self.snapshot is None:
                     try:
                         await self._build()
-                        delay = 1.0
-                    except VmcacheError as error:
+                        backoff.reset()
+                    except Exception as error:  # never fatal: plain boots go on meanwhile
+                        delay = backoff.next()
                         log.warning("could not make the snapshot (%s); plain boots until it works; "
                                     "retrying in %.0f s", error, delay)
                         await trio.sleep(delay)
-                        delay = min(delay * 2, 60.0)
                         continue
                 self._wanted = trio.Event()
                 await self._wanted.wait()
@@ -225,9 +238,9 @@ class SnapshotManager:
         started = time.monotonic()
         self._building = True
         try:
-            template = await boot_vm(self.template_spec, self.registry)
+            template = await self._plain_boot(self.template_spec)
             try:
-                key = snapshot_key(self.template_spec, template.accel)
+                key = await snapshot_key(self.template_spec, template.accel)
                 path = self.directory / f"template-{key}.vmstate"
                 saved = await save_snapshot(template, path)
             finally:
@@ -250,20 +263,21 @@ class SnapshotManager:
         """The pool's boot function: restore when the snapshot is there and current."""
         snapshot = self.snapshot
         template_spec = attrs.evolve(spec, kernel_params=self.template_spec.kernel_params)
-        if snapshot is not None and snapshot_key(template_spec, snapshot.accel) != snapshot.key:
+        if snapshot is not None and await snapshot_key(template_spec, snapshot.accel) != snapshot.key:
             log.info("the guest's configuration or image changed: rebuilding the snapshot")
             self.discard()
             snapshot = None
         if snapshot is None:
             self.fallbacks += 1
-            return await boot_vm(spec, self.registry)
+            return await self._plain_boot(spec)
         try:
             vm = await self.restore(template_spec, snapshot)
-        except SnapshotError as error:
+        except VMError as error:  # SnapshotError, BootError, QMPError, AgentError alike
             log.warning("restore failed (%s): discarding the snapshot, booting plainly", error)
-            self.discard()
+            if self.snapshot is snapshot:
+                self.discard()
             self.fallbacks += 1
-            return await boot_vm(spec, self.registry)
+            return await self._plain_boot(spec)
         self.restores += 1
         return vm
 
@@ -289,9 +303,6 @@ class SnapshotManager:
             await agent.set_clock()
             return boot_id
 
-        try:
-            return await start_vm(spec, snapshot.accel, spec.boot_timeout, self.registry,
-                                  become_ready=become_ready, extra_args=("-incoming", "defer", "-S"),
-                                  what="restore")
-        except BootError as error:  # QEMU refusing the state exits: the snapshot is suspect
-            raise SnapshotError(str(error)) from None
+        return await start_vm(spec, snapshot.accel, spec.boot_timeout, self.registry,
+                              become_ready=become_ready, extra_args=("-incoming", "defer", "-S"),
+                              what="restore")

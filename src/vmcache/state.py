@@ -1,12 +1,25 @@
-"""Records of the VMs a daemon is responsible for, so that a crash leaks nothing.
+"""Records of the VMs a daemon is responsible for, so that no exit path leaks one.
 
-A daemon killed with SIGKILL (or by the OOM killer) cannot stop its cached VMs,
-and they run in their own session, so they live on. Each VM therefore has a
-record in the daemon's state directory from the moment QEMU starts until it is
-stopped or handed out. The next daemon on the same endpoint reads the records
-left behind and kills those VMs, but only after checking that the pid is still
-that QEMU (same start time, and its command line names the VM), so a reused pid
-is never killed. Handed-out VMs have no record: they belong to their clients.
+Every VM a daemon starts has a record in the daemon's state directory from the
+moment its QEMU process exists until the process is gone. The record says what
+the VM is to the daemon (its *role*):
+
+``cached``
+    in the cache: booting, ready, or set aside for a client that asked;
+``offered``
+    handed to a ``TakeVM`` client that has not claimed it yet;
+``leased``
+    bound to a client's open ``TakeVM`` call;
+``claimed``
+    belongs to its client (after a claim, or a Kata ``GetBaseVM``); the daemon
+    still enforces its TTL and cleans up after it when it exits.
+
+A daemon killed with SIGKILL (or by the OOM killer) cannot act on any of that,
+and QEMU runs in its own session, so the VMs live on. The next daemon on the same
+endpoint reads the records: cached, offered and leased VMs are killed (nobody
+holds them any more), claimed VMs that still run are adopted by its ledger, and
+the run directories of VMs that are gone are removed. A pid is only ever
+signalled after checking it is still that QEMU (start time and command line).
 """
 
 from __future__ import annotations
@@ -17,14 +30,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import attrs
+import cattrs
 import trio
 
-from .process import PidfdProcess, stop_process
-from .procfs import cmdline, process_start_time
-from .qemu import VM, make_private_dir
+from .errors import ConfigError
+from .paths import vm_run_dir
+from .process import open_vm_process, stop_process
+from .procfs import process_start_time
 
 log = logging.getLogger("vmcache.state")
+
+ROLES = ("cached", "offered", "leased", "claimed")
 
 
 def state_dir_for(run_root: Path, endpoint: Path) -> Path:
@@ -33,70 +52,114 @@ def state_dir_for(run_root: Path, endpoint: Path) -> Path:
     return run_root / "state" / digest
 
 
-class VMRegistry:
-    """The records of one daemon's VMs (``<state>/vm-<id>.json``)."""
+@attrs.frozen
+class VMRecord:
+    """What survives a daemon about one of its VMs."""
 
-    def __init__(self, path: Path) -> None:
+    id: str
+    pid: int
+    start_time: int
+    role: str = "cached"
+    owner_uid: int = -1
+    handed_at: float = 0.0
+    #: Unix time the VM's TTL ends; 0 = no TTL.
+    expires_at: float = 0.0
+    #: The handle its client got (for claimed VMs, so a new daemon can stop them at TTL).
+    handle: dict[str, Any] | None = None
+
+
+_CONVERTER = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as error:
+        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
+
+
+class VMRegistry:
+    """The records of one daemon's VMs: ``<state>/vm-<id>.json``, written atomically."""
+
+    def __init__(self, path: Path, run_root: Path) -> None:
         self.path = path
+        self.run_root = run_root
 
     def prepare(self) -> None:
         """Create the directory (0700) and check it is writable; a ConfigError if not."""
-        make_private_dir(self.path.parent)
-        make_private_dir(self.path)
+        _make_private_dir(self.path.parent)
+        _make_private_dir(self.path)
         probe = self.path / ".write-test"
         try:
             probe.write_text("")
             probe.unlink()
         except OSError as error:
-            from .errors import ConfigError
-
             raise ConfigError(f"state directory {self.path} is not writable: {error.strerror}") from None
 
-    def _record(self, vm_id: str) -> Path:
+    def _file(self, vm_id: str) -> Path:
         return self.path / f"vm-{vm_id}.json"
 
-    def add(self, vm: VM) -> None:
-        """Remember a VM whose QEMU has just started."""
-        record = {
-            "id": vm.id,
-            "pid": vm.pid,
-            "start_time": process_start_time(vm.pid),
-            "run_dir": str(vm.run_dir),
-        }
-        partial = self.path / f".vm-{vm.id}.partial"
+    def write(self, record: VMRecord) -> None:
+        """Create or replace a record (atomically: a crash leaves the old or the new one)."""
+        partial = self.path / f".vm-{record.id}.partial"
         try:
-            partial.write_text(json.dumps(record))
-            partial.replace(self._record(vm.id))
+            partial.write_text(json.dumps(_CONVERTER.unstructure(record)))
+            partial.replace(self._file(record.id))
         except OSError as error:
-            log.error("cannot record VM %s in %s: %s", vm.id, self.path, error.strerror)
+            log.error("cannot record VM %s in %s: %s", record.id, self.path, error.strerror)
 
-    def remove(self, vm: VM) -> None:
-        """Forget a VM: it was stopped, or it was handed out and is not ours any more."""
-        self._record(vm.id).unlink(missing_ok=True)
+    def add(self, vm_id: str, pid: int) -> None:
+        """Remember a VM whose QEMU has just started (role ``cached``)."""
+        self.write(VMRecord(vm_id, pid, process_start_time(pid)))
 
-    async def recover(self) -> int:
-        """Kill the VMs a previous daemon left behind; returns how many were killed."""
-        killed = 0
-        for record_path in sorted(self.path.glob("vm-*.json")):
+    def remove(self, vm_id: str) -> None:
+        """Forget a VM: its QEMU process is gone."""
+        self._file(vm_id).unlink(missing_ok=True)
+
+    def load(self) -> list[VMRecord]:
+        """Every readable record; unreadable ones are logged and removed."""
+        records = []
+        for path in sorted(self.path.glob("vm-*.json")):
             try:
-                record = json.loads(record_path.read_text())
-                vm_id, pid = str(record["id"]), int(record["pid"])
-                start_time, run_dir = int(record["start_time"]), Path(record["run_dir"])
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("ignoring an unreadable record %s", record_path)
-                record_path.unlink(missing_ok=True)
+                record = _CONVERTER.structure(json.loads(path.read_text()), VMRecord)
+                if path.name != f"vm-{record.id}.json" or record.role not in ROLES:
+                    raise ValueError("inconsistent record")
+            except (OSError, ValueError, TypeError, cattrs.BaseValidationError):
+                log.warning("ignoring an unreadable record %s", path)
+                path.unlink(missing_ok=True)
                 continue
-            process = PidfdProcess(pid, start_time)
-            try:
-                ours = start_time and f"vmcache-{vm_id}".encode() in cmdline(pid)
-                if process.returncode is None and ours:
-                    log.warning("killing VM %s (pid %d) that a previous daemon left behind", vm_id, pid)
+            records.append(record)
+        return records
+
+    def remove_run_dir(self, vm_id: str) -> None:
+        """Remove a VM's run directory, found from its id (never from a path we were given)."""
+        run_dir = vm_run_dir(self.run_root, vm_id)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def recover(self) -> tuple[int, list[VMRecord]]:
+        """Deal with what a previous daemon left: returns (VMs killed, claimed VMs still running).
+
+        The caller adopts the claimed VMs it gets back; everything else is settled here.
+        """
+        killed = 0
+        claimed: list[VMRecord] = []
+        for record in self.load():
+            process = open_vm_process(record.id, record.pid, record.start_time)
+            if process is not None and record.role == "claimed":
+                process.close()
+                claimed.append(record)
+                continue
+            if process is not None:
+                log.warning("killing %s VM %s (pid %d) that a previous daemon left behind",
+                            record.role, record.id, record.pid)
+                try:
                     with trio.CancelScope(shield=True):
                         await stop_process(process, None, term_grace=2.0)
-                    killed += 1
-            finally:
-                process.close()
-            if run_dir.name == f"vm-{vm_id}":
-                shutil.rmtree(run_dir, ignore_errors=True)
-            record_path.unlink(missing_ok=True)
-        return killed
+                finally:
+                    process.close()
+                killed += 1
+            self.remove_run_dir(record.id)
+            self.remove(record.id)
+        return killed, claimed

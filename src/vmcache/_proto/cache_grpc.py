@@ -19,6 +19,9 @@ class CacheServiceServicer(purerpc.Servicer):
     async def Watch(self, input_message):
         raise NotImplementedError()
 
+    async def TakeVM(self, input_messages):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -69,6 +72,15 @@ class CacheServiceServicer(purerpc.Servicer):
                 cache__pb2.GrpcEvent,
             )
         )
+        service_obj.add_method(
+            "TakeVM",
+            self.TakeVM,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_STREAM,
+                cache__pb2.TakeRequest,
+                cache__pb2.TakeReply,
+            )
+        )
         return service_obj
 
 
@@ -116,5 +128,13 @@ class CacheServiceStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 google_dot_protobuf_dot_empty__pb2.Empty,
                 cache__pb2.GrpcEvent,
+            )
+        )
+        self.TakeVM = self._client.get_method_stub(
+            "TakeVM",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_STREAM,
+                cache__pb2.TakeRequest,
+                cache__pb2.TakeReply,
             )
         )

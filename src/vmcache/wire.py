@@ -1,0 +1,182 @@
+"""Between the wire's protobuf messages and vmcache's Python objects, both ways.
+
+The daemon and the client both speak through this module, so that neither
+imports the other, and Kata's field names stay in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from ._proto import cache_pb2
+from .errors import CacheError
+from .handle import VMHandle
+
+SERVICE = "cache.CacheService"
+
+
+@attrs.frozen
+class CacheEvent:
+    """One change in the cache, as ``Watch`` streams it."""
+
+    kind: str  # booting, ready, handed_out, died, killed, boot_failed, released, expired
+    vm_id: str
+    pid: int
+    message: str
+    time: float
+    ready: int
+    cache_size: int
+
+
+@attrs.frozen
+class CachedVMStatus:
+    """A cached VM, ready to be handed out."""
+
+    pid: int
+    cpu: int
+    memory: int
+    id: str = ""
+    rss_bytes: int = 0
+
+
+@attrs.frozen
+class HandedOutVMStatus:
+    """A VM the daemon handed out and keeps track of (its ledger)."""
+
+    id: str
+    pid: int
+    owner_uid: int
+    handed_at: float
+    state: str  # offered, leased, claimed
+    expires_at: float = 0.0  # Unix time; 0 = no TTL
+    cpu: int = 0
+    memory: int = 0
+
+
+@attrs.frozen
+class CacheStatus:
+    """What ``Status`` says: the daemon's pid, its cached ready VMs, the ledger, counters."""
+
+    pid: int
+    vms: list[CachedVMStatus]
+    cache_size: int = 0
+    booting: int = 0
+    last_boot_error: str = ""
+    boot_failures_in_row: int = 0
+    boots: int = 0
+    boot_failures: int = 0
+    handed_out: int = 0
+    median_boot_seconds: float = 0.0
+    median_handout_seconds: float = 0.0
+    uptime_seconds: float = 0.0
+    boot_mode: str = ""
+    handed_out_vms: list[HandedOutVMStatus] = attrs.Factory(list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+# ---------------------------------------------------------------- VMs
+
+
+def kata_hypervisor_json(handle: VMHandle) -> bytes:
+    """``GrpcVM.hypervisor``: Kata's QEMU-handle key names where one fits, plus ours."""
+    return json.dumps({
+        "ID": handle.id,
+        "QmpChannelpath": handle.qmp_socket,
+        "State": {"Pid": handle.pid, "UUID": handle.boot_id},
+        "vmcache": handle.to_dict(),
+    }, sort_keys=True).encode()
+
+
+def grpc_vm(handle: VMHandle) -> cache_pb2.GrpcVM:
+    """The ``GrpcVM`` a client gets for a VM (Kata's fields, our handle inside)."""
+    return cache_pb2.GrpcVM(
+        id=handle.id,
+        hypervisor=kata_hypervisor_json(handle),
+        proxyPid=0,
+        proxyURL=f"unix://{handle.agent_socket}",
+        cpu=handle.cpu,
+        memory=handle.memory,
+        cpuDelta=0,
+    )
+
+
+def handle_from_grpc_vm(message: cache_pb2.GrpcVM) -> VMHandle:
+    """The VM handle inside a ``GrpcVM`` (our ``vmcache`` key in ``hypervisor``)."""
+    try:
+        data = json.loads(message.hypervisor)
+        return VMHandle.from_dict(data["vmcache"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CacheError(f"the daemon's GrpcVM carries no vmcache handle: {error}") from None
+
+
+# ---------------------------------------------------------------- events
+
+
+def event_message(event: CacheEvent) -> cache_pb2.GrpcEvent:
+    return cache_pb2.GrpcEvent(kind=event.kind, vm_id=event.vm_id, pid=event.pid,
+                               message=event.message, time=event.time, ready=event.ready,
+                               cache_size=event.cache_size)
+
+
+def event_from_message(message: cache_pb2.GrpcEvent) -> CacheEvent:
+    return CacheEvent(message.kind, message.vm_id, message.pid, message.message,
+                      message.time, message.ready, message.cache_size)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
+    return cache_pb2.GrpcStatus(
+        pid=status.pid,
+        vmstatus=[
+            cache_pb2.GrpcVMStatus(pid=vm.pid, cpu=vm.cpu, memory=vm.memory, id=vm.id,
+                                   rss_bytes=vm.rss_bytes)
+            for vm in status.vms
+        ],
+        cache_size=status.cache_size,
+        booting=status.booting,
+        last_boot_error=status.last_boot_error,
+        boot_failures_in_row=status.boot_failures_in_row,
+        boots=status.boots,
+        boot_failures=status.boot_failures,
+        handed_out=status.handed_out,
+        median_boot_seconds=status.median_boot_seconds,
+        median_handout_seconds=status.median_handout_seconds,
+        uptime_seconds=status.uptime_seconds,
+        boot_mode=status.boot_mode,
+        handed_out_vms=[
+            cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
+                                      handed_at=vm.handed_at, state=vm.state,
+                                      expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory)
+            for vm in status.handed_out_vms
+        ],
+    )
+
+
+def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
+    return CacheStatus(
+        pid=message.pid,
+        vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes) for vm in message.vmstatus],
+        cache_size=message.cache_size,
+        booting=message.booting,
+        last_boot_error=message.last_boot_error,
+        boot_failures_in_row=message.boot_failures_in_row,
+        boots=message.boots,
+        boot_failures=message.boot_failures,
+        handed_out=message.handed_out,
+        median_boot_seconds=message.median_boot_seconds,
+        median_handout_seconds=message.median_handout_seconds,
+        uptime_seconds=message.uptime_seconds,
+        boot_mode=message.boot_mode,
+        handed_out_vms=[
+            HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, vm.state, vm.expires_at,
+                              vm.cpu, vm.memory)
+            for vm in message.handed_out_vms
+        ],
+    )
