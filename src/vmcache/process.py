@@ -89,6 +89,8 @@ class PidfdProcess:
     def __init__(self, pid: int, start_time: int) -> None:
         self.pid = pid
         self._fd: int | None = None
+        self._waiting = False
+        self._changed = trio.Event()
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -108,8 +110,20 @@ class PidfdProcess:
         return 0 if poller.poll(0) else None
 
     async def wait(self) -> int:
-        if self._fd is not None:
-            await trio.lowlevel.wait_readable(self._fd)
+        """Wait until the process is gone. Several tasks may wait at once (one of them
+        watches the pidfd, the others wait for its news)."""
+        while self.returncode is None:
+            if self._waiting:
+                await self._changed.wait()
+                continue
+            self._waiting = True
+            try:
+                assert self._fd is not None
+                await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._waiting = False
+                self._changed.set()
+                self._changed = trio.Event()
         return 0
 
     def send_signal(self, sig: int) -> None:

@@ -233,6 +233,7 @@ class CacheDaemon:
         ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
         entry = await self._offer(call, wait)
         claimed = False
+        reply: ProtoMessage | None = None
         try:
             with trio.move_on_after(CLAIM_TIMEOUT):
                 reply = await call.receive()

@@ -234,6 +234,12 @@ class RpcServer:
     async def serve(self, sock: socket.socket, *, task_status: trio.TaskStatus[None]) -> None:
         """Accept connections on the listening ``sock`` until cancelled."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        await self.serve_listener(listener, task_status=task_status)
+
+    async def serve_listener(self, listener: trio.abc.Listener[trio.SocketStream], *,
+                             task_status: trio.TaskStatus[None]) -> None:
+        """Accept connections from ``listener`` until cancelled (or an error that is not
+        about capacity: those end the server, as they do Trio's ``serve_listeners``)."""
         backoff = Backoff(0.01, 1.0)
         async with listener, trio.open_nursery() as nursery:
             task_status.started()
@@ -303,7 +309,9 @@ class RpcServer:
                     await connection.receive_loop(on_request)
                     calls.cancel_scope.cancel()  # the client hung up: nobody waits for these
         except* TransportError as group:
-            log.info("closed a client connection: %s", _first(group))
+            # A peer that never spoke (a probe: is anyone listening?) is not news.
+            level = logging.INFO if connection.handshaken.is_set() else logging.DEBUG
+            log.log(level, "closed a client connection: %s", _first(group))
         except* Exception as group:  # never let one connection take the daemon down
             first = _first(group)
             log.warning("closed a client connection after an error: %s: %s", type(first).__name__, first)

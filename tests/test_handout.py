@@ -1,0 +1,246 @@
+"""No VM lost or leaked on any exit path: acknowledged hand-outs, leases, TTLs, the ledger.
+
+Real daemons, real CLI processes, real signals; after each, QEMU processes and run
+directories are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import VMCACHE, pid_alive, qemu_pids, wait_until, write_config
+from daemon import Daemon
+
+import vmcache
+from vmcache import server as daemon_module
+from vmcache._proto import cache_pb2
+from vmcache.errors import CacheError, LeaseLostError
+
+pytestmark = pytest.mark.qemu
+
+
+def vm_dirs(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.iterdir() if p.name.startswith("vm-")}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, run_dir: Path, guest_image: Path):  # type: ignore[no-untyped-def]
+    instance = Daemon(tmp_path, run_dir, cache=1)
+    yield instance
+    instance.ensure_stopped()
+
+
+def run_cli(daemon: Daemon, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*VMCACHE, "run", "--endpoint", str(daemon.endpoint), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_handed_out(daemon: Daemon, count: int = 1, timeout: float = 60) -> list[dict[str, object]]:
+    assert wait_until(lambda: len(daemon.status()["handed_out_vms"]) >= count, timeout, 0.2), daemon.log()
+    vms: list[dict[str, object]] = daemon.status()["handed_out_vms"]
+    return vms
+
+
+def test_sigterm_and_sigkill_to_a_warm_run_leave_no_vm(daemon: Daemon, run_dir: Path) -> None:
+    before = qemu_pids()
+    daemon.start()
+    daemon.wait_cached(1)
+
+    # `timeout -s TERM 3 vmcache run -- sleep 60`: exit 124, one line from us, VM gone within 5 s.
+    done = subprocess.run(["timeout", "-s", "TERM", "3", *VMCACHE, "run", "--endpoint",
+                           str(daemon.endpoint), "--", "sleep", "60"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 124
+    assert done.stderr == "vmcache: interrupted (SIGTERM)\n"
+    assert wait_until(lambda: qemu_pids() - before == set(daemon.cached_pids()) and
+                      not daemon.status()["handed_out_vms"], 5), daemon.log()
+
+    # kill -9: the run cannot clean up; its connection closes and the daemon stops the VM.
+    daemon.wait_cached(1)
+    process = run_cli(daemon, "--", "sleep", "60")
+    (leased,) = wait_handed_out(daemon)
+    assert leased["state"] == "leased"
+    process.kill()
+    process.wait()
+    assert wait_until(lambda: not pid_alive(int(leased["pid"])), 5), daemon.log()  # type: ignore[call-overload]
+    assert wait_until(lambda: f"vm-{leased['id']}" not in vm_dirs(run_dir), 5)
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert qemu_pids() == before
+    assert vm_dirs(run_dir) == set()
+
+
+def test_get_with_a_ttl_is_stopped_also_across_a_daemon_restart(daemon: Daemon, run_dir: Path) -> None:
+    before = qemu_pids()
+    daemon.start()
+    daemon.wait_cached(1)
+    first = json.loads(daemon.cli("get", "--ttl", "5").stdout)
+    started = time.monotonic()
+    status = daemon.status()["handed_out_vms"]
+    assert [(vm["id"], vm["state"]) for vm in status] == [(first["id"], "claimed")]
+    assert 0 < status[0]["expires_at"] - time.time() <= 5
+    assert "TTL ends in" in daemon.cli("status").stdout
+    assert wait_until(lambda: not pid_alive(first["pid"]), 7), daemon.log()
+    assert time.monotonic() - started >= 4.5
+    assert wait_until(lambda: f"vm-{first['id']}" not in vm_dirs(run_dir), 2)
+
+    # The same with the daemon killed (SIGKILL) and started again meanwhile.
+    daemon.wait_cached(1)
+    second = json.loads(daemon.cli("get", "--ttl", "5").stdout)
+    started = time.monotonic()
+    assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+    daemon.start()
+    assert wait_until(lambda: not pid_alive(second["pid"]), 7 - (time.monotonic() - started)), daemon.log()
+    assert "adopted claimed VM" in daemon.log()
+    daemon.wait_cached(1)
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert qemu_pids() == before
+    assert vm_dirs(run_dir) == set()
+
+
+def test_stop_refuses_a_handle_edited_to_name_something_else(daemon: Daemon, tmp_path: Path,
+                                                             run_dir: Path) -> None:
+    daemon.start()
+    daemon.wait_cached(1)
+    handle = json.loads(daemon.cli("get").stdout)
+    bystander = subprocess.Popen(["sleep", "60"])
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    edits = {
+        "another directory": {"run_dir": str(precious)},
+        "a path escape": {"run_dir": f"{run_dir}/vm-{handle['id']}/../../{precious.name}"},
+        "another process": {"pid": bystander.pid},
+        "another process with its start time": {"pid": bystander.pid,
+                                                "start_time": vmcache_start_time(bystander.pid)},
+        "an id that is a path": {"id": "../../etc"},
+    }
+    try:
+        for what, edit in edits.items():
+            edited = tmp_path / "edited.json"
+            edited.write_text(json.dumps({**handle, **edit}))
+            done = subprocess.run([*VMCACHE, "stop", str(edited)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, what
+            assert (done.stderr.count("\n") == 1 and "not touching it" in done.stderr) or \
+                "not a VM handle of ours" in done.stderr, (what, done.stderr)
+            assert bystander.poll() is None, f"{what}: the bystander was signalled"
+            assert (precious / "keep.txt").read_text() == "mine", f"{what}: the directory was touched"
+            assert pid_alive(handle["pid"]), f"{what}: the VM was stopped through an edited handle"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(handle))
+    daemon.cli("stop", str(real))
+    assert not pid_alive(handle["pid"])
+    assert daemon.signal(signal.SIGTERM) == 0
+
+
+def vmcache_start_time(pid: int) -> int:
+    from vmcache.procfs import process_start_time
+
+    return process_start_time(pid)
+
+
+def test_the_ledger_cleans_up_after_a_vm_killed_from_outside(daemon: Daemon, run_dir: Path) -> None:
+    daemon.start()
+    daemon.wait_cached(1)
+    handle = json.loads(daemon.cli("get").stdout)
+    assert f"vm-{handle['id']}" in vm_dirs(run_dir)
+    os.kill(handle["pid"], signal.SIGKILL)
+    assert wait_until(lambda: f"vm-{handle['id']}" not in vm_dirs(run_dir), 5), daemon.log()
+    assert wait_until(lambda: not daemon.status()["handed_out_vms"], 5)
+    assert "was killed by SIGKILL" in daemon.log()
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert vm_dirs(run_dir) == set()
+
+
+def test_sigint_to_run_direct_at_twenty_moments(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """Booting, restoring nothing, running the command, stopping: SIGINT anywhere is
+    exit 130, one line, and no QEMU left."""
+    config = write_config(tmp_path / "vmcache.toml")
+    before = qemu_pids()
+    moments = [0.25 + 0.2 * index for index in range(20)]  # 0.25 s .. 4.05 s: start-up to the command
+
+    def one(moment: float) -> tuple[int, str]:
+        argv = [*VMCACHE, "run", "--direct", "--config", str(config), "--", "sleep", "30"]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        time.sleep(moment)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's ^C does
+        _, stderr = process.communicate(timeout=60)
+        return process.returncode, stderr.decode()
+
+    async def all_moments() -> list[tuple[float, int, str]]:
+        results: list[tuple[float, int, str]] = []
+        limiter = trio.CapacityLimiter(2)
+
+        async def run(moment: float) -> None:
+            status, stderr = await trio.to_thread.run_sync(one, moment, limiter=limiter)
+            results.append((moment, status, stderr))
+
+        async with trio.open_nursery() as nursery:
+            for moment in moments:
+                nursery.start_soon(run, moment)
+        return results
+
+    results = trio.run(all_moments)
+    for moment, status, stderr in results:
+        assert (status, stderr) == (130, "vmcache: interrupted (SIGINT)\n"), moment
+    assert wait_until(lambda: qemu_pids() == before, 5)
+    assert vm_dirs(run_dir) == set()
+
+
+async def test_library_lease_and_unclaimed_offers(tmp_path: Path, run_dir: Path, guest_image: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process daemon: a lease stops its VM at the block's end; an offer that is never
+    claimed (client silent, or gone) is killed, not handed to anyone."""
+    monkeypatch.setattr(daemon_module, "CLAIM_TIMEOUT", 2.0)
+    config = vmcache.load_config(write_config(tmp_path / "c.toml", cache=1, endpoint=run_dir / "c.sock"))
+    before = qemu_pids()
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vmcache.serve, config)
+            async with vmcache.connect(config.endpoint()) as cache:
+                async with cache.lease_vm(timeout=120) as vm:
+                    assert (await vm.exec(["echo", "leased"])).stdout == b"leased\n"
+                    status = await cache.status()
+                    assert [(v.id, v.state) for v in status.handed_out_vms] == [(vm.id, "leased")]
+                assert not vm.is_running(), "the lease's end stops the VM"
+                assert (await cache.status()).handed_out_vms == []
+
+                # Silent after the offer: killed after CLAIM_TIMEOUT.
+                async with cache._channel.open_call("TakeVM", cache_pb2.TakeReply) as call:
+                    await call.send(cache_pb2.TakeRequest(ask=cache_pb2.TakeAsk(wait_seconds=120)))
+                    offer = await call.receive()
+                    assert offer is not None
+                    offered = json.loads(offer.offer.hypervisor)["vmcache"]  # type: ignore[attr-defined]
+                    with pytest.raises(CacheError, match="not claimed"):
+                        await call.receive()
+                assert not pid_alive(offered["pid"])
+
+                # Gone after the offer (the call is reset): killed at once.
+                async with cache._channel.open_call("TakeVM", cache_pb2.TakeReply) as call:
+                    await call.send(cache_pb2.TakeRequest(ask=cache_pb2.TakeAsk(wait_seconds=120)))
+                    offer = await call.receive()
+                    assert offer is not None
+                    offered = json.loads(offer.offer.hypervisor)["vmcache"]  # type: ignore[attr-defined]
+                await trio.to_thread.run_sync(wait_until, lambda: not pid_alive(offered["pid"]), 5)
+                assert not pid_alive(offered["pid"])
+
+                # A lease whose VM dies: the block is cancelled, LeaseLostError says why.
+                with pytest.raises(LeaseLostError, match=r"exited|killed"):
+                    async with cache.lease_vm(timeout=120) as vm:
+                        os.kill(vm.pid, signal.SIGKILL)
+                        await trio.sleep_forever()
+                stats = await cache.status()
+                assert stats.handed_out_vms == []
+            nursery.cancel_scope.cancel()
+    assert qemu_pids() == before
+    assert vm_dirs(run_dir) == set()

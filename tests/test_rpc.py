@@ -1,0 +1,256 @@
+"""The gRPC layer without QEMU: a real server on a real Unix socket, in this process.
+
+What the daemon relies on: a reset cancels its call even when it arrives with the
+request, forgotten calls leave nothing behind, silent and idle connections cannot
+lock clients out, accept retries only capacity errors, deadlines hold, and a
+caller's own exception comes out of ``connect`` as itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message as ProtoMessage
+
+import vmcache
+from vmcache._proto import cache_pb2
+from vmcache.errors import CacheError, DeadlineExceededError, InvalidRequestError
+from vmcache.rpc import server as rpc_server
+from vmcache.rpc.client import open_channel
+from vmcache.rpc.endpoint import bind_unix_socket
+from vmcache.rpc.server import Method, RpcCall, RpcServer, unary
+from vmcache.wire import SERVICE
+
+
+class Recorder:
+    """Handlers that record how far they got."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.handed_out = 0
+        self.cancelled = 0
+        self.release = trio.Event()
+
+    async def status(self, _request: ProtoMessage) -> cache_pb2.GrpcStatus:
+        return cache_pb2.GrpcStatus(pid=4242)
+
+    async def hand_out(self, call: RpcCall[ProtoMessage]) -> None:
+        """Like GetBaseVM: takes a moment to find a VM, then hands it out."""
+        self.started += 1
+        try:
+            await call.receive_one()
+            await trio.lowlevel.checkpoint()
+            self.handed_out += 1
+            await call.send(cache_pb2.GrpcVM(id="vm"))
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+
+    async def block(self, _request: ProtoMessage) -> Empty:
+        self.started += 1
+        try:
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        return Empty()
+
+
+@asynccontextmanager
+async def running_server(path: Path, recorder: Recorder) -> AsyncIterator[RpcServer]:
+    server = RpcServer(SERVICE, {
+        "Status": Method(Empty, unary(recorder.status)),
+        "GetBaseVM": Method(Empty, recorder.hand_out),
+        "Quit": Method(Empty, unary(recorder.block)),
+    })
+    sock = bind_unix_socket(path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, sock)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def grpc_frames(*, reset: bool, method: str = "GetBaseVM") -> bytes:
+    """A client's preface, one request with its message, and (optionally) RST_STREAM, as bytes."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/{method}"),
+                            (":authority", "localhost"), ("te", "trailers"),
+                            ("content-type", "application/grpc+proto")])
+    client.send_data(1, struct.pack(">?I", False, 0), end_stream=True)
+    if reset:
+        client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    return client.data_to_send()
+
+
+async def test_a_reset_in_the_same_read_as_its_request_cancels_the_call(tmp_path: Path) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder):
+        with trio.fail_after(10):
+            stream = await trio.open_unix_socket(str(path))
+            await stream.send_all(grpc_frames(reset=True))  # one write: one read on the server
+            while recorder.started == 0:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            await stream.aclose()
+    assert (recorder.started, recorder.handed_out, recorder.cancelled) == (1, 0, 1)
+
+
+async def test_without_a_reset_the_same_bytes_are_served(tmp_path: Path) -> None:
+    """The control for the test above: the request alone does reach the hand-out."""
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder):
+        with trio.fail_after(10):
+            stream = await trio.open_unix_socket(str(path))
+            await stream.send_all(grpc_frames(reset=False))
+            while recorder.handed_out == 0:
+                await trio.sleep(0.01)
+            await stream.aclose()
+    assert recorder.handed_out == 1
+
+
+async def test_calls_given_up_leave_nothing_behind_on_a_long_connection(tmp_path: Path) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder) as server, open_channel(path, SERVICE) as channel:
+        with trio.fail_after(30):
+            for _ in range(200):
+                with trio.move_on_after(0.005):
+                    await channel.unary("Quit", Empty(), Empty, timeout=10)
+            assert (await channel.unary("Status", Empty(), cache_pb2.GrpcStatus, 5)).pid == 4242
+            while server.active_calls:
+                await trio.sleep(0.01)
+            (served,) = server._served
+            assert served.connection.open_calls == 0
+            assert served.connection._protocol.message_read_buffers == {}
+    assert recorder.cancelled == recorder.started
+
+
+async def test_a_client_deadline_cancels_the_handler(tmp_path: Path) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder), open_channel(path, SERVICE) as channel:
+        with trio.fail_after(10), pytest.raises(DeadlineExceededError):
+            await channel.unary("Quit", Empty(), Empty, timeout=0.3)
+        while not recorder.cancelled:
+            await trio.sleep(0.01)
+
+
+async def test_unknown_methods_and_bad_messages_get_real_status_codes(tmp_path: Path) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder), open_channel(path, SERVICE) as channel:
+        with trio.fail_after(10):
+            with pytest.raises(CacheError, match="UNIMPLEMENTED"):
+                await channel.unary("Config", Empty(), cache_pb2.GrpcVMConfig, 5)
+            async with channel.open_call("Status", cache_pb2.GrpcStatus, timeout=5) as call:
+                await call._call.send(b"\xff\xff\xff", last=True)  # not protobuf
+                with pytest.raises(InvalidRequestError, match="not valid protobuf"):
+                    await call.receive()
+
+
+async def test_silent_connections_are_closed_after_the_handshake_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder):
+        stream = await trio.open_unix_socket(str(path))
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while await stream.receive_some(65536):
+                pass  # our SETTINGS, then EOF
+        assert rpc_server.HANDSHAKE_TIMEOUT <= trio.current_time() - start < rpc_server.HANDSHAKE_TIMEOUT + 1
+
+
+async def test_idle_connections_make_room_for_new_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(rpc_server, "MAX_CONNECTIONS", 8)
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+    async with running_server(path, recorder) as server:
+        squatters = []
+        for _ in range(8):
+            stream = await trio.open_unix_socket(str(path))
+            await stream.send_all(grpc_frames(reset=False, method="Status")[:24])  # preface only
+            squatters.append(stream)
+        while server.connections < 8:
+            await trio.sleep(0.01)
+        with trio.fail_after(10):
+            async with vmcache.connect(path) as cache:
+                with pytest.raises(CacheError):  # not a daemon: but it was served, not refused
+                    await cache.config()
+        assert server.evicted >= 1
+        assert "closed the longest-idle one" in caplog.text
+        for stream in squatters:
+            await stream.aclose()
+
+
+class FailingListener(trio.abc.Listener[trio.SocketStream]):
+    def __init__(self, errors: list[int]) -> None:
+        self.errors = errors
+        self.calls = 0
+
+    async def accept(self) -> trio.SocketStream:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        raise OSError(self.errors.pop(0), "simulated")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_accept_retries_capacity_errors_only(autojump_clock: trio.testing.MockClock) -> None:
+    server = RpcServer(SERVICE, {})
+    listener = FailingListener([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EBADF])
+    start = trio.current_time()
+    with pytest.raises(BaseExceptionGroup) as raised:  # the nurseries wrap it
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_listener, listener)
+    assert _leaf(raised.value).errno == errno.EBADF
+    assert listener.calls == 4
+    assert trio.current_time() - start == pytest.approx(0.01 + 0.02 + 0.04)
+
+
+def _leaf(error: BaseException) -> OSError:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, OSError)
+    return error
+
+
+async def test_the_callers_own_exception_comes_out_of_connect_as_itself(tmp_path: Path) -> None:
+    recorder = Recorder()
+    path = tmp_path / "s.sock"
+
+    class Mine(Exception):
+        pass
+
+    async with running_server(path, recorder):
+        with pytest.raises(Mine) as raised:
+            async with vmcache.connect(path) as cache:
+                await cache.status()
+                raise Mine("from the caller")
+    assert type(raised.value) is Mine and str(raised.value) == "from the caller"
+
+
+async def test_no_daemon_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(vmcache.DaemonNotRunningError, match="start one with `vmcache serve`"):
+        async with vmcache.connect(tmp_path / "nobody.sock"):
+            pass
+
