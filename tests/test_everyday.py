@@ -119,7 +119,7 @@ def test_systemd_notify_protocol(tmp_path: Path, run_dir: Path, guest_image: Pat
 async def test_watch_streams_boot_handout_refill_in_order(daemon: Daemon) -> None:
     daemon.start()
     await trio.to_thread.run_sync(daemon.wait_cached, 1)
-    events: list[vmcache.client.CacheEvent] = []
+    events: list[vmcache.CacheEvent] = []
     watcher = subprocess.Popen([*VMCACHE, "status", "--watch", "--endpoint", str(daemon.endpoint)],
                                stdout=subprocess.PIPE, text=True)
     assert watcher.stdout is not None
@@ -129,19 +129,24 @@ async def test_watch_streams_boot_handout_refill_in_order(daemon: Daemon) -> Non
         with trio.fail_after(120):
             async with vmcache.connect(daemon.endpoint) as cache, trio.open_nursery() as nursery:
 
+                watching = trio.Event()
+
                 async def collect() -> None:
                     async for event in cache.watch():
                         events.append(event)
+                        if event.kind == "watching":
+                            watching.set()
                         if event.kind == "ready":
                             nursery.cancel_scope.cancel()
 
                 nursery.start_soon(collect)
-                await trio.sleep(0.5)  # the watch is registered
+                await watching.wait()  # registered: nothing from here on is missed
                 async with vmcache.connect(daemon.endpoint) as other:
                     vm = await other.get_vm(timeout=30)
-        assert [e.kind for e in events] == ["handed_out", "booting", "ready"]
-        assert events[0].vm_id == vm.id and events[0].pid == vm.pid
-        assert events[2].vm_id != vm.id and events[2].ready == 1 and events[2].cache_size == 1
+        assert [e.kind for e in events] == ["watching", "handed_out", "booting", "ready"]
+        assert events[0].ready == 1 and events[0].cache_size == 1
+        assert events[1].vm_id == vm.id and events[1].pid == vm.pid
+        assert events[3].vm_id != vm.id and events[3].ready == 1 and events[3].cache_size == 1
         await vm.aclose()
     finally:
         daemon.signal(signal.SIGTERM)

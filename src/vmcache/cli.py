@@ -321,6 +321,8 @@ def _watch(endpoint: Path) -> int:
             print(f"{time.strftime('%H:%M:%S')} {len(status.vms)}/{status.cache_size} ready "
                   f"(daemon pid {status.pid})", flush=True)
             async for event in cache.watch():
+                if event.kind == "watching":
+                    continue
                 stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
                 vm = f" VM {event.vm_id} (pid {event.pid})" if event.vm_id else ""
                 detail = f": {event.message}" if event.message else ""

@@ -354,9 +354,11 @@ class VMPool:
     # ---------------------------------------------------------- events
 
     def watch(self) -> trio.MemoryReceiveChannel[CacheEvent]:
-        """A channel of every event from now on. A watcher that falls
+        """A channel of every event from now on, opening with a ``watching`` event (the
+        cache as it is: from then on nothing is missed). A watcher that falls
         ``WATCH_BUFFER`` events behind is dropped (its channel closes)."""
         send, receive = trio.open_memory_channel[CacheEvent](WATCH_BUFFER)
+        send.send_nowait(CacheEvent("watching", "", 0, "", time.time(), self.ready_count(), self.size))
         self._watchers.add(send)
         return receive
 

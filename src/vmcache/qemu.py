@@ -110,16 +110,35 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     ]
 
 
+#: Console lines that say why a guest died, quoted first when there is one.
+TELLING_LINES = ("Kernel panic", "Out of memory", "oom-kill", "vmcache-init:")
+
+
+def telling_console_line(text: str) -> str:
+    """The last line of ``text`` that says why a guest died (a panic, the OOM killer, our
+    init's own complaint), or ""."""
+    for line in reversed(text.splitlines()):
+        if any(marker in line for marker in TELLING_LINES):
+            return line.strip()
+    return ""
+
+
 def console_tail(run_dir: Path, lines: int = 5) -> str:
-    """The guest's last console lines and QEMU's own messages, joined on one line."""
+    """The guest's last console lines and QEMU's own messages, joined on one line; a line
+    that says why the guest died (see :data:`TELLING_LINES`) comes first."""
     collected: list[str] = []
+    telling = ""
     for name in ("qemu.log", "console.log"):
         try:
             text = (run_dir / name).read_text(errors="replace")
         except OSError:
             continue
+        telling = telling_console_line(text) or telling
         collected += [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(collected[-lines:]) or "(no console output)"
+    tail = collected[-lines:]
+    if telling and telling not in tail:
+        tail = [telling, "...", *tail]
+    return " | ".join(tail) or "(no console output)"
 
 
 def make_private_dir(path: Path, *, enforce: bool = True) -> None:

@@ -166,6 +166,8 @@ class CacheDaemon:
         """Tell systemd (if it is there) how full the cache is; READY=1 at the first VM."""
         announced = False
         async for event in events:
+            if event.kind == "watching":
+                continue
             fields = {"STATUS": f"{event.ready}/{event.cache_size} VMs ready"}
             if event.kind == "boot_failed":
                 fields["STATUS"] += f"; boot failed: {event.message[:200]}"
