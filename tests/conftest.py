@@ -32,6 +32,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # ty
     return bool(predicate())
 
 
+#: Every private run directory of this test session starts with this (see ``run_dir``).
+RUN_DIR_PREFIX = f"/tmp/vmcache-test-{os.getpid()}-"
+
+
+def ours(pid: int) -> bool:
+    """A QEMU of this test session (its sockets live in one of our run directories); only
+    those are ever killed here, never another engineer's or another run's."""
+    return RUN_DIR_PREFIX.encode() in procfs.cmdline(pid)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_qemu() -> Iterator[None]:
     """Every test must leave the set of QEMU processes as it found it."""
@@ -46,14 +56,15 @@ def no_leaked_qemu() -> Iterator[None]:
 
     if not wait_until(settled, 10.0):
         for pid in leaked:
-            os.kill(pid, 9)
+            if ours(pid):
+                os.kill(pid, 9)
         pytest.fail(f"test leaked QEMU processes: {sorted(leaked)}")
 
 
 @pytest.fixture
 def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private VMCACHE_RUN_DIR (short path: Unix sockets live there) that must end empty."""
-    path = Path(f"/tmp/vmcache-test-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    path = Path(f"{RUN_DIR_PREFIX}{time.monotonic_ns() % 10**9}")
     path.mkdir(mode=0o700)
     monkeypatch.setenv("VMCACHE_RUN_DIR", str(path))
     yield path
@@ -86,3 +97,18 @@ def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None,
 
 
 VMCACHE = [sys.executable, "-m", "vmcache"]
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler: its own code runs (Python's start-up is over)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (15 - 1)))
+
+
+def wait_running(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a freshly started Python process runs its own code (see handles_sigterm)."""
+    wait_until(lambda: handles_sigterm(pid), timeout, interval=0.005)

@@ -15,9 +15,11 @@ quickly and can take charge of signals before the heavy imports.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: ``import typing`` costs time the command line needs
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import CacheClient, connect
     from .config import Config, load_config, resolve_spec
     from .errors import (

@@ -558,22 +558,44 @@ def _exit_for(error: BaseException) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _early_signal)
     try:
-        args = build_parser().parse_args(argv)
-        level = args.log_level or ("info" if args.subcommand == "serve" else "warning")
-        logging.basicConfig(
-            level=level.upper(),
-            format="%(asctime)s vmcache %(levelname)s %(message)s",
-            datefmt="%H:%M:%S",
-        )
-        for chatty in ("hpack", "h2"):  # they log every header at debug level
-            logging.getLogger(chatty).setLevel(logging.WARNING)
-        func: Callable[[argparse.Namespace], int] = args.func
-        status = func(args)
-    except SystemExit:
-        raise
-    except BaseException as error:
-        _exit_for(error)
-    raise SystemExit(status)
+        try:
+            args = build_parser().parse_args(argv)
+            level = args.log_level or ("info" if args.subcommand == "serve" else "warning")
+            logging.basicConfig(
+                level=level.upper(),
+                format="%(asctime)s vmcache %(levelname)s %(message)s",
+                datefmt="%H:%M:%S",
+            )
+            for chatty in ("hpack", "h2"):  # they log every header at debug level
+                logging.getLogger(chatty).setLevel(logging.WARNING)
+            func: Callable[[argparse.Namespace], int] = args.func
+            status = func(args)
+        except SystemExit:
+            raise
+        except BaseException as error:  # the one place that turns anything into one line
+            _exit_for(error)
+    except SystemExit as done:
+        _exit_now(done.code)
+    _exit_now(status)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """Exit with ``code``, the command being done: a stop signal from now on changes
+    nothing, and the interpreter's own shutdown (during which a signal would kill us
+    without a word) is skipped."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code or 0)

@@ -74,3 +74,12 @@ def qemu_pids() -> set[int]:
             if b"qemu-system" in os.path.basename(argv0) and alive(pid):
                 pids.add(pid)
     return pids
+
+
+def find_vm_process(vm_id: str) -> int:
+    """The pid of the QEMU whose command line names VM ``vm_id`` (``-name vmcache-<id>``), or 0."""
+    wanted = f"vmcache-{vm_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and wanted in cmdline(int(entry.name)).split(b"\0"):
+            return int(entry.name)
+    return 0

@@ -65,7 +65,9 @@ class VMState(enum.Enum):
 class Registry(Protocol):
     """Where a daemon records the VMs it is responsible for (see vmcache.state)."""
 
-    def add(self, vm_id: str, pid: int) -> None: ...
+    def add(self, vm_id: str) -> None: ...
+
+    def started(self, vm_id: str, pid: int) -> None: ...
 
     def remove(self, vm_id: str) -> None: ...
 
@@ -350,9 +352,11 @@ async def start_vm(
     if len(str(run_dir / LONGEST_SOCKET_NAME)) > SOCKET_PATH_MAX:
         raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
     make_private_dir(spec.run_root, enforce=False)
-    make_private_dir(run_dir)
+    if registry is not None:
+        registry.add(vm_id)  # before anything exists: a crash at any instant leaves a trace
     vm = VM(spec, vm_id, run_dir, accel, registry)
     try:
+        make_private_dir(run_dir)
         argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}"), *extra_args]
         try:
             # A local file in the directory we just made: no need to leave the event loop.
@@ -368,7 +372,7 @@ async def start_vm(
         except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
         if registry is not None:
-            registry.add(vm.id, vm.pid)
+            registry.started(vm.id, vm.pid)
         with trio.move_on_after(timeout) as deadline:
             vm.boot_id = await _until_exit(vm.process, functools.partial(become_ready, vm))
         if deadline.cancelled_caught:

@@ -39,7 +39,7 @@ import trio
 from .errors import ConfigError
 from .paths import vm_run_dir
 from .process import open_vm_process, stop_process
-from .procfs import process_start_time
+from .procfs import find_vm_process, process_start_time
 
 log = logging.getLogger("vmcache.state")
 
@@ -109,8 +109,17 @@ class VMRegistry:
         except OSError as error:
             log.error("cannot record VM %s in %s: %s", record.id, self.path, error.strerror)
 
-    def add(self, vm_id: str, pid: int) -> None:
-        """Remember a VM whose QEMU has just started (role ``cached``)."""
+    def add(self, vm_id: str) -> None:
+        """Remember a VM about to be started (role ``cached``), before its QEMU exists.
+
+        Written first, so that a daemon killed at any instant, even between starting
+        QEMU and learning its pid, leaves a record: the next daemon then finds that
+        QEMU by its command line (``-name vmcache-<id>``).
+        """
+        self.write(VMRecord(vm_id, 0, 0))
+
+    def started(self, vm_id: str, pid: int) -> None:
+        """The VM's QEMU now runs as ``pid``."""
         self.write(VMRecord(vm_id, pid, process_start_time(pid)))
 
     def remove(self, vm_id: str) -> None:
@@ -146,6 +155,9 @@ class VMRegistry:
         killed = 0
         claimed: list[VMRecord] = []
         for record in self.load():
+            if record.pid == 0:  # killed while starting it: find it by its command line
+                found = find_vm_process(record.id)
+                record = attrs.evolve(record, pid=found, start_time=process_start_time(found))
             process = open_vm_process(record.id, record.pid, record.start_time)
             if process is not None and record.role == "claimed":
                 process.close()
