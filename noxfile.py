@@ -5,7 +5,7 @@ from __future__ import annotations
 import nox
 from nox.virtualenv import PassthroughEnv
 
-nox.options.sessions = ["lint", "typecheck", "soak", "tests"]
+nox.options.sessions = ["lint", "typecheck", "soak", "chaos", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -27,6 +27,14 @@ def soak(session: nox.Session) -> None:
     """200 get/exec/stop cycles against a real daemon; fails on any leaked or lost VM, fd, dir."""
     _install(session, "-e", ".")
     session.run("python", "tests/soak.py", "--cycles", "200", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """300 rounds of clients of every kind killed at random moments, VMs and the daemon too;
+    fails on any lost or leaked VM, fd, run directory, or a traceback in any output."""
+    _install(session, "-e", ".[test]")
+    session.run("python", "tests/chaos.py", "--rounds", "300", *session.posargs)
 
 
 @nox.session

@@ -61,7 +61,7 @@ try:
                 async with vmcache.connect(sys.argv[1]) as cache:
                     async with cache.lease_vm(timeout=60) as vm:
                         print(vm.id, flush=True)
-                        await vm.exec(["sleep", "5"])
+                        await vm.exec(["sleep", "2"])
                 nursery.cancel_scope.cancel()
     trio.run(main)
 except BaseException as error:  # a careful script: one line, whatever ended it
@@ -171,7 +171,7 @@ class Chaos:
         endpoint = str(self.endpoint)
         vmcache_command = str(Path(sys.executable).parent / "vmcache")
         if kind == "run":
-            return [vmcache_command, "run", "--endpoint", endpoint, "--", "sleep", "3"]
+            return [vmcache_command, "run", "--endpoint", endpoint, "--", "sleep", "2"]
         if kind == "get":
             return [vmcache_command, "get", "--endpoint", endpoint]
         if kind == "lease":
@@ -181,7 +181,7 @@ class Chaos:
     async def one_round(self, index: int) -> None:
         kind = self.rng.choice(["run", "get", "lease", "kata"])
         action = self.rng.choice(["finish", "SIGKILL", "SIGTERM", "SIGINT"])
-        delay = self.rng.uniform(EARLIEST_SIGNAL, 3.0)
+        delay = self.rng.uniform(EARLIEST_SIGNAL, 2.5)
         process = await trio.lowlevel.open_process(
             self.client_argv(kind), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         assert process.stdout is not None and process.stderr is not None
