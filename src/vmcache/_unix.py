@@ -8,6 +8,8 @@ from pathlib import Path
 
 import trio
 
+from .backoff import Backoff
+
 
 async def connect_when_ready(
     path: Path, *, still_starting: Callable[[], bool] = lambda: True
@@ -19,12 +21,11 @@ async def connect_when_ready(
     ``still_starting()`` is true. The caller bounds the whole wait (a cancel
     scope with a deadline); this function has no deadline of its own.
     """
-    delay = 0.002
+    backoff = Backoff(0.002, 0.1)
     while True:
         try:
             return await trio.open_unix_socket(os.fspath(path))
         except (FileNotFoundError, ConnectionRefusedError):
             if not still_starting():
                 raise
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            await backoff.sleep()
