@@ -241,7 +241,7 @@ async def test_watchers_see_events_in_order(
             kinds.append(events.receive_nowait().kind)
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-    assert kinds[:5] == ["booting", "ready", "handed_out", "booting", "ready"]
+    assert kinds[:6] == ["watching", "booting", "ready", "handed_out", "booting", "ready"]
 
 
 async def test_close_fails_waiting_clients_with_unavailable(
