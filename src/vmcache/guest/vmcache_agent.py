@@ -82,7 +82,7 @@ PIPE_SIZE = 1024 * 1024
 #: Credit the agent grants for a process's stdin and for a file being written.
 STDIN_WINDOW = 1024 * 1024
 FILE_WINDOW = 4 * 1024 * 1024
-#: A frame that stops arriving half-way for this long is given up (see FrameReader.rescan).
+#: A frame still incomplete this long after the last complete one is given up (FrameReader.rescan).
 STALL_TIMEOUT = 2.0
 #: How often disconnected ports are checked, besides SIGIO.
 PORT_RECHECK = 2.0
@@ -957,7 +957,8 @@ class Session:
         self.streams: dict[int, Stream] = {}
         self.waiting_outputs: set[Any] = set()
         self.alive = True
-        self.last_receive = time.monotonic()
+        #: When the last frame was decoded: a partial frame with none since for long is stalled.
+        self.last_frame = time.monotonic()
         self.stall_timer: Timer | None = None
         self.loop.add_reader(fd, self.on_readable)
 
@@ -981,8 +982,10 @@ class Session:
             if count == 0:
                 self.end("the host closed the connection")
                 return
-            self.last_receive = time.monotonic()
-            self.handle(self.reader.buffer_filled(count))
+            events = self.reader.buffer_filled(count)
+            if events:
+                self.last_frame = time.monotonic()
+            self.handle(events)
             if not self.alive:
                 return
             if count < pieces * PORT_READ_PIECE:
@@ -995,7 +998,7 @@ class Session:
         self.stall_timer = None
         if not self.alive or not self.reader.buffered or self.reader.hunting:
             return
-        idle = time.monotonic() - self.last_receive
+        idle = time.monotonic() - self.last_frame
         if idle < STALL_TIMEOUT:
             self.stall_timer = self.loop.call_later(STALL_TIMEOUT - idle, self._check_stall)
             return
