@@ -56,19 +56,23 @@ class Agent:
         raise AssertionError("no VmRSS")
 
     def children(self) -> dict[int, str]:
-        """pid -> state letter of every process whose parent is the agent."""
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == self.pid:
-                found[int(entry.name)] = fields[0]
-        return found
+        return children_of(self.pid)
+
+
+def children_of(parent: int) -> dict[int, str]:
+    """pid -> state letter of every process whose parent is ``parent``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == parent:
+            found[int(entry.name)] = fields[0]
+    return found
 
 
 @pytest.fixture
@@ -726,3 +730,90 @@ def test_guest_agent_files_are_the_sources() -> None:
     assert files["agent_protocol.py"] == (source / "agent_protocol.py").read_bytes()
     assert b"def main(" in files["vmcache_agent.py"]
     assert shutil.which("sh") is not None
+
+
+# --- Ports and PID 1 -----------------------------------------------------------------------------
+
+
+class FakePort:
+    """A pty standing in for a virtio-serial port: the agent opens the slave by path."""
+
+    def __init__(self, port_dir: Path, dev_dir: Path, entry: str, name: str) -> None:
+        import tty
+
+        self.master, self.slave = os.openpty()  # the slave stays open: without one the master reads EIO
+        tty.setraw(self.slave)  # a port carries bytes, not lines
+        (port_dir / entry).mkdir(parents=True)
+        (port_dir / entry / "name").write_text(name + "\n")
+        (dev_dir / entry).symlink_to(os.ttyname(self.slave))
+        self.stream = trio.lowlevel.FdStream(os.dup(self.master))
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+async def test_ports_are_found_by_name_and_served_at_once(agent_dir: Path, tmp_path: Path) -> None:
+    port_dir, dev_dir = tmp_path / "ports", tmp_path / "dev"
+    dev_dir.mkdir()
+    control = FakePort(port_dir, dev_dir, "vport0p1", "vmcache.control")
+    user = FakePort(port_dir, dev_dir, "vport0p2", "vmcache.agent.0")
+    other = FakePort(port_dir, dev_dir, "vport0p3", "org.qemu.guest_agent.0")
+    log = tmp_path / "ports.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-E", "-s", str(agent_dir / "vmcache_agent.py"), "--port-dir", str(port_dir),
+             "--dev-dir", str(dev_dir), "--no-set-clock"], stdout=log_file, stderr=log_file)
+    try:
+        with trio.fail_after(20):
+            first = await AgentConnection.start(control.stream, timeout=10)
+            second = await AgentConnection.start(user.stream, timeout=10)
+            assert (first.info["port"], second.info["port"]) == ("vmcache.control", "vmcache.agent.0")
+            async with second.open_process(["sleep", "30"]) as sleeper:
+                assert (await first.run(["echo", "control"])).stdout == b"control\n"
+                assert await first.ping() == second.boot_id
+                # The host end of vmcache.agent.0 goes away: its session ends, its process dies.
+                await user.close()
+                await wait_until(lambda: pid_gone(sleeper.pid))
+                sleeper._stream.end = {"returncode": -9}  # the connection is gone; let the block end
+            assert (await first.run(["echo", "still"])).stdout == b"still\n"
+        assert b"org.qemu" not in log.read_bytes()
+        assert process.poll() is None  # served ports keep the agent running
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        await control.close()
+        await other.close()
+    text = log.read_text()
+    assert "serving vmcache.control" in text and "serving vmcache.agent.0" in text, text
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+async def test_as_pid_1_the_agent_reaps_orphans_and_ignores_sigterm(agent_dir: Path, tmp_path: Path) -> None:
+    host_end, agent_end = socket.socketpair()
+    log = tmp_path / "init.log"
+    with log.open("wb") as log_file:
+        unshare = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-E", "-s",
+             str(agent_dir / "vmcache_agent.py"), "--init", "--fd", str(agent_end.fileno()),
+             "--no-set-clock"],
+            pass_fds=[agent_end.fileno()], stdout=log_file, stderr=log_file)
+    agent_end.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_end))
+    try:
+        with trio.fail_after(20):
+            connection = await AgentConnection.start(stream, timeout=10)
+            [agent_pid] = children_of(unshare.pid)
+            assert (await connection.run(["sh", "-c", "echo $PPID"])).stdout == b"1\n"
+            os.kill(agent_pid, signal.SIGTERM)  # PID 1 ignores it
+            result = await connection.run(["sh", "-c", "(sleep 0.3 &) ; (sleep 0.2 &); echo started"])
+            assert result.stdout == b"started\n"
+            await trio.sleep(0.6)
+            await wait_until(lambda: not children_of(agent_pid))
+            assert await connection.ping() == connection.boot_id
+    finally:
+        await stream.aclose()
+        unshare.wait(timeout=10)
+    assert "Traceback" not in log.read_text()
