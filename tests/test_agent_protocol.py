@@ -182,6 +182,19 @@ def test_the_largest_frame_passes_and_many_fill_the_buffer_over_and_over() -> No
     assert len(events) == 5 and all(event == ap.Data(3, ap.STDOUT, payload) for event in events)
 
 
+def test_the_buffer_grows_only_for_frames_bigger_than_a_chunk() -> None:
+    """A session costs about 0.5 MiB until a peer actually sends 1 MiB frames."""
+    reader = synced()
+    small = len(reader.get_buffer())
+    assert small < 600 * 1024
+    assert feed_all(reader, ap.encode_data(1, 1, b"c" * ap.CHUNK) * 3, 100_000) == [
+        ap.Data(1, 1, b"c" * ap.CHUNK)] * 3
+    assert len(reader.get_buffer()) == small
+    big = os.urandom(ap.MAX_PAYLOAD)
+    assert feed_all(reader, ap.encode_data(1, 1, big), 65536) == [ap.Data(1, 1, big)]
+    assert len(reader.get_buffer()) >= 2 * ap.MAX_PAYLOAD
+
+
 def test_buffer_interface_gives_views_without_copies() -> None:
     reader = synced()
     data = ap.encode_data(9, ap.STDERR, b"abc" * 1000) + ap.encode_eof(9, ap.STDERR)

@@ -195,7 +195,14 @@ class AgentConnection:
         self._progress.set()
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
-        """Return once ``ready()``; meanwhile read and dispatch frames, or let another task do it."""
+        """Return once ``ready()``; meanwhile read and dispatch frames, or let another task do it.
+
+        Always a checkpoint (as trio's own streams are), even when ``ready()`` already holds.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if ready():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         while not ready():
             self._check()
             if self._reading:
@@ -454,7 +461,7 @@ class AgentConnection:
         TERM); ``timeout`` makes the guest kill the process group after that
         many seconds. With ``pty``, the process gets a terminal of that size
         as its controlling terminal, and ``stdout`` carries everything it
-        prints (``stderr`` is None). Without ``capture_stdout`` /
+        prints (``stderr`` is None; ``capture_stdout`` is then ignored). Without ``capture_stdout`` /
         ``capture_stderr``, that output goes to /dev/null in the guest.
         """
         args = list(argv)
@@ -850,7 +857,7 @@ def _exec_body(args: list[str | bytes], env: Mapping[str, str] | None, cwd: str 
         "cwd": cwd,
         "pty": [pty.rows, pty.cols] if pty is not None else None,
         "timeout": float(timeout) if timeout is not None else None,
-        "stdout": capture_stdout,
+        "stdout": capture_stdout or pty is not None,  # a pty's output must be read anyway
         "stderr": capture_stderr and pty is None,
         "window": OUTPUT_WINDOW,
     }

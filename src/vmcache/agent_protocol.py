@@ -516,6 +516,9 @@ class FrameReader:
     or, to save copies, :meth:`get_buffer` to read straight into its buffer
     followed by :meth:`buffer_filled` (DATA payloads are then views into that
     buffer, valid until the reader is used again).
+
+    The buffer starts at ``capacity`` (room for two :data:`CHUNK` frames) and
+    grows, up to two of the largest frames, only if the peer sends bigger ones.
     """
 
     def __init__(
@@ -523,14 +526,13 @@ class FrameReader:
         *,
         hunting: bool = True,
         accept_hello: Callable[[Hello], bool] | None = None,
-        capacity: int = 2 * (MAX_PAYLOAD + HEADER_SIZE + len(MAGIC)),
+        capacity: int = 2 * (CHUNK + HEADER_SIZE + len(MAGIC)),
     ) -> None:
-        if capacity < 2 * (MAX_PAYLOAD + HEADER_SIZE + len(MAGIC)):
-            raise ValueError("a reader's buffer must hold two of the largest frames")
-        self._buffer = bytearray(capacity)
+        self._buffer = bytearray(max(capacity, 2 * (MAX_HELLO + HEADER_SIZE + len(MAGIC))))
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self._need = 0  # bytes the incomplete frame at _start needs in all
         self.hunting = hunting
         self.accept_hello = accept_hello
         #: Bytes dropped while hunting.
@@ -565,6 +567,12 @@ class FrameReader:
         """
         if self._start == self._end:
             self._start = self._end = 0
+        if self._need > len(self._buffer) // 2:  # a frame bigger than we were ready for
+            size = self._end - self._start
+            buffer = bytearray(2 * self._need)
+            buffer[:size] = self._view[self._start:self._end]
+            self._buffer, self._view = buffer, memoryview(buffer)
+            self._start, self._end = 0, size
         elif self._start and len(self._buffer) - self._end < len(self._buffer) // 2:
             size = self._end - self._start
             self._view[:size] = self._view[self._start:self._end]
@@ -621,7 +629,9 @@ class FrameReader:
             return self._garbage(problem)
         end = pos + HEADER_SIZE + length
         if end > self._end:
+            self._need = end - self._start
             return None
+        self._need = 0
         try:
             event = decode_frame(kind, channel, stream, view[pos + HEADER_SIZE:end])
         except ProtocolError as error:
@@ -631,6 +641,7 @@ class FrameReader:
 
     def _garbage(self, problem: str) -> Garbage:
         """Skip one byte and hunt again."""
+        self._need = 0
         self._start += 1
         self.discarded += 1
         self.hunting = True

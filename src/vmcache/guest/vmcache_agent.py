@@ -971,7 +971,10 @@ class Session:
         for _ in range(8):  # then let other fds have a turn
             space = self.reader.get_buffer()
             pieces = min(READ_PIECES, len(space) // PORT_READ_PIECE)
-            iov = [space[i * PORT_READ_PIECE:(i + 1) * PORT_READ_PIECE] for i in range(pieces)]
+            if pieces:
+                iov = [space[i * PORT_READ_PIECE:(i + 1) * PORT_READ_PIECE] for i in range(pieces)]
+            else:  # cannot happen (the reader keeps half its buffer free); never read 0 bytes
+                iov, pieces = [space], 1
             try:
                 count = os.readv(self.fd, iov)
             except BlockingIOError:
@@ -1168,7 +1171,6 @@ class Session:
         """Write what the port takes now; wait for POLLOUT for the rest."""
         if not self.alive:
             return
-        was_full = self.out_bytes >= OUT_LIMIT
         while self.out:
             iov: list[memoryview] = []
             for item in self.out:
@@ -1198,7 +1200,7 @@ class Session:
             self.loop.add_writer(self.fd, self.flush)
         else:
             self.loop.remove_writer(self.fd)
-        if was_full and self.out_bytes < OUT_LIMIT and self.waiting_outputs:
+        if self.out_bytes < OUT_LIMIT and self.waiting_outputs:
             waiting, self.waiting_outputs = self.waiting_outputs, set()
             for output in waiting:
                 output.update()
