@@ -80,7 +80,7 @@ OUT_LIMIT = 512 * 1024
 #: Pipe size asked for stdin/stdout (fewer wake-ups per MB).
 PIPE_SIZE = 1024 * 1024
 #: Credit the agent grants for a process's stdin and for a file being written.
-STDIN_WINDOW = 1024 * 1024
+STDIN_WINDOW = 2 * 1024 * 1024
 FILE_WINDOW = 4 * 1024 * 1024
 #: A frame still incomplete this long after the last complete one is given up (FrameReader.rescan).
 STALL_TIMEOUT = 2.0
