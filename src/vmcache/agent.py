@@ -336,14 +336,20 @@ class AgentConnection:
     # --- Streams ----------------------------------------------------------------------------------
 
     async def _request(
-        self, body: dict[str, Any], inbound: Sequence[int] = (),
+        self, body: dict[str, Any], inbound: Sequence[int] = (), *, close_stdin: bool = False,
     ) -> tuple[_Stream, dict[str, Any]]:
-        """Open a stream with a REQUEST; return it and the guest's REPLY (GuestRequestError if refused)."""
+        """Open a stream with a REQUEST; return it and the guest's REPLY (GuestRequestError if refused).
+
+        ``close_stdin`` sends the stdin EOF in the same write (a command run with no input).
+        """
         stream = _Stream(self._next_id, inbound)
         self._next_id += 1
         self._streams[stream.id] = stream
+        frames = ap.encode_request(stream.id, body)
+        if close_stdin:
+            frames += ap.encode_eof(stream.id, ap.STDIN)
         try:
-            await self._send(ap.encode_request(stream.id, body))
+            await self._send(frames)
             await self._wait_for(lambda: stream.reply is not None)
         except BaseException:
             await self._abandon(stream)
@@ -468,11 +474,12 @@ class AgentConnection:
         body = _exec_body(args, env, cwd, pty, timeout, capture_stdout, capture_stderr)
         return _ProcessContext(self, args, body)
 
-    async def _start_process(self, args: list[str | bytes], body: dict[str, Any]) -> GuestProcess:
+    async def _start_process(self, args: list[str | bytes], body: dict[str, Any],
+                             close_stdin: bool = False) -> GuestProcess:
         wanted = ((ap.STDOUT, body["stdout"]), (ap.STDERR, body["stderr"]))
         inbound = [channel for channel, want in wanted if want]
-        stream, reply = await self._request(body, inbound)
-        return GuestProcess(self, stream, args, int(reply.get("pid", 0)))
+        stream, reply = await self._request(body, inbound, close_stdin=close_stdin)
+        return GuestProcess(self, stream, args, int(reply.get("pid", 0)), stdin_closed=close_stdin)
 
     async def run(
         self,
@@ -492,12 +499,15 @@ class AgentConnection:
         are then None). ``check=True`` raises :class:`GuestProcessError` for a
         non-zero status. Cancelling kills the guest process.
         """
-        async with self.open_process(argv, env=env, cwd=cwd, timeout=timeout,
-                                     capture_stdout=capture_stdout, capture_stderr=capture_stderr) as process:
+        context = self.open_process(argv, env=env, cwd=cwd, timeout=timeout,
+                                    capture_stdout=capture_stdout, capture_stderr=capture_stderr)
+        assert isinstance(context, _ProcessContext)
+        context.close_stdin = not stdin
+        async with context as process:
             stream = process._stream
             collected = {channel: bytearray() for channel in stream.inbound}
             pending = memoryview(stdin).cast("B")
-            stdin_open = True
+            stdin_open = bool(stdin)
             # One task does it all (no nursery, so no exception groups): drain output,
             # feed stdin as credit comes, until the exit and every output's EOF.
             while True:
@@ -607,12 +617,13 @@ class GuestProcess:
 
     def __init__(
         self, connection: AgentConnection, stream: _Stream, args: list[str | bytes], pid: int,
+        *, stdin_closed: bool = False,
     ) -> None:
         self._connection = connection
         self._stream = stream
         self.args = args
         self.pid = pid
-        self.stdin: trio.abc.SendStream | None = _StdinStream(connection, stream)
+        self.stdin: trio.abc.SendStream | None = _StdinStream(connection, stream, closed=stdin_closed)
         self.stdout: trio.abc.ReceiveStream | None = (
             _OutputStream(connection, stream, ap.STDOUT) if ap.STDOUT in stream.inbound else None)
         self.stderr: trio.abc.ReceiveStream | None = (
@@ -680,9 +691,10 @@ class _ProcessContext(AbstractAsyncContextManager[GuestProcess]):
         self._args = args
         self._body = body
         self._process: GuestProcess | None = None
+        self.close_stdin = False
 
     async def __aenter__(self) -> GuestProcess:
-        self._process = await self._connection._start_process(self._args, self._body)
+        self._process = await self._connection._start_process(self._args, self._body, self.close_stdin)
         return self._process
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
@@ -737,11 +749,11 @@ class _OutputStream(trio.abc.ReceiveStream):
 class _StdinStream(trio.abc.SendStream):
     """A guest process's stdin; closing it is EOF in the guest."""
 
-    def __init__(self, connection: AgentConnection, stream: _Stream) -> None:
+    def __init__(self, connection: AgentConnection, stream: _Stream, *, closed: bool = False) -> None:
         self._connection = connection
         self._stream = stream
         self._busy = False
-        self._closed = False
+        self._closed = closed  # run() with no input sent the EOF with the request
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
