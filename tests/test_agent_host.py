@@ -23,7 +23,7 @@ import trio.testing
 
 from vmcache import agent as agent_module
 from vmcache import agent_protocol as ap
-from vmcache.agent import AgentClient, AgentConnection, PtySize, guest_agent_files
+from vmcache.agent import AgentClient, AgentConnection, GuestProcess, PtySize, guest_agent_files
 from vmcache.errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
 
 
@@ -817,3 +817,45 @@ async def test_as_pid_1_the_agent_reaps_orphans_and_ignores_sigterm(agent_dir: P
         await stream.aclose()
         unshare.wait(timeout=10)
     assert "Traceback" not in log.read_text()
+
+
+async def test_when_the_reading_task_is_cancelled_another_waiter_takes_over(conn: AgentConnection) -> None:
+    """The pull design: the task that reads for everyone can be cancelled; another one takes over."""
+    outcome: list[bytes] = []
+    reader_scope = trio.CancelScope()
+    reader_task: list[trio.lowlevel.Task] = []
+
+    async def reads_for_everyone(process: GuestProcess) -> None:
+        reader_task.append(trio.lowlevel.current_task())
+        with reader_scope:
+            await process.wait()  # first to wait on a silent process: this task becomes the reader
+
+    async def waits_for_output() -> None:
+        result = await conn.run(["sh", "-c", "sleep 0.6; echo done"])
+        outcome.append(result.stdout or b"")
+
+    with trio.fail_after(10):
+        async with conn.open_process(["sleep", "30"]) as sleeper, trio.open_nursery() as nursery:
+            nursery.start_soon(reads_for_everyone, sleeper)
+            await trio.sleep(0.1)
+            nursery.start_soon(waits_for_output)
+            await trio.sleep(0.3)
+            assert conn._reading_task is reader_task[0]  # blocked in receive_some for both of them
+            reader_scope.cancel()
+    assert reader_scope.cancelled_caught
+    assert outcome == [b"done\n"]
+
+
+async def test_write_file_from_a_trio_stream(conn: AgentConnection, tmp_path: Path) -> None:
+    send, receive = trio.testing.memory_stream_pair()
+    payload = os.urandom(3_000_000)
+
+    async def produce() -> None:
+        await send.send_all(payload)
+        await send.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            assert await conn.write_file(str(tmp_path / "streamed"), receive) == len(payload)
+    assert (tmp_path / "streamed").read_bytes() == payload

@@ -43,7 +43,7 @@ IDLE_PING = 1.0
 #: ... and fails every call in flight if no answer comes within this much more.
 PONG_TIMEOUT = 1.0
 #: A frame the socket does not take within this long breaks the connection.
-SEND_TIMEOUT = 10.0
+SEND_TIMEOUT = 5.0
 #: How long leaving ``open_process`` waits for a killed process to be reported gone.
 KILL_TIMEOUT = 5.0
 #: HELLO is sent again (new nonce) after this long without a reply, doubling up to the max.
@@ -134,7 +134,7 @@ class AgentConnection:
         self._next_id = 1
         self._send_lock = trio.Lock()
         self._progress = trio.Event()
-        self._reading = False
+        self._reading_task: trio.lowlevel.Task | None = None  # the task reading for everyone
         self._failure: tuple[type[AgentError], str] | None = None
         self._last_receive = trio.current_time()
         self._ping_sent: float | None = None
@@ -205,14 +205,14 @@ class AgentConnection:
             return
         while not ready():
             self._check()
-            if self._reading:
+            if self._reading_task is not None:
                 await self._progress.wait()
             else:
                 await self._read_round()
 
     async def _read_round(self) -> None:
         """One read from the socket (or one liveness step), then wake everyone to recheck."""
-        self._reading = True
+        self._reading_task = trio.lowlevel.current_task()
         try:
             now = trio.current_time()
             if self._ping_sent is None:
@@ -242,7 +242,7 @@ class AgentConnection:
                 frames, self._pending_frames = self._pending_frames, []
                 await self._send(b"".join(frames))
         finally:
-            self._reading = False
+            self._reading_task = None
             self._progress.set()
             self._progress = trio.Event()
 
