@@ -859,3 +859,30 @@ async def test_write_file_from_a_trio_stream(conn: AgentConnection, tmp_path: Pa
             nursery.start_soon(produce)
             assert await conn.write_file(str(tmp_path / "streamed"), receive) == len(payload)
     assert (tmp_path / "streamed").read_bytes() == payload
+
+
+async def test_a_stream_the_agent_gave_up_on_fails_the_call() -> None:
+    """An internal error in the agent ends a process stream with END {"error"} and no EOFs."""
+    host, guest = trio.testing.memory_stream_pair()
+
+    async def failing_agent() -> None:
+        reader = ap.FrameReader()
+        while data := await guest.receive_some():
+            for event in reader.feed(data):
+                if isinstance(event, ap.Hello):
+                    await guest.send_all(ap.encode_hello(event.nonce, {"protocol": 1, "boot_id": "b"}))
+                elif isinstance(event, ap.Request):
+                    failure = {"error": "internal error in the guest agent"}
+                    await guest.send_all(ap.encode_reply(event.stream, {"pid": 7, "window": 10})
+                                         + ap.encode_end(event.stream, failure))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(failing_agent)
+        with trio.fail_after(5):
+            connection = await AgentConnection.start(host, timeout=5)
+            with pytest.raises(GuestRequestError, match="internal error"):
+                await connection.run(["anything"])
+            with pytest.raises(GuestRequestError, match="internal error"):
+                async with connection.open_process(["anything"]) as process:
+                    await process.wait()
+        nursery.cancel_scope.cancel()

@@ -20,6 +20,7 @@ The wire protocol is :mod:`vmcache.agent_protocol` (``docs/agent-protocol.md``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -37,6 +38,8 @@ import trio
 from . import agent_protocol as ap
 from .agent_protocol import ExecResult
 from .errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
+
+log = logging.getLogger("vmcache.agent")
 
 #: A call that has heard nothing from the agent for this long sends a PING ...
 IDLE_PING = 1.0
@@ -386,8 +389,7 @@ class AgentConnection:
         await self._wait_for(lambda: bool(inbound.chunks) or inbound.eof or stream.forgotten
                              or (stream.end is not None and "error" in stream.end))
         if not inbound.chunks:
-            if stream.end is not None and "error" in stream.end:
-                raise GuestRequestError(str(stream.end["error"]), stream.end.get("errno") or None)
+            _raise_stream_error(stream)
             if stream.forgotten and not inbound.eof:
                 raise trio.ClosedResourceError("the guest stream was closed")
             return b""
@@ -407,8 +409,7 @@ class AgentConnection:
         view = memoryview(data).cast("B")
         while view:
             await self._wait_for(lambda: _stdin_ready(stream))
-            if stream.end is not None and "error" in stream.end:
-                raise GuestRequestError(str(stream.end["error"]), stream.end.get("errno") or None)
+            _raise_stream_error(stream)
             if stream.stdin_broken or stream.end is not None or stream.forgotten or stream.credit is None:
                 raise trio.BrokenResourceError("the guest process does not read its stdin any more")
             count = min(len(view), stream.credit.available, ap.CHUNK)
@@ -441,6 +442,8 @@ class AgentConnection:
     async def online_resources(self) -> GuestResources:
         """Online hot-added CPUs and memory; return what the guest then sees."""
         reply = await self._call({"op": "online"})
+        for problem in reply.get("problems", []):
+            log.warning("the guest could not online %s", problem)
         return GuestResources(online_cpus=int(reply.get("online_cpus", 0)),
                               mem_total_kib=int(reply.get("mem_total_kib", 0)))
 
@@ -530,7 +533,7 @@ class AgentConnection:
                     stdin_open = False
                     await self._send(ap.encode_eof(stream.id, ap.STDIN))
                     continue
-                if stream.end is not None and all(inbound.eof for inbound in stream.inbound.values()):
+                if _finished(stream):
                     break
 
                 def progress(stdin_open: bool = stdin_open) -> bool:
@@ -539,9 +542,10 @@ class AgentConnection:
                     if stdin_open and (stream.stdin_broken or stream.end is not None or (
                             stream.credit is not None and stream.credit.available > 0)):
                         return True
-                    return stream.end is not None and all(inbound.eof for inbound in stream.inbound.values())
+                    return _finished(stream)
 
                 await self._wait_for(progress)
+            _raise_stream_error(stream)
             returncode = process.returncode
             assert returncode is not None
         result = CompletedProcess(
@@ -579,11 +583,9 @@ class AgentConnection:
             await self._abandon(stream)
             raise
         self._forget(stream)
-        end = stream.end
-        assert end is not None
-        if "error" in end:
-            raise GuestRequestError(str(end["error"]), end.get("errno") or None)
-        return int(end.get("size", 0))
+        _raise_stream_error(stream)
+        assert stream.end is not None
+        return int(stream.end.get("size", 0))
 
     def open_file(self, path: str) -> AbstractAsyncContextManager[GuestFile]:
         """Read a guest file as a stream: ``async with conn.open_file(p) as f: await f.receive_some()``."""
@@ -646,6 +648,7 @@ class GuestProcess:
     async def wait(self) -> int:
         """Wait for the process to exit; returns its returncode."""
         await self._connection._wait_for(lambda: self._stream.end is not None)
+        _raise_stream_error(self._stream)
         returncode = self.returncode
         assert returncode is not None
         return returncode
@@ -834,6 +837,18 @@ class _FileContext(AbstractAsyncContextManager[GuestFile]):
                         traceback: TracebackType | None) -> None:
         if self._file is not None:
             await self._file.aclose()
+
+
+def _finished(stream: _Stream) -> bool:
+    """The guest is done with a process stream: exited and every output at EOF, or failed."""
+    end = stream.end
+    return end is not None and ("error" in end or all(inbound.eof for inbound in stream.inbound.values()))
+
+
+def _raise_stream_error(stream: _Stream) -> None:
+    """A stream the agent gave up on (an internal error there) is an error here."""
+    if stream.end is not None and "error" in stream.end:
+        raise GuestRequestError(str(stream.end["error"]), stream.end.get("errno") or None)
 
 
 def _stdin_ready(stream: _Stream) -> bool:
