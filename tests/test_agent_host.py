@@ -886,3 +886,27 @@ async def test_a_stream_the_agent_gave_up_on_fails_the_call() -> None:
                 async with connection.open_process(["anything"]) as process:
                     await process.wait()
         nursery.cancel_scope.cancel()
+
+
+async def test_no_fd_leaks(conn: AgentConnection, agent: Agent, tmp_path: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{agent.pid}/fd"))
+
+    with trio.fail_after(60):
+        await conn.run(["true"])
+        before = open_fds()
+        for _ in range(5):
+            await conn.run(["sh", "-c", "echo out; echo err >&2"], stdin=b"in")
+            await conn.run(["python4"])
+            async with conn.open_process(["cat"], pty=PtySize()) as process:
+                await process.kill()
+            with trio.move_on_after(0.05):
+                await conn.run(["sleep", "30"])
+            with pytest.raises(GuestRequestError):
+                await conn.read_file("/no/such/file")
+            with pytest.raises(GuestRequestError):
+                await conn.run(["true"], cwd="/no/such/dir")
+            await conn.write_file(str(tmp_path / "f"), b"data")
+            assert await conn.read_file(str(tmp_path / "f")) == b"data"
+        await conn.ping()
+        await wait_until(lambda: open_fds() == before)

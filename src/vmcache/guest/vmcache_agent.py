@@ -426,12 +426,16 @@ class ProcessStream(Stream):
             raise RequestFailed(f"too many processes in this session (at most {MAX_PROCESSES})")
         child_fds: list[int] = []
         own_fds: list[int] = []
+
+        def close_all() -> None:
+            for fd in own_fds + child_fds:
+                os.close(fd)
+
         try:
             if self.pty is not None:
                 master, slave = os.openpty()
                 own_fds.append(master)
                 child_fds.append(slave)
-                os.set_inheritable(master, False)
                 set_window_size(master, self.pty[0], self.pty[1])
                 stdin: int = slave
                 stdout: int = slave
@@ -450,24 +454,23 @@ class ProcessStream(Stream):
                     err_read, stderr = make_pipe(64 * 1024)
                     own_fds.append(err_read)
                     child_fds.append(stderr)
-            try:
-                self.popen = subprocess.Popen(
-                    self.argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self.env, cwd=self.cwd,
-                    start_new_session=True, close_fds=True, restore_signals=True,
-                    preexec_fn=_take_controlling_terminal if self.pty is not None else None,
-                )
-            except OSError as error:
-                for fd in own_fds + child_fds:
-                    os.close(fd)
-                self._spawn_failed(error)
-                return
-            except Exception:
-                for fd in own_fds + child_fds:
-                    os.close(fd)
-                raise
         except OSError as error:
+            close_all()
             raise RequestFailed(f"cannot set up {self.argv0}'s pipes in the guest: {os_error_text(error)}",
                                 error.errno) from None
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self.env, cwd=self.cwd,
+                start_new_session=True, close_fds=True, restore_signals=True,
+                preexec_fn=_take_controlling_terminal if self.pty is not None else None,
+            )
+        except OSError as error:
+            close_all()
+            self._spawn_failed(error)
+            return
+        except BaseException:
+            close_all()
+            raise
         for fd in child_fds:
             os.close(fd)
         self.pid = self.popen.pid
