@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -887,8 +888,13 @@ class System:
         except OSError as error:
             raise RequestFailed(f"cannot set the clock: {os_error_text(error)}", error.errno) from None
 
-    def online(self) -> dict[str, Any]:
-        """Bring hot-added CPUs and memory online; report what the guest now sees."""
+    def online(self) -> Generator[None, None, dict[str, Any]]:
+        """Bring hot-added CPUs and memory online; report what the guest now sees.
+
+        A generator that yields after each sysfs write: onlining many memory
+        blocks can take a while under TCG, and the loop keeps answering pings
+        in between.
+        """
         problems: list[str] = []
         memory = os.path.join(self.sys_dir, "devices/system/memory")
         for name in sorted(_listdir(memory)):
@@ -902,6 +908,7 @@ class System:
                         failure = f"{name}: {os_error_text(error)}"
                 else:
                     problems.append(failure)
+                yield
         cpus = os.path.join(self.sys_dir, "devices/system/cpu")
         for name in sorted(_listdir(cpus)):
             online = os.path.join(cpus, name, "online")
@@ -910,6 +917,7 @@ class System:
                     _write(online, "1")
                 except OSError as error:
                     problems.append(f"{name}: {os_error_text(error)}")
+                yield
         online_list = _read(os.path.join(cpus, "online"))
         try:
             online_cpus = count_cpu_list(online_list) if online_list else os.cpu_count() or 1
@@ -960,6 +968,7 @@ class Session:
         self.streams: dict[int, Stream] = {}
         self.waiting_outputs: set[Any] = set()
         self.alive = True
+        self.generation = 0  # counts HELLOs: work started before one is dropped
         #: When the last frame was decoded: a partial frame with none since for long is stalled.
         self.last_frame = time.monotonic()
         self.stall_timer: Timer | None = None
@@ -1086,6 +1095,7 @@ class Session:
         if self.streams:
             log(f"{self.name}: new session; ending {len(self.streams)} streams of the previous one")
         self.reset_streams()
+        self.generation += 1
         self.out.clear()  # the host discards everything before our HELLO anyway
         self.out_bytes = 0
         self.send(ap.encode_hello(event.nonce, {
@@ -1141,11 +1151,33 @@ class Session:
             system.set_clock(seconds)
             self.send(ap.encode_reply(stream_id, {}))
         elif op == "online":
-            self.send(ap.encode_reply(stream_id, system.online()))
+            self.run_steps(stream_id, system.online())
         elif op == "ping":
             self.send(ap.encode_reply(stream_id, {"boot_id": system.boot_id}))
         else:
             raise RequestFailed(f"unknown request {op!r}")
+
+    def run_steps(self, stream_id: int, steps: Generator[None, None, dict[str, Any]]) -> None:
+        """Run a long request one step per loop turn; its return value is the REPLY."""
+        generation = self.generation
+
+        def step() -> None:
+            if not self.alive or self.generation != generation:
+                steps.close()
+                return  # the session ended or was reset meanwhile
+            try:
+                next(steps)
+            except StopIteration as done:
+                self.send(ap.encode_reply(stream_id, done.value))
+            except Exception:
+                log_exception(f"{self.name}: stream {stream_id}")
+                self.send(ap.encode_reply(stream_id, {"error": "internal error in the guest agent"}))
+            else:
+                self.loop.call_soon(step)
+                return
+            self.flush()
+
+        step()
 
     def fail_stream(self, stream_id: int, message: str) -> None:
         stream = self.streams.pop(stream_id, None)
