@@ -65,6 +65,43 @@ class AgentProtocolError(AgentError):
     """The guest agent sent something that is not the agent protocol."""
 
 
+class GuestRequestError(AgentError):
+    """The guest agent could not do what was asked (a file it cannot read, a bad working
+    directory, a failed ioctl); the message says why. The connection stays usable."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        #: The guest's errno, when the failure was a system call's.
+        self.errno = errno
+
+
+class GuestProcessError(VmcacheError):
+    """A command run with ``check=True`` exited with a non-zero status (or was killed).
+
+    Like :class:`subprocess.CalledProcessError`, it carries what the command left.
+    """
+
+    def __init__(self, args: list[str | bytes], returncode: int, stdout: bytes | None,
+                 stderr: bytes | None, timed_out: bool = False) -> None:
+        if timed_out:
+            how = "was killed by its timeout"
+        elif returncode < 0:
+            how = f"was killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode}"
+        command = " ".join(arg if isinstance(arg, str) else arg.decode("utf-8", "replace") for arg in args)
+        message = f"guest command {command!r} {how}"
+        last = (stderr or b"").decode("utf-8", "replace").strip().splitlines()
+        if last:
+            message += f": {last[-1][:200]}"
+        super().__init__(message)
+        self.cmd = args
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+
+
 class CacheError(VmcacheError):
     """Talking to the cache daemon failed."""
 
