@@ -223,7 +223,10 @@ def resolve_path(members: dict[str, CpioEntry], path: str, limit: int = 20) -> C
         current = "/".join([*resolved, part])
         entry = members.get(current)
         if entry is None:
-            return None
+            if not parts:
+                return None
+            resolved.append(part)  # an archive may leave out its directories' own entries
+            continue
         if entry.kind == S_IFLNK:
             hops += 1
             if hops > limit:

@@ -244,10 +244,15 @@ def find_kernel(
 # --------------------------------------------------------------------------
 
 
+def find_depmod() -> str | None:
+    """depmod's path (package kmod; often in /usr/sbin, which a user's PATH may lack)."""
+    return shutil.which("depmod") or next(
+        (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None)
+
+
 def _depmod_in_scratch(modules_dir: Path) -> str:
     """Run ``depmod -b`` on a scratch tree of symlinks to ``modules_dir``; its modules.dep."""
-    depmod = shutil.which("depmod") or next(
-        (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None)
+    depmod = find_depmod()
     if depmod is None:
         raise FileNotFoundError("depmod")
     version = modules_dir.name

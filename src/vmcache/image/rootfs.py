@@ -70,8 +70,13 @@ DPKG_PATH_FILTERS = (
     "path-exclude=/usr/share/lintian/*",
     "path-exclude=/usr/share/linda/*",
 )
-#: Removed from the tree after mmdebstrap (relative paths; globs).
+#: Removed from the tree after mmdebstrap (relative paths; globs): what the dpkg
+#: filters leave (install-info's index, empty directories) and what a read-only
+#: guest never needs.
 PRUNE_GLOBS = (
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/locale/*",
     "var/cache/apt/*",
     "var/lib/apt/lists/*",
     "var/cache/debconf/*-old",
