@@ -12,24 +12,25 @@ The C.UTF-8 locale ships with libc and stays. Python's standard library
 comes precompiled (``.pyc``, made by the packages' own scripts): on a read-only
 root Python could not write them, and compiling at every start costs time.
 
-The file system is **erofs, lz4hc-compressed** (``mkfs.erofs -zlz4hc``); squashfs
-was measured against it on this machine (2 cores, QEMU 7.2, TCG, Debian's 6.1
-cloud kernel, the same 105 MB tree; see the README for the full table):
+The file system is **erofs, lz4hc-compressed** (``mkfs.erofs -zlz4hc``), chosen
+after measuring it against squashfs on a 2-core machine (QEMU 7.2, TCG, Debian's
+6.1 cloud kernel, the same 105 MB tree; boot = QEMU start to python's first
+line, median of 4 interleaved boots; the README has the full table):
 
-========================  ===========  =========  =========================
-format                    mkfs time    size       TCG boot to python's line
-========================  ===========  =========  =========================
-erofs lz4hc               1.8 s        58 MB      fastest (see README)
-squashfs zstd (level 15)  6.1 s        33 MB      slower
-squashfs xz               11.5 s       30 MB      slowest
-========================  ===========  =========  =========================
+========================  ==========  =======  =======  ===========================
+format                    mkfs time   size     boot     reading 99 MB in the guest
+========================  ==========  =======  =======  ===========================
+erofs lz4hc               1.8 s       58 MB    3.81 s   3.2 s over cached
+squashfs zstd (level 15)  6.1 s       33 MB    4.1 s    3.3 s over cached
+squashfs xz               11.5 s      30 MB    4.86 s   11.6 s over cached
+========================  ==========  =======  =======  ===========================
 
-What decides it is the guest's reads: under TCG the guest's CPU is emulated,
-and lz4 decompresses several times faster per emulated instruction than zstd
-or xz, and erofs decompresses in 4 KiB clusters where squashfs reads whole
-128 KiB blocks. The image is shared read-only by every VM through the host's
-page cache, so its 25 MB of extra size is paid once per host, not per VM.
-It also builds in under 2 s. Both file systems are built from a directory
+Under TCG the guest's CPU is emulated, so what a format costs is decompression
+in the guest: lz4 in 4 KiB clusters boots fastest of the compressed choices,
+and it packs in under 2 s. squashfs zstd is 25 MB smaller, but the image is
+shared read-only by every VM through the host's page cache, so its size is
+paid once per host, not per VM. (``-Eztailpacking`` saves another 4 MB; it
+was not measured fairly, so it is left out.) Both are built from a directory
 without loop mounts; the guest's ``/init`` mounts either (a user's own image
 may be squashfs).
 """
