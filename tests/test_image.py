@@ -497,12 +497,13 @@ def boot_to_console(spec, run_dir: Path, until: str, timeout: float = 90.0,  # t
         def shown() -> bool:
             return console.is_file() and until in console.read_text(errors="replace")
 
-        seen = wait_until(shown, timeout, interval=0.02)
+        wait_until(lambda: shown() or process.poll() is not None, timeout, interval=0.02)
+        seen = shown()
         elapsed = time.monotonic() - started
         if exits:
             process.wait(timeout=30)
         text = console.read_text(errors="replace") if console.is_file() else ""
-        assert seen, f"no {until!r} on the console within {timeout} s: {text[-2000:]}"
+        assert seen, f"no {until!r} on the console within {timeout} s: {text[:3000]}"
         return text, elapsed
     finally:
         if process.poll() is None:
@@ -534,3 +535,36 @@ def test_root_image_without_python_fails_with_one_line(tmp_path: Path, run_dir: 
     assert lines == ["vmcache-init: the root image no-python.squashfs has no /usr/bin/python3 "
                      "(vmcache needs python3 >= 3.9 in the image)"]
     assert PLACEHOLDER_LINE not in text
+
+
+def python_initrd(default_initrd: Path, tree: Path, output: Path) -> Path:
+    """The default initramfs plus just enough of the root image's python3 to run the agent."""
+    entries = [entry for name, entry in read_initrd(default_initrd.read_bytes()).items()]
+    multiarch = "usr/lib/x86_64-linux-gnu"
+    stdlib = next((tree / "usr/lib").glob("python3.*")).relative_to(tree)
+    packages = ("encodings", "collections", "re", "importlib")
+    entries += [directory(name) for name in ("usr", "usr/bin", "usr/lib", multiarch, "lib64", str(stdlib),
+                                             f"{stdlib}/lib-dynload", *(f"{stdlib}/{p}" for p in packages))]
+    files = {"usr/bin/python3": tree / "usr/bin/python3",
+             "lib64/ld-linux-x86-64.so.2": tree / multiarch / "ld-linux-x86-64.so.2"}
+    for library in ("libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1"):
+        files[f"{multiarch}/{library}"] = tree / multiarch / library
+    sources = [*(tree / stdlib).glob("*.py"),
+               *(source for package in packages for source in (tree / stdlib / package).glob("*.py"))]
+    for source in sources:  # the standard library's plain modules, without their .pyc
+        files[str(source.relative_to(tree))] = source
+    entries += [regular_file(name, source.resolve().read_bytes(), 0o755) for name, source in files.items()]
+    output.write_bytes(gzip_deterministic(write_cpio(entries)))
+    return output
+
+
+@pytest.mark.qemu
+def test_initramfs_with_python_runs_the_agent_without_root_image(
+    tmp_path: Path, run_dir: Path, guest_image: Path, rootfs_tree: Path
+) -> None:
+    initrd = python_initrd(guest_image / "initramfs.cpio.gz", rootfs_tree, tmp_path / "python.cpio.gz")
+    config = write_config(tmp_path / "vmcache.toml", kernel=str(guest_image / "vmlinuz"), initrd=str(initrd))
+    spec = resolve_spec(load_config(config), run_root=run_dir)
+    assert spec.rootfs is None
+    text, _elapsed = boot_to_console(spec, run_dir, PLACEHOLDER_LINE)
+    assert "vmcache-init:" not in text
