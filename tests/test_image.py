@@ -53,7 +53,10 @@ from vmcache.image.kernel import (
 from vmcache.image.rootfs import (
     BASE_PACKAGES,
     RootfsInputs,
+    _remove_scratch,
     debian_mirror,
+    mounts_under,
+    prune_tree,
     rootfs_up_to_date,
     validate_packages,
 )
@@ -568,3 +571,13 @@ def test_initramfs_with_python_runs_the_agent_without_root_image(
     assert spec.rootfs is None
     text, _elapsed = boot_to_console(spec, run_dir, PLACEHOLDER_LINE)
     assert "vmcache-init:" not in text
+
+
+def test_build_directory_with_mounts_inside_is_not_removed(tmp_path: Path) -> None:
+    """rmtree would descend into a mount left in the tree (a killed mmdebstrap's /dev or /proc)."""
+    assert "/proc" in mounts_under(Path("/proc")) and mounts_under(tmp_path) == []
+    scratch = tmp_path / "scratch"
+    (scratch / "tree" / "usr").mkdir(parents=True)
+    prune_tree(scratch / "tree", ["usr/*", "var/log/*"])
+    _remove_scratch(scratch)
+    assert not scratch.exists()

@@ -207,19 +207,8 @@ def build_image(
         "rootfs": None,
     }
     changed = False
-    try:
-        image_dir.mkdir(parents=True, exist_ok=True)
-        for name, content, digest in ((KERNEL_FILE, kernel_bytes, manifest["kernel_sha256"]),
-                                      (INITRD_FILE, initrd, manifest["initrd_sha256"])):
-            path = image_dir / name
-            same = (previous is not None and previous.get(f"{name_key(name)}_sha256") == digest
-                    and path.is_file() and _sha256(path.read_bytes()) == digest)
-            if not same:
-                progress(f"writing {path}")
-                _write_atomically(path, content)
-                changed = True
-    except OSError as error:
-        raise ImageError(f"cannot write the image to {image_dir}: {error.strerror}") from None
+    # The root image first: it is the slow part and the likeliest to fail, and until
+    # the manifest is written last, a half-done build is redone next time.
     rootfs_path = image_dir / ROOTFS_FILE
     if rootfs:
         inputs = RootfsInputs.make(packages=packages, mirror=mirror)
@@ -231,9 +220,23 @@ def build_image(
         else:
             manifest["rootfs"] = build_rootfs(inputs, rootfs_path, progress)
             changed = True
-    elif rootfs_path.exists():
-        rootfs_path.unlink()
-        changed = True
+    try:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        if not rootfs and rootfs_path.exists():
+            rootfs_path.unlink()
+            changed = True
+        for name, content, key in ((KERNEL_FILE, kernel_bytes, "kernel_sha256"),
+                                   (INITRD_FILE, initrd, "initrd_sha256")):
+            path = image_dir / name
+            digest = manifest[key]
+            same = (previous is not None and previous.get(key) == digest
+                    and path.is_file() and _sha256(path.read_bytes()) == digest)
+            if not same:
+                progress(f"writing {path}")
+                _write_atomically(path, content)
+                changed = True
+    except OSError as error:
+        raise ImageError(f"cannot write the image to {image_dir}: {error.strerror}") from None
     if changed or previous != manifest:
         try:
             _write_atomically(image_dir / MANIFEST_FILE,
@@ -243,7 +246,3 @@ def build_image(
         changed = True
     return BuildResult(image_dir, manifest, changed=changed)
 
-
-def name_key(file_name: str) -> str:
-    """The manifest's key prefix for a file of the image (``vmlinuz`` -> ``kernel``)."""
-    return {KERNEL_FILE: "kernel", INITRD_FILE: "initrd"}[file_name]

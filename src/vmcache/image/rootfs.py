@@ -239,7 +239,8 @@ def _mmdebstrap(inputs: RootfsInputs, target: Path, progress: Progress) -> None:
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env=env)
-    timer = threading.Timer(MMDEBSTRAP_TIMEOUT, process.kill)
+    # SIGTERM, not SIGKILL: mmdebstrap then unmounts what it mounted inside the tree.
+    timer = threading.Timer(MMDEBSTRAP_TIMEOUT, process.terminate)
     timer.start()
     last_lines: list[str] = []
     try:
@@ -252,9 +253,13 @@ def _mmdebstrap(inputs: RootfsInputs, target: Path, progress: Progress) -> None:
         status = process.wait()
     finally:
         timer.cancel()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # interrupted (Ctrl-C): let mmdebstrap clean up, briefly
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     if status != 0:
         if status < 0:
             raise ImageError(f"mmdebstrap took longer than {MMDEBSTRAP_TIMEOUT:g} s; killed")
@@ -306,6 +311,30 @@ def _count_packages(root: Path) -> int:
     return status.count("Status: install ok installed")
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+    root = str(path.resolve())
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4].replace("\\040", " ") for line in lines if len(line.split()) > 4]
+    return [point for point in points if point == root or point.startswith(root + "/")]
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """Remove the build directory, unless something is still mounted in it.
+
+    rmtree descends into mount points: had mmdebstrap been killed before it
+    unmounted the tree's /dev or /proc, removing the tree would remove the host's.
+    """
+    left = mounts_under(scratch)
+    if left:
+        raise ImageError(f"mounts left inside the root image's build directory ({', '.join(left)}): "
+                         f"unmount them (umount -R), then remove {scratch}")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_rootfs(inputs: RootfsInputs, output: Path, progress: Progress) -> dict[str, object]:
     """Build the root image at ``output`` (atomically); return its manifest record."""
     if os.geteuid() != 0:
@@ -313,11 +342,15 @@ def build_rootfs(inputs: RootfsInputs, output: Path, progress: Progress) -> dict
                          "into a chroot): run `sudo vmcache image build`, or scripts/setup")
     _need_tool(MKFS[inputs.fs_type][0], MKFS[inputs.fs_type][2])
     started = time.monotonic()
-    output.parent.mkdir(parents=True, exist_ok=True)
     progress(f"building the root image: Debian {inputs.suite} ({inputs.variant}) + "
              f"{', '.join(inputs.packages)} from {inputs.mirror}")
-    with tempfile.TemporaryDirectory(prefix=".rootfs-build-", dir=output.parent) as scratch:
-        tree = Path(scratch) / "tree"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".rootfs-build-", dir=output.parent))
+    except OSError as error:
+        raise ImageError(f"cannot create a build directory in {output.parent}: {error.strerror}") from None
+    try:
+        tree = scratch / "tree"
         _mmdebstrap(inputs, tree, progress)
         prune_tree(tree, inputs.prune)
         python = _package_version(tree, "python3")
@@ -328,6 +361,10 @@ def build_rootfs(inputs: RootfsInputs, output: Path, progress: Progress) -> dict
         progress(f"packing it as {inputs.fs_type} ({' '.join(inputs.mkfs_options)})")
         pack_directory(tree, partial, inputs.fs_type)
         partial.replace(output)
+    except OSError as error:
+        raise ImageError(f"building the root image in {scratch} failed: {error}") from None
+    finally:
+        _remove_scratch(scratch)
     size = output.stat().st_size
     seconds = time.monotonic() - started
     progress(f"root image {output}: {size / 1e6:.1f} MB, {packages} packages, python3 {python}, "
