@@ -106,6 +106,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         packages=packages,
         mirror=args.mirror or image.mirror,
         rootfs=not args.no_rootfs,
+        force=args.force,
     )
     if result.changed:
         rootfs = result.manifest.get("rootfs")
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Debian packages to add to the root image (besides the config's)")
     build.add_argument("--mirror", metavar="URI",
                        help="Debian mirror (default: the config's, else the host apt's)")
+    build.add_argument("--force", action="store_true",
+                       help="rebuild the root image even if its inputs did not change "
+                       "(to pick up package updates)")
     build.add_argument("--no-rootfs", action="store_true",
                        help="kernel and initramfs only (the initramfs must then carry python3)")
     build.set_defaults(func=cmd_image_build)

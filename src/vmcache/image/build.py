@@ -172,6 +172,7 @@ def build_image(
     packages: Sequence[str] = (),
     mirror: str = "",
     rootfs: bool = True,
+    force: bool = False,
 ) -> BuildResult:
     """Build the guest image into ``output`` (default ``<data>/image``).
 
@@ -179,7 +180,8 @@ def build_image(
     Debian mirror ("" = the host's, see :func:`.rootfs.debian_mirror`).
     ``rootfs=False`` makes the kernel and initramfs only (and drops a root image
     left from before). Does nothing, and says so in ``BuildResult.changed``,
-    when nothing it would write differs from what is there.
+    when nothing it would write differs from what is there; ``force`` rebuilds the
+    root image anyway (to pick up package updates on the mirror).
     """
     data_dir = default_data_dir()
     image_dir = output if output is not None else data_dir / "image"
@@ -214,7 +216,7 @@ def build_image(
         inputs = RootfsInputs.make(packages=packages, mirror=mirror)
         old = previous.get("rootfs") if previous is not None else None
         record = old if isinstance(old, dict) else None
-        if record is not None and rootfs_up_to_date(record, inputs, rootfs_path):
+        if not force and record is not None and rootfs_up_to_date(record, inputs, rootfs_path):
             progress(f"root image {rootfs_path} is up to date")
             manifest["rootfs"] = record
         else:

@@ -160,7 +160,7 @@ def debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
 @dataclass(frozen=True)
 class RootfsInputs:
     """Everything the root image is made from: equal inputs, equal image (give or take
-    package updates on the mirror, which ``--force`` picks up)."""
+    package updates on the mirror, which ``vmcache image build --force`` picks up)."""
 
     suite: str
     mirror: str
