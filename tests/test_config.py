@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import attrs
 import pytest
 from conftest import VMCACHE
 
-from vmcache.config import load_config, resolve_spec
+from vmcache.config import Config, load_config, render_toml, resolve_spec
 from vmcache.errors import ConfigError
 
 
@@ -85,3 +86,13 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, text: str, needle: str)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
         assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_contrib_sample_is_the_defaults() -> None:
+    """contrib/vmcache.toml documents every key with its default: keep the two equal."""
+    sample = load_config(Path(__file__).parent.parent / "contrib" / "vmcache.toml")
+    assert attrs.evolve(sample, source="") == Config()
+    text = (Path(__file__).parent.parent / "contrib" / "vmcache.toml").read_text()
+    for line in render_toml(Config()).splitlines():
+        if "=" in line:
+            assert f"\n{line.split(' = ')[0]} = " in text, line

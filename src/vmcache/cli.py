@@ -176,19 +176,30 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .image import build_image
 
     def progress(message: str) -> None:
         print(f"vmcache image: {message}", file=sys.stderr, flush=True)
 
+    image = load_config(args.config).image
+    packages = [*image.packages, *(name for name in (args.packages or "").split(",") if name.strip())]
+    started = time.monotonic()
     result = build_image(
         output=Path(args.output) if args.output else None,
         kernel=Path(args.kernel) if args.kernel else None,
         modules=Path(args.modules) if args.modules else None,
         progress=progress,
+        packages=packages,
+        mirror=args.mirror or image.mirror,
+        rootfs=not args.no_rootfs,
+        force=args.force,
     )
     if result.changed:
-        progress(f"built {result.image_dir} (kernel {result.manifest['kernel_version']})")
+        rootfs = result.manifest.get("rootfs")
+        size = f", root image {rootfs['size'] / 1e6:.0f} MB" if isinstance(rootfs, dict) else ""
+        progress(f"built {result.image_dir} (kernel {result.manifest['kernel_version']}{size}) "
+                 f"in {time.monotonic() - started:.1f} s")
     else:
         progress(f"{result.image_dir} is up to date; nothing to do")
     return 0
@@ -516,14 +527,28 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     build = image_sub.add_parser(
         "build",
-        help="build the default guest kernel + initramfs",
-        description="Build the kernel + initramfs the daemon boots when the config names "
-        "none. Does nothing when nothing changed.",
-        epilog="example: vmcache image build --kernel /boot/vmlinuz-$(uname -r)",
+        help="build the default guest image (kernel, initramfs, root filesystem image)",
+        description="Build the kernel, initramfs and read-only root filesystem image (Debian\n"
+        "with python3, made with mmdebstrap; needs root) the daemon boots when the config\n"
+        "names none. Does nothing when nothing changed.",
+        epilog="examples: vmcache image build --packages curl,git\n"
+        "          vmcache image build --kernel /boot/vmlinuz-$(uname -r)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument("--output", metavar="DIR", help="where to write (default: <data>/image)")
     build.add_argument("--kernel", metavar="PATH", help="kernel image to use")
     build.add_argument("--modules", metavar="DIR", help="that kernel's /lib/modules/<version>")
+    build.add_argument("--config", metavar="FILE",
+                       help="take [image] packages and mirror from this config file")
+    build.add_argument("--packages", metavar="A,B",
+                       help="Debian packages to add to the root image (besides the config's)")
+    build.add_argument("--mirror", metavar="URI",
+                       help="Debian mirror (default: the config's, else the host apt's)")
+    build.add_argument("--force", action="store_true",
+                       help="rebuild the root image even if its inputs did not change "
+                       "(to pick up package updates)")
+    build.add_argument("--no-rootfs", action="store_true",
+                       help="kernel and initramfs only (the initramfs must then carry python3)")
     build.set_defaults(func=cmd_image_build)
     return parser
 

@@ -10,6 +10,7 @@ Example (every key optional; these are the defaults)::
     path = "qemu-system-x86_64"  # QEMU binary, a path or a name looked up on PATH
     kernel = ""                  # "" = the default guest image (vmcache image build)
     initrd = ""                  # "" = the default guest image
+    image = ""                   # root filesystem image; "" = the default image's
     kernel_params = ""           # appended to the kernel command line
     machine_type = "q35"
     default_vcpus = 1
@@ -17,6 +18,10 @@ Example (every key optional; these are the defaults)::
     accel = "auto"               # "kvm", "tcg" or "auto" (KVM, falling back to TCG)
     boot_timeout = 30.0          # seconds until the guest agent must say READY
     kvm_probe_timeout = 10.0     # with accel "auto": how long a KVM guest may take
+
+    [image]                      # what `vmcache image build --config FILE` builds
+    packages = []                # Debian packages added to the default root image
+    mirror = ""                  # Debian mirror; "" = the host apt's, else deb.debian.org
 
 An unknown key or a value of the wrong type or range is a :class:`ConfigError`
 naming the key and the file.
@@ -34,8 +39,9 @@ from typing import Any
 import attrs
 import cattrs
 
-from .errors import ConfigError
-from .image import INITRD_FILE, KERNEL_FILE, image_id, read_manifest
+from .errors import ConfigError, ImageError
+from .image import AGENT_DIR, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, image_id, read_manifest
+from .image.cpio import S_IFREG, read_initrd, resolve_path
 from .paths import default_endpoint, default_image_dir, default_run_dir
 
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -97,6 +103,7 @@ class QemuConfig:
     path: str = attrs.field(default="qemu-system-x86_64", validator=_single_line)
     kernel: str = attrs.field(default="", validator=_single_line)
     initrd: str = attrs.field(default="", validator=_single_line)
+    image: str = attrs.field(default="", validator=_single_line)
     kernel_params: str = attrs.field(default="", validator=_single_line)
     machine_type: str = attrs.field(default="q35", validator=_single_line)
     default_vcpus: int = attrs.field(default=1, validator=_at_least(1))
@@ -106,6 +113,20 @@ class QemuConfig:
     kvm_probe_timeout: float = attrs.field(default=10.0, validator=_positive)
     seccompsandbox: str = attrs.field(default=DEFAULT_SANDBOX, validator=_single_line)
     tb_size: int = attrs.field(default=0, validator=_at_least(0))
+
+
+def _package_names(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for name in value:
+        if not name or any(char.isspace() or char == "," for char in name):
+            raise _RangeError(attribute, f"must be Debian package names, not {name!r}")
+
+
+@attrs.frozen
+class ImageConfig:
+    """``[image]``: what ``vmcache image build --config FILE`` puts in the default root image."""
+
+    packages: tuple[str, ...] = attrs.field(default=(), validator=_package_names)
+    mirror: str = attrs.field(default="", validator=_single_line)
 
 
 @attrs.frozen
@@ -119,6 +140,7 @@ class Config:
 
     factory: FactoryConfig = attrs.Factory(FactoryConfig)
     hypervisor: HypervisorConfig = attrs.Factory(HypervisorConfig)
+    image: ImageConfig = attrs.Factory(ImageConfig)
     source: str = ""
 
     @property
@@ -146,6 +168,8 @@ class VMSpec:
     kvm_probe_timeout: float
     run_root: Path
     image: str = ""
+    #: The root filesystem image attached read-only (None: the initramfs is the root).
+    rootfs: Path | None = None
     sandbox: str = ""
     tb_size_mib: int = 0
 
@@ -241,13 +265,15 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)
 
 
 def render_toml(config: Config) -> str:
     """The effective config as TOML, every key with its value (defaults filled in)."""
     lines = []
-    sections = (("factory", config.factory), ("hypervisor.qemu", config.qemu))
+    sections = (("factory", config.factory), ("hypervisor.qemu", config.qemu), ("image", config.image))
     for name, section in sections:
         lines.append(f"[{name}]")
         for field in attrs.fields(type(section)):
@@ -293,6 +319,9 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
     initrd = pick(qemu.initrd, image_dir / INITRD_FILE, "initrd")
     manifest = read_manifest(image_dir) if not (qemu.kernel and qemu.initrd) else None
     image_name = image_id(manifest) if manifest is not None else ""
+    rootfs = _root_image(qemu, image_dir, manifest, config.source)
+    if rootfs is None:
+        _check_initrd_runs_agent(initrd, config.source)
     return VMSpec(
         qemu=Path(binary),
         kernel=kernel,
@@ -306,7 +335,64 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         kvm_probe_timeout=qemu.kvm_probe_timeout,
         run_root=run_root if run_root is not None else default_run_dir(),
         image=image_name,
+        rootfs=rootfs,
         # Whether this QEMU supports it is asked at start (vmcache.qemu_binary.usable_spec).
         sandbox=qemu.seccompsandbox,
         tb_size_mib=qemu.tb_size,
     )
+
+
+def _root_image(qemu: QemuConfig, image_dir: Path, manifest: dict[str, object] | None,
+                source: str) -> Path | None:
+    """The root filesystem image to attach, or None when the initramfs is the root.
+
+    ``image`` names one; unset, the default image's goes with the default initramfs
+    (whose ``/init`` mounts it), and a config's own initrd gets none.
+    """
+    if qemu.image:
+        return _existing_file(qemu.image, "root filesystem image", source)
+    if qemu.initrd or manifest is None or not manifest.get("rootfs"):
+        return None
+    default = image_dir / ROOTFS_FILE
+    if not default.is_file():
+        raise ConfigError(
+            f"default root filesystem image missing: {default} (run `vmcache image build`, "
+            "or set hypervisor.qemu.image)"
+        )
+    return default
+
+
+#: What an initramfs must carry to run the agent without a root image.
+_AGENT_NEEDS = ("usr/bin/python3", f"{AGENT_DIR}/vmcache_agent.py", f"{AGENT_DIR}/agent_protocol.py")
+_INITRD_CHECKS: dict[tuple[str, int, int], list[str]] = {}
+
+
+def initrd_missing(initrd: Path) -> list[str]:
+    """What ``initrd`` lacks of :data:`_AGENT_NEEDS` (symlinks followed); remembered per file version."""
+    try:
+        info = initrd.stat()
+        key = (str(initrd), info.st_size, info.st_mtime_ns)
+        if key not in _INITRD_CHECKS:
+            members = read_initrd(initrd.read_bytes())
+            _INITRD_CHECKS[key] = [
+                f"/{need}" for need in _AGENT_NEEDS
+                if (entry := resolve_path(members, need)) is None or entry.kind != S_IFREG
+            ]
+    except OSError as error:
+        raise ConfigError(f"cannot read the initrd {initrd}: {error.strerror}") from None
+    except ImageError as error:
+        raise ConfigError(f"cannot read the initrd {initrd}: {error}") from None
+    return _INITRD_CHECKS[key]
+
+
+def _check_initrd_runs_agent(initrd: Path, source: str) -> None:
+    missing = initrd_missing(initrd)
+    if missing:
+        where = f" (from {source})" if source else ""
+        raise ConfigError(
+            f"no root filesystem image, and the initrd {initrd} cannot run the guest agent "
+            f"itself: it has no {' and no '.join(missing)}{where}. Set hypervisor.qemu.image "
+            "to an image with python3 >= 3.9, or put python3 and vmcache's agent "
+            f"(/{AGENT_DIR}/) into the initramfs"
+        )
+

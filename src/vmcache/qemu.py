@@ -45,6 +45,8 @@ log = logging.getLogger("vmcache.qemu")
 
 AGENT_PORT_NAME = "vmcache.agent"
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
+#: The root image is the VM's only virtio-blk disk, so the guest sees it as /dev/vda.
+ROOT_DEVICE_PARAM = "vmcache.root=/dev/vda"
 SOCKET_PATH_MAX = 107
 #: The longest name of a socket we put in a VM's run directory (see vmcache.snapshot).
 LONGEST_SOCKET_NAME = "incoming.sock"
@@ -77,9 +79,23 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def _image_name(path: Path) -> str:
+    """The root image's name for the guest's messages: one kernel command line word."""
+    return "".join(char if char.isprintable() and not char.isspace() else "_" for char in path.name)
+
+
 def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     """The QEMU command line for one VM (pure: tested without QEMU)."""
-    params = " ".join(part for part in (BASE_KERNEL_PARAMS, spec.kernel_params) if part)
+    root_params = ""
+    root_drive: list[str] = []
+    if spec.rootfs is not None:
+        # The root image: read-only, so every VM shares it through the host's page cache.
+        root_params = f"{ROOT_DEVICE_PARAM} vmcache.image={_image_name(spec.rootfs)}"
+        root_drive = [
+            "-drive", f"file={_escape(str(spec.rootfs))},if=none,id=rootfs,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=rootfs",
+        ]
+    params = " ".join(part for part in (BASE_KERNEL_PARAMS, root_params, spec.kernel_params) if part)
     accel_option = "kvm" if accel == "kvm" else "tcg"
     if accel_option == "tcg" and spec.tb_size_mib:
         accel_option += f",tb-size={spec.tb_size_mib}"
@@ -107,6 +123,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         "-chardev", f"socket,id=agent,path={_escape(str(run_dir / 'agent.sock'))},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-device", "virtio-rng-pci",
+        *root_drive,
         "-pidfile", str(run_dir / "qemu.pid"),
         *sandbox,
     ]

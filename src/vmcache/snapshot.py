@@ -78,6 +78,7 @@ async def snapshot_key(spec: VMSpec, accel: str) -> str:
         "qemu_version": await qemu_version(spec.qemu),
         "kernel": _stat_key(spec.kernel),
         "initrd": _stat_key(spec.initrd),
+        "rootfs": _stat_key(spec.rootfs) if spec.rootfs is not None else None,
         "image": spec.image,
         "vcpus": spec.vcpus,
         "memory": spec.memory_mib,
