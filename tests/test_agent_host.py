@@ -23,7 +23,7 @@ import trio.testing
 
 from vmcache import agent as agent_module
 from vmcache import agent_protocol as ap
-from vmcache.agent import AgentClient, AgentConnection, GuestProcess, PtySize, guest_agent_files
+from vmcache.agent import AgentConnection, GuestProcess, PtySize, guest_agent_files
 from vmcache.errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
 
 
@@ -711,17 +711,6 @@ async def test_the_agent_runs_on_python_3_9(launch: Callable[..., Agent]) -> Non
             assert process.stdout is not None
             assert (await read_until(process.stdout, b"\n")).startswith(b"/dev/pts/")
     assert (result.returncode, result.stdout) == (5, b"abc")
-
-
-async def test_legacy_agent_client_adapter(agent: Agent) -> None:
-    client = AgentClient(agent.stream)
-    with trio.fail_after(10):
-        boot_id = await client.wait_ready()
-        assert await client.ping() == boot_id
-        result = await client.exec(["sh", "-c", "echo hi; kill -9 $$"])
-        assert (result.exit_status, result.stdout) == (137, b"hi\n")
-        timed = await client.exec(["sleep", "30"], timeout=1)
-        assert timed.exit_status == 137
 
 
 def test_guest_agent_files_are_the_sources() -> None:

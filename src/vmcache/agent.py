@@ -36,7 +36,6 @@ import attrs
 import trio
 
 from . import agent_protocol as ap
-from .agent_protocol import ExecResult
 from .errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
 
 log = logging.getLogger("vmcache.agent")
@@ -937,52 +936,3 @@ def guest_agent_files() -> dict[str, bytes]:
         "vmcache_agent.py": (here / "guest" / "vmcache_agent.py").read_bytes(),
         "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
     }
-
-
-class AgentClient:
-    """Legacy adapter with the old client's methods, over :class:`AgentConnection`.
-
-    ``qemu.py``, ``handle.py`` and ``snapshot.py`` still use it; new code
-    uses :class:`AgentConnection` directly. Remove once they are moved.
-    """
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-        self._connection: AgentConnection | None = None
-        self.boot_id: str | None = None
-
-    async def wait_ready(self) -> str:
-        """Handshake with the agent; the caller bounds the time."""
-        if self._connection is None:
-            self._connection = await AgentConnection.start(self._stream, timeout=math.inf)
-            self.boot_id = self._connection.boot_id
-        return self._connection.boot_id
-
-    async def _connected(self) -> AgentConnection:
-        await self.wait_ready()
-        assert self._connection is not None
-        return self._connection
-
-    async def ping(self) -> str:
-        connection = await self._connected()
-        self.boot_id = await connection.ping()
-        return self.boot_id
-
-    async def exec(self, argv: Sequence[str | bytes], timeout: int = 0) -> ExecResult:
-        """Run ``argv``; a signal's death is reported shell-style (128 + signal, so 137 when killed)."""
-        connection = await self._connected()
-        result = await connection.run(argv, timeout=timeout or None)
-        status = result.returncode if result.returncode >= 0 else 128 - result.returncode
-        return ExecResult(0, status, result.stdout or b"", result.stderr or b"")
-
-    async def add_entropy(self, data: bytes | None = None) -> None:
-        await (await self._connected()).add_entropy(data)
-
-    async def set_clock(self, unix_seconds: float | None = None) -> None:
-        await (await self._connected()).set_clock(unix_seconds)
-
-    async def aclose(self) -> None:
-        if self._connection is not None:
-            await self._connection.aclose()
-        else:
-            await self._stream.aclose()

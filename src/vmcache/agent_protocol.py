@@ -747,18 +747,3 @@ class ReceiveWindow:
             return increment
         return 0
 
-
-class ExecResult:
-    """Legacy: what ``vmcache.agent.AgentClient.exec`` returns, for the modules that still
-    use that adapter (qemu.py, handle.py). New code uses ``AgentConnection.run``."""
-
-    __slots__ = ("exit_status", "request_id", "stderr", "stdout")
-
-    def __init__(self, request_id: int, exit_status: int, stdout: bytes, stderr: bytes) -> None:
-        self.request_id = request_id
-        self.exit_status = exit_status
-        self.stdout = stdout
-        self.stderr = stderr
-
-    def __repr__(self) -> str:
-        return f"ExecResult({self.exit_status}, {self.stdout[:40]!r}, {self.stderr[:40]!r})"

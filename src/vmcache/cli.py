@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from .handle import VMHandle
+    from .relay import ProcessRequest
     from .wire import CacheStatus
 
 EPILOG = """\
@@ -125,18 +126,6 @@ def _endpoint(args: argparse.Namespace) -> Path:
     return load_config(getattr(args, "config", None)).endpoint()
 
 
-def _relay_and_exit(stdout: bytes, stderr: bytes, status: int) -> NoReturn:
-    """Write the command's output as it was, and exit with its status."""
-    try:
-        sys.stdout.buffer.write(stdout)
-        sys.stdout.buffer.flush()
-        sys.stderr.buffer.write(stderr)
-        sys.stderr.buffer.flush()
-    except BrokenPipeError:  # the reader went away (`| head`): the status still counts
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    raise SystemExit(status)
-
-
 def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     if command and command[0] == "--":
@@ -205,50 +194,71 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    command = _command(args)
+def _process_request(args: argparse.Namespace) -> ProcessRequest:
+    """The process to run, from ``exec``/``run``'s options."""
+    from .relay import ProcessRequest
+
+    env: dict[str, str] = {}
+    for item in args.env or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            _fail(f"--env takes KEY=VALUE, not {item!r}", 2)
+        env[key] = value
+    return ProcessRequest(
+        argv=_command(args), env=env, cwd=args.cwd,
+        forward_stdin=args.interactive or not sys.stdin.isatty(),
+        tty=args.tty, timeout=args.timeout or None,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> NoReturn:
+    from .relay import relay_process
+
+    request = _process_request(args)
     if args.direct:
         from .config import load_config, resolve_spec
         from .qemu import launch_vm
 
         spec = resolve_spec(load_config(args.config))
 
-        async def direct() -> tuple[bytes, bytes, int]:
+        async def direct() -> int:
             async with launch_vm(spec) as vm:
-                result = await vm.exec(command, args.timeout)
-            return result.stdout, result.stderr, result.exit_status
+                return await relay_process(vm, request, forward_sigint=False)
 
-        _relay_and_exit(*run_async(direct))
+        raise SystemExit(run_async(direct))
     from .client import connect
     from .errors import DaemonNotRunningError
 
     endpoint = _endpoint(args)
     ttl = _ttl(args)
 
-    async def warm() -> tuple[bytes, bytes, int, str | None]:
+    async def warm() -> int:
         async with connect(endpoint) as cache:
             if args.keep:
                 vm = await cache.get_vm(timeout=args.wait, ttl=ttl)
-                result = await vm.exec(command, args.timeout)
-                return result.stdout, result.stderr, result.exit_status, vm.to_json()
-            async with cache.lease_vm(timeout=args.wait, ttl=ttl) as vm:
+                _keep(vm.to_json(), args.handle_file)
                 try:
-                    result = await vm.exec(command, args.timeout)
+                    return await relay_process(vm, request, forward_sigint=False)
                 finally:
                     await vm.disconnect()
-            return result.stdout, result.stderr, result.exit_status, None
+            async with cache.lease_vm(timeout=args.wait, ttl=ttl) as vm:
+                try:
+                    return await relay_process(vm, request, forward_sigint=False)
+                finally:
+                    await vm.disconnect()
 
     try:
-        stdout, stderr, status, kept = run_async(warm)
+        raise SystemExit(run_async(warm))
     except DaemonNotRunningError as error:
         raise DaemonNotRunningError(
             f"{error}, or boot a VM just for this with `vmcache run --direct`") from None
-    if kept is not None:
-        if args.handle_file:
-            Path(args.handle_file).write_text(kept + "\n")
-        else:
-            print(f"vmcache: kept VM {kept}", file=sys.stderr)
-    _relay_and_exit(stdout, stderr, status)
+
+
+def _keep(handle_json: str, handle_file: str | None) -> None:
+    if handle_file:
+        Path(handle_file).write_text(handle_json + "\n")
+    else:
+        print(f"vmcache: kept VM {handle_json}", file=sys.stderr, flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -366,18 +376,48 @@ def _read_handle(source: str) -> VMHandle:
     return VMHandle.from_json(text)
 
 
-def cmd_exec(args: argparse.Namespace) -> int:
-    command = _command(args)
+def cmd_exec(args: argparse.Namespace) -> NoReturn:
+    from .relay import relay_process
+
+    request = _process_request(args)
     handle = _read_handle(args.handle)
 
-    async def run() -> tuple[bytes, bytes, int]:
+    async def run() -> int:
         try:
-            result = await handle.exec(command, args.timeout)
+            return await relay_process(handle, request, forward_sigint=True)
         finally:
             await handle.disconnect()
-        return result.stdout, result.stderr, result.exit_status
 
-    _relay_and_exit(*run_async(run))
+    raise SystemExit(run_async(run))
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from .transfer import GuestPath, download, parse_location, upload
+
+    source, destination = parse_location(args.source), parse_location(args.destination)
+    if isinstance(source, GuestPath) == isinstance(destination, GuestPath):
+        _fail("one side of cp is HANDLE:PATH (a VM's file), the other a local path or -", 2)
+    remote = source if isinstance(source, GuestPath) else destination
+    assert isinstance(remote, GuestPath)
+    handle = _read_handle(remote.handle_file)
+
+    async def copy() -> tuple[str, int]:
+        try:
+            if isinstance(source, GuestPath):
+                assert isinstance(destination, str)
+                return await download(handle, source.path, destination)
+            assert isinstance(destination, GuestPath)
+            return await upload(handle, source, destination.path)
+        finally:
+            await handle.disconnect()
+
+    try:
+        where, size = run_async(copy)
+    except OSError as error:
+        _fail(f"cp: {error.filename or ''}: {error.strerror}", 1)
+    if args.verbose:
+        print(f"vmcache: copied {size} bytes to {where}", file=sys.stderr)
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -388,6 +428,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------- parser
+
+
+def _process_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="forward stdin even when it is a terminal (it is forwarded otherwise)")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="run the command on a terminal (raw mode here, window size followed)")
+    parser.add_argument("-e", "--env", action="append", metavar="KEY=VALUE",
+                        help="set an environment variable for the command (repeatable)")
+    parser.add_argument("-w", "--cwd", metavar="DIR", help="the command's working directory")
+    parser.add_argument("--timeout", type=float, default=0, metavar="S",
+                        help="have the guest kill the command after S seconds (default: no limit)")
+    parser.add_argument("command", nargs="*", metavar="-- CMD [ARG...]")
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -474,9 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the daemon stops the VM S seconds after the hand-out")
     run.add_argument("--wait", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a VM from the daemon (default %(default)s)")
-    run.add_argument("--timeout", type=int, default=0, metavar="S",
-                     help="kill the command after S seconds (default: no limit)")
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    _process_options(run)
     run.set_defaults(func=cmd_run)
 
     exec_ = sub.add_parser(
@@ -487,10 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: vmcache get > vm.json && vmcache exec vm.json -- cat /proc/version",
     )
     exec_.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
-    exec_.add_argument("--timeout", type=int, default=0, metavar="S",
-                       help="kill the command after S seconds (default: no limit)")
-    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    _process_options(exec_)
     exec_.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser(
+        "cp",
+        help="copy a file into or out of a VM you hold",
+        description="Copy a file between this host and a VM: one side is HANDLE:PATH (the "
+        "handle file, a colon, an absolute path in the guest), the other a local path, or - "
+        "for stdin or stdout. A destination ending in / gets the source's name. Any size, "
+        "binary-safe; the file's mode is kept.",
+        epilog="examples: vmcache cp data.csv vm.json:/tmp/   vmcache cp vm.json:/tmp/out.txt .",
+    )
+    cp.add_argument("source", metavar="SRC")
+    cp.add_argument("destination", metavar="DST")
+    cp.add_argument("-v", "--verbose", action="store_true", help="say what was copied")
+    cp.set_defaults(func=cmd_cp)
 
     stop = sub.add_parser(
         "stop",
@@ -553,6 +616,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; everything after the first ``--`` is the command, untouched, so that
+    options may come before or after the handle (``exec -it vm.json -- sh``)."""
+    command: list[str] | None = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    if command is not None and hasattr(args, "command"):
+        args.command = [*args.command, *command]
+    return args
+
+
 def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
@@ -588,7 +664,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         signal.signal(signum, _early_signal)
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = _parse(sys.argv[1:] if argv is None else argv)
             level = args.log_level or ("info" if args.subcommand == "serve" else "warning")
             logging.basicConfig(
                 level=level.upper(),

@@ -18,9 +18,8 @@ import cattrs
 import trio
 
 from ._unix import connect_when_ready
-from .agent import AgentClient
-from .agent_protocol import ExecResult
-from .errors import AgentError, HandleError, VmcacheError, VMGoneError
+from .errors import HandleError, VmcacheError, VMGoneError
+from .guest import Guest, GuestAPI
 from .paths import VM_ID_PATTERN, default_run_dir, vm_run_dir
 from .process import PidfdProcess, ProcessLike, open_vm_process, stop_process
 from .procfs import process_start_time
@@ -61,12 +60,12 @@ async def stop_vm_process(process: ProcessLike, qmp_socket: Path) -> int | None:
 
 
 @attrs.define(eq=False)
-class VMHandle:
+class VMHandle(GuestAPI):
     """A VM that belongs to whoever holds this handle.
 
     ``str(handle)`` / :meth:`to_json` is the JSON that ``vmcache get`` prints;
     :meth:`from_json` reads it back. ``async with handle:`` stops the VM on the
-    way out.
+    way out. Processes and files: the methods of :class:`~vmcache.guest.GuestAPI`.
     """
 
     id: str
@@ -81,7 +80,9 @@ class VMHandle:
     accel: str = ""
     image: str = ""
     boot_id: str = ""
-    _agent: AgentClient | None = attrs.field(default=None, init=False, repr=False)
+    #: User ports of the agent: ``agent-0.sock`` (``agent_socket``) to ``agent-<N-1>.sock``.
+    agent_ports: int = 16
+    _owner: Guest | None = attrs.field(default=None, init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = _CONVERTER.unstructure(self)
@@ -139,44 +140,24 @@ class VMHandle:
         process.close()
         return True
 
-    async def _connected_agent(self) -> AgentClient:
-        if self._agent is None:
-            if not self.is_running():
-                raise VMGoneError(f"VM {self.id} is not running (pid {self.pid} has exited)")
-            with trio.move_on_after(CONNECT_TIMEOUT):
-                stream = await connect_when_ready(Path(self.agent_socket), still_starting=self.is_running)
-                self._agent = AgentClient(stream)
-            if self._agent is None:
-                raise AgentError(f"could not connect to VM {self.id}'s agent within {CONNECT_TIMEOUT:g} s")
-        return self._agent
-
-    async def exec(self, argv: list[str], timeout: int = 0) -> ExecResult:
-        """Run ``argv`` in the guest and return its exit status, stdout and stderr."""
-        try:
-            agent = await self._connected_agent()
-        except OSError as error:
-            raise VMGoneError(f"VM {self.id} cannot be reached: {error.strerror}") from None
-        try:
-            return await agent.exec(argv, timeout)
-        except AgentError:
-            await self._close_agent()
-            if not self.is_running():
-                raise VMGoneError(f"VM {self.id} stopped while running the command") from None
-            raise
+    def _guest(self) -> Guest:
+        """The guest connection (a user port of the VM's), made on first use."""
+        if self._owner is None:
+            run_dir = Path(self.run_dir)
+            if Path(self.agent_socket) != run_dir / "agent-0.sock" or not VM_ID_PATTERN.fullmatch(self.id):
+                raise HandleError(f"VM handle {self.id[:40]}: its agent socket is not in its run directory")
+            self._owner = Guest(self.id, run_dir, is_running=self.is_running, ports=self.agent_ports)
+        return self._owner
 
     async def ping(self) -> str:
-        agent = await self._connected_agent()
-        return await agent.ping()
+        """Check the guest agent answers (on a user port); returns the guest's boot id."""
+        return await (await self._connection()).ping()
 
     async def disconnect(self) -> None:
-        """Close the connection to the agent (the VM keeps running)."""
-        await self._close_agent()
-
-    async def _close_agent(self) -> None:
-        if self._agent is not None:
-            with trio.CancelScope(shield=True):
-                await self._agent.aclose()
-            self._agent = None
+        """Close the connection to the agent (the VM keeps running; the port is freed)."""
+        if self._owner is not None:
+            await self._owner.aclose()
+            self._owner = None
 
     async def stop(self, run_root: Path | None = None) -> None:
         """Stop the VM: QMP quit, then SIGTERM, then SIGKILL (bounded); remove its run directory.
@@ -187,7 +168,7 @@ class VMHandle:
         the VM was not running any more.
         """
         run_dir = self.run_dir_path(run_root)
-        await self._close_agent()
+        await self.disconnect()
         process = self._process()
         if process is None:
             if _vm_runs_in(run_dir, self.id):

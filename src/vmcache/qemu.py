@@ -31,10 +31,18 @@ import trio
 
 from ._unix import connect_when_ready
 from .accel import AccelChooser
-from .agent import AgentClient
-from .agent_protocol import ExecResult
+from .agent import AgentConnection
 from .config import VMSpec
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
+from .guest import (
+    CONTROL_PORT,
+    CONTROL_SOCKET,
+    USER_PORTS,
+    Guest,
+    GuestAPI,
+    user_port_name,
+    user_socket,
+)
 from .handle import VMHandle
 from .process import stop_process
 from .procfs import process_start_time
@@ -43,7 +51,6 @@ from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.qemu")
 
-AGENT_PORT_NAME = "vmcache.agent"
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
 #: The root image is the VM's only virtio-blk disk, so the guest sees it as /dev/vda.
 ROOT_DEVICE_PARAM = "vmcache.root=/dev/vda"
@@ -84,6 +91,12 @@ def _image_name(path: Path) -> str:
     return "".join(char if char.isprintable() and not char.isspace() else "_" for char in path.name)
 
 
+def _port_args(chardev: str, path: Path, name: str) -> list[str]:
+    """A virtio-serial port named ``name`` in the guest, a Unix socket at ``path`` on the host."""
+    return ["-chardev", f"socket,id={chardev},path={_escape(str(path))},server=on,wait=off",
+            "-device", f"virtserialport,chardev={chardev},name={name}"]
+
+
 def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     """The QEMU command line for one VM (pure: tested without QEMU)."""
     root_params = ""
@@ -120,8 +133,9 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         "-chardev", f"socket,id=qmp,path={_escape(str(run_dir / 'qmp.sock'))},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-device", "virtio-serial-pci,id=vmcache-serial",
-        "-chardev", f"socket,id=agent,path={_escape(str(run_dir / 'agent.sock'))},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        *_port_args("control", run_dir / CONTROL_SOCKET, CONTROL_PORT),
+        *(arg for index in range(USER_PORTS)
+          for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
         "-device", "virtio-rng-pci",
         *root_drive,
         "-pidfile", str(run_dir / "qemu.pid"),
@@ -174,8 +188,14 @@ def make_private_dir(path: Path, *, enforce: bool = True) -> None:
         raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
 
-class VM:
-    """A QEMU VM this process started and supervises. Made by :func:`launch_vm`."""
+class VM(GuestAPI):
+    """A QEMU VM this process started and supervises. Made by :func:`launch_vm`.
+
+    Its owner runs processes and moves files with the methods of
+    :class:`~vmcache.guest.GuestAPI` (``run``, ``open_process``, ``write_file``, ...),
+    over a user port; the supervisor's own pings, clock and entropy go over the
+    control port (:attr:`agent`).
+    """
 
     def __init__(self, spec: VMSpec, vm_id: str, run_dir: Path, accel: str,
                  registry: Registry | None = None) -> None:
@@ -187,7 +207,8 @@ class VM:
         self.state = VMState.STARTING
         self.process: trio.Process | None = None
         self.qmp: QMPClient | None = None
-        self.agent: AgentClient | None = None
+        self.agent: AgentConnection | None = None
+        self._owner: Guest | None = None
         self.boot_id = ""
         self.started_at = time.monotonic()
         self.boot_seconds = 0.0
@@ -213,7 +234,7 @@ class VM:
             pid=self.pid,
             start_time=self.start_time,
             qmp_socket=str(self.run_dir / "qmp.sock"),
-            agent_socket=str(self.run_dir / "agent.sock"),
+            agent_socket=str(user_socket(self.run_dir, 0)),
             console_log=str(self.run_dir / "console.log"),
             run_dir=str(self.run_dir),
             cpu=self.spec.vcpus,
@@ -221,9 +242,17 @@ class VM:
             accel=self.accel,
             image=self.spec.image,
             boot_id=self.boot_id,
+            agent_ports=USER_PORTS,
         )
 
-    def _require_ready(self) -> AgentClient:
+    def _guest(self) -> Guest:
+        if self.state is not VMState.READY:
+            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        if self._owner is None:
+            self._owner = Guest(self.id, self.run_dir, is_running=lambda: self.alive)
+        return self._owner
+
+    def _require_ready(self) -> AgentConnection:
         if self.state is not VMState.READY or self.agent is None:
             raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
         if not self.alive:
@@ -234,9 +263,9 @@ class VM:
         """Check the guest agent answers; returns the boot id."""
         return await self._require_ready().ping()
 
-    async def exec(self, argv: list[str], timeout: int = 0) -> ExecResult:
-        """Run a command in the guest; see :meth:`AgentClient.exec`."""
-        return await self._require_ready().exec(argv, timeout)
+    async def add_entropy(self) -> None:
+        """Mix fresh host entropy into the guest and reseed its CRNG (the agent reports failure)."""
+        await self._require_ready().add_entropy()
 
     async def sync_clock(self) -> None:
         """Set the guest's clock to the host's (guests drift, restored ones jump back)."""
@@ -248,11 +277,11 @@ class VM:
         return await self.process.wait()
 
     async def _close_connections(self) -> None:
-        for connection in (self.qmp, self.agent):
+        for connection in (self.qmp, self.agent, self._owner):
             if connection is not None:
                 with trio.CancelScope(shield=True):
                     await connection.aclose()
-        self.qmp = self.agent = None
+        self.qmp = self.agent = self._owner = None
 
     async def release(self) -> tuple[VMHandle, trio.Process]:
         """Give up supervision: close our connections and keep QEMU running.
@@ -328,21 +357,29 @@ async def connect_monitor(vm: VM) -> None:
     vm.qmp = await QMPClient.negotiate(stream)
 
 
-async def connect_agent(vm: VM) -> AgentClient:
-    """Connect to the VM's agent socket as soon as QEMU has made it."""
+async def connect_control(vm: VM) -> trio.SocketStream:
+    """Connect to the VM's control port socket as soon as QEMU has made it."""
     process = vm.process
     assert process is not None
-    stream = await connect_when_ready(vm.run_dir / "agent.sock",
-                                      still_starting=lambda: process.returncode is None)
-    vm.agent = AgentClient(stream)
-    return vm.agent
+    return await connect_when_ready(vm.run_dir / CONTROL_SOCKET,
+                                    still_starting=lambda: process.returncode is None)
+
+
+async def start_agent(vm: VM, stream: trio.SocketStream) -> str:
+    """Greet the guest agent on the control port (HELLO, retried until it answers, bounded
+    by the caller); returns the guest's boot id."""
+    try:
+        vm.agent = await AgentConnection.start(stream, timeout=vm.spec.boot_timeout)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return vm.agent.boot_id
 
 
 async def wait_for_boot(vm: VM) -> str:
-    """A cold boot is ready when the agent says READY; returns the boot id."""
+    """A cold boot is ready when the agent answers on the control port; returns the boot id."""
     await connect_monitor(vm)
-    agent = await connect_agent(vm)
-    return await agent.wait_ready()
+    return await start_agent(vm, await connect_control(vm))
 
 
 async def start_vm(

@@ -9,7 +9,7 @@ template's memory into every clone).
 
 Clones start with the template's kernel state, random pool included. So each
 restored VM gets fresh host entropy through its agent, which also forces an
-immediate CRNG reseed (``vmcache-reseed``), and its clock is set to the host's,
+immediate CRNG reseed (the agent's RNDRESEEDCRNG), and its clock is set to the host's,
 before it is offered. Two restored VMs never share RNG output.
 
 The snapshot is keyed by everything that shapes the guest (QEMU binary and
@@ -43,7 +43,16 @@ import trio
 from .backoff import Backoff
 from .config import VMSpec
 from .errors import VMError
-from .qemu import VM, Registry, boot_vm, connect_agent, connect_monitor, make_private_dir, start_vm
+from .qemu import (
+    VM,
+    Registry,
+    boot_vm,
+    connect_control,
+    connect_monitor,
+    make_private_dir,
+    start_agent,
+    start_vm,
+)
 from .qemu_binary import qemu_version
 
 log = logging.getLogger("vmcache.snapshot")
@@ -288,7 +297,7 @@ class SnapshotManager:
         async def become_ready(vm: VM) -> str:
             await connect_monitor(vm)
             # Connected before the guest runs, so its agent never sees the port closed.
-            agent = await connect_agent(vm)
+            control = await connect_control(vm)
             marks = [time.monotonic()]
             await _stream_into(vm, snapshot)
             marks.append(time.monotonic())
@@ -296,12 +305,13 @@ class SnapshotManager:
             marks.append(time.monotonic())
             assert vm.qmp is not None
             await vm.qmp.execute("cont")
-            boot_id = await agent.ping()
+            boot_id = await start_agent(vm, control)  # a new session: the template's is gone
             marks.append(time.monotonic())
-            log.debug("VM %s restored: stream %.3f s, load %.3f s, resume+ping %.3f s", vm.id,
+            log.debug("VM %s restored: stream %.3f s, load %.3f s, resume+hello %.3f s", vm.id,
                       *(b - a for a, b in itertools.pairwise(marks)))
-            await agent.add_entropy()  # also reseeds the guest's CRNG at once
-            await agent.set_clock()
+            assert vm.agent is not None
+            await vm.agent.add_entropy()  # also reseeds the guest's CRNG at once; fails loudly
+            await vm.agent.set_clock()
             return boot_id
 
         return await start_vm(spec, snapshot.accel, spec.boot_timeout, self.registry,
