@@ -73,7 +73,7 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
                         raise AssertionError(f"VM pid {vm.pid} handed out twice")
                     received.add(vm.pid)
                     result = await vm.exec(["true"])
-                    assert result.exit_status == 0
+                    assert result.returncode == 0
                     await vm.stop()
             refilled = await wait_cached(endpoint, cache_size)
             await trio.sleep(1)  # reapers and connection tasks finish

@@ -61,6 +61,10 @@ class AgentError(VMError):
     """The guest agent failed, or the connection to it broke."""
 
 
+class VMDiedError(AgentError, VMGoneError):
+    """The VM died under a call to its agent; the message quotes why (a panic, the OOM killer)."""
+
+
 class AgentProtocolError(AgentError):
     """The guest agent sent something that is not the agent protocol."""
 

@@ -31,7 +31,7 @@ import trio
 from ._unix import connect_when_ready
 from .agent import AgentConnection, CompletedProcess, GuestFile, GuestProcess, PtySize
 from .backoff import Backoff
-from .errors import AgentError, VMGoneError
+from .errors import AgentError, VMDiedError, VMGoneError
 
 #: User ports per VM (the control port comes on top).
 USER_PORTS = 16
@@ -39,6 +39,8 @@ CONTROL_PORT = "vmcache.control"
 CONTROL_SOCKET = "control.sock"
 #: How long to wait for a free port and a HELLO answer.
 CONNECT_TIMEOUT = 10.0
+#: After the agent's connection broke: how long to wait for QEMU to exit, if it is going to.
+DEATH_WAIT = 1.0
 
 
 def user_port_name(index: int) -> str:
@@ -133,12 +135,17 @@ class Guest:
             self._unlock_port()
             raise
 
-    def explain(self, error: AgentError) -> AgentError:
-        """An agent error with the reason it happened, if the VM died under it."""
+    async def explain(self, error: AgentError) -> AgentError:
+        """An agent error with the reason it happened: a VM that is dying (QEMU exits a moment
+        after the guest panics) is waited for, at most :data:`DEATH_WAIT` s, and the error
+        then quotes the console's telling line."""
+        with trio.move_on_after(DEATH_WAIT):
+            while self._is_running():
+                await trio.sleep(0.05)
         if self._is_running():
             return error
         line = telling_console_line(self.run_dir / "console.log")
-        return VMGoneError(f"VM {self.vm_id} stopped ({line or 'its QEMU exited'}): {error}")
+        return VMDiedError(f"VM {self.vm_id} stopped ({line or 'its QEMU exited'}): {error}")
 
     async def aclose(self) -> None:
         """Close the connection (the guest kills this session's processes); free the port."""
@@ -161,7 +168,7 @@ class GuestAPI:
         try:
             return await self._guest().connection()
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     async def run(
         self,
@@ -188,7 +195,7 @@ class GuestAPI:
                                         capture_stderr=capture_stderr, check=check, env=env,
                                         cwd=cwd, timeout=timeout)
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     @asynccontextmanager
     async def open_process(
@@ -213,7 +220,7 @@ class GuestAPI:
                                                capture_stderr=capture_stderr) as process:
                 yield process
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     async def write_file(
         self,
@@ -227,7 +234,7 @@ class GuestAPI:
         try:
             return await connection.write_file(path, data, mode=mode)
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     async def read_file(self, path: str) -> bytes:
         """A whole guest file's bytes."""
@@ -235,7 +242,7 @@ class GuestAPI:
         try:
             return await connection.read_file(path)
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     @asynccontextmanager
     async def open_file(self, path: str) -> AsyncIterator[GuestFile]:
@@ -245,7 +252,7 @@ class GuestAPI:
             async with connection.open_file(path) as file:
                 yield file
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     async def mkdir(self, path: str, *, mode: int = 0o755) -> None:
         """``mkdir -p`` in the guest."""
@@ -253,7 +260,7 @@ class GuestAPI:
         try:
             await connection.mkdir(path, mode=mode)
         except AgentError as error:
-            raise self._guest().explain(error) from None
+            raise await self._guest().explain(error) from None
 
     async def exec(self, argv: Sequence[str | bytes], timeout: float | None = None) -> CompletedProcess:
         """:meth:`run` with output captured: a convenience kept from vmcache's first API."""
