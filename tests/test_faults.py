@@ -117,10 +117,10 @@ def test_a_hung_cached_vm_is_caught_by_the_health_ping(daemon: Daemon, run_dir: 
 
 def test_boots_that_keep_failing_are_reported_and_recover(tmp_path: Path, run_dir: Path,
                                                          guest_image: Path) -> None:
-    initrd = tmp_path / "initrd.gz"
-    initrd.write_bytes(b"not an initramfs")
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(b"not a file system" * 1000)  # the guest cannot mount it and powers off
     daemon = Daemon(tmp_path, run_dir, cache=1, factory={"boot_retry_initial": 0.2, "boot_retry_max": 1.0},
-                    kernel=str(guest_image / "vmlinuz"), initrd=str(initrd), boot_timeout=8.0)
+                    image=str(image), boot_timeout=20.0)
     before = qemu_pids()
     daemon.start()
     try:
@@ -132,7 +132,8 @@ def test_boots_that_keep_failing_are_reported_and_recover(tmp_path: Path, run_di
         assert time.monotonic() - asked < 10, "UNAVAILABLE comes at once, not after the deadline"
         assert get.returncode == 1 and get.stderr.count("\n") == 1
         assert "daemon cannot hand out a VM: no VM could be booted" in get.stderr
-        shutil.copy(guest_image / "initramfs.cpio.gz", initrd)  # the fix lands...
+        assert "vmcache-init:" in get.stderr, "the reason is the guest's own line"
+        shutil.copy(guest_image / "rootfs.erofs", image)  # the fix lands...
         daemon.wait_cached(1)  # ...and the cache fills by itself
         assert json.loads(daemon.cli("status", "--json").stdout)["last_boot_error"] == ""
         assert daemon.signal(signal.SIGTERM) == 0

@@ -72,7 +72,8 @@ async def test_corrupt_snapshot_is_discarded_and_rebuilt(tmp_path: Path, run_dir
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
     shutil.copy(guest_image / "vmlinuz", kernel)
     shutil.copy(guest_image / "initramfs.cpio.gz", initrd)
-    config = write_config(tmp_path / "c.toml", kernel=str(kernel), initrd=str(initrd))
+    config = write_config(tmp_path / "c.toml", kernel=str(kernel), initrd=str(initrd),
+                          image=str(guest_image / "rootfs.erofs"))
     spec = resolve_spec(load_config(config), run_root=run_dir)
     manager = SnapshotManager(spec, run_dir / "snapshots")
 

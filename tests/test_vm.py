@@ -147,7 +147,8 @@ async def test_bad_initrd_fails_fast_with_console_lines(
     no_init.write_bytes(gzip_deterministic(write_cpio([
         directory("usr"), directory("usr/bin"), regular_file("usr/bin/python3", b"", 0o755),
         directory("vmcache"), directory(AGENT_DIR),
-        regular_file(f"{AGENT_DIR}/vmcache_agent.py", b""), regular_file(f"{AGENT_DIR}/agent_protocol.py", b""),
+        regular_file(f"{AGENT_DIR}/vmcache_agent.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_protocol.py", b""),
     ])))
     spec = spec_for(tmp_path, run_dir, kernel=str(guest_image / "vmlinuz"), initrd=str(no_init),
                     kernel_params="loglevel=4")

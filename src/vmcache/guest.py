@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -65,10 +65,11 @@ class Guest:
     """One owner's connection to a VM's guest agent, on a user port it holds the lock of."""
 
     def __init__(self, vm_id: str, run_dir: Path, *, is_running: Callable[[], bool],
-                 ports: int = USER_PORTS) -> None:
+                 wait_stopped: Callable[[], Awaitable[object]], ports: int = USER_PORTS) -> None:
         self.vm_id = vm_id
         self.run_dir = run_dir
         self._is_running = is_running
+        self._wait_stopped = wait_stopped
         self._ports = ports
         self._connection: AgentConnection | None = None
         self._lock_fd: int | None = None
@@ -140,8 +141,7 @@ class Guest:
         after the guest panics) is waited for, at most :data:`DEATH_WAIT` s, and the error
         then quotes the console's telling line."""
         with trio.move_on_after(DEATH_WAIT):
-            while self._is_running():
-                await trio.sleep(0.05)
+            await self._wait_stopped()
         if self._is_running():
             return error
         line = telling_console_line(self.run_dir / "console.log")

@@ -119,7 +119,7 @@ class VMHandle(GuestAPI):
         if Path(self.run_dir) != expected:
             raise HandleError(f"VM handle {self.id}: its run directory {self.run_dir[:200]} is not "
                               f"{expected}; not touching it")
-        for name, value in (("qmp.sock", self.qmp_socket), ("agent.sock", self.agent_socket),
+        for name, value in (("qmp.sock", self.qmp_socket), ("agent-0.sock", self.agent_socket),
                             ("console.log", self.console_log)):
             if Path(value) != expected / name:
                 raise HandleError(f"VM handle {self.id}: {value[:200]} is not {expected / name}; "
@@ -131,6 +131,15 @@ class VMHandle(GuestAPI):
         if not VM_ID_PATTERN.fullmatch(self.id):
             return None
         return open_vm_process(self.id, self.pid, self.start_time)
+
+    async def wait_stopped(self) -> None:
+        """Wait until the VM's QEMU is gone (at once if it is not running)."""
+        process = self._process()
+        if process is not None:
+            try:
+                await process.wait()
+            finally:
+                process.close()
 
     def is_running(self) -> bool:
         """True while the VM's QEMU process (this pid, start time and command line) is alive."""
@@ -146,7 +155,8 @@ class VMHandle(GuestAPI):
             run_dir = Path(self.run_dir)
             if Path(self.agent_socket) != run_dir / "agent-0.sock" or not VM_ID_PATTERN.fullmatch(self.id):
                 raise HandleError(f"VM handle {self.id[:40]}: its agent socket is not in its run directory")
-            self._owner = Guest(self.id, run_dir, is_running=self.is_running, ports=self.agent_ports)
+            self._owner = Guest(self.id, run_dir, is_running=self.is_running,
+                                wait_stopped=self.wait_stopped, ports=self.agent_ports)
         return self._owner
 
     async def ping(self) -> str:

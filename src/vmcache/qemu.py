@@ -249,7 +249,8 @@ class VM(GuestAPI):
         if self.state is not VMState.READY:
             raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
         if self._owner is None:
-            self._owner = Guest(self.id, self.run_dir, is_running=lambda: self.alive)
+            self._owner = Guest(self.id, self.run_dir, is_running=lambda: self.alive,
+                                wait_stopped=self.wait_exited)
         return self._owner
 
     def _require_ready(self) -> AgentConnection:
