@@ -169,4 +169,7 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(error)
 
     collect(rest)
-    return leaves[0] if len(leaves) == 1 else rest
+    if len(leaves) == 1 or all(type(leaf) is type(leaves[0]) and str(leaf) == str(leaves[0])
+                               for leaf in leaves):
+        return leaves[0]  # one error, or the same error from every task (a broken connection)
+    return rest

@@ -41,6 +41,8 @@ CONTROL_SOCKET = "control.sock"
 CONNECT_TIMEOUT = 10.0
 #: After the agent's connection broke: how long to wait for QEMU to exit, if it is going to.
 DEATH_WAIT = 1.0
+#: How much of the console's end is searched for the line that says why a guest died.
+CONSOLE_TAIL = 1 << 16
 
 
 def user_port_name(index: int) -> str:
@@ -73,6 +75,9 @@ class Guest:
         self._ports = ports
         self._connection: AgentConnection | None = None
         self._lock_fd: int | None = None
+        #: The console log, kept open: whoever reaps a dead VM may remove its run directory
+        #: before we read why it died, and an open file outlives its name.
+        self._console_fd: int | None = None
         self._opening = trio.Lock()
 
     def _try_lock_port(self) -> int | None:
@@ -115,6 +120,8 @@ class Guest:
                     raise
                 stream = await connect_when_ready(user_socket(self.run_dir, index),
                                                   still_starting=self._is_running)
+                if self._console_fd is None:
+                    self._console_fd = os.open(self.run_dir / "console.log", os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     return await AgentConnection.start(stream, timeout=CONNECT_TIMEOUT)
                 except BaseException:
@@ -144,8 +151,17 @@ class Guest:
             await self._wait_stopped()
         if self._is_running():
             return error
-        line = telling_console_line(self.run_dir / "console.log")
+        line = self._telling_line()
         return VMDiedError(f"VM {self.vm_id} stopped ({line or 'its QEMU exited'}): {error}")
+
+    def _telling_line(self) -> str:
+        if self._console_fd is None:
+            return telling_console_line(self.run_dir / "console.log")
+        size = os.fstat(self._console_fd).st_size
+        tail = os.pread(self._console_fd, CONSOLE_TAIL, max(0, size - CONSOLE_TAIL))
+        from .qemu import telling_console_line as telling
+
+        return telling(tail.decode(errors="replace"))
 
     async def aclose(self) -> None:
         """Close the connection (the guest kills this session's processes); free the port."""
@@ -156,6 +172,9 @@ class Guest:
                     await connection.aclose()
         finally:
             self._unlock_port()
+            if self._console_fd is not None:
+                os.close(self._console_fd)
+                self._console_fd = None
 
 
 class GuestAPI:

@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from .agent import GuestProcess, PtySize
+from .errors import AgentError, unwrap_group
 from .guest import GuestAPI
 
 CHUNK = 1 << 20
@@ -51,9 +52,10 @@ def _terminal_size() -> PtySize:
     for fd in (0, 1, 2):
         try:
             size = os.get_terminal_size(fd)
-            return PtySize(rows=size.lines, cols=size.columns)
         except OSError:
             continue
+        if size.lines > 0 and size.columns > 0:  # a new pty says 0x0 until someone sets it
+            return PtySize(rows=size.lines, cols=size.columns)
     return PtySize()
 
 
@@ -129,19 +131,38 @@ async def relay_process(vm: GuestAPI, request: ProcessRequest, *, forward_sigint
                                timeout=request.timeout) as process:
         assert process.stdout is not None and process.stdin is not None
         with raw_terminal(sys.stdin.fileno()) if request.tty else contextlib.nullcontext():
-            async with trio.open_nursery() as helpers:
-                if request.forward_stdin:
-                    helpers.start_soon(_copy_in, sys.stdin.fileno(), process.stdin)
-                else:
-                    await process.stdin.aclose()
-                if request.tty:
-                    helpers.start_soon(_follow_window_size, process)
-                elif forward_sigint:
-                    helpers.start_soon(_forward_interrupts, process)
-                async with trio.open_nursery() as outputs:
-                    outputs.start_soon(_copy_out, process.stdout, sys.stdout.fileno())
-                    if process.stderr is not None:
-                        outputs.start_soon(_copy_out, process.stderr, sys.stderr.fileno())
-                returncode = await process.wait()
-                helpers.cancel_scope.cancel()
+            returncode = await _attach(process, request, forward_sigint=forward_sigint)
     return shell_status(returncode)
+
+
+async def _attach(process: GuestProcess, request: ProcessRequest, *, forward_sigint: bool) -> int:
+    """Our stdin, stdout, stderr, window size and Ctrl-C, to and from ``process``; its status.
+
+    Errors come out as themselves (not in exception groups), so that the guest API above
+    can tell a dying VM from a broken connection.
+    """
+    assert process.stdout is not None and process.stdin is not None
+    try:
+        async with trio.open_nursery() as helpers:
+            if request.forward_stdin:
+                helpers.start_soon(_copy_in, sys.stdin.fileno(), process.stdin)
+            else:
+                await process.stdin.aclose()
+            if request.tty:
+                helpers.start_soon(_follow_window_size, process)
+            elif forward_sigint:
+                helpers.start_soon(_forward_interrupts, process)
+            async with trio.open_nursery() as outputs:
+                outputs.start_soon(_copy_out, process.stdout, sys.stdout.fileno())
+                if process.stderr is not None:
+                    outputs.start_soon(_copy_out, process.stderr, sys.stderr.fileno())
+            returncode = await process.wait()
+            helpers.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A connection that broke fails every stream at once: one of them says it all.
+        broken, rest = group.split(AgentError)
+        single = unwrap_group(rest if rest is not None else broken or group)
+        if single is group or isinstance(single, BaseExceptionGroup):
+            raise
+        raise single from single.__cause__
+    return returncode
