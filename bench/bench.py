@@ -155,16 +155,60 @@ async def bench_warm_handout(bench: Bench, endpoint: Path, count: int, cache: in
     Each hand-out waits until the cache is full, so that no refill (a boot or a
     restore, which takes a whole core under TCG) runs while it is timed.
     """
-    trio_ms: list[float] = []
+    takevm_ms: list[float] = []
+    getbasevm_ms: list[float] = []
     async with vmcache.connect(endpoint) as client:
         for _ in range(count):
-            await wait_ready(endpoint, cache)
-            start = time.perf_counter()
-            handle = await client.get_vm(timeout=30)
-            trio_ms.append((time.perf_counter() - start) * 1000)
-            await handle.aclose()
+            for kind, times in (("take", takevm_ms), ("kata", getbasevm_ms)):
+                await wait_ready(endpoint, cache)
+                start = time.perf_counter()
+                handle = await (client.get_vm(timeout=30) if kind == "take" else client.get_base_vm(30))
+                times.append((time.perf_counter() - start) * 1000)
+                await handle.aclose()
     grpcio_ms = await trio.to_thread.run_sync(grpcio_handouts, endpoint, count, cache)
-    return {"trio_client_ms": summary(trio_ms), "grpcio_client_ms": summary(grpcio_ms)}
+    return {"trio_client_ms": summary(takevm_ms), "getbasevm_trio_ms": summary(getbasevm_ms),
+            "grpcio_client_ms": summary(grpcio_ms)}
+
+
+async def bench_guest(endpoint: Path, runs: int) -> dict[str, Any]:
+    """What a client does with a VM it got: throughput both ways, exec round trip, python3."""
+    size = 200 << 20
+    async with vmcache.connect(endpoint) as client, client.lease_vm(timeout=60) as vm:
+        stdout_mbs, stdin_mbs, write_mbs, read_mbs = [], [], [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            received = 0
+            async with vm.open_process(["head", "-c", str(size), "/dev/zero"]) as process:
+                assert process.stdout is not None
+                while chunk := await process.stdout.receive_some(1 << 20):
+                    received += len(chunk)
+                await process.wait()
+            stdout_mbs.append(received / 1e6 / (time.perf_counter() - start))
+            data = b"\0" * size
+            start = time.perf_counter()
+            await vm.run(["sh", "-c", "cat > /dev/null"], stdin=data)
+            stdin_mbs.append(size / 1e6 / (time.perf_counter() - start))
+            file_size = 100 << 20
+            start = time.perf_counter()
+            await vm.write_file("/tmp/bench.bin", data[:file_size])
+            write_mbs.append(file_size / 1e6 / (time.perf_counter() - start))
+            start = time.perf_counter()
+            back = await vm.read_file("/tmp/bench.bin")
+            read_mbs.append(len(back) / 1e6 / (time.perf_counter() - start))
+        true_ms = []
+        for _ in range(50):
+            start = time.perf_counter()
+            await vm.run(["true"])
+            true_ms.append((time.perf_counter() - start) * 1000)
+        python_ms = []
+        for _ in range(10):
+            start = time.perf_counter()
+            await vm.run(["python3", "-c", "print(1)"])
+            python_ms.append((time.perf_counter() - start) * 1000)
+        await vm.disconnect()
+    return {"stdout_mb_s": summary(stdout_mbs), "stdin_mb_s": summary(stdin_mbs),
+            "file_write_mb_s": summary(write_mbs), "file_read_mb_s": summary(read_mbs),
+            "exec_true_ms": summary(true_ms), "python3_print_ms": summary(python_ms)}
 
 
 def grpcio_handouts(endpoint: Path, count: int, cache: int) -> list[float]:
@@ -182,7 +226,7 @@ def grpcio_handouts(endpoint: Path, count: int, cache: int) -> list[float]:
     sys.path.insert(0, str(out))
     for name in ("cache_pb2", "cache_pb2_grpc"):
         sys.modules.pop(name, None)
-    import cache_pb2_grpc  # type: ignore[import-not-found]
+    import cache_pb2_grpc
 
     sys.path.remove(str(out))
     latencies = []
@@ -295,6 +339,46 @@ async def bench_memory_knobs(bench: Bench, settle: float) -> list[dict[str, Any]
 # ------------------------------------------------------------------ main
 
 
+#: The busybox guest's figures (bench/results/busybox-guest.json, and the issue's own
+#: measurements for what that run did not measure), to print beside today's.
+BEFORE = ROOT / "bench" / "results" / "busybox-guest.json"
+BUSYBOX_STDOUT_MB_S = 1.35
+BUSYBOX_EXEC_TRUE_MS = 15.8
+
+
+def before_and_after(results: dict[str, Any]) -> str:
+    """The guest's numbers beside the busybox guest's, in one table."""
+    try:
+        before = json.loads(BEFORE.read_text())
+    except (OSError, ValueError):
+        return "(no busybox-guest figures to compare with)"
+    guest = results["guest"]
+    rows = [
+        ("measured", "busybox guest", "Debian guest + Python agent"),
+        ("cold: QEMU start -> agent ready (p50)", f"{before['cold']['to_ready_s']['p50']:.2f} s",
+         f"{results['cold']['to_ready_s']['p50']:.2f} s"),
+        ("snapshot refill, one VM (p50)", f"{before['snapshot_refill']['per_vm_s']['p50']:.2f} s",
+         f"{results['snapshot_refill']['per_vm_s']['p50']:.2f} s"),
+        ("idle cached VM RSS, boot mode", f"{before['boot_idle']['vm_rss_mb']:.0f} MB",
+         f"{results['boot_idle']['vm_rss_mb']:.0f} MB"),
+        ("idle cached VM RSS, snapshot mode", f"{before['snapshot_idle']['vm_rss_mb']:.0f} MB",
+         f"{results['snapshot_idle']['vm_rss_mb']:.0f} MB"),
+        ("stdout, guest -> host (p50)", f"{BUSYBOX_STDOUT_MB_S} MB/s",
+         f"{guest['stdout_mb_s']['p50']:.0f} MB/s"),
+        ("stdin, host -> guest (p50)", "none (no stdin)", f"{guest['stdin_mb_s']['p50']:.0f} MB/s"),
+        ("file write, host -> guest (p50)", "none (argv, < 128 KiB)",
+         f"{guest['file_write_mb_s']['p50']:.0f} MB/s"),
+        ("file read, guest -> host (p50)", "none", f"{guest['file_read_mb_s']['p50']:.0f} MB/s"),
+        ("exec `true`, round trip (p50)", f"{BUSYBOX_EXEC_TRUE_MS} ms",
+         f"{guest['exec_true_ms']['p50']:.1f} ms"),
+        ("warm `python3 -c 'print(1)'` (p50)", "python3 not found",
+         f"{guest['python3_print_ms']['p50']:.0f} ms"),
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                     for row in rows)
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
@@ -342,6 +426,9 @@ async def main(args: argparse.Namespace) -> None:
             progress(f"{mode} mode: idle cost")
             results[f"{mode}_idle"] = await bench_idle(daemon.endpoint, daemon.process.pid, 2,
                                                         10.0 if args.quick else 30.0)
+            if mode == "snapshot":
+                progress("the guest: throughput, exec round trip, python3")
+                results["guest"] = await bench_guest(daemon.endpoint, 3)
 
     progress("memory knobs")
     results["memory_knobs"] = await bench_memory_knobs(bench, 2.0 if args.quick else 5.0)
@@ -367,7 +454,9 @@ async def main(args: argparse.Namespace) -> None:
     ]
     for mode in ("boot", "snapshot"):
         rows += [
-            (f"{mode}: GetBaseVM, Trio client", fmt(results[f"{mode}_handout"]["trio_client_ms"], "ms")),
+            (f"{mode}: TakeVM (claimed), Trio client",
+             fmt(results[f"{mode}_handout"]["trio_client_ms"], "ms")),
+            (f"{mode}: GetBaseVM, Trio client", fmt(results[f"{mode}_handout"]["getbasevm_trio_ms"], "ms")),
             (f"{mode}: GetBaseVM, grpcio client", fmt(results[f"{mode}_handout"]["grpcio_client_ms"], "ms")),
             (f"{mode}: `vmcache run` (warm)", fmt(results[f"{mode}_cli_run_s"], "s")),
             (f"{mode}: refill one VM", fmt(results[f"{mode}_refill"]["per_vm_s"], "s")),
@@ -390,6 +479,7 @@ async def main(args: argparse.Namespace) -> None:
     ]
     print(f"vmcache benchmark, {results['machine']['date']}")
     print(table(rows))
+    print(before_and_after(results))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"(numbers written to {args.output})")

@@ -14,7 +14,7 @@ import pytest
 
 from vmcache import procfs
 from vmcache.paths import default_image_dir
-from vmcache.procfs import qemu_pids
+from vmcache.procfs import qemu_pids as qemu_pids
 
 TCG_BOOT_TIMEOUT = 60.0
 

@@ -72,8 +72,8 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
                     if vm.pid in received:
                         raise AssertionError(f"VM pid {vm.pid} handed out twice")
                     received.add(vm.pid)
-                    result = await vm.exec(["true"])
-                    assert result.returncode == 0
+                    ran = await vm.run(["true"])
+                    assert ran.returncode == 0
                     await vm.stop()
             refilled = await wait_cached(endpoint, cache_size)
             await trio.sleep(1)  # reapers and connection tasks finish

@@ -276,6 +276,7 @@ async def test_env_and_cwd(conn: AgentConnection, tmp_path: Path) -> None:
     with trio.fail_after(10):
         result = await conn.run(["sh", "-c", 'echo "$FOO|$TERM|$HOME|$PATH"; pwd'],
                                 env={"FOO": "bar baz"}, cwd=str(tmp_path))
+    assert result.stdout is not None
     first, second = result.stdout.decode().splitlines()
     foo, term, home, path = first.split("|")
     assert (foo, term, home) == ("bar baz", "dumb", "/root")

@@ -113,7 +113,7 @@ def test_stop_refuses_a_handle_edited_to_name_something_else(daemon: Daemon, tmp
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
-    edits = {
+    edits: dict[str, dict[str, object]] = {
         "another directory": {"run_dir": str(precious)},
         "a path escape": {"run_dir": f"{run_dir}/vm-{handle['id']}/../../{precious.name}"},
         "another process": {"pid": bystander.pid},

@@ -72,7 +72,7 @@ NO_PYTHON_LINE = ("vmcache-init: the root image no-python.squashfs has no /usr/b
 
 def independent_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int], int]]:
     """A reader written apart from the package's, to check the writer: name -> (mode, data, rdev, mtime)."""
-    members = {}
+    members: dict[str, tuple[int, bytes, tuple[int, int], int]] = {}
     offset = 0
     while True:
         assert data[offset:offset + 6] == b"070701"

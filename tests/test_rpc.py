@@ -92,7 +92,8 @@ def grpc_frames(*, reset: bool, method: str = "GetBaseVM") -> bytes:
     client.send_data(1, struct.pack(">?I", False, 0), end_stream=True)
     if reset:
         client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
-    return client.data_to_send()
+    data: bytes = client.data_to_send()
+    return data
 
 
 async def test_a_reset_in_the_same_read_as_its_request_cancels_the_call(tmp_path: Path) -> None:

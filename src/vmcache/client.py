@@ -163,7 +163,7 @@ class CacheClient:
         # The daemon could not be told (or it is gone): stop the VM ourselves, if it still runs.
         with trio.move_on_after(RELEASE_WAIT):
             try:
-                await handle.stop(run_root=Path(handle.run_dir).parent)
+                await handle.stop()
             except VmcacheError:
                 pass
 

@@ -83,6 +83,9 @@ class VMHandle(GuestAPI):
     #: User ports of the agent: ``agent-0.sock`` (``agent_socket``) to ``agent-<N-1>.sock``.
     agent_ports: int = 16
     _owner: Guest | None = attrs.field(default=None, init=False, repr=False)
+    #: The handle came from the daemon itself (not from a file a user may have edited):
+    #: its run directory is trusted to be under the daemon's run root, whatever ours is.
+    _from_daemon: bool = attrs.field(default=False, init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = _CONVERTER.unstructure(self)
@@ -99,6 +102,13 @@ class VMHandle(GuestAPI):
             raise VmcacheError(f"not a VM handle: {error}") from None
 
     @classmethod
+    def from_daemon(cls, data: dict[str, Any]) -> VMHandle:
+        """A handle the daemon sent over its socket (see :meth:`stop` for what that changes)."""
+        handle = cls.from_dict(data)
+        handle._from_daemon = True
+        return handle
+
+    @classmethod
     def from_json(cls, text: str) -> VMHandle:
         try:
             data = json.loads(text)
@@ -112,7 +122,12 @@ class VMHandle(GuestAPI):
         """The VM's run directory, checked: ``vm-<id>`` under ``run_root`` (the configured one
         by default), and the handle's socket paths inside it. A handle is user input: one that
         names anything else is a :class:`HandleError`, and nothing is done with it."""
-        root = run_root if run_root is not None else default_run_dir()
+        if run_root is not None:
+            root = run_root
+        elif self._from_daemon:
+            root = Path(self.run_dir).parent
+        else:
+            root = default_run_dir()
         expected = vm_run_dir(root, self.id)
         if expected is None:
             raise HandleError(f"not a VM handle of ours: the id {self.id[:40]!r} is not a vmcache VM id")
@@ -173,8 +188,9 @@ class VMHandle(GuestAPI):
         """Stop the VM: QMP quit, then SIGTERM, then SIGKILL (bounded); remove its run directory.
 
         Acts only on a VM whose pid, start time and command line match the handle and
-        whose run directory is ``vm-<id>`` under ``run_root`` (the configured run root by
-        default): anything else is a :class:`HandleError`. Raises :class:`VMGoneError` if
+        whose run directory is ``vm-<id>`` under ``run_root`` (by default the configured
+        run root, or, for a handle the daemon sent, the daemon's): anything else is a
+        :class:`HandleError`. Raises :class:`VMGoneError` if
         the VM was not running any more.
         """
         run_dir = self.run_dir_path(run_root)

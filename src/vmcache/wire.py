@@ -109,7 +109,7 @@ def handle_from_grpc_vm(message: cache_pb2.GrpcVM) -> VMHandle:
     """The VM handle inside a ``GrpcVM`` (our ``vmcache`` key in ``hypervisor``)."""
     try:
         data = json.loads(message.hypervisor)
-        return VMHandle.from_dict(data["vmcache"])
+        return VMHandle.from_daemon(data["vmcache"])
     except (ValueError, KeyError, TypeError) as error:
         raise CacheError(f"the daemon's GrpcVM carries no vmcache handle: {error}") from None
 
