@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -134,6 +135,39 @@ class HypervisorConfig:
     qemu: QemuConfig = attrs.Factory(QemuConfig)
 
 
+#: What a pool's name may look like (it appears in logs, Status and the command line).
+POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+DEFAULT_POOL = "default"
+
+
+@attrs.frozen
+class PoolConfig:
+    """``[pools.NAME]``: a pool of cached VMs of another shape than the default pool's."""
+
+    vm_cache_number: int = attrs.field(default=1, validator=_at_least(1))
+    vcpus: int = attrs.field(default=1, validator=_at_least(1))
+    memory: int = attrs.field(default=256, validator=_at_least(64))
+    boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
+
+
+@attrs.frozen
+class PoolShape:
+    """One pool as the daemon runs it: the default pool (Kata's keys) or a named one."""
+
+    name: str
+    vcpus: int
+    memory_mib: int
+    size: int
+    boot_mode: str
+
+
+def _pool_names(_instance: object, attribute: attrs.Attribute[Any], value: dict[str, PoolConfig]) -> None:
+    for name in value:
+        if name == DEFAULT_POOL or not POOL_NAME.fullmatch(name):
+            raise _RangeError(attribute, f"pool name {name!r} must match {POOL_NAME.pattern} "
+                                         f"and not be {DEFAULT_POOL!r}")
+
+
 @attrs.frozen
 class Config:
     """The whole configuration. ``source`` is the file it came from, if any."""
@@ -141,6 +175,7 @@ class Config:
     factory: FactoryConfig = attrs.Factory(FactoryConfig)
     hypervisor: HypervisorConfig = attrs.Factory(HypervisorConfig)
     image: ImageConfig = attrs.Factory(ImageConfig)
+    pools: dict[str, PoolConfig] = attrs.field(factory=dict, validator=_pool_names)
     source: str = ""
 
     @property
@@ -150,6 +185,14 @@ class Config:
     def endpoint(self) -> Path:
         """The socket path from the config, else the default."""
         return Path(self.factory.vm_cache_endpoint or default_endpoint())
+
+    def pool_shapes(self) -> list[PoolShape]:
+        """Every pool the daemon keeps: the default one first, then the named ones by name."""
+        shapes = [PoolShape(DEFAULT_POOL, self.qemu.default_vcpus, self.qemu.default_memory,
+                            self.factory.vm_cache_number, self.factory.boot_mode)]
+        shapes += [PoolShape(name, pool.vcpus, pool.memory, pool.vm_cache_number, pool.boot_mode)
+                   for name, pool in sorted(self.pools.items())]
+        return shapes
 
 
 @attrs.frozen
@@ -216,7 +259,7 @@ def _describe(error: BaseException, _type: Any) -> str:
 def _readable(line: str) -> str:
     """``must be ... @ $.hypervisor.qemu.x`` -> ``hypervisor.qemu.x: must be ...``."""
     message, _, where = line.rpartition(" @ ")
-    key = where.removeprefix("$").lstrip(".")
+    key = re.sub(r"\['([^']*)'\]", r".\1", where.removeprefix("$")).lstrip(".")
     if message.startswith("unknown key "):
         names = message.removeprefix("unknown key ")
         qualified = ", ".join(f"{key}.{name}" if key else name for name in names.split(", "))
@@ -273,7 +316,9 @@ def _toml_value(value: object) -> str:
 def render_toml(config: Config) -> str:
     """The effective config as TOML, every key with its value (defaults filled in)."""
     lines = []
-    sections = (("factory", config.factory), ("hypervisor.qemu", config.qemu), ("image", config.image))
+    sections: list[tuple[str, Any]] = [("factory", config.factory), ("hypervisor.qemu", config.qemu),
+                                       ("image", config.image)]
+    sections += [(f"pools.{name}", pool) for name, pool in sorted(config.pools.items())]
     for name, section in sections:
         lines.append(f"[{name}]")
         for field in attrs.fields(type(section)):

@@ -123,6 +123,40 @@ class Lease:
             self._entry.done.set()
 
 
+class EventHub:
+    """Where the pools' (and the ledger's) events go, for every watcher (``Watch``)."""
+
+    def __init__(self) -> None:
+        self._watchers: set[trio.MemorySendChannel[CacheEvent]] = set()
+
+    def watch(self, opening: list[CacheEvent]) -> trio.MemoryReceiveChannel[CacheEvent]:
+        """A channel of ``opening`` and every event from now on. A watcher that falls
+        ``WATCH_BUFFER`` events behind is dropped (its channel closes)."""
+        send, receive = trio.open_memory_channel[CacheEvent](WATCH_BUFFER + len(opening))
+        for event in opening:
+            send.send_nowait(event)
+        self._watchers.add(send)
+        return receive
+
+    def publish(self, event: CacheEvent) -> None:
+        for channel in list(self._watchers):
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(channel)
+                channel.close()
+
+    @property
+    def watched(self) -> bool:
+        return bool(self._watchers)
+
+    def close(self) -> None:
+        """End every watcher's stream."""
+        for channel in list(self._watchers):
+            channel.close()
+        self._watchers.clear()
+
+
 class VMPool:
     """Keeps ``size`` VMs of ``spec`` booted; hands them out in arrival order."""
 
@@ -133,7 +167,10 @@ class VMPool:
         boot: Callable[[VMSpec], Awaitable[VM]] = boot_vm,
         backoff: Callable[[], Backoff] = default_backoff,
         health_interval: float = HEALTH_INTERVAL,
+        name: str = "default",
+        events: EventHub | None = None,
     ) -> None:
+        self.name = name
         self.spec = spec
         self.size = size
         self._boot = boot
@@ -142,7 +179,8 @@ class VMPool:
         self._ready: deque[_Entry] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._closed: str | None = None
-        self._watchers: set[trio.MemorySendChannel[CacheEvent]] = set()
+        self._own_events = events is None
+        self.events = events if events is not None else EventHub()
         self.stats = PoolStats()
         self.started_at = time.monotonic()
 
@@ -341,9 +379,8 @@ class VMPool:
         """Refuse new clients and fail the waiting ones with UNAVAILABLE."""
         self._closed = reason
         self._fail_waiters(CacheUnavailableError(reason))
-        for channel in list(self._watchers):
-            channel.close()
-        self._watchers.clear()
+        if self._own_events:
+            self.events.close()
 
     def _fail_waiters(self, error: CacheUnavailableError) -> None:
         while self._waiters:
@@ -353,26 +390,20 @@ class VMPool:
 
     # ---------------------------------------------------------- events
 
+    def watching_event(self) -> CacheEvent:
+        """The event a new watcher gets first: this pool as it is now."""
+        return CacheEvent("watching", "", 0, "", time.time(), self.ready_count(), self.size, self.name)
+
     def watch(self) -> trio.MemoryReceiveChannel[CacheEvent]:
         """A channel of every event from now on, opening with a ``watching`` event (the
-        cache as it is: from then on nothing is missed). A watcher that falls
-        ``WATCH_BUFFER`` events behind is dropped (its channel closes)."""
-        send, receive = trio.open_memory_channel[CacheEvent](WATCH_BUFFER)
-        send.send_nowait(CacheEvent("watching", "", 0, "", time.time(), self.ready_count(), self.size))
-        self._watchers.add(send)
-        return receive
+        cache as it is: from then on nothing is missed)."""
+        return self.events.watch([self.watching_event()])
 
     def _publish(self, kind: str, vm: VM | None = None, message: str = "") -> None:
         self.publish(kind, vm.id if vm else "", vm.pid if vm else 0, message)
 
     def publish(self, kind: str, vm_id: str = "", pid: int = 0, message: str = "") -> None:
-        """Send an event to every watcher (the ledger's events go out this way too)."""
-        if not self._watchers:
-            return
-        event = CacheEvent(kind, vm_id, pid, message, time.time(), self.ready_count(), self.size)
-        for channel in list(self._watchers):
-            try:
-                channel.send_nowait(event)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._watchers.discard(channel)
-                channel.close()
+        """Send an event about this pool to every watcher."""
+        if self.events.watched:
+            self.events.publish(CacheEvent(kind, vm_id, pid, message, time.time(), self.ready_count(),
+                                           self.size, self.name))

@@ -22,13 +22,14 @@ SERVICE = "cache.CacheService"
 class CacheEvent:
     """One change in the cache, as ``Watch`` streams it."""
 
-    kind: str  # booting, ready, handed_out, died, killed, boot_failed, released, expired
+    kind: str  # watching, booting, ready, handed_out, died, killed, boot_failed, released, expired
     vm_id: str
     pid: int
     message: str
     time: float
     ready: int
     cache_size: int
+    pool: str = ""
 
 
 @attrs.frozen
@@ -40,6 +41,20 @@ class CachedVMStatus:
     memory: int
     id: str = ""
     rss_bytes: int = 0
+    pool: str = ""
+
+
+@attrs.frozen
+class PoolStatus:
+    """One pool: its shape and how full it is."""
+
+    name: str
+    cpu: int
+    memory: int
+    cache_size: int
+    ready: int
+    booting: int
+    boot_mode: str
 
 
 @attrs.frozen
@@ -74,6 +89,7 @@ class CacheStatus:
     uptime_seconds: float = 0.0
     boot_mode: str = ""
     handed_out_vms: list[HandedOutVMStatus] = attrs.Factory(list)
+    pools: list[PoolStatus] = attrs.Factory(list)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -93,7 +109,11 @@ def kata_hypervisor_json(handle: VMHandle) -> bytes:
 
 
 def grpc_vm(handle: VMHandle) -> cache_pb2.GrpcVM:
-    """The ``GrpcVM`` a client gets for a VM (Kata's fields, our handle inside)."""
+    """The ``GrpcVM`` a client gets for a VM (Kata's fields, our handle inside).
+
+    ``cpu`` and ``memory`` are the size handed out (grown if the client asked for more than
+    its pool's shape); ``cpuDelta``, in Kata the vCPUs hot-added but not yet onlined, is 0:
+    vmcache onlines them before the hand-out."""
     return cache_pb2.GrpcVM(
         id=handle.id,
         hypervisor=kata_hypervisor_json(handle),
@@ -120,12 +140,12 @@ def handle_from_grpc_vm(message: cache_pb2.GrpcVM) -> VMHandle:
 def event_message(event: CacheEvent) -> cache_pb2.GrpcEvent:
     return cache_pb2.GrpcEvent(kind=event.kind, vm_id=event.vm_id, pid=event.pid,
                                message=event.message, time=event.time, ready=event.ready,
-                               cache_size=event.cache_size)
+                               cache_size=event.cache_size, pool=event.pool)
 
 
 def event_from_message(message: cache_pb2.GrpcEvent) -> CacheEvent:
     return CacheEvent(message.kind, message.vm_id, message.pid, message.message,
-                      message.time, message.ready, message.cache_size)
+                      message.time, message.ready, message.cache_size, message.pool)
 
 
 # ---------------------------------------------------------------- status
@@ -136,7 +156,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         pid=status.pid,
         vmstatus=[
             cache_pb2.GrpcVMStatus(pid=vm.pid, cpu=vm.cpu, memory=vm.memory, id=vm.id,
-                                   rss_bytes=vm.rss_bytes)
+                                   rss_bytes=vm.rss_bytes, pool=vm.pool)
             for vm in status.vms
         ],
         cache_size=status.cache_size,
@@ -156,13 +176,20 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
                                       expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory)
             for vm in status.handed_out_vms
         ],
+        pools=[
+            cache_pb2.GrpcPool(name=pool.name, cpu=pool.cpu, memory=pool.memory,
+                               cache_size=pool.cache_size, ready=pool.ready, booting=pool.booting,
+                               boot_mode=pool.boot_mode)
+            for pool in status.pools
+        ],
     )
 
 
 def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
     return CacheStatus(
         pid=message.pid,
-        vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes) for vm in message.vmstatus],
+        vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes, vm.pool)
+             for vm in message.vmstatus],
         cache_size=message.cache_size,
         booting=message.booting,
         last_boot_error=message.last_boot_error,
@@ -179,4 +206,6 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
                               vm.cpu, vm.memory)
             for vm in message.handed_out_vms
         ],
+        pools=[PoolStatus(pool.name, pool.cpu, pool.memory, pool.cache_size, pool.ready, pool.booting,
+                          pool.boot_mode) for pool in message.pools],
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x61\x63he.proto\x12\x05\x63\x61\x63he\x1a\x1bgoogle/protobuf/empty.proto\"1\n\x0cGrpcVMConfig\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x41gentConfig\x18\x02 \x01(\x0c\"{\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\x0c\x12\x10\n\x08proxyPid\x18\x03 \x01(\x03\x12\x10\n\x08proxyURL\x18\x04 \x01(\t\x12\x0b\n\x03\x63pu\x18\x05 \x01(\r\x12\x0e\n\x06memory\x18\x06 \x01(\r\x12\x10\n\x08\x63puDelta\x18\x07 \x01(\r\"\xee\x02\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12%\n\x08vmstatus\x18\x02 \x03(\x0b\x32\x13.cache.GrpcVMStatus\x12\x12\n\ncache_size\x18\x03 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x04 \x01(\r\x12\x17\n\x0flast_boot_error\x18\x05 \x01(\t\x12\x1c\n\x14\x62oot_failures_in_row\x18\x06 \x01(\r\x12\r\n\x05\x62oots\x18\x07 \x01(\x04\x12\x15\n\rboot_failures\x18\x08 \x01(\x04\x12\x12\n\nhanded_out\x18\t \x01(\x04\x12\x1b\n\x13median_boot_seconds\x18\n \x01(\x01\x12\x1e\n\x16median_handout_seconds\x18\x0b \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x0c \x01(\x01\x12\x11\n\tboot_mode\x18\r \x01(\t\x12.\n\x0ehanded_out_vms\x18\x0e \x03(\x0b\x32\x16.cache.GrpcHandedOutVM\"\x90\x01\n\x0fGrpcHandedOutVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x11\n\towner_uid\x18\x03 \x01(\r\x12\x11\n\thanded_at\x18\x04 \x01(\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0b\n\x03\x63pu\x18\x07 \x01(\r\x12\x0e\n\x06memory\x18\x08 \x01(\r\"W\n\x0cGrpcVMStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\x0e\n\x06memory\x18\x03 \x01(\r\x12\n\n\x02id\x18\x04 \x01(\t\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\"w\n\tGrpcEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04time\x18\x05 \x01(\x01\x12\r\n\x05ready\x18\x06 \x01(\r\x12\x12\n\ncache_size\x18\x07 \x01(\r\"~\n\x0bTakeRequest\x12\x1d\n\x03\x61sk\x18\x01 \x01(\x0b\x32\x0e.cache.TakeAskH\x00\x12!\n\x05\x63laim\x18\x02 \x01(\x0b\x32\x10.cache.TakeClaimH\x00\x12%\n\x07release\x18\x03 \x01(\x0b\x32\x12.cache.TakeReleaseH\x00\x42\x06\n\x04step\"C\n\x07TakeAsk\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\r\n\x05lease\x18\x03 \x01(\x08\"\x1a\n\tTakeClaim\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\r\n\x0bTakeRelease\"}\n\tTakeReply\x12\x1e\n\x05offer\x18\x01 \x01(\x0b\x32\r.cache.GrpcVMH\x00\x12%\n\x07\x63laimed\x18\x02 \x01(\x0b\x32\x12.cache.TakeClaimedH\x00\x12!\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x10.cache.TakeEndedH\x00\x42\x06\n\x04step\"0\n\x0bTakeClaimed\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"*\n\tTakeEnded\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xcf\x02\n\x0c\x43\x61\x63heService\x12\x35\n\x06\x43onfig\x12\x16.google.protobuf.Empty\x1a\x13.cache.GrpcVMConfig\x12\x32\n\tGetBaseVM\x12\x16.google.protobuf.Empty\x1a\r.cache.GrpcVM\x12\x33\n\x06Status\x12\x16.google.protobuf.Empty\x1a\x11.cache.GrpcStatus\x12\x36\n\x04Quit\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12\x33\n\x05Watch\x12\x16.google.protobuf.Empty\x1a\x10.cache.GrpcEvent0\x01\x12\x32\n\x06TakeVM\x12\x12.cache.TakeRequest\x1a\x10.cache.TakeReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x61\x63he.proto\x12\x05\x63\x61\x63he\x1a\x1bgoogle/protobuf/empty.proto\"1\n\x0cGrpcVMConfig\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x41gentConfig\x18\x02 \x01(\x0c\"{\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\x0c\x12\x10\n\x08proxyPid\x18\x03 \x01(\x03\x12\x10\n\x08proxyURL\x18\x04 \x01(\t\x12\x0b\n\x03\x63pu\x18\x05 \x01(\r\x12\x0e\n\x06memory\x18\x06 \x01(\r\x12\x10\n\x08\x63puDelta\x18\x07 \x01(\r\"\x8e\x03\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12%\n\x08vmstatus\x18\x02 \x03(\x0b\x32\x13.cache.GrpcVMStatus\x12\x12\n\ncache_size\x18\x03 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x04 \x01(\r\x12\x17\n\x0flast_boot_error\x18\x05 \x01(\t\x12\x1c\n\x14\x62oot_failures_in_row\x18\x06 \x01(\r\x12\r\n\x05\x62oots\x18\x07 \x01(\x04\x12\x15\n\rboot_failures\x18\x08 \x01(\x04\x12\x12\n\nhanded_out\x18\t \x01(\x04\x12\x1b\n\x13median_boot_seconds\x18\n \x01(\x01\x12\x1e\n\x16median_handout_seconds\x18\x0b \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x0c \x01(\x01\x12\x11\n\tboot_mode\x18\r \x01(\t\x12.\n\x0ehanded_out_vms\x18\x0e \x03(\x0b\x32\x16.cache.GrpcHandedOutVM\x12\x1e\n\x05pools\x18\x0f \x03(\x0b\x32\x0f.cache.GrpcPool\"|\n\x08GrpcPool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\x0e\n\x06memory\x18\x03 \x01(\r\x12\x12\n\ncache_size\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x06 \x01(\r\x12\x11\n\tboot_mode\x18\x07 \x01(\t\"\x90\x01\n\x0fGrpcHandedOutVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x11\n\towner_uid\x18\x03 \x01(\r\x12\x11\n\thanded_at\x18\x04 \x01(\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0b\n\x03\x63pu\x18\x07 \x01(\r\x12\x0e\n\x06memory\x18\x08 \x01(\r\"e\n\x0cGrpcVMStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\x0e\n\x06memory\x18\x03 \x01(\r\x12\n\n\x02id\x18\x04 \x01(\t\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04pool\x18\x06 \x01(\t\"\x85\x01\n\tGrpcEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04time\x18\x05 \x01(\x01\x12\r\n\x05ready\x18\x06 \x01(\r\x12\x12\n\ncache_size\x18\x07 \x01(\r\x12\x0c\n\x04pool\x18\x08 \x01(\t\"~\n\x0bTakeRequest\x12\x1d\n\x03\x61sk\x18\x01 \x01(\x0b\x32\x0e.cache.TakeAskH\x00\x12!\n\x05\x63laim\x18\x02 \x01(\x0b\x32\x10.cache.TakeClaimH\x00\x12%\n\x07release\x18\x03 \x01(\x0b\x32\x12.cache.TakeReleaseH\x00\x42\x06\n\x04step\"n\n\x07TakeAsk\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\r\n\x05lease\x18\x03 \x01(\x08\x12\x0b\n\x03\x63pu\x18\x04 \x01(\r\x12\x0e\n\x06memory\x18\x05 \x01(\r\x12\x0c\n\x04pool\x18\x06 \x01(\t\"\x1a\n\tTakeClaim\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\r\n\x0bTakeRelease\"}\n\tTakeReply\x12\x1e\n\x05offer\x18\x01 \x01(\x0b\x32\r.cache.GrpcVMH\x00\x12%\n\x07\x63laimed\x18\x02 \x01(\x0b\x32\x12.cache.TakeClaimedH\x00\x12!\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x10.cache.TakeEndedH\x00\x42\x06\n\x04step\"0\n\x0bTakeClaimed\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"*\n\tTakeEnded\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xcf\x02\n\x0c\x43\x61\x63heService\x12\x35\n\x06\x43onfig\x12\x16.google.protobuf.Empty\x1a\x13.cache.GrpcVMConfig\x12\x32\n\tGetBaseVM\x12\x16.google.protobuf.Empty\x1a\r.cache.GrpcVM\x12\x33\n\x06Status\x12\x16.google.protobuf.Empty\x1a\x11.cache.GrpcStatus\x12\x36\n\x04Quit\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12\x33\n\x05Watch\x12\x16.google.protobuf.Empty\x1a\x10.cache.GrpcEvent0\x01\x12\x32\n\x06TakeVM\x12\x12.cache.TakeRequest\x1a\x10.cache.TakeReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRPCVM']._serialized_start=102
   _globals['_GRPCVM']._serialized_end=225
   _globals['_GRPCSTATUS']._serialized_start=228
-  _globals['_GRPCSTATUS']._serialized_end=594
-  _globals['_GRPCHANDEDOUTVM']._serialized_start=597
-  _globals['_GRPCHANDEDOUTVM']._serialized_end=741
-  _globals['_GRPCVMSTATUS']._serialized_start=743
-  _globals['_GRPCVMSTATUS']._serialized_end=830
-  _globals['_GRPCEVENT']._serialized_start=832
-  _globals['_GRPCEVENT']._serialized_end=951
-  _globals['_TAKEREQUEST']._serialized_start=953
-  _globals['_TAKEREQUEST']._serialized_end=1079
-  _globals['_TAKEASK']._serialized_start=1081
-  _globals['_TAKEASK']._serialized_end=1148
-  _globals['_TAKECLAIM']._serialized_start=1150
-  _globals['_TAKECLAIM']._serialized_end=1176
-  _globals['_TAKERELEASE']._serialized_start=1178
-  _globals['_TAKERELEASE']._serialized_end=1191
-  _globals['_TAKEREPLY']._serialized_start=1193
-  _globals['_TAKEREPLY']._serialized_end=1318
-  _globals['_TAKECLAIMED']._serialized_start=1320
-  _globals['_TAKECLAIMED']._serialized_end=1368
-  _globals['_TAKEENDED']._serialized_start=1370
-  _globals['_TAKEENDED']._serialized_end=1412
-  _globals['_CACHESERVICE']._serialized_start=1415
-  _globals['_CACHESERVICE']._serialized_end=1750
+  _globals['_GRPCSTATUS']._serialized_end=626
+  _globals['_GRPCPOOL']._serialized_start=628
+  _globals['_GRPCPOOL']._serialized_end=752
+  _globals['_GRPCHANDEDOUTVM']._serialized_start=755
+  _globals['_GRPCHANDEDOUTVM']._serialized_end=899
+  _globals['_GRPCVMSTATUS']._serialized_start=901
+  _globals['_GRPCVMSTATUS']._serialized_end=1002
+  _globals['_GRPCEVENT']._serialized_start=1005
+  _globals['_GRPCEVENT']._serialized_end=1138
+  _globals['_TAKEREQUEST']._serialized_start=1140
+  _globals['_TAKEREQUEST']._serialized_end=1266
+  _globals['_TAKEASK']._serialized_start=1268
+  _globals['_TAKEASK']._serialized_end=1378
+  _globals['_TAKECLAIM']._serialized_start=1380
+  _globals['_TAKECLAIM']._serialized_end=1406
+  _globals['_TAKERELEASE']._serialized_start=1408
+  _globals['_TAKERELEASE']._serialized_end=1421
+  _globals['_TAKEREPLY']._serialized_start=1423
+  _globals['_TAKEREPLY']._serialized_end=1548
+  _globals['_TAKECLAIMED']._serialized_start=1550
+  _globals['_TAKECLAIMED']._serialized_end=1598
+  _globals['_TAKEENDED']._serialized_start=1600
+  _globals['_TAKEENDED']._serialized_end=1642
+  _globals['_CACHESERVICE']._serialized_start=1645
+  _globals['_CACHESERVICE']._serialized_end=1980
 # @@protoc_insertion_point(module_scope)

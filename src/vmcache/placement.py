@@ -1,0 +1,80 @@
+"""Which pool serves a request for a VM of some size (pure: no I/O, tested on its own).
+
+Every pool keeps VMs of one shape; a VM can grow (hot-added vCPUs and memory) up
+to the maxima, never shrink. So a request for ``vcpus`` and ``memory``:
+
+* naming a pool is served from that pool, its VM grown to the size if the size
+  is larger than the pool's shape (a size smaller than the shape is refused);
+* naming none is served from the pool whose shape is the closest at or below the
+  size in both dimensions (the least growth: an exact match needs none), and
+  with no size at all from the default pool, as it is;
+* with no pool at or below the size (a size smaller than every pool's), but within
+  the maxima, by a VM booted cold at that size;
+* beyond the maxima, or naming no pool that exists: refused, naming the limit.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .config import DEFAULT_POOL, PoolShape
+from .errors import InvalidRequestError
+
+#: Memory is hot-added in blocks of this many MiB (x86 memory blocks, DIMM alignment).
+MEMORY_STEP = 128
+
+
+@attrs.frozen
+class Placement:
+    """Where a request's VM comes from, and the size it is handed out at."""
+
+    pool: str | None  # None: booted cold at this size, just for this request
+    vcpus: int
+    memory_mib: int
+
+    def grows_from(self, shape: PoolShape) -> bool:
+        return (self.vcpus, self.memory_mib) != (shape.vcpus, shape.memory_mib)
+
+
+def place(shapes: list[PoolShape], *, vcpus: int = 0, memory_mib: int = 0, pool: str = "",
+          max_vcpus: int, max_memory_mib: int) -> Placement:
+    """Place a request (0 / "" = not asked); raises :class:`InvalidRequestError` saying why not."""
+    by_name = {shape.name: shape for shape in shapes}
+    if vcpus > max_vcpus:
+        raise InvalidRequestError(f"{vcpus} vCPUs asked; at most {max_vcpus} "
+                                  "(hypervisor.qemu.default_maxvcpus)")
+    if memory_mib > max_memory_mib:
+        raise InvalidRequestError(f"{memory_mib} MiB asked; at most {max_memory_mib} MiB "
+                                  "(hypervisor.qemu.default_maxmemory)")
+    if pool:
+        shape = by_name.get(pool)
+        if shape is None:
+            raise InvalidRequestError(f"no pool named {pool!r}; pools: {', '.join(by_name)}")
+        wanted = Placement(pool, vcpus or shape.vcpus, memory_mib or shape.memory_mib)
+        if wanted.vcpus < shape.vcpus or wanted.memory_mib < shape.memory_mib:
+            raise InvalidRequestError(
+                f"pool {pool!r} has VMs of {shape.vcpus} vCPUs and {shape.memory_mib} MiB: "
+                "they can grow, not shrink; ask another pool or no pool")
+        _check_step(wanted, shape)
+        return wanted
+    if not vcpus and not memory_mib:
+        default = by_name[DEFAULT_POOL]
+        return Placement(DEFAULT_POOL, default.vcpus, default.memory_mib)
+    fitting = [shape for shape in shapes
+               if (not vcpus or shape.vcpus <= vcpus) and (not memory_mib or shape.memory_mib <= memory_mib)]
+    if fitting:
+        closest = max(fitting, key=lambda shape: (shape.memory_mib, shape.vcpus, shape.name == DEFAULT_POOL))
+        wanted = Placement(closest.name, vcpus or closest.vcpus, memory_mib or closest.memory_mib)
+        _check_step(wanted, closest)
+        return wanted
+    smallest = min(shapes, key=lambda shape: (shape.memory_mib, shape.vcpus))
+    return Placement(None, vcpus or smallest.vcpus, memory_mib or smallest.memory_mib)
+
+
+def _check_step(wanted: Placement, shape: PoolShape) -> None:
+    added = wanted.memory_mib - shape.memory_mib
+    if added % MEMORY_STEP:
+        next_step = shape.memory_mib + (added // MEMORY_STEP + 1) * MEMORY_STEP
+        raise InvalidRequestError(
+            f"{wanted.memory_mib} MiB asked: memory grows in steps of {MEMORY_STEP} MiB from the "
+            f"pool's {shape.memory_mib} MiB (ask {next_step})")
