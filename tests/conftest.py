@@ -82,7 +82,8 @@ def guest_image() -> Path:
 
 
 def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None,
-                 factory: dict[str, object] | None = None, **qemu: object) -> Path:
+                 factory: dict[str, object] | None = None,
+                 pools: dict[str, dict[str, object]] | None = None, **qemu: object) -> Path:
     """A TOML config for tests: TCG, generous boot timeout; overrides from ``factory``/``qemu``."""
     settings: dict[str, object] = {"accel": "tcg", "boot_timeout": TCG_BOOT_TIMEOUT} | qemu
     lines = ["[factory]", f"vm_cache_number = {cache}"]
@@ -92,6 +93,9 @@ def write_config(path: Path, *, cache: int = 1, endpoint: Path | None = None,
     lines.append("[hypervisor.qemu]")
     for key, value in settings.items():
         lines.append(f"{key} = {json.dumps(value)}")
+    for name, pool in (pools or {}).items():
+        lines.append(f"[pools.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in pool.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -19,10 +19,11 @@ class Daemon:
     """A `vmcache serve` child process with its own config, endpoint and log file."""
 
     def __init__(self, tmp_path: Path, run_dir: Path, cache: int = 2,
-                 factory: dict[str, object] | None = None, **qemu: object) -> None:
+                 factory: dict[str, object] | None = None,
+                 pools: dict[str, dict[str, object]] | None = None, **qemu: object) -> None:
         self.endpoint = run_dir / "cache.sock"
         self.config = write_config(tmp_path / "daemon.toml", cache=cache, endpoint=self.endpoint,
-                                   factory=factory, **qemu)
+                                   factory=factory, pools=pools, **qemu)
         self.log_path = tmp_path / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
 

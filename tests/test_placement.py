@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from vmcache.config import PoolShape
@@ -9,7 +11,7 @@ from vmcache.errors import InvalidRequestError
 from vmcache.placement import Placement, place
 
 SHAPES = [PoolShape("default", 1, 256, 2, "boot"), PoolShape("big", 2, 1024, 1, "boot")]
-LIMITS = {"max_vcpus": 4, "max_memory_mib": 4096}
+LIMITS: dict[str, Any] = {"max_vcpus": 4, "max_memory_mib": 4096}
 
 
 def test_no_size_is_the_default_pool_as_it_is() -> None:

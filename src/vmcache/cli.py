@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
+    from .client import VMSize
     from .handle import VMHandle
     from .relay import ProcessRequest
     from .wire import CacheStatus
@@ -135,6 +136,17 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _size(args: argparse.Namespace) -> VMSize:
+    """``--cpus``, ``--memory``, ``--pool``: what size of VM to ask the daemon for."""
+    from .client import VMSize
+
+    for name in ("cpus", "memory"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            _fail(f"--{name} must be at least 1", 2)
+    return VMSize(args.cpus or 0, args.memory or 0, args.pool or "")
+
+
 def _ttl(args: argparse.Namespace) -> float | None:
     ttl: float | None = getattr(args, "ttl", None)
     if ttl is not None and not 0 < ttl <= 30 * 24 * 3600:
@@ -235,13 +247,13 @@ def cmd_run(args: argparse.Namespace) -> NoReturn:
     async def warm() -> int:
         async with connect(endpoint) as cache:
             if args.keep:
-                vm = await cache.get_vm(timeout=args.wait, ttl=ttl)
+                vm = await cache.get_vm(timeout=args.wait, ttl=ttl, size=_size(args))
                 _keep(vm.to_json(), args.handle_file)
                 try:
                     return await relay_process(vm, request, forward_sigint=False)
                 finally:
                     await vm.disconnect()
-            async with cache.lease_vm(timeout=args.wait, ttl=ttl) as vm:
+            async with cache.lease_vm(timeout=args.wait, ttl=ttl, size=_size(args)) as vm:
                 try:
                     return await relay_process(vm, request, forward_sigint=False)
                 finally:
@@ -284,7 +296,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     async def get() -> None:
         async with connect(endpoint) as cache:
-            await cache.get_vm(timeout=args.timeout, ttl=ttl, on_offer=print_handle)
+            await cache.get_vm(timeout=args.timeout, ttl=ttl, size=_size(args), on_offer=print_handle)
 
     run_async(get)
     return 0
@@ -297,6 +309,8 @@ def status_lines(status: CacheStatus) -> list[str]:
     lines += [
         f"Cache: {len(status.vms)}/{status.cache_size} ready, {status.booting} booting, "
         f"boot mode {status.boot_mode or 'boot'}",
+        *(f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} ready, "
+          f"{pool.booting} booting, boot mode {pool.boot_mode}" for pool in status.pools),
         f"Counters: {status.boots} boots, {status.boot_failures} boot failures, "
         f"{status.handed_out} handed out, median boot {status.median_boot_seconds:.2f} s, "
         f"median hand-out {status.median_handout_seconds * 1000:.1f} ms, "
@@ -430,6 +444,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- parser
 
 
+def _size_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpus", type=int, metavar="N",
+                        help="vCPUs the VM must have (it is grown to them before the hand-out)")
+    parser.add_argument("--memory", type=int, metavar="MIB",
+                        help="memory the VM must have, in MiB (grown in steps of 128 MiB)")
+    parser.add_argument("--pool", metavar="NAME",
+                        help="the pool to take it from (default: the closest shape to the size)")
+
+
 def _process_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="forward stdin even when it is a terminal (it is forwarded otherwise)")
@@ -486,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long to wait for a ready VM (default %(default)s)")
     get.add_argument("--ttl", type=float, metavar="S",
                      help="the daemon stops the VM S seconds after the hand-out")
+    _size_options(get)
     get.set_defaults(func=cmd_get)
 
     status = sub.add_parser(
@@ -525,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--handle-file", metavar="PATH", help="with --keep: write the handle (JSON) here")
     run.add_argument("--ttl", type=float, metavar="S",
                      help="the daemon stops the VM S seconds after the hand-out")
+    _size_options(run)
     run.add_argument("--wait", type=float, default=DEFAULT_CLIENT_TIMEOUT, metavar="S",
                      help="how long to wait for a VM from the daemon (default %(default)s)")
     _process_options(run)

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from google.protobuf.empty_pb2 import Empty
 
@@ -53,6 +54,18 @@ RELEASE_WAIT = 20.0
 TAKE_ATTEMPTS = 3
 
 
+@attrs.frozen
+class VMSize:
+    """What a client asks of a VM's size: vCPUs, memory (MiB), a pool; 0 / "" = don't care."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+    pool: str = ""
+
+
+ANY_SIZE = VMSize()
+
+
 class CacheClient:
     """The daemon's rpcs, over one connection."""
 
@@ -62,21 +75,23 @@ class CacheClient:
     # ------------------------------------------------------------ hand-outs
 
     async def get_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *, ttl: float | None = None,
-                     on_offer: Callable[[VMHandle], None] | None = None) -> VMHandle:
+                     size: VMSize = ANY_SIZE, on_offer: Callable[[VMHandle], None] | None = None,
+                     ) -> VMHandle:
         """Take a ready VM; it is yours from now on: stop it, or it runs on (for ``ttl``
         seconds at most, if given: then the daemon stops it).
 
-        Waits up to ``timeout`` seconds for one to be ready. ``on_offer`` sees the VM
-        before it is claimed (the CLI prints the handle there, so that a VM is never
-        claimed by a client that could not pass it on).
+        Waits up to ``timeout`` seconds for one to be ready. ``size`` asks for vCPUs,
+        memory and/or a pool (the VM is grown to the size before the hand-out).
+        ``on_offer`` sees the VM before it is claimed (the CLI prints the handle there,
+        so that a VM is never claimed by a client that could not pass it on).
         """
-        async with self._taken(timeout, ttl, lease=False, on_offer=on_offer) as (call, handle):
+        async with self._taken(timeout, ttl, size, lease=False, on_offer=on_offer) as (call, handle):
             await _expect_end(call)
             return handle
 
     @asynccontextmanager
-    async def lease_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *,
-                       ttl: float | None = None) -> AsyncIterator[VMHandle]:
+    async def lease_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *, ttl: float | None = None,
+                       size: VMSize = ANY_SIZE) -> AsyncIterator[VMHandle]:
         """A VM for the block's duration, bound to this client's life.
 
         When the block ends (by return, error or cancellation) the daemon stops the VM;
@@ -85,7 +100,7 @@ class CacheClient:
         passed, the daemon went away), the block is cancelled and :class:`LeaseLostError`
         says why.
         """
-        async with self._taken(timeout, ttl, lease=True) as (call, handle):
+        async with self._taken(timeout, ttl, size, lease=True) as (call, handle):
             lost: list[str] = []
             try:
                 async with trio.open_nursery() as nursery:
@@ -116,14 +131,14 @@ class CacheClient:
                 raise LeaseLostError(f"lost VM {handle.id}: {lost[0]}")
 
     @asynccontextmanager
-    async def _taken(self, timeout: float, ttl: float | None, *, lease: bool,
+    async def _taken(self, timeout: float, ttl: float | None, size: VMSize, *, lease: bool,
                      on_offer: Callable[[VMHandle], None] | None = None,
                      ) -> AsyncIterator[tuple[Call, VMHandle]]:
         """A TakeVM call with a claimed VM; a VM that died before its claim is asked for again."""
         for attempt in range(TAKE_ATTEMPTS):
             async with self._channel.open_call("TakeVM", cache_pb2.TakeReply) as call:
                 try:
-                    handle = await self._take(call, timeout, ttl, lease=lease, on_offer=on_offer)
+                    handle = await self._take(call, timeout, ttl, size, lease=lease, on_offer=on_offer)
                 except HandOutAbortedError:
                     if attempt == TAKE_ATTEMPTS - 1:
                         raise
@@ -131,12 +146,13 @@ class CacheClient:
                 yield call, handle
                 return
 
-    async def _take(self, call: Call, timeout: float, ttl: float | None, *, lease: bool,
+    async def _take(self, call: Call, timeout: float, ttl: float | None, size: VMSize, *, lease: bool,
                     on_offer: Callable[[VMHandle], None] | None = None) -> VMHandle:
         """Ask, receive the offer, claim, and wait for the daemon to confirm."""
         with trio.fail_after(timeout + CLAIM_WAIT):
             await call.send(cache_pb2.TakeRequest(ask=cache_pb2.TakeAsk(
-                wait_seconds=timeout, ttl_seconds=ttl or 0.0, lease=lease)))
+                wait_seconds=timeout, ttl_seconds=ttl or 0.0, lease=lease, cpu=size.vcpus,
+                memory=size.memory_mib, pool=size.pool)))
             offer = await call.receive()
             if offer is None or offer.WhichOneof("step") != "offer":
                 raise CacheError("TakeVM: the daemon sent no offer")

@@ -114,6 +114,17 @@ class Lease:
         del self._pool.stats.handout_seconds[:-1000]
         return handed
 
+    @property
+    def vm(self) -> VM:
+        """The VM set aside (to grow it before the hand-out)."""
+        return self._entry.vm
+
+    async def discard(self) -> None:
+        """The VM is not fit to hand out (it failed to grow): the slot stops and replaces it."""
+        self._entry.leased = False
+        self._pool._forget(self._entry)
+        self._entry.done.set()
+
     async def abort(self) -> None:
         """The reply did not go out: offer the VM again, to the next client in line."""
         self._entry.leased = False

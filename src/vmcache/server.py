@@ -27,10 +27,12 @@ import logging
 import math
 import os
 import signal
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
+import attrs
 import trio
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message as ProtoMessage
@@ -38,16 +40,26 @@ from google.protobuf.message import Message as ProtoMessage
 from ._proto import cache_pb2
 from .accel import AccelChooser
 from .backoff import Backoff
-from .config import Config, VMSpec, resolve_spec
-from .errors import ConfigError, DeadlineExceededError, InvalidRequestError, VMGoneError
+from .config import DEFAULT_POOL, Config, VMSpec, resolve_spec
+from .errors import (
+    CacheError,
+    ConfigError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    VmcacheError,
+    VMGoneError,
+)
+from .handle import VMHandle
 from .ledger import HandedOut, Ledger
 from .notify import Notifier
-from .pool import VMPool
+from .placement import Placement, place
+from .pool import EventHub, VMPool
 from .procfs import rss_bytes
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
 from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
 from .security import PeerPolicy, raise_open_file_limit, resolve_group
+from .sizing import grow
 from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
 from .wire import (
@@ -56,6 +68,7 @@ from .wire import (
     CacheEvent,
     CacheStatus,
     HandedOutVMStatus,
+    PoolStatus,
     event_message,
     grpc_vm,
     status_message,
@@ -71,6 +84,8 @@ CLAIM_TIMEOUT = 10.0
 DEFAULT_WAIT = 60.0
 #: The longest wait or TTL a client may ask for.
 MAX_SECONDS = 30 * 24 * 3600.0
+#: How long growing a VM (hot-add, then the guest's own view of it) may take.
+GROW_TIMEOUT = 20.0
 AGENT_CONFIG = {"protocol": "vmcache-agent/1", "port": "vmcache.agent"}
 
 
@@ -87,20 +102,29 @@ class CacheDaemon:
         state_dir = state_dir_for(self.spec.run_root, self.endpoint)
         self.registry = VMRegistry(state_dir, self.spec.run_root)
         self.accel = AccelChooser(kvm_probe_file(self.spec.run_root))
-        plain_boot = functools.partial(boot_vm, registry=self.registry, accel=self.accel)
-        self.snapshots: SnapshotManager | None = None
-        if boot is None and factory.boot_mode == "snapshot":
-            self.snapshots = SnapshotManager(self.spec, state_dir / "snapshots", self.registry,
-                                             plain_boot=plain_boot)
-            boot = self.snapshots.boot
-        self.pool = VMPool(
-            self.spec,
-            factory.vm_cache_number,
-            boot=boot if boot is not None else plain_boot,
-            backoff=lambda: Backoff(factory.boot_retry_initial, factory.boot_retry_max),
-            health_interval=factory.health_interval,
-        )
+        self._plain_boot = functools.partial(boot_vm, registry=self.registry, accel=self.accel)
+        self.snapshots: list[SnapshotManager] = []
+        self.events = EventHub()
+        self.shapes = config.pool_shapes()
+        self.pools: dict[str, VMPool] = {}
+        for shape in self.shapes:
+            spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib)
+            boot_for_pool = boot if boot is not None else self._plain_boot
+            if boot is None and shape.boot_mode == "snapshot":
+                manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
+                                          self.registry, plain_boot=self._plain_boot)
+                self.snapshots.append(manager)
+                boot_for_pool = manager.boot
+            self.pools[shape.name] = VMPool(
+                spec_for_pool, shape.size, boot=boot_for_pool,
+                backoff=lambda: Backoff(factory.boot_retry_initial, factory.boot_retry_max),
+                health_interval=factory.health_interval, name=shape.name, events=self.events,
+            )
+        #: The default pool: Kata's keys, and what GetBaseVM hands out.
+        self.pool = self.pools[DEFAULT_POOL]
         self.ledger = Ledger(self.registry, on_event=self._ledger_event)
+        #: VMs booted cold, at a size no pool could grow to, and handed out.
+        self.cold_boots = 0
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = trio.Event()
@@ -135,18 +159,22 @@ class CacheDaemon:
                 log.warning("killed %d VMs a previous daemon on %s left behind", killed, self.endpoint)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run, claimed)
-                nursery.start_soon(self._report_progress, self.pool.watch())
-                if self.snapshots is not None:
-                    await nursery.start(self.snapshots.run)
-                await nursery.start(self.pool.run)
+                nursery.start_soon(self._report_progress, self._watch_all())
+                for manager in self.snapshots:
+                    await nursery.start(manager.run)
+                for pool in self.pools.values():
+                    await nursery.start(pool.run)
                 await nursery.start(self.rpc.serve, sock)
-                log.info("listening on %s; filling a cache of %d VMs (pid %d)",
-                         self.endpoint, self.pool.size, os.getpid())
+                log.info("listening on %s; filling %s (pid %d)", self.endpoint, ", ".join(
+                    f"{shape.name}: {shape.size} x {shape.vcpus} vCPU {shape.memory_mib} MiB"
+                    for shape in self.shapes), os.getpid())
                 task_status.started()
                 await self._stop.wait()
                 log.info("stopping: purging the cache")
                 self.notifier.send(STOPPING="1", STATUS="stopping: purging the cache")
-                self.pool.close()
+                for pool in self.pools.values():
+                    pool.close()
+                self.events.close()
                 for entry in self.ledger.entries():
                     if entry.role != "claimed":
                         self.ledger.request_stop(entry, "the daemon is stopping")
@@ -157,9 +185,9 @@ class CacheDaemon:
             sock.close()
             self._remove_socket(inode)
             self.notifier.close()
-            stats = self.pool.stats
             log.info("stopped: %d VMs handed out, %d cached VMs killed, %d handed-out VMs left running",
-                     stats.handed_out, stats.killed,
+                     sum(pool.stats.handed_out for pool in self.pools.values()),
+                     sum(pool.stats.killed for pool in self.pools.values()),
                      sum(entry.role == "claimed" for entry in self.ledger.entries()))
 
     async def _report_progress(self, events: trio.MemoryReceiveChannel[CacheEvent]) -> None:
@@ -168,7 +196,8 @@ class CacheDaemon:
         async for event in events:
             if event.kind == "watching":
                 continue
-            fields = {"STATUS": f"{event.ready}/{event.cache_size} VMs ready"}
+            ready = sum(pool.ready_count() for pool in self.pools.values())
+            fields = {"STATUS": f"{ready}/{self._cache_size()} VMs ready"}
             if event.kind == "boot_failed":
                 fields["STATUS"] += f"; boot failed: {event.message[:200]}"
             if event.kind == "ready" and not announced:
@@ -184,8 +213,17 @@ class CacheDaemon:
         except FileNotFoundError:
             pass
 
+    def _cache_size(self) -> int:
+        return sum(pool.size for pool in self.pools.values())
+
+    def _watch_all(self) -> trio.MemoryReceiveChannel[CacheEvent]:
+        """Every pool's events (and the ledger's), opening with one ``watching`` per pool."""
+        return self.events.watch([pool.watching_event() for pool in self.pools.values()])
+
     def _ledger_event(self, kind: str, entry: HandedOut, message: str) -> None:
-        self.pool.publish(kind, entry.id, entry.handle.pid, message)
+        if self.events.watched:
+            self.events.publish(CacheEvent(kind, entry.id, entry.handle.pid, message, time.time(),
+                                           self.pool.ready_count(), self.pool.size, ""))
 
     # ------------------------------------------------------------ rpcs
 
@@ -197,6 +235,10 @@ class CacheDaemon:
             "vcpus": spec.vcpus, "memory": spec.memory_mib, "accel": spec.accel,
             "boot_timeout": spec.boot_timeout, "image": spec.image,
             "vm_cache_number": self.pool.size, "boot_mode": self.config.factory.boot_mode,
+            "max_vcpus": spec.max_vcpus, "max_memory": spec.max_memory_mib,
+            "pools": {shape.name: {"vcpus": shape.vcpus, "memory": shape.memory_mib,
+                                   "vm_cache_number": shape.size, "boot_mode": shape.boot_mode}
+                      for shape in self.shapes},
         }
         return cache_pb2.GrpcVMConfig(
             Data=json.dumps(data, sort_keys=True).encode(),
@@ -233,7 +275,9 @@ class CacheDaemon:
         ask = first.ask
         wait = _seconds(ask.wait_seconds, "wait_seconds") or DEFAULT_WAIT
         ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
-        entry = await self._offer(call, wait)
+        placement = place(self.shapes, vcpus=ask.cpu, memory_mib=ask.memory, pool=ask.pool,
+                          max_vcpus=self.spec.max_vcpus, max_memory_mib=self.spec.max_memory_mib)
+        entry = await self._offer(call, wait, placement)
         claimed = False
         reply: ProtoMessage | None = None
         try:
@@ -260,17 +304,14 @@ class CacheDaemon:
             return
         await self._hold_lease(call, entry)
 
-    async def _offer(self, call: RpcCall[ProtoMessage], wait: float) -> HandedOut:
-        """Take a VM out of the cache for this client and send it the offer."""
+    async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement) -> HandedOut:
+        """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
+        it to the ledger and send the client the offer."""
         with trio.move_on_after(wait) as waited:
-            while True:
-                lease = await self.pool.lease()
-                try:
-                    handle, process = await lease.commit()
-                except VMGoneError as error:
-                    log.info("%s; offering the next one", error)
-                    continue
-                break
+            if placement.pool is None:
+                handle, process = await self._boot_cold(placement)
+            else:
+                handle, process = await self._take_from_pool(self.pools[placement.pool], placement)
         if waited.cancelled_caught:
             raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
         entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
@@ -281,6 +322,37 @@ class CacheDaemon:
                 await self.ledger.stop(entry, "its offer could not be sent")
             raise
         return entry
+
+    async def _take_from_pool(self, pool: VMPool, placement: Placement) -> tuple[VMHandle, trio.Process]:
+        """The next ready VM of ``pool`` (first come, first served), grown to the size placed
+        while it is still set aside (a VM that fails to grow is replaced, not handed out)."""
+        while True:
+            lease = await pool.lease()
+            if (placement.vcpus, placement.memory_mib) != (pool.spec.vcpus, pool.spec.memory_mib):
+                try:
+                    await grow(lease.vm, placement.vcpus, placement.memory_mib, timeout=GROW_TIMEOUT)
+                except VmcacheError as error:
+                    await lease.discard()
+                    raise CacheError(f"could not grow a VM of pool {pool.name!r} to {placement.vcpus} "
+                                     f"vCPUs and {placement.memory_mib} MiB: {error}") from None
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await lease.discard()  # half grown: not for the cache any more
+                    raise
+            try:
+                return await lease.commit()
+            except VMGoneError as error:
+                log.info("%s; offering the next one", error)
+
+    async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, trio.Process]:
+        """A VM of a size no pool can grow to, booted for this request alone."""
+        spec = attrs.evolve(self.spec, vcpus=placement.vcpus, memory_mib=placement.memory_mib)
+        log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
+                 placement.vcpus, placement.memory_mib)
+        vm = await self._plain_boot(spec)
+        handed = await vm.release()
+        self.cold_boots += 1
+        return handed
 
     async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut) -> None:
         """Keep a leased VM while the client holds the call; stop it when either side ends."""
@@ -319,20 +391,24 @@ class CacheDaemon:
         await call.finish()
 
     async def _status(self, _request: ProtoMessage) -> cache_pb2.GrpcStatus:
-        stats = self.pool.stats
+        pools = list(self.pools.values())
+        handout_seconds = [value for pool in pools for value in pool.stats.handout_seconds]
+        boot_seconds = [value for pool in pools for value in pool.stats.boot_seconds]
+        failing = max(pools, key=lambda pool: pool.stats.failures_in_row)
         status = CacheStatus(
             pid=os.getpid(),
-            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss_bytes(vm.pid))
-                 for vm in self.pool.ready_vms()],
-            cache_size=self.pool.size,
-            booting=stats.booting,
-            last_boot_error=stats.last_error,
-            boot_failures_in_row=stats.failures_in_row,
-            boots=stats.boots,
-            boot_failures=stats.boot_failures,
-            handed_out=stats.handed_out,
-            median_boot_seconds=stats.median_boot(),
-            median_handout_seconds=stats.median_handout(),
+            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss_bytes(vm.pid),
+                                pool.name)
+                 for pool in pools for vm in pool.ready_vms()],
+            cache_size=self._cache_size(),
+            booting=sum(pool.stats.booting for pool in pools),
+            last_boot_error=failing.stats.last_error,
+            boot_failures_in_row=failing.stats.failures_in_row,
+            boots=sum(pool.stats.boots for pool in pools),
+            boot_failures=sum(pool.stats.boot_failures for pool in pools),
+            handed_out=sum(pool.stats.handed_out for pool in pools) + self.cold_boots,
+            median_boot_seconds=statistics.median(boot_seconds) if boot_seconds else 0.0,
+            median_handout_seconds=statistics.median(handout_seconds) if handout_seconds else 0.0,
             uptime_seconds=time.monotonic() - self.started,
             boot_mode=self.config.factory.boot_mode,
             handed_out_vms=[
@@ -340,6 +416,9 @@ class CacheDaemon:
                                   entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory)
                 for entry in self.ledger.entries()
             ],
+            pools=[PoolStatus(pool.name, pool.spec.vcpus, pool.spec.memory_mib, pool.size,
+                              pool.ready_count(), pool.stats.booting, shape.boot_mode)
+                   for pool, shape in zip(pools, self.shapes, strict=True)],
         )
         return status_message(status)
 
@@ -349,7 +428,7 @@ class CacheDaemon:
         return Empty()
 
     async def _watch(self, _request: ProtoMessage) -> AsyncIterator[cache_pb2.GrpcEvent]:
-        events = self.pool.watch()
+        events = self._watch_all()
 
         async def stream() -> AsyncIterator[cache_pb2.GrpcEvent]:
             async with events:
