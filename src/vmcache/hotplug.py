@@ -106,6 +106,9 @@ async def _add_cpus(vm: VM, qmp: QMPClient, vcpus: int) -> list[str]:
     present = sum(1 for slot in slots if "qom-path" in slot)
     free = [slot for slot in slots if "qom-path" not in slot]
     missing = vcpus - present
+    if missing <= 0:  # QEMU has them already (vm.vcpus lagged behind): nothing to plug
+        vm.vcpus = max(vm.vcpus, present)
+        return []
     if missing > len(free):
         raise SizeLimitError(f"VM {vm.id} has {present} vCPUs and {len(free)} free vCPU slots: "
                              f"it cannot have {vcpus}")
