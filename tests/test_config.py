@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -47,6 +48,13 @@ boot_timeout = 12
     ("[hypervisor.qemu]\naccel = 'xen'\n", "hypervisor.qemu.accel: must be one of auto, kvm, tcg"),
     ('[hypervisor.qemu]\nkernel_params = "a\\nb"\n', "hypervisor.qemu.kernel_params: must be one line"),
     ("[factory\n", "not valid TOML"),
+    ("[hypervisor.qemu]\ndefault_vcpus = 2\ndefault_maxvcpus = 1\n",
+     "hypervisor.qemu.default_maxvcpus: must be 0 (the host's CPUs) or from default_vcpus (2) to 240"),
+    ("[hypervisor.qemu]\ndefault_maxvcpus = 241\n", "hypervisor.qemu.default_maxvcpus: must be 0"),
+    ("[hypervisor.qemu]\ndefault_maxmemory = 128\n",
+     "hypervisor.qemu.default_maxmemory: must be 0 (the host's RAM) or at least default_memory (256)"),
+    ("[hypervisor.qemu]\ndefault_maxmemory = 1000\n",
+     "hypervisor.qemu.default_maxmemory: must be default_memory (256) plus a multiple of 128 MiB"),
 ])
 def test_bad_config_names_key_and_file(tmp_path: Path, text: str, message: str) -> None:
     path = config_file(tmp_path, text)
@@ -96,3 +104,18 @@ def test_contrib_sample_is_the_defaults() -> None:
     for line in render_toml(Config()).splitlines():
         if "=" in line:
             assert f"\n{line.split(' = ')[0]} = " in text, line
+
+
+def test_maxima_default_to_the_host_as_in_kata(tmp_path: Path) -> None:
+    """default_maxvcpus = 0 is the host's CPUs, default_maxmemory = 0 its RAM (in 128 MiB
+    steps above default_memory); equal maxima mean no headroom."""
+    from vmcache.config import max_memory_mib, max_vcpus
+
+    qemu = load_config(config_file(tmp_path, "[hypervisor.qemu]\ndefault_maxmemory = 0\n")).qemu
+    assert max_vcpus(qemu) == max(os.cpu_count() or 1, 1)
+    host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    assert host_mib - 128 < max_memory_mib(qemu) <= host_mib
+    assert (max_memory_mib(qemu) - 256) % 128 == 0
+    qemu = load_config(config_file(tmp_path, "[hypervisor.qemu]\ndefault_vcpus = 300\n"
+                                             "default_memory = 300\ndefault_maxmemory = 300\n")).qemu
+    assert (max_vcpus(qemu), max_memory_mib(qemu)) == (300, 300)

@@ -15,6 +15,8 @@ Example (every key optional; these are the defaults)::
     machine_type = "q35"
     default_vcpus = 1
     default_memory = 256         # MiB
+    default_maxvcpus = 0         # vCPUs a VM may grow to (hot-add); 0 = the host's CPUs
+    default_maxmemory = 4096     # MiB a VM may grow to (DIMMs, 128 MiB steps); 0 = host RAM
     accel = "auto"               # "kvm", "tcg" or "auto" (KVM, falling back to TCG)
     boot_timeout = 30.0          # seconds until the guest agent must say READY
     kvm_probe_timeout = 10.0     # with accel "auto": how long a KVM guest may take
@@ -46,6 +48,12 @@ from .image.cpio import S_IFREG, read_initrd, resolve_path
 from .paths import default_endpoint, default_image_dir, default_run_dir
 
 ACCELERATORS = ("auto", "kvm", "tcg")
+#: Hot-added memory comes in DIMMs of whole guest memory blocks: 128 MiB on x86-64 (Linux's
+#: memory block size for guests under 64 GiB). A DIMM that is not a multiple of it cannot
+#: be onlined whole, so the headroom (default_maxmemory - default_memory) is one too.
+MEMORY_HOTPLUG_STEP_MIB = 128
+#: The most vCPUs a VM may have: Kata's cap for QEMU (default_maxvcpus).
+MAX_VCPUS = 240
 #: QEMU's seccomp filter, Kata's default; used where the QEMU binary supports -sandbox.
 DEFAULT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -114,6 +122,27 @@ class QemuConfig:
     kvm_probe_timeout: float = attrs.field(default=10.0, validator=_positive)
     seccompsandbox: str = attrs.field(default=DEFAULT_SANDBOX, validator=_single_line)
     tb_size: int = attrs.field(default=0, validator=_at_least(0))
+    default_maxvcpus: int = attrs.field(default=0, validator=_at_least(0))
+    default_maxmemory: int = attrs.field(default=4096, validator=_at_least(0))
+
+    def __attrs_post_init__(self) -> None:
+        fields = attrs.fields(QemuConfig)
+        if self.default_maxvcpus and not self.default_vcpus <= self.default_maxvcpus <= MAX_VCPUS:
+            raise _RangeError(fields.default_maxvcpus,
+                              f"must be 0 (the host's CPUs) or from default_vcpus ({self.default_vcpus}) "
+                              f"to {MAX_VCPUS}, not {self.default_maxvcpus}")
+        if self.default_maxmemory:
+            headroom = self.default_maxmemory - self.default_memory
+            if headroom < 0:
+                raise _RangeError(fields.default_maxmemory,
+                                  f"must be 0 (the host's RAM) or at least default_memory "
+                                  f"({self.default_memory}), not {self.default_maxmemory}")
+            if headroom % MEMORY_HOTPLUG_STEP_MIB:
+                raise _RangeError(fields.default_maxmemory, (
+                    f"must be default_memory ({self.default_memory}) plus a multiple of "
+                    f"{MEMORY_HOTPLUG_STEP_MIB} MiB (memory is hot-added in {MEMORY_HOTPLUG_STEP_MIB} "
+                    f"MiB steps), not {self.default_maxmemory}: "
+                    f"{self.default_maxmemory - headroom % MEMORY_HOTPLUG_STEP_MIB} would do"))
 
 
 def _package_names(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -215,6 +244,18 @@ class VMSpec:
     rootfs: Path | None = None
     sandbox: str = ""
     tb_size_mib: int = 0
+    #: What a VM may grow to by hot-add (vmcache.hotplug); the same as the start size
+    #: (no headroom) unless given. Part of the QEMU command line: -smp N,maxcpus=M and
+    #: -m SIZE,slots=K,maxmem=MAX.
+    max_vcpus: int = attrs.field(default=attrs.Factory(lambda spec: spec.vcpus, takes_self=True))
+    max_memory_mib: int = attrs.field(
+        default=attrs.Factory(lambda spec: spec.memory_mib, takes_self=True))
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_vcpus < self.vcpus or self.max_memory_mib < self.memory_mib:
+            raise ConfigError(
+                f"a VM of {self.vcpus} vCPUs and {self.memory_mib} MiB cannot have maxima "
+                f"of {self.max_vcpus} vCPUs and {self.max_memory_mib} MiB")
 
 
 def _converter() -> cattrs.Converter:
@@ -384,7 +425,27 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         # Whether this QEMU supports it is asked at start (vmcache.qemu_binary.usable_spec).
         sandbox=qemu.seccompsandbox,
         tb_size_mib=qemu.tb_size,
+        max_vcpus=max_vcpus(qemu),
+        max_memory_mib=max_memory_mib(qemu),
     )
+
+
+def max_vcpus(qemu: QemuConfig) -> int:
+    """``default_maxvcpus``, with Kata's 0 meaning the host's CPUs (never fewer than
+    ``default_vcpus``)."""
+    if qemu.default_maxvcpus:
+        return qemu.default_maxvcpus
+    return max(qemu.default_vcpus, min(os.cpu_count() or 1, MAX_VCPUS))
+
+
+def max_memory_mib(qemu: QemuConfig) -> int:
+    """``default_maxmemory``, with Kata's 0 meaning the host's RAM (rounded down to
+    ``default_memory`` plus whole hot-add steps, never below ``default_memory``)."""
+    if qemu.default_maxmemory:
+        return qemu.default_maxmemory
+    host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    steps = max(host_mib - qemu.default_memory, 0) // MEMORY_HOTPLUG_STEP_MIB
+    return qemu.default_memory + steps * MEMORY_HOTPLUG_STEP_MIB
 
 
 def _root_image(qemu: QemuConfig, image_dir: Path, manifest: dict[str, object] | None,

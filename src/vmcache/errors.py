@@ -57,6 +57,17 @@ class QMPProtocolError(QMPError):
     """QEMU's monitor sent something that is not QMP. Usually a bug or a wrong socket."""
 
 
+class ResizeError(VMError):
+    """A VM could not be grown: QEMU refused a hot-add, or the guest did not bring the added
+    vCPUs or memory online in time (the message says which). The VM is best stopped."""
+
+
+class SizeLimitError(ResizeError):
+    """The size asked for is below the VM's current size or above its configured maxima
+    (``default_maxvcpus``, ``default_maxmemory``): the message names the limit. Nothing was
+    changed; the VM is fine. A daemon answers INVALID_ARGUMENT."""
+
+
 class AgentError(VMError):
     """The guest agent failed, or the connection to it broke."""
 

@@ -13,7 +13,7 @@ immediate CRNG reseed (the agent's RNDRESEEDCRNG), and its clock is set to the h
 before it is offered. Two restored VMs never share RNG output.
 
 The snapshot is keyed by everything that shapes the guest (QEMU binary and
-version, kernel and initrd, vCPUs, memory, machine, accel, kernel parameters,
+version, kernel and initrd, vCPUs, memory and their maxima, machine, accel, kernel parameters,
 sandbox, TCG cache size). A changed key, a file whose size or SHA-256 no longer
 matches (checked while it is streamed, in a worker thread), or a restore that
 fails in any way (QEMU refusing the state, a failing ``cont``, an agent that does
@@ -91,6 +91,8 @@ async def snapshot_key(spec: VMSpec, accel: str) -> str:
         "image": spec.image,
         "vcpus": spec.vcpus,
         "memory": spec.memory_mib,
+        "max_vcpus": spec.max_vcpus,
+        "max_memory": spec.max_memory_mib,
         "machine": spec.machine_type,
         "accel": accel,
         "kernel_params": spec.kernel_params,
