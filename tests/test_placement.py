@@ -49,6 +49,7 @@ def test_beyond_the_maxima_is_refused_naming_the_limit() -> None:
         place(SHAPES, memory_mib=8192, **LIMITS)
 
 
-def test_memory_grows_in_steps() -> None:
-    with pytest.raises(InvalidRequestError, match=r"steps of 128 MiB.*ask 384"):
-        place(SHAPES, memory_mib=300, **LIMITS)
+def test_memory_grows_in_whole_steps() -> None:
+    assert place(SHAPES, memory_mib=300, **LIMITS) == Placement("default", 1, 384)
+    with pytest.raises(InvalidRequestError, match=r"steps of 128 MiB.*4224 MiB is more than"):
+        place(SHAPES, memory_mib=4100, max_vcpus=4, max_memory_mib=4100)

@@ -11,17 +11,18 @@ to the maxima, never shrink. So a request for ``vcpus`` and ``memory``:
 * with no pool at or below the size (a size smaller than every pool's), but within
   the maxima, by a VM booted cold at that size;
 * beyond the maxima, or naming no pool that exists: refused, naming the limit.
+
+Memory grows in whole hot-add steps (128 MiB) above a pool's: a request is rounded up.
 """
 
 from __future__ import annotations
 
 import attrs
 
-from .config import DEFAULT_POOL, PoolShape
+from .config import DEFAULT_POOL, MEMORY_HOTPLUG_STEP_MIB, PoolShape
 from .errors import InvalidRequestError
 
-#: Memory is hot-added in blocks of this many MiB (x86 memory blocks, DIMM alignment).
-MEMORY_STEP = 128
+MEMORY_STEP = MEMORY_HOTPLUG_STEP_MIB
 
 
 @attrs.frozen
@@ -55,8 +56,7 @@ def place(shapes: list[PoolShape], *, vcpus: int = 0, memory_mib: int = 0, pool:
             raise InvalidRequestError(
                 f"pool {pool!r} has VMs of {shape.vcpus} vCPUs and {shape.memory_mib} MiB: "
                 "they can grow, not shrink; ask another pool or no pool")
-        _check_step(wanted, shape)
-        return wanted
+        return _in_steps(wanted, shape, max_memory_mib)
     if not vcpus and not memory_mib:
         default = by_name[DEFAULT_POOL]
         return Placement(DEFAULT_POOL, default.vcpus, default.memory_mib)
@@ -65,16 +65,18 @@ def place(shapes: list[PoolShape], *, vcpus: int = 0, memory_mib: int = 0, pool:
     if fitting:
         closest = max(fitting, key=lambda shape: (shape.memory_mib, shape.vcpus, shape.name == DEFAULT_POOL))
         wanted = Placement(closest.name, vcpus or closest.vcpus, memory_mib or closest.memory_mib)
-        _check_step(wanted, closest)
-        return wanted
+        return _in_steps(wanted, closest, max_memory_mib)
     smallest = min(shapes, key=lambda shape: (shape.memory_mib, shape.vcpus))
     return Placement(None, vcpus or smallest.vcpus, memory_mib or smallest.memory_mib)
 
 
-def _check_step(wanted: Placement, shape: PoolShape) -> None:
-    added = wanted.memory_mib - shape.memory_mib
-    if added % MEMORY_STEP:
-        next_step = shape.memory_mib + (added // MEMORY_STEP + 1) * MEMORY_STEP
+def _in_steps(wanted: Placement, shape: PoolShape, max_memory_mib: int) -> Placement:
+    """Memory grows in whole hot-add steps above the pool's: a request is rounded up."""
+    steps = -(-(wanted.memory_mib - shape.memory_mib) // MEMORY_STEP)
+    rounded = shape.memory_mib + steps * MEMORY_STEP
+    if rounded > max_memory_mib:
         raise InvalidRequestError(
-            f"{wanted.memory_mib} MiB asked: memory grows in steps of {MEMORY_STEP} MiB from the "
-            f"pool's {shape.memory_mib} MiB (ask {next_step})")
+            f"{wanted.memory_mib} MiB asked: memory grows in steps of {MEMORY_STEP} MiB from pool "
+            f"{shape.name!r}'s {shape.memory_mib} MiB, and {rounded} MiB is more than the maximum of "
+            f"{max_memory_mib} MiB (hypervisor.qemu.default_maxmemory)")
+    return attrs.evolve(wanted, memory_mib=rounded)

@@ -420,14 +420,11 @@ async def start_vm(
     become_ready: Callable[[VM], Awaitable[str]],
     extra_args: tuple[str, ...] = (),
     what: str = "become ready",
-    die_with_parent: bool = False,
 ) -> VM:
     """Start QEMU and run ``become_ready`` within ``timeout``; on any failure, leave nothing.
 
     ``become_ready`` (a cold boot's wait for READY, or a snapshot restore) returns the
     guest's boot id. QEMU exiting meanwhile is a BootError quoting the console.
-    ``die_with_parent`` makes the kernel kill QEMU if this process dies (even by
-    SIGKILL): for VMs nobody else will ever own (``launch_vm``), never for a daemon's.
     """
     spec = await usable_spec(spec)
     vm_id = secrets.token_hex(6)
@@ -450,7 +447,6 @@ async def start_vm(
                     stdout=qemu_log,
                     stderr=qemu_log,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent() if die_with_parent else None,
                 )
         except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
@@ -476,7 +472,7 @@ async def start_vm(
 
 
 async def boot_vm(spec: VMSpec, registry: Registry | None = None,
-                  accel: AccelChooser | None = None, *, die_with_parent: bool = False) -> VM:
+                  accel: AccelChooser | None = None) -> VM:
     """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it.
 
     ``registry`` (if any) gets the VM as soon as its QEMU process exists. Under
@@ -486,7 +482,7 @@ async def boot_vm(spec: VMSpec, registry: Registry | None = None,
 
     async def boot(accel_name: str, timeout: float | None) -> VM:
         return await start_vm(spec, accel_name, timeout if timeout is not None else spec.boot_timeout,
-                              registry, become_ready=wait_for_boot, die_with_parent=die_with_parent)
+                              registry, become_ready=wait_for_boot)
 
     if spec.accel != "auto":
         return await boot(spec.accel, None)
@@ -499,34 +495,10 @@ def kvm_probe_file(run_root: Path) -> Path:
     return run_root / "state" / "kvm-probe.json"
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` that has the kernel SIGKILL the child when we die (PR_SET_PDEATHSIG).
-
-    Resolved here, in the parent: the child, between fork and exec, only makes the call
-    (and exits at once if we already died in between).
-    """
-    import ctypes
-    import signal
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return set_death_signal
-
-
 @asynccontextmanager
 async def launch_vm(spec: VMSpec) -> AsyncIterator[VM]:
-    """Boot a VM, yield it ready, and stop it on the way out unless it was released.
-
-    The VM belongs to this process: if the process dies without leaving the block
-    (SIGKILL), the kernel kills QEMU too.
-    """
-    vm = await boot_vm(spec, die_with_parent=True)
+    """Boot a VM, yield it ready, and stop it on the way out unless it was released."""
+    vm = await boot_vm(spec)
     try:
         yield vm
     finally:

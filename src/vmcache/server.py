@@ -50,6 +50,7 @@ from .errors import (
     VMGoneError,
 )
 from .handle import VMHandle
+from .hotplug import grow
 from .ledger import HandedOut, Ledger
 from .notify import Notifier
 from .placement import Placement, place
@@ -59,7 +60,6 @@ from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
 from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
 from .security import PeerPolicy, raise_open_file_limit, resolve_group
-from .sizing import grow
 from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
 from .wire import (
@@ -329,8 +329,13 @@ class CacheDaemon:
         while True:
             lease = await pool.lease()
             if (placement.vcpus, placement.memory_mib) != (pool.spec.vcpus, pool.spec.memory_mib):
+                started = time.monotonic()
                 try:
-                    await grow(lease.vm, placement.vcpus, placement.memory_mib, timeout=GROW_TIMEOUT)
+                    seen = await grow(lease.vm, placement.vcpus, placement.memory_mib, timeout=GROW_TIMEOUT)
+                    log.info("VM %s of pool %s grown to %d vCPUs and %d MiB in %.2f s (the guest sees "
+                             "%d CPUs, MemTotal %d MiB)", lease.vm.id, pool.name, placement.vcpus,
+                             placement.memory_mib, time.monotonic() - started, seen.online_cpus,
+                             seen.mem_total_kib // 1024)
                 except VmcacheError as error:
                     await lease.discard()
                     raise CacheError(f"could not grow a VM of pool {pool.name!r} to {placement.vcpus} "
