@@ -170,6 +170,29 @@ async def bench_warm_handout(bench: Bench, endpoint: Path, count: int, cache: in
             "grpcio_client_ms": summary(grpcio_ms)}
 
 
+async def bench_grown_handout(bench: Bench, endpoint: Path, count: int, cache: int) -> dict[str, Any]:
+    """A hand-out grown 1 -> 2 vCPUs, 256 -> 1024 MiB, beside a plain one and a cold boot at 2/1024."""
+    plain_ms: list[float] = []
+    grown_ms: list[float] = []
+    async with vmcache.connect(endpoint) as client:
+        for _ in range(count):
+            for size, times in ((vmcache.VMSize(), plain_ms), (vmcache.VMSize(2, 1024), grown_ms)):
+                await wait_ready(endpoint, cache)
+                start = time.perf_counter()
+                handle = await client.get_vm(timeout=60, size=size)
+                times.append((time.perf_counter() - start) * 1000)
+                await handle.aclose()
+    spec = resolve_spec(load_config(bench.config("cold-2x1024", default_vcpus=2, default_memory=1024)),
+                        run_root=bench.work / "run")
+    cold_s = []
+    for _ in range(min(count, 3)):
+        start = time.monotonic()
+        async with launch_vm(spec) as vm:
+            cold_s.append(time.monotonic() - start)
+            assert (await vm.run(["nproc"])).stdout == b"2\n"
+    return {"plain_ms": summary(plain_ms), "grown_ms": summary(grown_ms), "cold_2x1024_s": summary(cold_s)}
+
+
 async def bench_guest(endpoint: Path, runs: int) -> dict[str, Any]:
     """What a client does with a VM it got: throughput both ways, exec round trip, python3."""
     size = 200 << 20
@@ -429,6 +452,9 @@ async def main(args: argparse.Namespace) -> None:
             progress(f"{mode} mode: idle cost")
             results[f"{mode}_idle"] = await bench_idle(daemon.endpoint, daemon.process.pid, 2,
                                                         10.0 if args.quick else 30.0)
+            progress(f"{mode} mode: grown hand-outs (1/256 -> 2/1024)")
+            results[f"{mode}_grown"] = await bench_grown_handout(bench, daemon.endpoint,
+                                                                 3 if args.quick else 5, 2)
             if mode == "snapshot":
                 progress("the guest: throughput, exec round trip, python3")
                 results["guest"] = await bench_guest(daemon.endpoint, 3)
@@ -467,6 +493,10 @@ async def main(args: argparse.Namespace) -> None:
              f"{results[f'{mode}_refill']['whole_cache_after_burst_s']:.2f} s"),
             (f"{mode}: burst of {results[f'{mode}_burst']['clients']} on a cache of 2",
              f"all served in {results[f'{mode}_burst']['all_served_s']:.2f} s"),
+            (f"{mode}: hand-out plain / grown to 2 vCPU 1024 MiB",
+             f"{results[f'{mode}_grown']['plain_ms']['p50']:.0f} ms / "
+             f"{results[f'{mode}_grown']['grown_ms']['p50']:.0f} ms "
+             f"(cold boot at 2/1024: {results[f'{mode}_grown']['cold_2x1024_s']['p50']:.2f} s)"),
             (f"{mode}: idle daemon CPU", f"{results[f'{mode}_idle']['daemon_cpu_percent']:.2f} % of a core"),
             (f"{mode}: idle VM CPU / RSS", f"{results[f'{mode}_idle']['vm_cpu_percent']:.2f} % of a core / "
              f"{results[f'{mode}_idle']['vm_rss_mb']:.0f} MB"),

@@ -20,7 +20,8 @@ TYPE_CHECKING = False  # not typing's: ``import typing`` costs time the command 
 if TYPE_CHECKING:
     from typing import Any
 
-    from .client import CacheClient, connect
+    from .agent import CompletedProcess, GuestProcess, PtySize
+    from .client import CacheClient, VMSize, connect
     from .config import Config, load_config, resolve_spec
     from .errors import (
         AgentError,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         HandleError,
         ImageError,
         LeaseLostError,
+        VMDiedError,
         VmcacheError,
         VMError,
         VMGoneError,
@@ -43,12 +45,13 @@ if TYPE_CHECKING:
     from .wire import CacheEvent, CacheStatus
 
 _WHERE = {
-    "CacheClient": "client", "connect": "client",
+    "CacheClient": "client", "connect": "client", "VMSize": "client",
+    "CompletedProcess": "agent", "GuestProcess": "agent", "PtySize": "agent",
     "Config": "config", "load_config": "config", "resolve_spec": "config",
     "AgentError": "errors", "BootError": "errors", "CacheError": "errors",
     "CacheUnavailableError": "errors", "ConfigError": "errors", "DaemonNotRunningError": "errors",
     "DeadlineExceededError": "errors", "HandleError": "errors", "ImageError": "errors",
-    "LeaseLostError": "errors", "VmcacheError": "errors", "VMError": "errors", "VMGoneError": "errors",
+    "LeaseLostError": "errors", "VMDiedError": "errors", "VmcacheError": "errors", "VMError": "errors", "VMGoneError": "errors",
     "VMHandle": "handle",
     "VM": "qemu", "launch_vm": "qemu",
     "serve": "server",
@@ -56,7 +59,6 @@ _WHERE = {
 }
 
 __all__ = [
-    "VM",
     "AgentError",
     "BootError",
     "CacheClient",
@@ -64,16 +66,22 @@ __all__ = [
     "CacheEvent",
     "CacheStatus",
     "CacheUnavailableError",
+    "CompletedProcess",
     "Config",
     "ConfigError",
     "DaemonNotRunningError",
     "DeadlineExceededError",
+    "GuestProcess",
     "HandleError",
     "ImageError",
     "LeaseLostError",
+    "PtySize",
+    "VM",
+    "VMDiedError",
     "VMError",
     "VMGoneError",
     "VMHandle",
+    "VMSize",
     "VmcacheError",
     "connect",
     "launch_vm",
