@@ -34,8 +34,8 @@ if TYPE_CHECKING:
         HandleError,
         ImageError,
         LeaseLostError,
-        VMDiedError,
         VmcacheError,
+        VMDiedError,
         VMError,
         VMGoneError,
     )
@@ -59,6 +59,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "VM",
     "AgentError",
     "BootError",
     "CacheClient",
@@ -76,7 +77,6 @@ __all__ = [
     "ImageError",
     "LeaseLostError",
     "PtySize",
-    "VM",
     "VMDiedError",
     "VMError",
     "VMGoneError",
