@@ -62,8 +62,16 @@ def test_tour_commands_and_output_shape(tmp_path: Path, run_dir: Path, guest_ima
         assert re.fullmatch(r"Counters: 1 boots, 0 boot failures, 0 handed out, median boot [\d.]+ s, "
                             r"median hand-out [\d.]+ ms, uptime \d+ s", status[3])
         handle = tmp_path / "vm.json"
-        handle.write_text(daemon.cli("get").stdout)
-        assert daemon.cli("exec", str(handle), "--", "uname", "-r").stdout.strip()[0].isdigit()
+        handle.write_text(daemon.cli("get", "--ttl", "600").stdout)
+        version = daemon.cli("exec", str(handle), "--", "python3", "-c",
+                             "import sys; print(sys.version.split()[0])").stdout.strip()
+        assert re.fullmatch(r"3\.\d+\.\d+", version)
+        lines = subprocess.run([*VMCACHE, "exec", str(handle), "--", "wc", "-l"], input="a\nb\n",
+                               capture_output=True, text=True, timeout=60)
+        assert lines.stdout.strip() == "2"
+        (tmp_path / "data.csv").write_text("x,y\n")
+        daemon.cli("cp", str(tmp_path / "data.csv"), f"{handle}:/tmp/")
+        assert daemon.cli("exec", str(handle), "--", "cat", "/tmp/data.csv").stdout == "x,y\n"
         daemon.cli("stop", str(handle))
         warm = subprocess.run([*VMCACHE, "run", "--endpoint", str(daemon.endpoint), "--", "echo", "warm"],
                               capture_output=True, text=True, timeout=120)

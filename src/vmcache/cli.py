@@ -309,13 +309,14 @@ def status_lines(status: CacheStatus) -> list[str]:
     lines += [
         f"Cache: {len(status.vms)}/{status.cache_size} ready, {status.booting} booting, "
         f"boot mode {status.boot_mode or 'boot'}",
-        *(f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} ready, "
-          f"{pool.booting} booting, boot mode {pool.boot_mode}" for pool in status.pools),
         f"Counters: {status.boots} boots, {status.boot_failures} boot failures, "
         f"{status.handed_out} handed out, median boot {status.median_boot_seconds:.2f} s, "
         f"median hand-out {status.median_handout_seconds * 1000:.1f} ms, "
         f"uptime {status.uptime_seconds:.0f} s",
     ]
+    if len(status.pools) > 1:  # named pools: each one's shape and fill
+        lines += [f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} "
+                  f"ready, {pool.booting} booting, boot mode {pool.boot_mode}" for pool in status.pools]
     if status.last_boot_error:
         lines.append(f"Failing: {status.boot_failures_in_row} boot failures in a row; "
                      f"last boot error: {status.last_boot_error}")
