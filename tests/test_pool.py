@@ -308,3 +308,14 @@ async def test_a_vm_that_dies_while_set_aside_is_died_not_handed_out(
         assert not booter.vms[0].released
         await wait_ready(pool)
         nursery.cancel_scope.cancel()
+
+
+async def test_boots_at_once_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    """A cache filled at once boots at most so many VMs at a time (they share the cores)."""
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = VMPool(SPEC, 4, boot=booter, boots=trio.CapacityLimiter(2))  # type: ignore[arg-type]
+        await nursery.start(pool.run)
+        await wait_ready(pool, 4)
+        nursery.cancel_scope.cancel()
+    assert booter.attempts == [0.0, 0.0, BOOT_SECONDS, BOOT_SECONDS]

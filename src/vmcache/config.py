@@ -102,6 +102,7 @@ class FactoryConfig:
     boot_retry_initial: float = attrs.field(default=0.5, validator=_positive)
     boot_retry_max: float = attrs.field(default=30.0, validator=_positive)
     health_interval: float = attrs.field(default=5.0, validator=_positive)
+    max_parallel_boots: int = attrs.field(default=0, validator=_at_least(0))
     boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
 
 

@@ -20,6 +20,7 @@ killed and replaced, and the client gets the next one.
 from __future__ import annotations
 
 import logging
+import random
 import statistics
 import time
 from collections import deque
@@ -180,6 +181,7 @@ class VMPool:
         health_interval: float = HEALTH_INTERVAL,
         name: str = "default",
         events: EventHub | None = None,
+        boots: trio.CapacityLimiter | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -187,6 +189,9 @@ class VMPool:
         self._boot = boot
         self._backoff = backoff
         self._health_interval = health_interval
+        #: Boots in progress at once, shared by every pool of a daemon: a boot takes a whole
+        #: core under TCG, and refills must not starve hand-outs (or each other).
+        self._boots = boots
         self._ready: deque[_Entry] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._closed: str | None = None
@@ -210,7 +215,11 @@ class VMPool:
             self._publish("booting", message=f"slot {index}")
             self.stats.booting += 1
             try:
-                vm = await self._boot(self.spec)
+                if self._boots is None:
+                    vm = await self._boot(self.spec)
+                else:
+                    async with self._boots:
+                        vm = await self._boot(self.spec)
             except Exception as error:  # any failure to boot is retried, never fatal
                 if not isinstance(error, VmcacheError):
                     log.debug("slot %d: unexpected boot failure", index, exc_info=True)
@@ -276,7 +285,11 @@ class VMPool:
                     entry.done.set()
 
             async def check_health() -> None:
-                """Ping the idle VM now and then; keep its clock on the host's while it waits."""
+                """Ping the idle VM now and then; keep its clock on the host's while it waits.
+
+                The first ping comes at a random point of the first interval, so that the
+                VMs of a cache filled at once are not all pinged in the same instant."""
+                await trio.sleep(random.uniform(0, self._health_interval))
                 while True:
                     await trio.sleep(self._health_interval)
                     if entry.leased or entry.released:

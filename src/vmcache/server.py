@@ -107,6 +107,8 @@ class CacheDaemon:
         self.events = EventHub()
         self.shapes = config.pool_shapes()
         self.pools: dict[str, VMPool] = {}
+        #: Boots at once, across pools: 0 = one per host CPU.
+        self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
         for shape in self.shapes:
             spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib)
             boot_for_pool = boot if boot is not None else self._plain_boot
@@ -119,6 +121,7 @@ class CacheDaemon:
                 spec_for_pool, shape.size, boot=boot_for_pool,
                 backoff=lambda: Backoff(factory.boot_retry_initial, factory.boot_retry_max),
                 health_interval=factory.health_interval, name=shape.name, events=self.events,
+                boots=self.boots,
             )
         #: The default pool: Kata's keys, and what GetBaseVM hands out.
         self.pool = self.pools[DEFAULT_POOL]
