@@ -17,6 +17,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.errors
+import h2.events
 import pytest
 import trio
 import trio.lowlevel
@@ -30,7 +31,9 @@ from vmcache.errors import CacheError, DeadlineExceededError, InvalidRequestErro
 from vmcache.rpc import server as rpc_server
 from vmcache.rpc.client import open_channel
 from vmcache.rpc.endpoint import bind_unix_socket
-from vmcache.rpc.server import Method, RpcCall, RpcServer, unary
+from vmcache.rpc.server import Method, PeerCheck, RpcCall, RpcServer, unary
+from vmcache.rpc.transport import Code
+from vmcache.security import PeerCredentials
 from vmcache.wire import SERVICE
 
 
@@ -69,12 +72,13 @@ class Recorder:
 
 
 @asynccontextmanager
-async def running_server(path: Path, recorder: Recorder) -> AsyncIterator[RpcServer]:
+async def running_server(path: Path, recorder: Recorder,
+                         check_peer: PeerCheck | None = None) -> AsyncIterator[RpcServer]:
     server = RpcServer(SERVICE, {
         "Status": Method(Empty, unary(recorder.status)),
         "GetBaseVM": Method(Empty, recorder.hand_out),
         "Quit": Method(Empty, unary(recorder.block)),
-    })
+    }, check_peer=check_peer)
     sock = bind_unix_socket(path)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, sock)
@@ -200,6 +204,49 @@ async def test_idle_connections_make_room_for_new_clients(
         assert "closed the longest-idle one" in caplog.text
         for stream in squatters:
             await stream.aclose()
+
+
+async def refuse_everyone(_peer: PeerCredentials) -> str:
+    return "nobody may"
+
+
+async def test_a_slow_refused_client_still_learns_why(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The refusal grace counts from the answer, not the accept: a loaded host is no excuse."""
+    path = tmp_path / "s.sock"
+    async with running_server(path, Recorder(), check_peer=refuse_everyone):
+        stream = await trio.open_unix_socket(str(path))
+        await trio.sleep(3 * rpc_server.REFUSED_GRACE)  # the client is slow to ask
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/Status"),
+                                (":authority", "localhost"), ("te", "trailers"),
+                                ("content-type", "application/grpc+proto")])
+        client.send_data(1, struct.pack(">?I", False, 0), end_stream=True)
+        trailers: dict[bytes, bytes] = {}
+        with trio.fail_after(30):
+            await stream.send_all(client.data_to_send())
+            while chunk := await stream.receive_some(65536):
+                for event in client.receive_data(chunk):
+                    if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                        trailers.update((bytes(k), bytes(v)) for k, v in event.headers)
+        assert trailers[b"grpc-status"] == b"%d" % Code.PERMISSION_DENIED
+        assert trailers[b"grpc-message"] == b"nobody%20may"  # percent-encoded, as gRPC says
+        await stream.aclose()
+
+
+async def test_a_silent_refused_client_is_hung_up_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "s.sock"
+    async with running_server(path, Recorder(), check_peer=refuse_everyone):
+        stream = await trio.open_unix_socket(str(path))
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while await stream.receive_some(65536):
+                pass
+        assert trio.current_time() - start == pytest.approx(rpc_server.REFUSED_FIRST_CALL_TIMEOUT, abs=0.5)
 
 
 class FailingListener(trio.abc.Listener[trio.SocketStream]):

@@ -51,8 +51,10 @@ MAX_CONNECTIONS = 512
 HANDSHAKE_TIMEOUT = 5.0
 #: A connection with no call open is closed after this many seconds of silence.
 IDLE_TIMEOUT = 60.0
-#: How long a refused peer gets PERMISSION_DENIED answers before we hang up.
+#: How long a refused peer gets PERMISSION_DENIED answers, after its first one, before we hang up.
 REFUSED_GRACE = 1.0
+#: A refused peer that asks nothing within this many seconds is hung up on.
+REFUSED_FIRST_CALL_TIMEOUT = HANDSHAKE_TIMEOUT
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 RequestT = TypeVar("RequestT", bound=ProtoMessage)
@@ -295,16 +297,19 @@ class RpcServer:
                     log.warning("refused a connection: cannot read its credentials: %s", error.strerror)
                     return
                 refusal = await self._check_peer(peer) if self._check_peer is not None else None
+                refused_answered = trio.Event()
                 if refusal is not None:
                     log.warning("refused a connection: %s", refusal)
                 async with trio.open_nursery() as calls:
                     calls.start_soon(connection.flush_loop)
-                    calls.start_soon(self._watch_timeouts, connection, served.scope,
-                                     REFUSED_GRACE if refusal is not None else None)
+                    if refusal is None:
+                        calls.start_soon(self._watch_timeouts, connection, served.scope)
+                    else:
+                        calls.start_soon(self._end_refused, served.scope, refused_answered)
                     await connection.start()
 
                     def on_request(call: ServerCall) -> None:
-                        calls.start_soon(self._call, call, peer, refusal)
+                        calls.start_soon(self._call, call, peer, refusal, refused_answered)
 
                     await connection.receive_loop(on_request)
                     calls.cancel_scope.cancel()  # the client hung up: nobody waits for these
@@ -321,13 +326,21 @@ class RpcServer:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await connection.close()
 
-    async def _watch_timeouts(self, connection: Connection, scope: trio.CancelScope,
-                              lifetime: float | None) -> None:
-        """Close the connection if its handshake is late, when idle too long, or at ``lifetime``."""
-        if lifetime is not None:
-            await trio.sleep(lifetime)
-            scope.cancel()
-            return
+    @staticmethod
+    async def _end_refused(scope: trio.CancelScope, refused_answered: trio.Event) -> None:
+        """Hang up on a refused peer shortly after it has read why, or when it asks nothing.
+
+        The grace counts from the first refusal sent, not from the accept: a client
+        that is slow to start (a loaded host) still learns why instead of seeing a
+        broken connection.
+        """
+        with trio.move_on_after(REFUSED_FIRST_CALL_TIMEOUT):
+            await refused_answered.wait()
+            await trio.sleep(REFUSED_GRACE)
+        scope.cancel()
+
+    async def _watch_timeouts(self, connection: Connection, scope: trio.CancelScope) -> None:
+        """Close the connection if its handshake is late or when idle too long."""
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             await connection.handshaken.wait()
         if not connection.handshaken.is_set():
@@ -342,11 +355,14 @@ class RpcServer:
                 scope.cancel()
                 return
 
-    async def _call(self, call: ServerCall, peer: PeerCredentials, refusal: str | None) -> None:
+    async def _call(self, call: ServerCall, peer: PeerCredentials, refusal: str | None,
+                    refused_answered: trio.Event) -> None:
         self.active_calls += 1
         try:
             with call.cancel_scope:
                 await self._respond(call, peer, refusal)
+                if refusal is not None:
+                    refused_answered.set()
         except (CallGone, TransportError) as error:
             log.debug("could not answer a client on %s: %s", call.method, error)
         finally:
