@@ -37,11 +37,12 @@ def test_fill_hand_out_refill_and_sigint(daemon: Daemon, tmp_path: Path, run_dir
     assert daemon.status()["pid"] == daemon.pid
     assert set(cached) == qemu_pids() - before
 
+    assert wait_until(lambda: daemon.status()["pools"][0]["paused"] == 1, 10), daemon.log()
     text = daemon.cli("status").stdout.splitlines()
     assert text[0] == f"VM cache server pid = {daemon.pid}"
     vm_lines = [line for line in text[1:] if line.startswith("VM pid")]
     assert sorted(vm_lines) == sorted(f"VM pid = {pid} Cpu = 1 Memory = 256MiB" for pid in cached)
-    assert "Cache: 2/2 ready, 0 booting, boot mode boot" in text
+    assert "Cache: 2/2 ready (1 paused), 0 booting, boot mode boot" in text  # the next in line runs
 
     handle_json = daemon.cli("get").stdout
     handle = json.loads(handle_json)

@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from vmcache import pool as pool_module
 from vmcache.backoff import Backoff
 from vmcache.config import VMSpec
 from vmcache.errors import AgentError, BootError, CacheUnavailableError, VMGoneError
@@ -40,12 +41,33 @@ class FakeVM:
         self.answers_ping = True
         self.stopped = False
         self.released = False
+        self.paused = False
+        self.pings = 0
+        self.resumes = 0
+        self.signal_stopped = False
         self._exited = trio.Event()
 
     async def ping(self) -> str:
-        if not self.answers_ping:
+        self.pings += 1
+        if not self.answers_ping or self.signal_stopped:
             raise AgentError("no answer")
         return "boot"
+
+    async def pause(self) -> None:
+        self.paused = True
+
+    async def resume(self) -> None:
+        self.resumes += 1
+        self.paused = False
+        await self.ping()
+
+    async def run_state(self) -> str:
+        if not self.alive or self.signal_stopped:
+            await trio.sleep_forever()  # a stopped QEMU does not answer QMP
+        return "paused" if self.paused else "running"
+
+    def stopped_by_signal(self) -> bool:
+        return self.signal_stopped
 
     async def sync_clock(self) -> None:
         pass
@@ -97,8 +119,9 @@ async def wait_ready(pool: VMPool, count: int = 1) -> None:
         await trio.sleep(0.1)
 
 
-async def start_pool(nursery: trio.Nursery, booter: FakeBooter, size: int) -> VMPool:
-    pool = VMPool(SPEC, size, boot=booter)  # type: ignore[arg-type]
+async def start_pool(nursery: trio.Nursery, booter: FakeBooter, size: int, *,
+                     idle: str = "running", hot: int = 1) -> VMPool:
+    pool = VMPool(SPEC, size, boot=booter, idle=idle, hot=hot)  # type: ignore[arg-type]
     await nursery.start(pool.run)
     return pool
 
@@ -154,13 +177,87 @@ async def test_a_vm_that_fails_its_ping_is_replaced_not_handed_out(
 ) -> None:
     booter = FakeBooter()
     async with trio.open_nursery() as nursery:
-        pool = await start_pool(nursery, booter, size=1)
+        pool = await start_pool(nursery, booter, size=1, hot=0)
         await wait_ready(pool)
         booter.vms[0].answers_ping = False
+        await trio.sleep(pool_module.FRESH_FOR)  # its last answer is no longer proof of life
         lease = await pool.lease()
         assert lease.handle.pid == 101
         assert booter.vms[0].stopped
         await lease.commit()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hot_vm_leaves_without_a_ping_and_a_stale_one_is_pinged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=2, hot=1)
+        await wait_ready(pool, 2)
+        await trio.sleep(2 * pool_module.FRESH_FOR)
+        hot, cold = booter.vms
+        assert hot.pings >= 2  # kept fresh by the hot keeper
+        pings = hot.pings, cold.pings
+        await (await pool.lease()).commit()  # the hot one: fresh, no ping needed
+        await (await pool.lease()).commit()  # the other was last checked at boot: pinged
+        assert (hot.pings, cold.pings) == (pings[0], pings[1] + 1)
+        assert (hot.released, cold.released) == (True, True)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fresh_but_sigstopped_vm_is_pinged_and_never_handed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1, hot=0)
+        await wait_ready(pool)
+        booter.vms[0].signal_stopped = True  # fresh contact, but QEMU cannot run
+        lease = await pool.lease()
+        assert lease.handle.pid == 101
+        assert booter.vms[0].stopped and not booter.vms[0].released
+        nursery.cancel_scope.cancel()
+
+
+async def test_paused_idle_vms_are_resumed_when_they_move_up_the_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=3, idle="paused", hot=1)
+        await wait_ready(pool, 3)
+        await trio.sleep(0.1)
+        assert [vm.paused for vm in booter.vms] == [False, True, True]
+        assert pool.paused_count() == 2
+        await (await pool.lease()).commit()
+        await trio.sleep(0.1)  # the keeper resumes the next in line at once
+        assert [vm.paused for vm in booter.vms[1:]] == [False, True]
+        assert booter.vms[1].resumes == 1
+        pool.hot = 0  # now nobody resumes ahead: the hand-out itself resumes
+        await (await pool.lease()).commit()
+        third = await pool.lease()
+        assert third.handle.pid == booter.vms[2].pid and not booter.vms[2].paused
+        assert booter.vms[2].resumes == 1
+        await third.commit()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_vm_that_died_or_hangs_is_never_handed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=3, idle="paused", hot=0)
+        await wait_ready(pool, 3)
+        await trio.sleep(0.1)
+        assert all(vm.paused for vm in booter.vms)
+        booter.vms[0].die()  # QEMU gone while paused
+        booter.vms[1].signal_stopped = True  # QEMU stopped: its health check gets no answer
+        await trio.sleep(pool_module.HEALTH_INTERVAL * 2 + pool_module.PING_TIMEOUT)
+        assert booter.vms[1].stopped
+        lease = await pool.lease()
+        assert lease.handle.pid == booter.vms[2].pid
         nursery.cancel_scope.cancel()
 
 

@@ -306,8 +306,9 @@ def status_lines(status: CacheStatus) -> list[str]:
     """What ``vmcache status`` prints: Kata's lines, then ours."""
     lines = [f"VM cache server pid = {status.pid}"]
     lines += [f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB" for vm in status.vms]
+    paused = f" ({status.pools[0].paused} paused)" if status.pools and status.pools[0].paused else ""
     lines += [
-        f"Cache: {len(status.vms)}/{status.cache_size} ready, {status.booting} booting, "
+        f"Cache: {len(status.vms)}/{status.cache_size} ready{paused}, {status.booting} booting, "
         f"boot mode {status.boot_mode or 'boot'}",
         f"Counters: {status.boots} boots, {status.boot_failures} boot failures, "
         f"{status.handed_out} handed out, median boot {status.median_boot_seconds:.2f} s, "
@@ -316,7 +317,8 @@ def status_lines(status: CacheStatus) -> list[str]:
     ]
     if len(status.pools) > 1:  # named pools: each one's shape and fill
         lines += [f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} "
-                  f"ready, {pool.booting} booting, boot mode {pool.boot_mode}" for pool in status.pools]
+                  f"ready ({pool.paused} paused), {pool.booting} booting, boot mode {pool.boot_mode}"
+                  for pool in status.pools]
     if status.last_boot_error:
         lines.append(f"Failing: {status.boot_failures_in_row} boot failures in a row; "
                      f"last boot error: {status.last_boot_error}")

@@ -5,6 +5,8 @@ Example (every key optional; these are the defaults)::
     [factory]
     vm_cache_number = 1          # VMs kept booted and ready
     vm_cache_endpoint = ""       # the daemon's Unix socket; "" = vmcache.paths default
+    idle_vms = "paused"          # idle cached VMs: "paused" (QMP stop: no CPU) or "running"
+    hot_vms = 1                  # VMs next in line kept running and fresh: no wait at hand-out
 
     [hypervisor.qemu]
     path = "qemu-system-x86_64"  # QEMU binary, a path or a name looked up on PATH
@@ -104,6 +106,8 @@ class FactoryConfig:
     health_interval: float = attrs.field(default=5.0, validator=_positive)
     max_parallel_boots: int = attrs.field(default=0, validator=_at_least(0))
     boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
+    idle_vms: str = attrs.field(default="paused", validator=_one_of("paused", "running"))
+    hot_vms: int = attrs.field(default=1, validator=_at_least(0))
 
 
 @attrs.frozen

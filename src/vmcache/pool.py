@@ -13,13 +13,24 @@ shielded and bounded. A VM that is handed out is *released* first, so that
 answers for it from then on.
 
 Hand-outs are first come, first served: a ready VM goes to the longest-waiting
-client. Before a VM leaves, its agent is pinged; a VM that fails the ping is
-killed and replaced, and the client gets the next one.
+client. A VM leaves only with proof of life: its QEMU process is running (not
+exited, not stopped by a signal) and its agent answered within the last
+``FRESH_FOR`` seconds; otherwise it is pinged (a paused VM is resumed, reseeded and
+given the clock) first. A VM that fails is killed and replaced, and the client
+gets the next one.
+
+Idle VMs (``idle_vms = "paused"``) are paused with QMP ``stop`` once ready, so
+that a full cache costs no CPU; their health check asks QEMU (``query-status``)
+instead of the guest. The first ``hot_vms`` VMs in line are kept running and
+pinged every ``HOT_PING_INTERVAL`` s, so that a hand-out normally needs no ping
+and no resume: see docs/architecture.md, "Proof of life".
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import random
 import statistics
 import time
@@ -40,6 +51,11 @@ from .wire import CacheEvent
 log = logging.getLogger("vmcache.pool")
 
 PING_TIMEOUT = 2.0
+#: A VM whose agent answered this recently, and whose QEMU runs, leaves without a ping.
+FRESH_FOR = 1.0
+#: How often the hot VMs (the next ones to leave) are pinged, to stay fresh.
+HOT_PING_INTERVAL = 0.5
+IDLE_MODES = ("running", "paused")
 BACKOFF_INITIAL = 0.5
 BACKOFF_CAP = 30.0
 HEALTH_INTERVAL = 5.0
@@ -57,6 +73,10 @@ class _Entry:
     done: trio.Event = attrs.Factory(trio.Event)
     leased: bool = False
     released: bool = False
+    #: When (trio time) the agent last answered or the VM was resumed.
+    last_contact: float = -math.inf
+    #: Held while the VM is paused, resumed or checked, so that none of these overlap.
+    transition: trio.Lock = attrs.Factory(trio.Lock)
 
 
 @attrs.define(eq=False)
@@ -182,7 +202,11 @@ class VMPool:
         name: str = "default",
         events: EventHub | None = None,
         boots: trio.CapacityLimiter | None = None,
+        idle: str = "running",
+        hot: int = 1,
     ) -> None:
+        if idle not in IDLE_MODES:
+            raise ValueError(f"idle must be one of {IDLE_MODES}, not {idle!r}")
         self.name = name
         self.spec = spec
         self.size = size
@@ -192,6 +216,11 @@ class VMPool:
         #: Boots in progress at once, shared by every pool of a daemon: a boot takes a whole
         #: core under TCG, and refills must not starve hand-outs (or each other).
         self._boots = boots
+        #: Idle VMs are paused ("paused") or left running ("running").
+        self.idle = idle
+        #: The first ``hot`` ready VMs are kept running and fresh for a hand-out without waiting.
+        self.hot = hot
+        self._line_changed = trio.Event()
         self._ready: deque[_Entry] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._closed: str | None = None
@@ -207,6 +236,8 @@ class VMPool:
         async with trio.open_nursery() as nursery:
             for index in range(self.size):
                 nursery.start_soon(self._slot, index, name=f"vmcache slot {index}")
+            if self.hot:
+                nursery.start_soon(self._keep_hot, name="vmcache hot VMs")
             task_status.started()
 
     async def _slot(self, index: int) -> None:
@@ -270,6 +301,7 @@ class VMPool:
     async def _serve_entry(self, entry: _Entry) -> None:
         """Offer the VM until it is handed out or discarded; notice if it dies or hangs."""
         vm = entry.vm
+        entry.last_contact = trio.current_time()  # its agent has just said READY
         self._offer(entry)
         log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
                  vm.id, vm.boot_seconds, vm.pid, vm.accel, self.ready_count(), self.size)
@@ -285,10 +317,11 @@ class VMPool:
                     entry.done.set()
 
             async def check_health() -> None:
-                """Ping the idle VM now and then; keep its clock on the host's while it waits.
+                """Check the idle VM now and then: a running one's agent answers (and its
+                clock is kept on the host's); a paused one's QEMU answers and says paused.
 
-                The first ping comes at a random point of the first interval, so that the
-                VMs of a cache filled at once are not all pinged in the same instant."""
+                The first check comes at a random point of the first interval, so that the
+                VMs of a cache filled at once are not all checked in the same instant."""
                 await trio.sleep(random.uniform(0, self._health_interval))
                 while True:
                     await trio.sleep(self._health_interval)
@@ -296,26 +329,94 @@ class VMPool:
                         continue
                     try:
                         with trio.fail_after(PING_TIMEOUT):
-                            await vm.ping()
-                            await vm.sync_clock()
+                            async with entry.transition:
+                                if entry.leased or entry.released:
+                                    continue
+                                await self._check(entry)
                     except (VmcacheError, trio.TooSlowError) as error:
                         if entry.leased or entry.released:
                             continue
-                        self._forget(entry)
-                        log.warning("cached VM %s does not answer its agent (%s); replacing it",
-                                    vm.id, error or "timeout")
-                        self._publish("died", vm, message="agent does not answer")
-                        entry.done.set()
+                        self._condemn(entry, "does not answer", error)
                         return
 
             nursery.start_soon(watch_exit)
             nursery.start_soon(check_health)
+            if self.idle == "paused":
+                await self._pause_unless_hot(entry)
             await entry.done.wait()
             nursery.cancel_scope.cancel()
+
+    async def _check(self, entry: _Entry) -> None:
+        """One health check (the caller holds ``entry.transition`` and a deadline)."""
+        vm = entry.vm
+        if vm.paused:
+            state = await vm.run_state()
+            if state != "paused":
+                raise VMGoneError(f"QEMU says the paused VM is {state!r}")
+            return
+        await vm.ping()
+        await vm.sync_clock()
+        entry.last_contact = trio.current_time()
+
+    async def _pause_unless_hot(self, entry: _Entry) -> None:
+        """Pause a ready VM that is not among the next ``hot`` to leave."""
+        try:
+            with trio.fail_after(PING_TIMEOUT):
+                async with entry.transition:
+                    if entry.leased or entry.released or entry not in self._ready:
+                        return
+                    if self._position(entry) < self.hot:
+                        return
+                    await entry.vm.pause()
+        except (VmcacheError, trio.TooSlowError) as error:
+            if not (entry.leased or entry.released):
+                self._condemn(entry, "could not be paused", error)
+
+    def _position(self, entry: _Entry) -> int:
+        """Where ``entry`` is in line (0 = next to leave); only the first few are looked at."""
+        for position, queued in enumerate(itertools.islice(self._ready, self.hot)):
+            if queued is entry:
+                return position
+        return self.hot
+
+    async def _keep_hot(self) -> None:
+        """Keep the next ``hot`` VMs to leave running and fresh: resume a paused one as
+        soon as it moves up the line, ping the running ones every ``HOT_PING_INTERVAL``."""
+        while True:
+            for entry in list(itertools.islice(self._ready, self.hot)):
+                if entry.leased or entry.released:
+                    continue
+                try:
+                    with trio.fail_after(PING_TIMEOUT):
+                        async with entry.transition:
+                            if entry.leased or entry.released:
+                                continue
+                            if entry.vm.paused:
+                                await entry.vm.resume()
+                            elif trio.current_time() - entry.last_contact >= HOT_PING_INTERVAL:
+                                await entry.vm.ping()
+                            else:
+                                continue
+                            entry.last_contact = trio.current_time()
+                except (VmcacheError, trio.TooSlowError) as error:
+                    if not (entry.leased or entry.released):
+                        self._condemn(entry, "does not answer", error)
+            with trio.move_on_after(HOT_PING_INTERVAL):
+                await self._line_changed.wait()
+            self._line_changed = trio.Event()
+
+    def _condemn(self, entry: _Entry, what: str, error: BaseException) -> None:
+        """A cached VM failed a check: take it out of line; its slot stops and replaces it."""
+        self._forget(entry)
+        vm = entry.vm
+        log.warning("cached VM %s %s (%s); replacing it", vm.id, what, error or "timeout")
+        self._publish("died", vm, message=f"agent {what}" if what == "does not answer" else what)
+        entry.done.set()
 
     def _forget(self, entry: _Entry) -> None:
         if entry in self._ready:
             self._ready.remove(entry)
+            self._line_changed.set()
 
     # ---------------------------------------------------------- hand-out
 
@@ -331,6 +432,7 @@ class VMPool:
             self._ready.appendleft(entry)
         else:
             self._ready.append(entry)
+        self._line_changed.set()
 
     async def _take(self) -> _Entry:
         if self._closed is not None:
@@ -340,6 +442,7 @@ class VMPool:
         if self._ready and not self._waiters:
             entry = self._ready.popleft()
             entry.leased = True
+            self._line_changed.set()
             return entry
         waiter = _Waiter()
         self._waiters.append(waiter)
@@ -358,19 +461,23 @@ class VMPool:
         return waiter.entry
 
     async def lease(self) -> Lease:
-        """Wait (first come, first served) for a ready VM whose agent answers a ping.
+        """Wait (first come, first served) for a ready VM with proof of life.
 
-        The caller bounds the wait with a cancel scope; cancellation leaves the
-        VM in the cache. Raises :class:`CacheUnavailableError` once the pool closes.
+        Proof of life: QEMU runs (not exited, not stopped by a signal) and the agent
+        answered within ``FRESH_FOR`` s; else the VM is pinged now (a paused one is
+        resumed, reseeded and given the clock). The caller bounds the wait with a
+        cancel scope; cancellation leaves the VM in the cache. Raises
+        :class:`CacheUnavailableError` once the pool closes.
         """
         asked_at = trio.current_time()
         while True:
             entry = await self._take()
             try:
                 with trio.fail_after(PING_TIMEOUT):
-                    await entry.vm.ping()
+                    async with entry.transition:
+                        await self._prove_alive(entry)
             except (VmcacheError, trio.TooSlowError) as error:
-                log.warning("VM %s failed its ping before hand-out (%s); replacing it",
+                log.warning("VM %s failed its check before hand-out (%s); replacing it",
                             entry.vm.id, error or "timeout")
                 entry.leased = False
                 entry.done.set()
@@ -380,6 +487,18 @@ class VMPool:
                 self._offer(entry, front=True)
                 raise
             return Lease(self, entry, asked_at)
+
+    async def _prove_alive(self, entry: _Entry) -> None:
+        vm = entry.vm
+        if not vm.alive or entry.done.is_set():
+            raise VMGoneError(f"VM {vm.id} is not running any more")
+        if vm.paused:
+            await vm.resume()
+        elif vm.stopped_by_signal() or trio.current_time() - entry.last_contact >= FRESH_FOR:
+            await vm.ping()
+        else:
+            return
+        entry.last_contact = trio.current_time()
 
     async def _release(self, entry: _Entry) -> tuple[VMHandle, trio.Process]:
         entry.released = True
@@ -398,6 +517,10 @@ class VMPool:
 
     def ready_count(self) -> int:
         return len(self.ready_vms())
+
+    def paused_count(self) -> int:
+        """Ready VMs whose vCPUs are stopped (``idle_vms = "paused"``)."""
+        return sum(1 for entry in self._ready if entry.vm.paused)
 
     def close(self, reason: str = "the daemon is shutting down") -> None:
         """Refuse new clients and fail the waiting ones with UNAVAILABLE."""

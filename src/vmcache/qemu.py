@@ -45,7 +45,7 @@ from .guest import (
 )
 from .handle import VMHandle
 from .process import stop_process
-from .procfs import process_start_time
+from .procfs import process_start_time, process_state
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
 
@@ -240,6 +240,8 @@ class VM(GuestAPI):
         self.memory_mib = spec.memory_mib
         self.started_at = time.monotonic()
         self.boot_seconds = 0.0
+        #: True while QMP ``stop`` holds the vCPUs (an idle cached VM; see :meth:`pause`).
+        self.paused = False
 
     @property
     def pid(self) -> int:
@@ -299,6 +301,35 @@ class VM(GuestAPI):
     async def sync_clock(self) -> None:
         """Set the guest's clock to the host's (guests drift, restored ones jump back)."""
         await self._require_ready().set_clock()
+
+    def _require_monitor(self) -> QMPClient:
+        if self.state is not VMState.READY or self.qmp is None:
+            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        return self.qmp
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP ``stop``): an idle cached VM then costs no CPU at all."""
+        await self._require_monitor().execute("stop")
+        self.paused = True
+
+    async def resume(self) -> None:
+        """Run the vCPUs again (QMP ``cont``), then give the guest fresh entropy and the
+        host's clock: its clock stood still while it was paused. The two agent calls are
+        also the proof that the guest answers."""
+        await self._require_monitor().execute("cont")
+        self.paused = False
+        await self.add_entropy()
+        await self.sync_clock()
+
+    async def run_state(self) -> str:
+        """QEMU's own view of the VM (``running``, ``paused``, ``guest-panicked``...): QMP
+        ``query-status``, which answers while the vCPUs are stopped."""
+        reply = await self._require_monitor().execute("query-status")
+        return str(reply["status"])
+
+    def stopped_by_signal(self) -> bool:
+        """True if the QEMU process is stopped (SIGSTOP) or traced: it cannot answer."""
+        return process_state(self.pid) in ("T", "t")
 
     async def wait_exited(self) -> int:
         """Wait until QEMU exits (for whatever reason) and return its status."""

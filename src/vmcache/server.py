@@ -121,7 +121,7 @@ class CacheDaemon:
                 spec_for_pool, shape.size, boot=boot_for_pool,
                 backoff=lambda: Backoff(factory.boot_retry_initial, factory.boot_retry_max),
                 health_interval=factory.health_interval, name=shape.name, events=self.events,
-                boots=self.boots,
+                boots=self.boots, idle=factory.idle_vms, hot=factory.hot_vms,
             )
         #: The default pool: Kata's keys, and what GetBaseVM hands out.
         self.pool = self.pools[DEFAULT_POOL]
@@ -417,6 +417,7 @@ class CacheDaemon:
             handed_out=sum(pool.stats.handed_out for pool in pools) + self.cold_boots,
             median_boot_seconds=statistics.median(boot_seconds) if boot_seconds else 0.0,
             median_handout_seconds=statistics.median(handout_seconds) if handout_seconds else 0.0,
+            p99_handout_seconds=_percentile(handout_seconds, 0.99),
             uptime_seconds=time.monotonic() - self.started,
             boot_mode=self.config.factory.boot_mode,
             handed_out_vms=[
@@ -425,7 +426,8 @@ class CacheDaemon:
                 for entry in self.ledger.entries()
             ],
             pools=[PoolStatus(pool.name, pool.spec.vcpus, pool.spec.memory_mib, pool.size,
-                              pool.ready_count(), pool.stats.booting, shape.boot_mode)
+                              pool.ready_count(), pool.stats.booting, shape.boot_mode,
+                              pool.paused_count())
                    for pool, shape in zip(pools, self.shapes, strict=True)],
         )
         return status_message(status)
@@ -476,3 +478,10 @@ async def serve_until_signalled(config: Config) -> None:
             await daemon.run()
             nursery.cancel_scope.cancel()
 
+
+def _percentile(values: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of ``values`` (nearest rank), 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]

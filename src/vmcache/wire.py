@@ -55,6 +55,7 @@ class PoolStatus:
     ready: int
     booting: int
     boot_mode: str
+    paused: int = 0
 
 
 @attrs.frozen
@@ -90,6 +91,7 @@ class CacheStatus:
     boot_mode: str = ""
     handed_out_vms: list[HandedOutVMStatus] = attrs.Factory(list)
     pools: list[PoolStatus] = attrs.Factory(list)
+    p99_handout_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -168,6 +170,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         handed_out=status.handed_out,
         median_boot_seconds=status.median_boot_seconds,
         median_handout_seconds=status.median_handout_seconds,
+        p99_handout_seconds=status.p99_handout_seconds,
         uptime_seconds=status.uptime_seconds,
         boot_mode=status.boot_mode,
         handed_out_vms=[
@@ -179,7 +182,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         pools=[
             cache_pb2.GrpcPool(name=pool.name, cpu=pool.cpu, memory=pool.memory,
                                cache_size=pool.cache_size, ready=pool.ready, booting=pool.booting,
-                               boot_mode=pool.boot_mode)
+                               boot_mode=pool.boot_mode, paused=pool.paused)
             for pool in status.pools
         ],
     )
@@ -199,6 +202,7 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         handed_out=message.handed_out,
         median_boot_seconds=message.median_boot_seconds,
         median_handout_seconds=message.median_handout_seconds,
+        p99_handout_seconds=message.p99_handout_seconds,
         uptime_seconds=message.uptime_seconds,
         boot_mode=message.boot_mode,
         handed_out_vms=[
@@ -207,5 +211,5 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
             for vm in message.handed_out_vms
         ],
         pools=[PoolStatus(pool.name, pool.cpu, pool.memory, pool.cache_size, pool.ready, pool.booting,
-                          pool.boot_mode) for pool in message.pools],
+                          pool.boot_mode, pool.paused) for pool in message.pools],
     )
