@@ -51,6 +51,13 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def scale(session: nox.Session) -> None:
+    """10, 50 and 100 cached VMs, paused and running: memory, CPU, hand-out latency (not in CI)."""
+    _install(session, "-e", ".[bench]")
+    session.run("python", "bench/scale.py", *session.posargs)
+
+
+@nox.session
 def proto(session: nox.Session) -> None:
     """Regenerate src/vmcache/_proto from protos/cache.proto (commit the result)."""
     _install(session, "-e", ".[test]")

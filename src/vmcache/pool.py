@@ -110,6 +110,11 @@ class PoolStats:
     def median_boot(self) -> float:
         return statistics.median(self.boot_seconds) if self.boot_seconds else 0.0
 
+    def note_handout(self, seconds: float) -> None:
+        """A hand-out's server-side time: from the request to its reply written to the socket."""
+        self.handout_seconds.append(seconds)
+        del self.handout_seconds[:-1000]
+
     def median_handout(self) -> float:
         return statistics.median(self.handout_seconds) if self.handout_seconds else 0.0
 
@@ -117,10 +122,9 @@ class PoolStats:
 class Lease:
     """A ready VM set aside for one client until :meth:`commit` or :meth:`abort`."""
 
-    def __init__(self, pool: VMPool, entry: _Entry, asked_at: float) -> None:
+    def __init__(self, pool: VMPool, entry: _Entry) -> None:
         self._pool = pool
         self._entry = entry
-        self._asked_at = asked_at
         self.handle: VMHandle = entry.vm.handle()
 
     async def commit(self) -> tuple[VMHandle, trio.Process]:
@@ -130,10 +134,7 @@ class Lease:
         entry = self._entry
         if entry.done.is_set() or not entry.vm.alive:
             raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
-        handed = await self._pool._release(entry)
-        self._pool.stats.handout_seconds.append(trio.current_time() - self._asked_at)
-        del self._pool.stats.handout_seconds[:-1000]
-        return handed
+        return await self._pool._release(entry)
 
     @property
     def vm(self) -> VM:
@@ -469,7 +470,6 @@ class VMPool:
         cancel scope; cancellation leaves the VM in the cache. Raises
         :class:`CacheUnavailableError` once the pool closes.
         """
-        asked_at = trio.current_time()
         while True:
             entry = await self._take()
             try:
@@ -486,7 +486,7 @@ class VMPool:
                 entry.leased = False
                 self._offer(entry, front=True)
                 raise
-            return Lease(self, entry, asked_at)
+            return Lease(self, entry)
 
     async def _prove_alive(self, entry: _Entry) -> None:
         vm = entry.vm

@@ -251,12 +251,14 @@ class CacheDaemon:
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
         await call.receive_one()
+        asked_at = trio.current_time()
         lease = await self.pool.lease()
         written = False
         try:
             await call.send(grpc_vm(lease.handle))
             await call.finish()
             written = True
+            self.pool.stats.note_handout(trio.current_time() - asked_at)
         finally:
             with trio.CancelScope(shield=True):
                 if not written:
@@ -310,6 +312,7 @@ class CacheDaemon:
     async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement) -> HandedOut:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
         it to the ledger and send the client the offer."""
+        asked_at = trio.current_time()
         with trio.move_on_after(wait) as waited:
             if placement.pool is None:
                 handle, process = await self._boot_cold(placement)
@@ -324,6 +327,8 @@ class CacheDaemon:
             with trio.CancelScope(shield=True):
                 await self.ledger.stop(entry, "its offer could not be sent")
             raise
+        if placement.pool is not None:
+            self.pools[placement.pool].stats.note_handout(trio.current_time() - asked_at)
         return entry
 
     async def _take_from_pool(self, pool: VMPool, placement: Placement) -> tuple[VMHandle, trio.Process]:
