@@ -51,6 +51,8 @@ async def test_two_vms_boot_run_commands_and_leave_nothing(
             assert vm.state is VMState.READY
             assert oct(vm.run_dir.stat().st_mode & 0o777) == "0o700"
             assert os.getsid(vm.pid) == vm.pid  # its own session: a terminal's ^C is ours to relay
+            # No transparent huge pages: each guest page touched costs 4 KiB of RSS, not 2 MiB.
+            assert "THP_enabled:\t0" in Path(f"/proc/{vm.pid}/status").read_text()
             pids.append(vm.pid)
             result = await vm.exec(["cat", "/proc/sys/kernel/random/boot_id"])
             assert result.returncode == 0

@@ -14,6 +14,7 @@ never through a shell.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import functools
 import logging
@@ -59,6 +60,19 @@ SOCKET_PATH_MAX = 107
 LONGEST_SOCKET_NAME = "incoming.sock"
 
 T = TypeVar("T")
+
+_PR_SET_THP_DISABLE = 41
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _without_transparent_hugepages() -> None:
+    """Runs in the forked child before QEMU's exec: no transparent huge pages for it.
+
+    QEMU asks for huge pages on guest RAM (MADV_HUGEPAGE), so each guest page touched
+    makes 2 MiB resident: a restored 128 MiB guest with ~50 MB in use was fully resident.
+    The flag survives exec; the guest still sees ordinary 4 KiB pages either way.
+    """
+    _libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 class VMState(enum.Enum):
@@ -478,6 +492,7 @@ async def start_vm(
                     stdout=qemu_log,
                     stderr=qemu_log,
                     start_new_session=True,
+                    preexec_fn=_without_transparent_hugepages,
                 )
         except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None

@@ -255,7 +255,7 @@ class CacheDaemon:
         lease = await self.pool.lease()
         written = False
         try:
-            await call.send(grpc_vm(lease.handle))
+            await call.send(grpc_vm(lease.handle), last=True)  # one write with the trailers
             await call.finish()
             written = True
             self.pool.stats.note_handout(trio.current_time() - asked_at)
@@ -304,7 +304,7 @@ class CacheDaemon:
         if not ask.lease:
             # From here the VM is the client's: it asked for it, got it and claimed it.
             await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
-                vm_id=entry.id, expires_at=entry.expires_at)))
+                vm_id=entry.id, expires_at=entry.expires_at)), last=True)
             await call.finish()
             return
         await self._hold_lease(call, entry)
@@ -400,7 +400,8 @@ class CacheDaemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.ledger.stop(entry, reason)
-        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(vm_id=entry.id, reason=reason)))
+        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(vm_id=entry.id, reason=reason)),
+                        last=True)
         await call.finish()
 
     async def _status(self, _request: ProtoMessage) -> cache_pb2.GrpcStatus:

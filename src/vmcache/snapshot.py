@@ -64,6 +64,12 @@ CHUNK = 1 << 20
 #: QEMU touch every guest page (RSS 380 MB instead of about 200 MB for 256 MiB guests).
 TEMPLATE_KERNEL_PARAMS = "init_on_free=1"
 SAVE_TIMEOUT = 60.0
+#: Run in the template before it is saved: its page cache (file pages of the root image,
+#: which every VM would otherwise carry a private copy of) is dropped, and with
+#: init_on_free=1 the pages freed are zero, so the snapshot and every restored VM are
+#: smaller. A restored VM reads what it needs again from the shared image (host page cache).
+TRIM_COMMAND = ("sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches")
+TRIM_TIMEOUT = 20.0
 #: QEMU's default migration bandwidth cap (128 MiB/s) would make saving take seconds.
 MAX_BANDWIDTH = 64 << 30
 
@@ -254,6 +260,7 @@ class SnapshotManager:
             try:
                 key = await snapshot_key(self.template_spec, template.accel)
                 path = self.directory / f"template-{key}.vmstate"
+                await template.run(TRIM_COMMAND, check=True, timeout=TRIM_TIMEOUT)
                 saved = await save_snapshot(template, path)
             finally:
                 await template.stop()

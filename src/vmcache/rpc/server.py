@@ -111,9 +111,10 @@ class RpcCall(Generic[RequestT]):
             raise InvalidRequestError(f"{self.method}: the call carried no request message")
         return message
 
-    async def send(self, message: ProtoMessage) -> None:
+    async def send(self, message: ProtoMessage, *, last: bool = False) -> None:
+        """Send one message; ``last``: :meth:`finish` comes next and may write both at once."""
         try:
-            await self._call.send(message.SerializeToString())
+            await self._call.send(message.SerializeToString(), last=last)
         except TransportError as error:
             raise CallGone(str(error)) from None
 
@@ -144,12 +145,12 @@ def unary(handler: Callable[[ProtoMessage], Awaitable[ProtoMessage | Reply]]) ->
         request = await call.receive_one()
         reply = await handler(request)
         if not isinstance(reply, Reply):
-            await call.send(reply)
+            await call.send(reply, last=True)
             await call.finish()
             return
         delivered = False
         try:
-            await call.send(reply.message)
+            await call.send(reply.message, last=True)
             await call.finish()
             delivered = True
         finally:

@@ -187,6 +187,19 @@ class _Call:
         await self._connection._acknowledge(self.stream_id, flow_controlled)
         return data
 
+    def _queue_message(self, data: bytes, *, last: bool = False) -> bool:
+        """Queue one gRPC message for the next flush if the flow-control window takes it
+        whole; False (nothing queued) if it does not. Every write wakes the peer, and
+        on a small host each wake-up is a context switch that costs more than the
+        bytes: what can go in one write should."""
+        framed = struct.pack(">?I", False, len(data)) + data
+        if self.reset or len(framed) > self._connection._window_for(self.stream_id):
+            return False
+        self._connection._send_data(self.stream_id, framed, last)
+        if last:
+            self._local_done = True
+        return True
+
     async def _send_message(self, data: bytes, *, last: bool = False) -> None:
         """Send one gRPC message; with ``last`` it ends our side of the call too (END_STREAM)."""
         framed = memoryview(struct.pack(">?I", False, len(data)) + data)
@@ -234,12 +247,17 @@ class ServerCall(_Call):
         super()._on_reset()
         self.cancel_scope.cancel()
 
-    async def send(self, data: bytes) -> None:
-        """Send one response message (the response headers go first, once)."""
+    async def send(self, data: bytes, *, last: bool = False) -> None:
+        """Send one response message (the response headers go first, once).
+
+        ``last``: no message follows, :meth:`finish` comes next; the message may then
+        wait for it, so that message and trailers go out in one write."""
         if not self._started:
             self._started = True
             self._connection._protocol_call(
                 lambda: self._connection._protocol.start_response(self.stream_id, "+proto"))
+        if last and self._queue_message(data):
+            return
         await self._send_message(data)
 
     async def finish(self, status: RpcStatus) -> None:
@@ -289,7 +307,11 @@ class ClientCall(_Call):
         self._end_remote()
 
     async def send(self, data: bytes, *, last: bool = False) -> None:
-        """Send one request message; ``last`` half-closes with it (what unary calls do)."""
+        """Send one request message; ``last`` half-closes with it (what unary calls do).
+        The call's headers, if still queued, go out in the same write."""
+        if self._queue_message(data, last=last):
+            await self._connection.flush()
+            return
         await self._send_message(data, last=last)
 
     async def done_sending(self) -> None:
@@ -494,7 +516,8 @@ class Connection:
     # ------------------------------------------------------------ client side
 
     async def open_call(self, service: str, method: str, timeout: float | None) -> ClientCall:
-        """Start a call (headers out, with grpc-timeout when ``timeout`` is given)."""
+        """Start a call: its headers (with grpc-timeout when ``timeout`` is given) are
+        queued, and written with the first message or by :meth:`ClientCall.done_sending`."""
         if self._broken is not None:
             raise TransportError(self._broken)
         stream_id = self._protocol.get_next_available_stream_id()
@@ -503,8 +526,8 @@ class Connection:
         deadline = datetime.timedelta(seconds=timeout) if timeout is not None else None
         self._protocol_call(lambda: self._protocol.start_request(
             stream_id, "http", service, method, None, "localhost", deadline, "+proto"))
-        await self.flush()
-        return call
+        await trio.lowlevel.checkpoint()
+        return call  # the headers go out with the first message (see ClientCall.send)
 
     async def close(self) -> None:
         """Say goodbye (GOAWAY) if we can, and close the stream."""
