@@ -1,7 +1,7 @@
 """vmcache at scale: caches of 10, 50 and 100 VMs on this host, paused versus running idle VMs.
 
     python bench/scale.py [--sizes 10,50,100] [--modes paused,running] [--handouts 30]
-                          [--memory 128] [--output bench/results/scale.json]
+                          [--memory 128] [--hot 1] [--output bench/results/scale.json]
                           [--plot bench/results/scale.png]
 
 For each idle mode and cache size, a real ``vmcache serve`` (snapshot mode, TCG, guests
@@ -62,7 +62,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def write_config(directory: Path, size: int, mode: str, memory: int) -> Path:
+def write_config(directory: Path, size: int, mode: str, memory: int, hot: int) -> Path:
     path = directory / "scale.toml"
     path.write_text("\n".join([
         "[factory]",
@@ -70,6 +70,7 @@ def write_config(directory: Path, size: int, mode: str, memory: int) -> Path:
         f'vm_cache_endpoint = "{directory / "cache.sock"}"',
         'boot_mode = "snapshot"',
         f'idle_vms = "{mode}"',
+        f"hot_vms = {hot}",
         "[hypervisor.qemu]",
         'accel = "tcg"',
         "boot_timeout = 300.0",
@@ -118,14 +119,14 @@ def cached_status(endpoint: Path) -> vmcache.CacheStatus:
     return trio.run(ask)
 
 
-def measure(size: int, mode: str, memory: int, handouts: int) -> dict[str, Any]:
+def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[str, Any]:
     before_pids = qemu_pids()
     available_before = mem_available()
     with tempfile.TemporaryDirectory(prefix="vmcache-scale-", dir="/tmp") as tmp:
         directory = Path(tmp)
         run_root = directory / "run"
         run_root.mkdir(mode=0o700)
-        config = write_config(directory, size, mode, memory)
+        config = write_config(directory, size, mode, memory, hot)
         env = os.environ | {"VMCACHE_RUN_DIR": str(run_root)}
         endpoint = directory / "cache.sock"
         started = time.monotonic()
@@ -179,7 +180,7 @@ def measure(size: int, mode: str, memory: int, handouts: int) -> dict[str, Any]:
             for pid in left:  # never leave a VM behind, even when a measurement failed
                 os.kill(pid, signal.SIGKILL)
     return {
-        "mode": mode, "size": size, "memory_mib": memory, "fill_s": fill,
+        "mode": mode, "size": size, "hot": hot, "memory_mib": memory, "fill_s": fill,
         "rss_per_vm_mb": statistics.median(rss) / 1e6, "rss_total_mb": sum(rss) / 1e6,
         "host_used_mb": host_used / 1e6, "idle_cpu_vms_pct": vm_cpu, "idle_cpu_daemon_pct": daemon_cpu,
         **latencies, "purge_s": purge, "qemu_left": len(left), "daemon_exit": daemon.returncode,
@@ -187,7 +188,7 @@ def measure(size: int, mode: str, memory: int, handouts: int) -> dict[str, Any]:
 
 
 COLUMNS = [
-    ("mode", "{}"), ("size", "{}"), ("fill_s", "{:.1f}"), ("rss_per_vm_mb", "{:.0f}"),
+    ("mode", "{}"), ("size", "{}"), ("hot", "{}"), ("fill_s", "{:.1f}"), ("rss_per_vm_mb", "{:.0f}"),
     ("rss_total_mb", "{:.0f}"), ("host_used_mb", "{:.0f}"), ("idle_cpu_vms_pct", "{:.2f}"),
     ("idle_cpu_daemon_pct", "{:.2f}"), ("status_ms_p50", "{:.1f}"), ("server_ms_p50", "{:.2f}"),
     ("server_ms_p99", "{:.2f}"), ("get_base_vm_ms_p50", "{:.2f}"), ("get_base_vm_ms_p99", "{:.2f}"),
@@ -231,13 +232,14 @@ def main() -> None:
     parser.add_argument("--modes", default="paused,running")
     parser.add_argument("--handouts", type=int, default=30)
     parser.add_argument("--memory", type=int, default=128)
+    parser.add_argument("--hot", type=int, default=1, help="hot_vms: VMs kept running, next in line")
     parser.add_argument("--output", type=Path, default=ROOT / "bench/results/scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench/results/scale.png")
     args = parser.parse_args()
     rows = []
     for mode in args.modes.split(","):
         for size in (int(value) for value in args.sizes.split(",")):
-            rows.append(measure(size, mode, args.memory, args.handouts))
+            rows.append(measure(size, mode, args.memory, args.handouts, args.hot))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             args.output.write_text(json.dumps({"host_cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n")
     print(table(rows))
