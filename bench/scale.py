@@ -218,6 +218,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         latency_axis.plot(sizes, [row["get_base_vm_ms_p99"] for row in mine], "^:",
                           label=f"{mode}: GetBaseVM client p99")
     memory_axis.set(xlabel="cached VMs", ylabel="MB", title="RSS per cached VM (128 MiB guests)")
+    memory_axis.axhline(64, color="grey", linestyle="--", linewidth=1, label="target: 64 MB")
+    memory_axis.set_ylim(0, 1.25 * max(row["rss_per_vm_mb"] for row in rows))
     latency_axis.set(xlabel="cached VMs", ylabel="ms", title="hand-out latency", yscale="log")
     for axis in (memory_axis, latency_axis):
         axis.grid(alpha=0.3)
