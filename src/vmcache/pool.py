@@ -28,6 +28,7 @@ and no resume: see docs/architecture.md, "Proof of life".
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -329,18 +330,8 @@ class VMPool:
                 await trio.sleep(random.uniform(0, self._health_interval))
                 while True:
                     await trio.sleep(self._health_interval)
-                    if entry.leased or entry.released:
-                        continue
-                    try:
-                        with trio.fail_after(PING_TIMEOUT):
-                            async with entry.transition:
-                                if entry.leased or entry.released:
-                                    continue
-                                await self._check(entry)
-                    except (VmcacheError, trio.TooSlowError) as error:
-                        if entry.leased or entry.released:
-                            continue
-                        self._condemn(entry, "does not answer", error)
+                    if not await self._checked(entry, functools.partial(self._check, entry),
+                                               "does not answer"):
                         return
 
             nursery.start_soon(watch_exit)
@@ -362,19 +353,30 @@ class VMPool:
         await vm.sync_clock()
         entry.last_contact = trio.current_time()
 
-    async def _pause_unless_hot(self, entry: _Entry) -> None:
-        """Pause a ready VM that is not among the next ``hot`` to leave."""
+    async def _checked(self, entry: _Entry, work: Callable[[], Awaitable[None]], failing: str) -> bool:
+        """Run ``work`` on a cached VM, holding its transition lock, within PING_TIMEOUT.
+
+        Nothing is done to a VM that is leaving the cache. A VM whose ``work`` fails or
+        hangs is condemned (described as ``failing``): returns False then, else True."""
         try:
             with trio.fail_after(PING_TIMEOUT):
                 async with entry.transition:
-                    if entry.leased or entry.released or entry not in self._ready:
-                        return
-                    if self._position(entry) < self.hot:
-                        return
-                    await entry.vm.pause()
+                    if not (entry.leased or entry.released):
+                        await work()
         except (VmcacheError, trio.TooSlowError) as error:
             if not (entry.leased or entry.released):
-                self._condemn(entry, "could not be paused", error)
+                self._condemn(entry, failing, error)
+                return False
+        return True
+
+    async def _pause_unless_hot(self, entry: _Entry) -> None:
+        """Pause a ready VM that is not among the next ``hot`` to leave."""
+
+        async def pause() -> None:
+            if entry in self._ready and self._position(entry) >= self.hot:
+                await entry.vm.pause()
+
+        await self._checked(entry, pause, "could not be paused")
 
     def _position(self, entry: _Entry) -> int:
         """Where ``entry`` is in line (0 = next to leave); only the first few are looked at."""
@@ -388,27 +390,21 @@ class VMPool:
         soon as it moves up the line, ping the running ones every ``HOT_PING_INTERVAL``."""
         while True:
             for entry in list(itertools.islice(self._ready, self.hot)):
-                if entry.leased or entry.released:
-                    continue
-                try:
-                    with trio.fail_after(PING_TIMEOUT):
-                        async with entry.transition:
-                            if entry.leased or entry.released:
-                                continue
-                            if entry.vm.paused:
-                                await entry.vm.resume()
-                            elif trio.current_time() - entry.last_contact >= HOT_PING_INTERVAL:
-                                await entry.vm.ping()
-                            else:
-                                continue
-                            entry.last_contact = trio.current_time()
-                except (VmcacheError, trio.TooSlowError) as error:
-                    if not (entry.leased or entry.released):
-                        self._condemn(entry, "does not answer", error)
+                await self._checked(entry, functools.partial(self._freshen, entry), "does not answer")
             with trio.move_on_after(HOT_PING_INTERVAL):
                 await self._line_changed.wait()
                 await trio.sleep(HOT_SETTLE)
             self._line_changed = trio.Event()
+
+    async def _freshen(self, entry: _Entry) -> None:
+        """Resume a paused hot VM, or ping a running one whose last answer is getting old."""
+        if entry.vm.paused:
+            await entry.vm.resume()
+        elif trio.current_time() - entry.last_contact >= HOT_PING_INTERVAL:
+            await entry.vm.ping()
+        else:
+            return
+        entry.last_contact = trio.current_time()
 
     def _condemn(self, entry: _Entry, what: str, error: BaseException) -> None:
         """A cached VM failed a check: take it out of line; its slot stops and replaces it."""
