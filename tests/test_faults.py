@@ -107,7 +107,7 @@ def test_a_hung_cached_vm_is_caught_by_the_health_ping(daemon: Daemon, run_dir: 
     finally:
         if pid_alive(hung):
             os.kill(hung, signal.SIGKILL)
-    assert "does not answer its agent" in daemon.log()
+    assert "does not answer its" in daemon.log()  # its agent (running) or its monitor (paused)
     refilled = daemon.wait_cached(2)
     assert hung not in refilled
     assert qemu_pids() - before == set(refilled)

@@ -35,6 +35,9 @@ log = logging.getLogger("vmcache.ledger")
 
 #: How long stopping one VM may take: QMP quit, SIGTERM and SIGKILL graces, and a margin.
 STOP_WAIT = 15.0
+#: An offered VM still unclaimed this long after the offer is stopped by its watcher,
+#: whatever became of the call that offered it (the call itself allows 10 s for the claim).
+OFFER_DEADLINE = 20.0
 
 
 @attrs.define(eq=False)
@@ -49,6 +52,8 @@ class HandedOut:
     expires_at: float = 0.0  # Unix time; 0 = no TTL
     stop_reason: str = ""
     exit_status: int | None = None
+    #: Trio time after which an entry still "offered" is stopped.
+    offer_deadline: float = math.inf
     gone: trio.Event = attrs.Factory(trio.Event)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
@@ -120,6 +125,8 @@ class Ledger:
     def adopt(self, handle: VMHandle, process: ProcessLike, owner_uid: int, role: str) -> HandedOut:
         """Take over a VM that has just left the cache (its record changes role at once)."""
         entry = HandedOut(handle, process, owner_uid, time.time(), role)
+        if role == "offered":
+            entry.offer_deadline = trio.current_time() + OFFER_DEADLINE
         self._start(entry)
         return entry
 
@@ -174,14 +181,18 @@ class Ledger:
                     if entry.expires_at and time.time() >= entry.expires_at and not entry.stop_reason:
                         entry.stop_reason = "its TTL passed"
                         self.expired += 1
+                    if (entry.role == "offered" and trio.current_time() >= entry.offer_deadline
+                            and not entry.stop_reason):
+                        entry.stop_reason = f"it was offered and not claimed within {OFFER_DEADLINE:g} s"
                     if entry.stop_reason:
                         stopped_by_us = True
                         log.info("stopping handed-out VM %s: %s", entry.id, entry.stop_reason)
                         await stop_vm_process(entry.process, Path(entry.handle.run_dir) / "qmp.sock")
                         break
-                    deadline = math.inf
+                    deadline = entry.offer_deadline if entry.role == "offered" else math.inf
                     if entry.expires_at:
-                        deadline = trio.current_time() + max(0.0, entry.expires_at - time.time())
+                        ttl_left = max(0.0, entry.expires_at - time.time())
+                        deadline = min(deadline, trio.current_time() + ttl_left)
                     changed = entry._changed
                     with trio.move_on_at(deadline):
                         await changed.wait()

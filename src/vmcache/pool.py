@@ -60,6 +60,8 @@ HOT_PING_INTERVAL = 0.5
 #: its QMP and agent traffic does not compete with the reply of the hand-out in flight.
 HOT_SETTLE = 0.02
 IDLE_MODES = ("running", "paused")
+NO_ANSWER = "does not answer its agent"
+NO_ANSWER_PAUSED = "does not answer its monitor (paused)"
 BACKOFF_INITIAL = 0.5
 BACKOFF_CAP = 30.0
 HEALTH_INTERVAL = 5.0
@@ -330,8 +332,8 @@ class VMPool:
                 await trio.sleep(random.uniform(0, self._health_interval))
                 while True:
                     await trio.sleep(self._health_interval)
-                    if not await self._checked(entry, functools.partial(self._check, entry),
-                                               "does not answer"):
+                    failing = NO_ANSWER_PAUSED if vm.paused else NO_ANSWER
+                    if not await self._checked(entry, functools.partial(self._check, entry), failing):
                         return
 
             nursery.start_soon(watch_exit)
@@ -390,7 +392,7 @@ class VMPool:
         soon as it moves up the line, ping the running ones every ``HOT_PING_INTERVAL``."""
         while True:
             for entry in list(itertools.islice(self._ready, self.hot)):
-                await self._checked(entry, functools.partial(self._freshen, entry), "does not answer")
+                await self._checked(entry, functools.partial(self._freshen, entry), NO_ANSWER)
             with trio.move_on_after(HOT_PING_INTERVAL):
                 await self._line_changed.wait()
                 await trio.sleep(HOT_SETTLE)
@@ -411,7 +413,7 @@ class VMPool:
         self._forget(entry)
         vm = entry.vm
         log.warning("cached VM %s %s (%s); replacing it", vm.id, what, error or "timeout")
-        self._publish("died", vm, message=f"agent {what}" if what == "does not answer" else what)
+        self._publish("died", vm, message=what)
         entry.done.set()
 
     def _forget(self, entry: _Entry) -> None:

@@ -255,10 +255,13 @@ class CacheDaemon:
         lease = await self.pool.lease()
         written = False
         try:
-            await call.send(grpc_vm(lease.handle), last=True)  # one write with the trailers
-            await call.finish()
+            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read gets no VM
+                await call.send(grpc_vm(lease.handle), last=True)  # one write with the trailers
+                await call.finish()
             written = True
             self.pool.stats.note_handout(trio.current_time() - asked_at)
+        except trio.TooSlowError:
+            raise CallGone("the client does not read its replies") from None
         finally:
             with trio.CancelScope(shield=True):
                 if not written:
@@ -322,7 +325,12 @@ class CacheDaemon:
             raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
         entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
         try:
-            await call.send(cache_pb2.TakeReply(offer=grpc_vm(handle)))
+            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read gets no VM
+                await call.send(cache_pb2.TakeReply(offer=grpc_vm(handle)))
+        except trio.TooSlowError:
+            with trio.CancelScope(shield=True):
+                await self.ledger.stop(entry, "its offer could not be written in time")
+            raise CallGone("the client does not read its replies") from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.ledger.stop(entry, "its offer could not be sent")

@@ -1,0 +1,83 @@
+"""The ledger's own guarantees, with a fake QEMU process and Trio's autojump clock."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from vmcache import ledger as ledger_module
+from vmcache.handle import VMHandle
+from vmcache.ledger import Ledger
+from vmcache.state import VMRegistry
+
+
+class FakeQemu:
+    """A process that exits when it is sent SIGTERM or SIGKILL."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+        self._exited = trio.Event()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig in (signal.SIGTERM, signal.SIGKILL) and self.returncode is None:
+            self.returncode = -sig
+            self._exited.set()
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def handle(run_root: Path) -> VMHandle:
+    run_dir = run_root / "vm-0123456789ab"
+    return VMHandle(id="0123456789ab", pid=4242, start_time=1, qmp_socket=str(run_dir / "qmp.sock"),
+                    agent_socket=str(run_dir / "agent-0.sock"), console_log=str(run_dir / "console.log"),
+                    run_dir=str(run_dir), cpu=1, memory=256)
+
+
+async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Whatever happens to the call that offered it, an unclaimed VM does not outlive the deadline."""
+    registry = VMRegistry(tmp_path / "state", tmp_path)
+    registry.prepare()
+    ledger = Ledger(registry)
+    qemu = FakeQemu()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ledger.run)
+        started = trio.current_time()
+        entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
+        with trio.fail_after(ledger_module.OFFER_DEADLINE + 30):
+            await entry.gone.wait()
+        assert trio.current_time() - started >= ledger_module.OFFER_DEADLINE
+        assert qemu.returncode is not None
+        assert "not claimed" in entry.stop_reason
+        assert ledger.entries() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_claimed_vm_is_not_stopped_by_the_offer_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = VMRegistry(tmp_path / "state", tmp_path)
+    registry.prepare()
+    ledger = Ledger(registry)
+    qemu = FakeQemu()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ledger.run)
+        entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
+        ledger.claim(entry, lease=False, ttl=0)
+        await trio.sleep(ledger_module.OFFER_DEADLINE * 3)
+        assert qemu.returncode is None and qemu.signals == []
+        assert ledger.entries() == [entry]
+        nursery.cancel_scope.cancel()
+    assert qemu.returncode is None  # claimed VMs outlive the daemon
