@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 import vmcache
+from vmcache.ledger import OFFER_DEADLINE, STOP_WAIT
 from vmcache.procfs import open_fds, qemu_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -269,6 +270,13 @@ class Chaos:
         status = await self.wait_full()
         await trio.sleep(2)  # leases released by dying clients finish stopping
         status = await self.wait_full()
+        # An offer or a lease is the daemon's to end within its own bounds (the offer
+        # deadline, then stopping the VM): wait that long, no longer, before counting.
+        unresolved_at_first = sum(vm.state != "claimed" for vm in status.handed_out_vms)
+        with trio.move_on_after(OFFER_DEADLINE + STOP_WAIT):
+            while any(vm.state != "claimed" for vm in status.handed_out_vms):
+                await trio.sleep(0.5)
+                status = await self.wait_full()
         fds_before = open_fds(self.daemon.pid) if self.daemon else 0
         cached = {vm.pid for vm in status.vms}
         ledger = {vm.pid: vm for vm in status.handed_out_vms}
@@ -309,6 +317,7 @@ class Chaos:
             "stopped_at_the_end": stopped,
             "lost_vms": len(unaccounted),
             "leases_left_running": len(leases_left),
+            "offers_or_leases_still_ending_at_settle": unresolved_at_first,
             "leaked_qemu_processes": len(leftover_qemu),
             "leaked_fds": max(0, fds_after - fds_before),
             "leaked_run_dirs": len(leftover_dirs),
