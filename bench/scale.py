@@ -9,6 +9,7 @@ of ``--memory`` MiB) is started in its own run directory, and this reports:
 
   fill            daemon start -> every VM ready (the template's boot and save included)
   rss/vm, total   the cached QEMU processes' resident memory, once the cache is full
+  pss/vm, total   the same, shared pages divided among the processes sharing them
   host memory     MemAvailable before the daemon minus after the fill
   idle cpu        % of one core used by all cached QEMU processes, and by the daemon,
                   over 10 s with nobody asking
@@ -55,6 +56,14 @@ def mem_available() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: private pages plus this process's share of shared ones."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -159,6 +168,7 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
             status = cached_status(endpoint)
             pids = [vm.pid for vm in status.vms]
             rss = [rss_bytes(pid) for pid in pids]
+            pss = [pss_bytes(pid) for pid in pids]
             host_used = available_before - mem_available()
             ticks_before = {pid: cpu_ticks(pid) for pid in [*pids, daemon.pid]}
             time.sleep(IDLE_WINDOW)
@@ -182,6 +192,7 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
     return {
         "mode": mode, "size": size, "hot": hot, "memory_mib": memory, "fill_s": fill,
         "rss_per_vm_mb": statistics.median(rss) / 1e6, "rss_total_mb": sum(rss) / 1e6,
+        "pss_per_vm_mb": statistics.median(pss) / 1e6, "pss_total_mb": sum(pss) / 1e6,
         "host_used_mb": host_used / 1e6, "idle_cpu_vms_pct": vm_cpu, "idle_cpu_daemon_pct": daemon_cpu,
         **latencies, "purge_s": purge, "qemu_left": len(left), "daemon_exit": daemon.returncode,
     }
@@ -189,7 +200,8 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
 
 COLUMNS = [
     ("mode", "{}"), ("size", "{}"), ("hot", "{}"), ("fill_s", "{:.1f}"), ("rss_per_vm_mb", "{:.0f}"),
-    ("rss_total_mb", "{:.0f}"), ("host_used_mb", "{:.0f}"), ("idle_cpu_vms_pct", "{:.2f}"),
+    ("rss_total_mb", "{:.0f}"), ("pss_per_vm_mb", "{:.0f}"), ("pss_total_mb", "{:.0f}"),
+    ("host_used_mb", "{:.0f}"), ("idle_cpu_vms_pct", "{:.2f}"),
     ("idle_cpu_daemon_pct", "{:.2f}"), ("status_ms_p50", "{:.1f}"), ("server_ms_p50", "{:.2f}"),
     ("server_ms_p99", "{:.2f}"), ("get_base_vm_ms_p50", "{:.2f}"), ("get_base_vm_ms_p99", "{:.2f}"),
     ("get_vm_ms_p50", "{:.2f}"), ("get_vm_ms_p99", "{:.2f}"), ("purge_s", "{:.1f}"), ("qemu_left", "{}"),

@@ -249,6 +249,11 @@ class VMSpec:
     rootfs: Path | None = None
     sandbox: str = ""
     tb_size_mib: int = 0
+    #: Guest RAM in this file instead of anonymous memory: a snapshot template writes it
+    #: (shared), VMs restored from the template map it privately (copy on write), so the
+    #: pages they do not write stay shared between them (see vmcache.snapshot).
+    memory_file: Path | None = None
+    memory_file_shared: bool = False
     #: What a VM may grow to by hot-add (vmcache.hotplug); the same as the start size
     #: (no headroom) unless given. Part of the QEMU command line: -smp N,maxcpus=M and
     #: -m SIZE,slots=K,maxmem=MAX.

@@ -122,6 +122,8 @@ MEMORY_SLOTS = 10
 #: 64 MiB bounce buffer for 32-bit DMA (measured: MemTotal 152 instead of 217 MiB, RSS +63 MB);
 #: its only devices are virtio, which do not use it.
 MEMORY_HOTPLUG_PARAMS = "memhp_default_state=online swiotlb=noforce"
+#: The id of the guest RAM's backend object when it lives in a file (VMSpec.memory_file).
+MEMORY_BACKEND_ID = "vmcache-ram"
 
 
 def size_args(spec: VMSpec) -> list[str]:
@@ -153,13 +155,20 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     if accel_option == "tcg" and spec.tb_size_mib:
         accel_option += f",tb-size={spec.tb_size_mib}"
     sandbox = ["-sandbox", spec.sandbox] if spec.sandbox else []
+    machine = spec.machine_type
+    memory_backend: list[str] = []
+    if spec.memory_file is not None:
+        machine += f",memory-backend={MEMORY_BACKEND_ID}"
+        share = "on" if spec.memory_file_shared else "off"
+        memory_backend = ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
+                          f"mem-path={_escape(str(spec.memory_file))},share={share}"]
     return [
         str(spec.qemu),
         "-name", name,
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-machine", spec.machine_type,
+        "-machine", machine,
         "-accel", accel_option,
         "-cpu", "host" if accel == "kvm" else "max",
         *size_args(spec),
@@ -177,6 +186,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
           for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
         "-device", "virtio-rng-pci",
         *root_drive,
+        *memory_backend,
         "-pidfile", str(run_dir / "qemu.pid"),
         *sandbox,
     ]

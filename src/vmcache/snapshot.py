@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -72,6 +73,9 @@ TRIM_COMMAND = ("sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches")
 TRIM_TIMEOUT = 20.0
 #: QEMU's default migration bandwidth cap (128 MiB/s) would make saving take seconds.
 MAX_BANDWIDTH = 64 << 30
+#: Guest RAM that lives in a shared file (the template's) is left out of the migration
+#: stream: the state file holds only the devices, and restored VMs map the RAM file.
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 
 
 class SnapshotError(VMError):
@@ -118,6 +122,9 @@ class Snapshot:
     size: int
     sha256: str
     boot_id: str
+    #: The template's guest RAM (see VMSpec.memory_file) and its stat key when saved.
+    memory_file: Path | None = None
+    memory_stat: tuple[object, ...] = ()
 
 
 async def _wait_migration(vm: VM, timeout: float, *, incoming: bool) -> None:
@@ -158,6 +165,8 @@ async def save_snapshot(vm: VM, path: Path) -> Snapshot:
             await listener.bind(os.fspath(sock_path))
             listener.listen(1)
             await vm.qmp.execute("stop")
+            if vm.spec.memory_file is not None:
+                await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             await vm.qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
             connection, _ = await listener.accept()
@@ -170,7 +179,9 @@ async def save_snapshot(vm: VM, path: Path) -> Snapshot:
         partial.unlink(missing_ok=True)
         raise SnapshotError(f"saving the snapshot took longer than {SAVE_TIMEOUT:g} s") from None
     partial.replace(path)
-    return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id)
+    memory_file = vm.spec.memory_file
+    return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id, memory_file,
+                    tuple(_stat_key(memory_file)) if memory_file is not None else ())
 
 
 def _write_and_hash(out: BinaryIO, digest: hashlib._Hash, chunk: bytes) -> None:
@@ -255,8 +266,13 @@ class SnapshotManager:
     async def _build(self) -> None:
         started = time.monotonic()
         self._building = True
+        # The template's guest RAM goes to a file of its own: restored VMs map it
+        # privately, sharing every page they do not write (measured: host memory per
+        # idle VM about halved, the state file 0.4 MB instead of 72 MB).
+        memory_file = self.directory / f"template-{secrets.token_hex(6)}.ram"
+        template_spec = attrs.evolve(self.template_spec, memory_file=memory_file, memory_file_shared=True)
         try:
-            template = await self._plain_boot(self.template_spec)
+            template = await self._plain_boot(template_spec)
             try:
                 key = await snapshot_key(self.template_spec, template.accel)
                 path = self.directory / f"template-{key}.vmstate"
@@ -264,6 +280,9 @@ class SnapshotManager:
                 saved = await save_snapshot(template, path)
             finally:
                 await template.stop()
+        except BaseException:
+            memory_file.unlink(missing_ok=True)
+            raise
         finally:
             self._building = False
         self.snapshot = attrs.evolve(saved, key=key)
@@ -275,6 +294,8 @@ class SnapshotManager:
         """Forget the snapshot and remove its file (the run loop makes a new one)."""
         if self.snapshot is not None:
             self.snapshot.path.unlink(missing_ok=True)
+            if self.snapshot.memory_file is not None:  # restored VMs keep their mappings
+                self.snapshot.memory_file.unlink(missing_ok=True)
             self.snapshot = None
         self._wanted.set()
 
@@ -302,9 +323,16 @@ class SnapshotManager:
 
     async def restore(self, spec: VMSpec, snapshot: Snapshot) -> VM:
         """Start a VM from ``snapshot``: incoming migration, cont, fresh entropy and clock."""
+        if snapshot.memory_file is not None:
+            if tuple(_stat_key(snapshot.memory_file)) != snapshot.memory_stat:
+                raise SnapshotError(f"the template's memory file {snapshot.memory_file} changed or vanished")
+            spec = attrs.evolve(spec, memory_file=snapshot.memory_file, memory_file_shared=False)
 
         async def become_ready(vm: VM) -> str:
             await connect_monitor(vm)
+            if snapshot.memory_file is not None:
+                assert vm.qmp is not None
+                await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             # Connected before the guest runs, so its agent never sees the port closed.
             control = await connect_control(vm)
             marks = [time.monotonic()]
