@@ -54,8 +54,15 @@ def test_snapshot_daemon_hands_out_fresh_private_vms(tmp_path: Path, run_dir: Pa
 
         snapshots = list((run_dir / "state").rglob("*.vmstate"))
         assert len(snapshots) == 1
+        assert snapshots[0].stat().st_size < 4 << 20, "guest RAM is not in the state file"
+        memory_files = list((run_dir / "state").rglob("template-*.ram"))
+        assert len(memory_files) == 1
+        for handle in handles:  # each clone maps the template's RAM privately: shared until written
+            maps = Path(f"/proc/{json.loads(handle)['pid']}/maps").read_text().splitlines()
+            assert any(line.endswith(str(memory_files[0])) and line.split()[1] == "rw-p" for line in maps)
         assert daemon.signal(signal.SIGINT) == 0
         assert not snapshots[0].exists(), "the snapshot file is removed when the daemon exits"
+        assert not memory_files[0].exists(), "and so is the template's RAM"
         assert not any(pid_alive(pid) for pid in refilled)
         pids = {json.loads(h)["pid"] for h in handles}
         assert all(pid_alive(pid) for pid in pids)
