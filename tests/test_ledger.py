@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -44,16 +46,23 @@ def handle(run_root: Path) -> VMHandle:
                     run_dir=str(run_dir), cpu=1, memory=256)
 
 
+@asynccontextmanager
+async def running_ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    registry = VMRegistry(tmp_path / "state", tmp_path)
+    registry.prepare()
+    ledger = Ledger(registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ledger.run)
+        yield ledger
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Whatever happens to the call that offered it, an unclaimed VM does not outlive the deadline."""
-    registry = VMRegistry(tmp_path / "state", tmp_path)
-    registry.prepare()
-    ledger = Ledger(registry)
     qemu = FakeQemu()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ledger.run)
+    async with running_ledger(tmp_path) as ledger:
         started = trio.current_time()
         entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
         with trio.fail_after(ledger_module.OFFER_DEADLINE + 30):
@@ -62,22 +71,16 @@ async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
         assert qemu.returncode is not None
         assert "not claimed" in entry.stop_reason
         assert ledger.entries() == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_claimed_vm_is_not_stopped_by_the_offer_deadline(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    registry = VMRegistry(tmp_path / "state", tmp_path)
-    registry.prepare()
-    ledger = Ledger(registry)
     qemu = FakeQemu()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ledger.run)
+    async with running_ledger(tmp_path) as ledger:
         entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
         ledger.claim(entry, lease=False, ttl=0)
         await trio.sleep(ledger_module.OFFER_DEADLINE * 3)
         assert qemu.returncode is None and qemu.signals == []
         assert ledger.entries() == [entry]
-        nursery.cancel_scope.cancel()
     assert qemu.returncode is None  # claimed VMs outlive the daemon
