@@ -87,8 +87,12 @@ try:
         print(json.dumps(json.loads(vm.hypervisor)["vmcache"]), flush=True)
 except KeyboardInterrupt:
     sys.exit(130)
-except grpc.RpcError as error:
-    print(f"kata client: {error.code().name}", file=sys.stderr)
+except ImportError as error:  # a signal during grpc's C start-up comes out as an ImportError
+    print(f"kata client: could not start: {error}", file=sys.stderr)
+    sys.exit(1)
+except Exception as error:  # grpc.RpcError and its kin have code(); one line, whatever it is
+    code = getattr(error, "code", None)
+    print(f"kata client: {code().name if callable(code) else type(error).__name__}", file=sys.stderr)
     sys.exit(1)
 """
 
