@@ -306,9 +306,10 @@ class CacheDaemon:
                     await self.ledger.stop(entry, "it was not claimed")
         if not ask.lease:
             # From here the VM is the client's: it asked for it, got it and claimed it.
-            await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
-                vm_id=entry.id, expires_at=entry.expires_at)), last=True)
-            await call.finish()
+            with trio.move_on_after(CLAIM_TIMEOUT):  # bounded: the VM is theirs either way
+                await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+                    vm_id=entry.id, expires_at=entry.expires_at)), last=True)
+                await call.finish()
             return
         await self._hold_lease(call, entry)
 
@@ -377,9 +378,20 @@ class CacheDaemon:
 
     async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut) -> None:
         """Keep a leased VM while the client holds the call; stop it when either side ends."""
-        await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
-            vm_id=entry.id, expires_at=entry.expires_at)))
         reason = "the client went away"
+        try:
+            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read holds no VM
+                await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+                    vm_id=entry.id, expires_at=entry.expires_at)))
+        except trio.TooSlowError:
+            reason = "its confirmation could not be written in time"
+            with trio.CancelScope(shield=True):
+                await self.ledger.stop(entry, reason)
+            raise CallGone("the client does not read its replies") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.ledger.stop(entry, reason)
+            raise
         try:
             async with trio.open_nursery() as nursery:
 
