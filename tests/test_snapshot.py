@@ -60,6 +60,8 @@ def test_snapshot_daemon_hands_out_fresh_private_vms(tmp_path: Path, run_dir: Pa
         for handle in handles:  # each clone maps the template's RAM privately: shared until written
             maps = Path(f"/proc/{json.loads(handle)['pid']}/maps").read_text().splitlines()
             assert any(line.endswith(str(memory_files[0])) and line.split()[1] == "rw-p" for line in maps)
+            argv = Path(f"/proc/{json.loads(handle)['pid']}/cmdline").read_bytes().split(b"\0")
+            assert b"-kernel" not in argv, "a clone keeps no copy of the kernel: it is in the guest's RAM"
         assert daemon.signal(signal.SIGINT) == 0
         assert not snapshots[0].exists(), "the snapshot file is removed when the daemon exits"
         assert not memory_files[0].exists(), "and so is the template's RAM"

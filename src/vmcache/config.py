@@ -254,6 +254,10 @@ class VMSpec:
     #: pages they do not write stay shared between them (see vmcache.snapshot).
     memory_file: Path | None = None
     memory_file_shared: bool = False
+    #: Started from a snapshot: the guest's kernel is already in its RAM, so QEMU loads none
+    #: (a VM booted with -kernel keeps a 14 MB copy of it for the boot loader, for its whole
+    #: life); only the boot loader's option ROM is kept, so the RAM blocks match the template's.
+    restored: bool = False
     #: What a VM may grow to by hot-add (vmcache.hotplug); the same as the start size
     #: (no headroom) unless given. Part of the QEMU command line: -smp N,maxcpus=M and
     #: -m SIZE,slots=K,maxmem=MAX.

@@ -122,6 +122,9 @@ MEMORY_SLOTS = 10
 #: 64 MiB bounce buffer for 32-bit DMA (measured: MemTotal 152 instead of 217 MiB, RSS +63 MB);
 #: its only devices are virtio, which do not use it.
 MEMORY_HOTPLUG_PARAMS = "memhp_default_state=online swiotlb=noforce"
+#: The option ROM that ``-kernel`` adds (q35 has fw_cfg DMA): a restored VM, which loads no
+#: kernel, names it itself so that its RAM blocks are the template's.
+LINUX_BOOT_ROM = "linuxboot_dma.bin"
 #: The id of the guest RAM's backend object when it lives in a file (VMSpec.memory_file).
 MEMORY_BACKEND_ID = "vmcache-ram"
 
@@ -162,6 +165,10 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         share = "on" if spec.memory_file_shared else "off"
         memory_backend = ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
                           f"mem-path={_escape(str(spec.memory_file))},share={share}"]
+    if spec.restored:
+        boot = ["-option-rom", LINUX_BOOT_ROM]
+    else:
+        boot = ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", params]
     return [
         str(spec.qemu),
         "-name", name,
@@ -172,9 +179,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         "-accel", accel_option,
         "-cpu", "host" if accel == "kvm" else "max",
         *size_args(spec),
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
-        "-append", params,
+        *boot,
         "-no-reboot",
         "-chardev", f"file,id=console,path={_escape(str(run_dir / 'console.log'))}",
         "-serial", "chardev:console",

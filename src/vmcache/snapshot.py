@@ -327,6 +327,7 @@ class SnapshotManager:
             if tuple(_stat_key(snapshot.memory_file)) != snapshot.memory_stat:
                 raise SnapshotError(f"the template's memory file {snapshot.memory_file} changed or vanished")
             spec = attrs.evolve(spec, memory_file=snapshot.memory_file, memory_file_shared=False)
+        spec = attrs.evolve(spec, restored=True)
 
         async def become_ready(vm: VM) -> str:
             await connect_monitor(vm)
