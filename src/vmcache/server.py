@@ -21,6 +21,7 @@ Task tree::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -78,7 +79,8 @@ log = logging.getLogger("vmcache.server")
 
 #: After Quit or a signal, how long calls may take to end (leases end as their VMs stop).
 DRAIN_TIMEOUT = 3.0
-#: How long a TakeVM client has to claim the VM it was offered.
+#: How long a TakeVM client has to claim the VM it was offered, and how long any hand-out
+#: reply (Kata's, an offer, a confirmation) may take to be written.
 CLAIM_TIMEOUT = 10.0
 #: How long a TakeVM ask waits for a ready VM when it does not say.
 DEFAULT_WAIT = 60.0
@@ -255,13 +257,9 @@ class CacheDaemon:
         lease = await self.pool.lease()
         written = False
         try:
-            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read gets no VM
-                await call.send(grpc_vm(lease.handle), last=True)  # one write with the trailers
-                await call.finish()
+            await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
             written = True
             self.pool.stats.note_handout(trio.current_time() - asked_at)
-        except trio.TooSlowError:
-            raise CallGone("the client does not read its replies") from None
         finally:
             with trio.CancelScope(shield=True):
                 if not written:
@@ -306,10 +304,9 @@ class CacheDaemon:
                     await self.ledger.stop(entry, "it was not claimed")
         if not ask.lease:
             # From here the VM is the client's: it asked for it, got it and claimed it.
-            with trio.move_on_after(CLAIM_TIMEOUT):  # bounded: the VM is theirs either way
-                await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+            with contextlib.suppress(CallGone):  # the VM is theirs either way
+                await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
                     vm_id=entry.id, expires_at=entry.expires_at)), last=True)
-                await call.finish()
             return
         await self._hold_lease(call, entry)
 
@@ -326,15 +323,10 @@ class CacheDaemon:
             raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
         entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
         try:
-            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read gets no VM
-                await call.send(cache_pb2.TakeReply(offer=grpc_vm(handle)))
-        except trio.TooSlowError:
-            with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, "its offer could not be written in time")
-            raise CallGone("the client does not read its replies") from None
+            await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, "its offer could not be sent")
+                await self.ledger.stop(entry, "its offer could not be written")
             raise
         if placement.pool is not None:
             self.pools[placement.pool].stats.note_handout(trio.current_time() - asked_at)
@@ -380,17 +372,11 @@ class CacheDaemon:
         """Keep a leased VM while the client holds the call; stop it when either side ends."""
         reason = "the client went away"
         try:
-            with trio.fail_after(CLAIM_TIMEOUT):  # a client that does not read holds no VM
-                await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
-                    vm_id=entry.id, expires_at=entry.expires_at)))
-        except trio.TooSlowError:
-            reason = "its confirmation could not be written in time"
-            with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, reason)
-            raise CallGone("the client does not read its replies") from None
+            await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
+                vm_id=entry.id, expires_at=entry.expires_at)))
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, reason)
+                await self.ledger.stop(entry, "its confirmation could not be written")
             raise
         try:
             async with trio.open_nursery() as nursery:
@@ -472,6 +458,19 @@ class CacheDaemon:
                     yield event_message(event)
 
         return stream()
+
+
+async def _write_in_time(call: RpcCall[ProtoMessage], message: ProtoMessage, *, last: bool = False) -> None:
+    """Write one hand-out reply (with ``last``, the call's end too, in the same write) within
+    ``CLAIM_TIMEOUT``: a client that does not read its replies is gone (CallGone), so that no
+    VM waits on it. The caller decides what becomes of the VM."""
+    try:
+        with trio.fail_after(CLAIM_TIMEOUT):
+            await call.send(message, last=last)
+            if last:
+                await call.finish()
+    except trio.TooSlowError:
+        raise CallGone("the client does not read its replies") from None
 
 
 def _seconds(value: float, name: str) -> float:
