@@ -46,6 +46,7 @@ from .config import VMSpec
 from .errors import CacheUnavailableError, VmcacheError, VMGoneError
 from .handle import VMHandle
 from .process import describe_exit
+from .procfs import rss_bytes
 from .qemu import VM, boot_vm
 from .wire import CacheEvent
 
@@ -83,6 +84,9 @@ class _Entry:
     last_contact: float = -math.inf
     #: Held while the VM is paused, resumed or checked, so that none of these overlap.
     transition: trio.Lock = attrs.Factory(trio.Lock)
+    #: QEMU's resident memory as of the last health check (Status reports this sample:
+    #: reading /proc for every cached VM on each Status made it grow with the cache).
+    rss_bytes: int = 0
 
 
 @attrs.define(eq=False)
@@ -309,6 +313,7 @@ class VMPool:
         """Offer the VM until it is handed out or discarded; notice if it dies or hangs."""
         vm = entry.vm
         entry.last_contact = trio.current_time()  # its agent has just said READY
+        entry.rss_bytes = rss_bytes(vm.pid)
         self._offer(entry)
         log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
                  vm.id, vm.boot_seconds, vm.pid, vm.accel, self.ready_count(), self.size)
@@ -346,6 +351,7 @@ class VMPool:
     async def _check(self, entry: _Entry) -> None:
         """One health check (the caller holds ``entry.transition`` and a deadline)."""
         vm = entry.vm
+        entry.rss_bytes = rss_bytes(vm.pid)
         if vm.paused:
             state = await vm.run_state()
             if state != "paused":
@@ -493,24 +499,30 @@ class VMPool:
             return Lease(self, entry)
 
     @staticmethod
-    def _fresh(entry: _Entry) -> bool:
-        """Proof of life without a round trip: running, not stopped, answered lately, and
-        no pause, resume or check in progress."""
+    def _answered_lately(entry: _Entry) -> bool:
+        """Proof of life without a round trip: QEMU runs, is neither paused nor stopped by
+        a signal, and the agent answered within ``FRESH_FOR`` s."""
         vm = entry.vm
-        return (not entry.transition.locked() and not vm.paused and not entry.done.is_set()
-                and trio.current_time() - entry.last_contact < FRESH_FOR
-                and vm.alive and not vm.stopped_by_signal())
+        return (vm.alive and not entry.done.is_set() and not vm.paused
+                and trio.current_time() - entry.last_contact < FRESH_FOR and not vm.stopped_by_signal())
+
+    @classmethod
+    def _fresh(cls, entry: _Entry) -> bool:
+        """Proven alive already, and no pause, resume or check in progress."""
+        return not entry.transition.locked() and cls._answered_lately(entry)
 
     async def _prove_alive(self, entry: _Entry) -> None:
+        """Proof of life with a round trip if need be: a paused VM is resumed (which
+        includes the agent's answer), a running one whose answer is old is pinged."""
         vm = entry.vm
         if not vm.alive or entry.done.is_set():
             raise VMGoneError(f"VM {vm.id} is not running any more")
+        if self._answered_lately(entry):
+            return
         if vm.paused:
             await vm.resume()
-        elif vm.stopped_by_signal() or trio.current_time() - entry.last_contact >= FRESH_FOR:
-            await vm.ping()
         else:
-            return
+            await vm.ping()
         entry.last_contact = trio.current_time()
 
     async def _release(self, entry: _Entry) -> tuple[VMHandle, trio.Process]:
@@ -527,6 +539,10 @@ class VMPool:
     def ready_vms(self) -> list[VM]:
         """Cached VMs that are ready and not set aside for a client."""
         return [entry.vm for entry in self._ready if entry.vm.alive]
+
+    def ready_with_rss(self) -> list[tuple[VM, int]]:
+        """:meth:`ready_vms`, each with its resident memory as of its last health check."""
+        return [(entry.vm, entry.rss_bytes) for entry in self._ready if entry.vm.alive]
 
     def ready_count(self) -> int:
         return len(self.ready_vms())
