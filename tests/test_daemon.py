@@ -280,6 +280,7 @@ async def test_giving_up_on_a_shared_connection_costs_no_vm(tmp_path: Path, run_
             status = await cache.status()
             assert status.handed_out == 1, "a VM went to the call we gave up"
             assert [vm.pid for vm in status.vms] == refilled
+            assert all(vm.rss_bytes > 16 << 20 for vm in status.vms), "Status reports each VM's RSS"
         await taken.aclose()
         assert daemon.signal(signal.SIGTERM) == 0
     finally:

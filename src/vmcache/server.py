@@ -56,7 +56,6 @@ from .ledger import HandedOut, Ledger
 from .notify import Notifier
 from .placement import Placement, place
 from .pool import EventHub, VMPool
-from .procfs import rss_bytes
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
 from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
@@ -417,9 +416,8 @@ class CacheDaemon:
         failing = max(pools, key=lambda pool: pool.stats.failures_in_row)
         status = CacheStatus(
             pid=os.getpid(),
-            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss_bytes(vm.pid),
-                                pool.name)
-                 for pool in pools for vm in pool.ready_vms()],
+            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss, pool.name)
+                 for pool in pools for vm, rss in pool.ready_with_rss()],
             cache_size=self._cache_size(),
             booting=sum(pool.stats.booting for pool in pools),
             last_boot_error=failing.stats.last_error,
