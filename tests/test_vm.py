@@ -16,7 +16,7 @@ from vmcache.config import VMSpec, load_config, resolve_spec
 from vmcache.errors import AgentError, BootError, ConfigError
 from vmcache.image.build import AGENT_DIR
 from vmcache.image.cpio import directory, gzip_deterministic, regular_file, write_cpio
-from vmcache.qemu import VMState, boot_vm, launch_vm, qemu_argv
+from vmcache.qemu import VMState, _no_huge_pages_for_children, boot_vm, launch_vm, qemu_argv
 
 pytestmark = pytest.mark.qemu
 
@@ -53,6 +53,8 @@ async def test_two_vms_boot_run_commands_and_leave_nothing(
             assert os.getsid(vm.pid) == vm.pid  # its own session: a terminal's ^C is ours to relay
             # No transparent huge pages: each guest page touched costs 4 KiB of RSS, not 2 MiB.
             assert "THP_enabled:\t0" in Path(f"/proc/{vm.pid}/status").read_text()
+            # ...while the process that started it keeps its own setting.
+            assert "THP_enabled:\t1" in Path("/proc/self/status").read_text()
             pids.append(vm.pid)
             result = await vm.exec(["cat", "/proc/sys/kernel/random/boot_id"])
             assert result.returncode == 0
@@ -236,3 +238,17 @@ async def test_a_guest_panic_ends_qemu_so_the_pool_notices(
             assert "Kernel panic" in console.read_text(errors="replace")
             assert not vm.alive
     assert list(run_dir.iterdir()) == []
+
+
+def test_starting_qemus_leaves_this_process_its_huge_pages() -> None:
+    """Starts that overlap (slots refilling at once) share the flag; the last one puts it back."""
+    def this_process() -> str:
+        return next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("THP_enabled:"))
+
+    assert this_process().endswith("1")
+    with _no_huge_pages_for_children:
+        with _no_huge_pages_for_children:
+            assert this_process().endswith("0")
+        assert this_process().endswith("0"), "one start is still in progress"
+    assert this_process().endswith("1")
