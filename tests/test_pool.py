@@ -416,3 +416,30 @@ async def test_boots_at_once_are_bounded(autojump_clock: trio.testing.MockClock)
         await wait_ready(pool, 4)
         nursery.cancel_scope.cancel()
     assert booter.attempts == [0.0, 0.0, BOOT_SECONDS, BOOT_SECONDS]
+
+
+async def test_the_replacement_starts_once_the_hand_out_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A TakeVM's claim must not compete with a QEMU start: the slot waits for the
+    hand-out to end (bounded by REFILL_HOLD) before it boots the next VM."""
+    booter = FakeBooter()
+    async with trio.open_nursery() as nursery:
+        pool = await start_pool(nursery, booter, size=1)
+        await wait_ready(pool)
+        handed_out = trio.Event()
+        await (await pool.lease()).commit(refill_when=handed_out)
+        committed_at = trio.current_time()
+        await trio.sleep(pool_module.REFILL_HOLD / 2)
+        assert len(booter.attempts) == 1, "no boot while the hand-out is in progress"
+        handed_out.set()
+        await trio.sleep(0.01)
+        assert len(booter.attempts) == 2 and booter.attempts[1] - committed_at < pool_module.REFILL_HOLD
+
+        await wait_ready(pool)
+        await (await pool.lease()).commit(refill_when=trio.Event())  # a hand-out that never says
+        committed_at = trio.current_time()
+        while len(booter.attempts) < 3:
+            await trio.sleep(0.01)
+        assert booter.attempts[2] - committed_at == pytest.approx(pool_module.REFILL_HOLD, abs=0.02)
+        nursery.cancel_scope.cancel()

@@ -60,6 +60,9 @@ HOT_PING_INTERVAL = 0.5
 #: After the line moves, the keeper waits this long before resuming the next VM, so that
 #: its QMP and agent traffic does not compete with the reply of the hand-out in flight.
 HOT_SETTLE = 0.02
+#: The longest a slot waits, after its VM left, for the hand-out to be over before it
+#: starts the replacement (see :meth:`Lease.commit`).
+REFILL_HOLD = 1.0
 IDLE_MODES = ("running", "paused")
 NO_ANSWER = "does not answer its agent"
 NO_ANSWER_PAUSED = "does not answer its monitor (paused)"
@@ -84,6 +87,8 @@ class _Entry:
     last_contact: float = -math.inf
     #: Held while the VM is paused, resumed or checked, so that none of these overlap.
     transition: trio.Lock = attrs.Factory(trio.Lock)
+    #: Set by the hand-out once it is over: the slot starts the replacement then.
+    refill_when: trio.Event | None = None
     #: QEMU's resident memory as of the last health check (Status reports this sample:
     #: reading /proc for every cached VM on each Status made it grow with the cache).
     rss_bytes: int = 0
@@ -137,13 +142,20 @@ class Lease:
         self._entry = entry
         self.handle: VMHandle = entry.vm.handle()
 
-    async def commit(self) -> tuple[VMHandle, trio.Process]:
+    async def commit(self, *, refill_when: trio.Event | None = None) -> tuple[VMHandle, trio.Process]:
         """The VM leaves the cache (the slot boots a replacement); returns its handle and
         process, for the ledger to keep. Raises :class:`VMGoneError` if it died meanwhile
-        (it is then counted as died, not handed out)."""
+        (it is then counted as died, not handed out).
+
+        ``refill_when``: the slot starts the replacement once it is set (within
+        ``REFILL_HOLD`` s), so that the hand-out's last round trips (a TakeVM claim) do not
+        compete with a QEMU start for the host's cores (measured, cache of 4 on 2 cores:
+        claim to confirmation 4.5-6.1 ms with the start beside it, 2.0-2.7 ms without).
+        """
         entry = self._entry
         if entry.done.is_set() or not entry.vm.alive:
             raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
+        entry.refill_when = refill_when
         return await self._pool._release(entry)
 
     @property
@@ -289,6 +301,9 @@ class VMPool:
                         self.stats.killed += 1
                         log.info("VM %s killed (pid %d)", vm.id, vm.pid)
                         self._publish("killed", vm)
+            if entry.released and entry.refill_when is not None:
+                with trio.move_on_after(REFILL_HOLD):
+                    await entry.refill_when.wait()
 
     def _boot_failed(self, index: int, error: Exception, delay: float) -> None:
         self.stats.boot_failures += 1

@@ -282,7 +282,15 @@ class CacheDaemon:
         ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
         placement = place(self.shapes, vcpus=ask.cpu, memory_mib=ask.memory, pool=ask.pool,
                           max_vcpus=self.spec.max_vcpus, max_memory_mib=self.spec.max_memory_mib)
-        entry = await self._offer(call, wait, placement)
+        handed_out = trio.Event()  # the pool's slot starts the replacement then
+        try:
+            await self._offer_and_claim(call, ask, ttl, wait, placement, handed_out)
+        finally:
+            handed_out.set()
+
+    async def _offer_and_claim(self, call: RpcCall[ProtoMessage], ask: cache_pb2.TakeAsk, ttl: float,
+                               wait: float, placement: Placement, handed_out: trio.Event) -> None:
+        entry = await self._offer(call, wait, placement, handed_out)
         claimed = False
         reply: ProtoMessage | None = None
         try:
@@ -307,17 +315,21 @@ class CacheDaemon:
                 await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
                     vm_id=entry.id, expires_at=entry.expires_at)), last=True)
             return
+        handed_out.set()
         await self._hold_lease(call, entry)
 
-    async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement) -> HandedOut:
+    async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement,
+                     handed_out: trio.Event) -> HandedOut:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
-        it to the ledger and send the client the offer."""
+        it to the ledger and send the client the offer. A pool replaces the VM once
+        ``handed_out`` is set."""
         asked_at = trio.current_time()
         with trio.move_on_after(wait) as waited:
             if placement.pool is None:
                 handle, process = await self._boot_cold(placement)
             else:
-                handle, process = await self._take_from_pool(self.pools[placement.pool], placement)
+                handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
+                                                             handed_out)
         if waited.cancelled_caught:
             raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
         entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
@@ -331,7 +343,8 @@ class CacheDaemon:
             self.pools[placement.pool].stats.note_handout(trio.current_time() - asked_at)
         return entry
 
-    async def _take_from_pool(self, pool: VMPool, placement: Placement) -> tuple[VMHandle, trio.Process]:
+    async def _take_from_pool(self, pool: VMPool, placement: Placement,
+                              handed_out: trio.Event) -> tuple[VMHandle, trio.Process]:
         """The next ready VM of ``pool`` (first come, first served), grown to the size placed
         while it is still set aside (a VM that fails to grow is replaced, not handed out)."""
         while True:
@@ -353,7 +366,7 @@ class CacheDaemon:
                         await lease.discard()  # half grown: not for the cache any more
                     raise
             try:
-                return await lease.commit()
+                return await lease.commit(refill_when=handed_out)
             except VMGoneError as error:
                 log.info("%s; offering the next one", error)
 

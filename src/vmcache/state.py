@@ -7,7 +7,9 @@ the VM is to the daemon (its *role*):
 ``cached``
     in the cache: booting, ready, or set aside for a client that asked;
 ``offered``
-    handed to a ``TakeVM`` client that has not claimed it yet;
+    handed to a ``TakeVM`` client that has not claimed it yet (written by daemons
+    before 2026-11-28; an offered VM's record now stays ``cached``, which a next
+    daemon treats alike);
 ``leased``
     bound to a client's open ``TakeVM`` call;
 ``claimed``
