@@ -14,6 +14,10 @@ of ``--memory`` MiB) is started in its own run directory, and this reports:
   idle cpu        % of one core used by all cached QEMU processes, and by the daemon,
                   over 10 s with nobody asking
   status          client-observed Status latency (median of 20, one connection)
+  rpc warm/idle   client-observed Config round trip (the smallest rpc: no VM involved),
+                  back to back (2 ms apart) and after 0.2 s idle, median of 20 each: what
+                  the same code costs with the CPU caches warm and once QEMU has had the
+                  cores for a while
   hand-out        client-observed, one connection kept open: ``--handouts`` GetBaseVM
                   (Kata's, one round trip), then as many get_vm (TakeVM: offer + claim),
                   p50 and p99, a request every second, each VM stopped before the next;
@@ -49,6 +53,9 @@ FILL_TIMEOUT = 1200.0
 IDLE_WINDOW = 10.0
 #: Between hand-outs: the refill (a restore) has mostly finished by the next request.
 HANDOUT_GAP = 1.0
+#: Config round trips: back to back (caches warm) and after an idle spell.
+WARM_GAP = 0.002
+IDLE_GAP = 0.2
 
 
 def mem_available() -> int:
@@ -97,6 +104,13 @@ async def client_measurements(endpoint: Path, handouts: int, run_root: Path) -> 
             started = time.perf_counter()
             await cache.status()
             status_ms.append((time.perf_counter() - started) * 1000)
+        rpc_ms: dict[float, list[float]] = {IDLE_GAP: [], WARM_GAP: []}
+        for _ in range(20):
+            for gap, times in rpc_ms.items():
+                await trio.sleep(gap)
+                started = time.perf_counter()
+                await cache.config()
+                times.append((time.perf_counter() - started) * 1000)
         base_ms: list[float] = []
         take_ms: list[float] = []
         for _ in range(handouts):  # GetBaseVM first: the daemon's own numbers are for these
@@ -114,6 +128,8 @@ async def client_measurements(endpoint: Path, handouts: int, run_root: Path) -> 
             await handle.stop(run_root)
     return {
         "status_ms_p50": statistics.median(status_ms),
+        "rpc_warm_ms_p50": statistics.median(rpc_ms[WARM_GAP]),
+        "rpc_idle_ms_p50": statistics.median(rpc_ms[IDLE_GAP]),
         "get_base_vm_ms_p50": statistics.median(base_ms), "get_base_vm_ms_p99": percentile(base_ms, 0.99),
         "get_vm_ms_p50": statistics.median(take_ms), "get_vm_ms_p99": percentile(take_ms, 0.99),
         "server_ms_p50": status.median_handout_seconds * 1000,
@@ -202,7 +218,8 @@ COLUMNS = [
     ("mode", "{}"), ("size", "{}"), ("hot", "{}"), ("fill_s", "{:.1f}"), ("rss_per_vm_mb", "{:.0f}"),
     ("rss_total_mb", "{:.0f}"), ("pss_per_vm_mb", "{:.0f}"), ("pss_total_mb", "{:.0f}"),
     ("host_used_mb", "{:.0f}"), ("idle_cpu_vms_pct", "{:.2f}"),
-    ("idle_cpu_daemon_pct", "{:.2f}"), ("status_ms_p50", "{:.1f}"), ("server_ms_p50", "{:.2f}"),
+    ("idle_cpu_daemon_pct", "{:.2f}"), ("status_ms_p50", "{:.1f}"), ("rpc_warm_ms_p50", "{:.2f}"),
+    ("rpc_idle_ms_p50", "{:.2f}"), ("server_ms_p50", "{:.2f}"),
     ("server_ms_p99", "{:.2f}"), ("get_base_vm_ms_p50", "{:.2f}"), ("get_base_vm_ms_p99", "{:.2f}"),
     ("get_vm_ms_p50", "{:.2f}"), ("get_vm_ms_p99", "{:.2f}"), ("purge_s", "{:.1f}"), ("qemu_left", "{}"),
 ]
@@ -224,12 +241,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         mine = sorted((row for row in rows if row["mode"] == mode), key=lambda row: row["size"])
         sizes = [row["size"] for row in mine]
         memory_axis.plot(sizes, [row["rss_per_vm_mb"] for row in mine], "o-", label=f"{mode}: RSS per VM")
+        memory_axis.plot(sizes, [row["pss_per_vm_mb"] for row in mine], "s--",
+                         label=f"{mode}: PSS per VM (shared pages divided)")
         latency_axis.plot(sizes, [row["server_ms_p50"] for row in mine], "o-", label=f"{mode}: server p50")
         latency_axis.plot(sizes, [row["get_base_vm_ms_p50"] for row in mine], "s--",
                           label=f"{mode}: GetBaseVM client p50")
         latency_axis.plot(sizes, [row["get_base_vm_ms_p99"] for row in mine], "^:",
                           label=f"{mode}: GetBaseVM client p99")
-    memory_axis.set(xlabel="cached VMs", ylabel="MB", title="RSS per cached VM (128 MiB guests)")
+    memory_axis.set(xlabel="cached VMs", ylabel="MB", title="memory per cached VM (128 MiB guests)")
     memory_axis.axhline(64, color="grey", linestyle="--", linewidth=1, label="target: 64 MB")
     memory_axis.set_ylim(0, 1.25 * max(row["rss_per_vm_mb"] for row in rows))
     latency_axis.set(xlabel="cached VMs", ylabel="ms", title="hand-out latency", yscale="log")

@@ -126,7 +126,8 @@ class PoolStats:
         return statistics.median(self.boot_seconds) if self.boot_seconds else 0.0
 
     def note_handout(self, seconds: float) -> None:
-        """A hand-out's server-side time: from the request to its reply written to the socket."""
+        """A hand-out's server-side time: from the request's bytes read off the socket (before
+        the HTTP/2 parse) to its reply written to the socket."""
         self.handout_seconds.append(seconds)
         del self.handout_seconds[:-1000]
 

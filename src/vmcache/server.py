@@ -252,13 +252,12 @@ class CacheDaemon:
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
         await call.receive_one()
-        asked_at = trio.current_time()
         lease = await self.pool.lease()
         written = False
         try:
             await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
             written = True
-            self.pool.stats.note_handout(trio.current_time() - asked_at)
+            self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
         finally:
             with trio.CancelScope(shield=True):
                 if not written:
@@ -323,7 +322,6 @@ class CacheDaemon:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
         it to the ledger and send the client the offer. A pool replaces the VM once
         ``handed_out`` is set."""
-        asked_at = trio.current_time()
         with trio.move_on_after(wait) as waited:
             if placement.pool is None:
                 handle, process = await self._boot_cold(placement)
@@ -340,7 +338,7 @@ class CacheDaemon:
                 await self.ledger.stop(entry, "its offer could not be written")
             raise
         if placement.pool is not None:
-            self.pools[placement.pool].stats.note_handout(trio.current_time() - asked_at)
+            self.pools[placement.pool].stats.note_handout(trio.current_time() - call.arrived_at)
         return entry
 
     async def _take_from_pool(self, pool: VMPool, placement: Placement,

@@ -84,6 +84,8 @@ class RpcCall(Generic[RequestT]):
         self.peer = peer
         #: Seconds the client allowed the call (inf: no deadline).
         self.timeout = call.timeout
+        #: trio.current_time() when the request's bytes were read (before they were parsed).
+        self.arrived_at = call.arrived_at
         self.finished = False
 
     @property

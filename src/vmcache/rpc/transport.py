@@ -239,6 +239,9 @@ class ServerCall(_Call):
         #: Seconds the client gave the call (grpc-timeout); inf without one.
         self.timeout: float = (timeout.total_seconds() if isinstance(timeout, datetime.timedelta)
                                else math.inf)
+        #: trio.current_time() when the bytes carrying the request's headers were read: a
+        #: server's own time for the call counts from here, its HTTP/2 parse included.
+        self.arrived_at: float = connection.last_activity
         #: Cancelled when the client resets the call or the connection ends.
         self.cancel_scope = trio.CancelScope()
         self._started = False
