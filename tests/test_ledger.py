@@ -9,34 +9,12 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from fakes import FakeProcess
 
 from vmcache import ledger as ledger_module
 from vmcache.handle import VMHandle
 from vmcache.ledger import Ledger
 from vmcache.state import VMRegistry
-
-
-class FakeQemu:
-    """A process that exits when it is sent SIGTERM or SIGKILL."""
-
-    def __init__(self) -> None:
-        self.returncode: int | None = None
-        self.signals: list[int] = []
-        self._exited = trio.Event()
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        self.signals.append(sig)
-        if sig in (signal.SIGTERM, signal.SIGKILL) and self.returncode is None:
-            self.returncode = -sig
-            self._exited.set()
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 def handle(run_root: Path) -> VMHandle:
@@ -61,7 +39,7 @@ async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Whatever happens to the call that offered it, an unclaimed VM does not outlive the deadline."""
-    qemu = FakeQemu()
+    qemu = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
     async with running_ledger(tmp_path) as ledger:
         started = trio.current_time()
         entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
@@ -76,7 +54,7 @@ async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
 async def test_a_claimed_vm_is_not_stopped_by_the_offer_deadline(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    qemu = FakeQemu()
+    qemu = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
     async with running_ledger(tmp_path) as ledger:
         entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
         ledger.claim(entry, lease=False, ttl=0)

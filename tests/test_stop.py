@@ -9,43 +9,16 @@ import sys
 import trio
 import trio.testing
 from conftest import pid_alive
+from fakes import FakeProcess
 
 from vmcache.errors import QMPError
 from vmcache.process import stop_process
 
 
-class StubbornProcess:
-    """Ignores QMP quit and SIGTERM; dies only of SIGKILL (a ProcessLike)."""
-
-    def __init__(self, dies_of: set[int]) -> None:
-        self.dies_of = dies_of
-        self.signals: list[int] = []
-        self._exited = trio.Event()
-        self._status: int | None = None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._status
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self._status is not None
-        return self._status
-
-    def send_signal(self, sig: int) -> None:
-        self.signals.append(sig)
-        if sig in self.dies_of:
-            self._status = -sig
-            self._exited.set()
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
 async def test_escalates_to_sigkill_with_each_step_bounded(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    process = StubbornProcess(dies_of={signal.SIGKILL})
+    process = FakeProcess(dies_of={signal.SIGKILL})
     quits = []
 
     async def ignored_quit() -> None:
@@ -61,7 +34,7 @@ async def test_escalates_to_sigkill_with_each_step_bounded(
 
 
 async def test_stops_at_sigterm_when_that_works(autojump_clock: trio.testing.MockClock) -> None:
-    process = StubbornProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
+    process = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
 
     async def failing_quit() -> None:
         raise QMPError("monitor closed")
@@ -73,7 +46,7 @@ async def test_stops_at_sigterm_when_that_works(autojump_clock: trio.testing.Moc
 async def test_cleanup_is_shielded_from_the_cancel_that_triggered_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    process = StubbornProcess(dies_of={signal.SIGKILL})
+    process = FakeProcess(dies_of={signal.SIGKILL})
     with trio.CancelScope() as scope:
         scope.cancel()
         status = await stop_process(process, None, term_grace=1, kill_grace=1)
@@ -81,7 +54,7 @@ async def test_cleanup_is_shielded_from_the_cancel_that_triggered_it(
 
 
 async def test_a_gives_up_after_kill_grace_without_hanging(autojump_clock: trio.testing.MockClock) -> None:
-    process = StubbornProcess(dies_of=set())  # a process stuck in the kernel
+    process = FakeProcess(dies_of=set())  # a process stuck in the kernel
     start = trio.current_time()
     assert await stop_process(process, None, term_grace=2, kill_grace=3) is None
     assert trio.current_time() - start == 5
