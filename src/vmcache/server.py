@@ -314,8 +314,7 @@ class CacheDaemon:
                 await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
                     vm_id=entry.id, expires_at=entry.expires_at)), last=True)
             return
-        handed_out.set()
-        await self._hold_lease(call, entry)
+        await self._hold_lease(call, entry, handed_out)
 
     async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement,
                      handed_out: trio.Event) -> HandedOut:
@@ -378,8 +377,10 @@ class CacheDaemon:
         self.cold_boots += 1
         return handed
 
-    async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut) -> None:
-        """Keep a leased VM while the client holds the call; stop it when either side ends."""
+    async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut,
+                          handed_out: trio.Event) -> None:
+        """Confirm the lease (then the pool may start the replacement: ``handed_out``), keep
+        the VM while the client holds the call, stop it when either side ends."""
         reason = "the client went away"
         try:
             await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
@@ -388,6 +389,7 @@ class CacheDaemon:
             with trio.CancelScope(shield=True):
                 await self.ledger.stop(entry, "its confirmation could not be written")
             raise
+        handed_out.set()
         try:
             async with trio.open_nursery() as nursery:
 
