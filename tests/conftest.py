@@ -62,6 +62,17 @@ def no_leaked_qemu() -> Iterator[None]:
 
 
 @pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's tmp_path, searchable (o+x) down from /tmp: a jailed QEMU runs as a VM's own uid
+    and must pass through the directories of the kernels and images tests put there."""
+    for directory in (tmp_path, *tmp_path.parents):
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(directory.stat().st_mode | 0o001)
+    return tmp_path
+
+
+@pytest.fixture
 def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private VMCACHE_RUN_DIR (short path: Unix sockets live there) that must end empty."""
     path = Path(f"{RUN_DIR_PREFIX}{time.monotonic_ns() % 10**9}")

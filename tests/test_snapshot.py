@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -55,16 +56,21 @@ def test_snapshot_daemon_hands_out_fresh_private_vms(tmp_path: Path, run_dir: Pa
         snapshots = list((run_dir / "state").rglob("*.vmstate"))
         assert len(snapshots) == 1
         assert snapshots[0].stat().st_size < 4 << 20, "guest RAM is not in the state file"
-        memory_files = list((run_dir / "state").rglob("template-*.ram"))
-        assert len(memory_files) == 1
+        assert not list((run_dir / "state").rglob("template-*.ram")), "the template's RAM is in no file"
         for handle in handles:  # each clone maps the template's RAM privately: shared until written
-            maps = Path(f"/proc/{json.loads(handle)['pid']}/maps").read_text().splitlines()
-            assert any(line.endswith(str(memory_files[0])) and line.split()[1] == "rw-p" for line in maps)
-            argv = Path(f"/proc/{json.loads(handle)['pid']}/cmdline").read_bytes().split(b"\0")
+            pid = json.loads(handle)["pid"]
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            template = [line for line in maps if "/memfd:vmcache-template" in line]
+            assert template and all(line.split()[1] == "rw-p" for line in template)
+            # Sealed: not even root can write it through the clone's own descriptor.
+            fd = next(entry for entry in Path(f"/proc/{pid}/fd").iterdir()
+                      if "memfd:vmcache-template" in os.readlink(entry))
+            with open(fd, "r+b", buffering=0) as memory, pytest.raises(PermissionError):
+                memory.write(b"x")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             assert b"-kernel" not in argv, "a clone keeps no copy of the kernel: it is in the guest's RAM"
         assert daemon.signal(signal.SIGINT) == 0
         assert not snapshots[0].exists(), "the snapshot file is removed when the daemon exits"
-        assert not memory_files[0].exists(), "and so is the template's RAM"
         assert not any(pid_alive(pid) for pid in refilled)
         pids = {json.loads(h)["pid"] for h in handles}
         assert all(pid_alive(pid) for pid in pids)

@@ -49,7 +49,9 @@ async def test_two_vms_boot_run_commands_and_leave_nothing(
     async def one() -> None:
         async with launch_vm(spec) as vm:
             assert vm.state is VMState.READY
-            assert oct(vm.run_dir.stat().st_mode & 0o777) == "0o700"
+            # Ours, its group the VM's own uid (QEMU makes its sockets there), nothing for others.
+            info = vm.run_dir.stat()
+            assert (oct(info.st_mode & 0o7777), info.st_uid, info.st_gid) == ("0o1770", 0, vm.uid)
             assert os.getsid(vm.pid) == vm.pid  # its own session: a terminal's ^C is ours to relay
             # No transparent huge pages: each guest page touched costs 4 KiB of RSS, not 2 MiB.
             assert "THP_enabled:\t0" in Path(f"/proc/{vm.pid}/status").read_text()

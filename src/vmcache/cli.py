@@ -315,6 +315,8 @@ def status_lines(status: CacheStatus) -> list[str]:
         f"median hand-out {status.median_handout_seconds * 1000:.1f} ms, "
         f"uptime {status.uptime_seconds:.0f} s",
     ]
+    if status.confinement:
+        lines.append(f"Confinement: {status.confinement}")
     if len(status.pools) > 1:  # named pools: each one's shape and fill
         lines += [f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} "
                   f"ready ({pool.paused} paused), {pool.booting} booting, boot mode {pool.boot_mode}"

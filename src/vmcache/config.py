@@ -108,6 +108,7 @@ class FactoryConfig:
     boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
     idle_vms: str = attrs.field(default="paused", validator=_one_of("paused", "running"))
     hot_vms: int = attrs.field(default=1, validator=_at_least(0))
+    share_template_memory: bool = True
 
 
 @attrs.frozen
@@ -164,6 +165,29 @@ class ImageConfig:
     mirror: str = attrs.field(default="", validator=_single_line)
 
 
+#: Per-VM uids come from here by default: above systemd's container range (which ends at
+#: 1879048191) and far from ordinary users, subordinate ranges and nobody (65534).
+JAIL_UID_BASE = 2_000_000_000
+
+
+@attrs.frozen
+class JailConfig:
+    """``[jail]``: how every QEMU is confined (see docs/security.md)."""
+
+    enabled: bool = True
+    uid_base: int = attrs.field(default=JAIL_UID_BASE, validator=_at_least(1))
+    uid_count: int = attrs.field(default=65536, validator=_at_least(1))
+    memory_overhead: int = attrs.field(default=256, validator=_at_least(32))
+    pids_max: int = attrs.field(default=0, validator=_at_least(0))
+    cpus: float = attrs.field(default=0.0, validator=_at_least(0))
+    allow_no_seccomp: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.uid_base + self.uid_count > 2**32 - 2:
+            raise _RangeError(attrs.fields(JailConfig).uid_count,
+                              f"uid_base + uid_count must stay below {2**32 - 2}")
+
+
 @attrs.frozen
 class HypervisorConfig:
     qemu: QemuConfig = attrs.Factory(QemuConfig)
@@ -209,6 +233,7 @@ class Config:
     factory: FactoryConfig = attrs.Factory(FactoryConfig)
     hypervisor: HypervisorConfig = attrs.Factory(HypervisorConfig)
     image: ImageConfig = attrs.Factory(ImageConfig)
+    jail: JailConfig = attrs.Factory(JailConfig)
     pools: dict[str, PoolConfig] = attrs.field(factory=dict, validator=_pool_names)
     source: str = ""
 
@@ -249,10 +274,11 @@ class VMSpec:
     rootfs: Path | None = None
     sandbox: str = ""
     tb_size_mib: int = 0
-    #: Guest RAM in this file instead of anonymous memory: a snapshot template writes it
-    #: (shared), VMs restored from the template map it privately (copy on write), so the
-    #: pages they do not write stay shared between them (see vmcache.snapshot).
-    memory_file: Path | None = None
+    #: Guest RAM in this memfd instead of anonymous memory (QEMU maps it through
+    #: /proc/self/fd): a snapshot template writes it (shared), VMs restored from the template
+    #: map it privately (copy on write) once it is sealed, so the pages they do not write stay
+    #: shared between them and none of them can change it (see vmcache.snapshot).
+    memory_fd: int | None = None
     memory_file_shared: bool = False
     #: Started from a snapshot: the guest's kernel is already in its RAM, so QEMU loads none
     #: (a VM booted with -kernel keeps a 14 MB copy of it for the boot loader, for its whole
@@ -264,6 +290,11 @@ class VMSpec:
     max_vcpus: int = attrs.field(default=attrs.Factory(lambda spec: spec.vcpus, takes_self=True))
     max_memory_mib: int = attrs.field(
         default=attrs.Factory(lambda spec: spec.memory_mib, takes_self=True))
+    #: How QEMU is confined (vmcache.jail); None: it runs unconfined, as this process's user.
+    jail: JailConfig | None = None
+    #: A QEMU that cannot apply ``sandbox`` (built without seccomp) is refused
+    #: (``jail.allow_no_seccomp`` turns this off).
+    require_sandbox: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.max_vcpus < self.vcpus or self.max_memory_mib < self.memory_mib:
@@ -290,6 +321,12 @@ def _converter() -> cattrs.Converter:
             raise TypeError(f"must be a string, not {value!r}")
         return value
 
+    def strict_bool(value: Any, _type: type) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be true or false, not {value!r}")
+        return value
+
+    converter.register_structure_hook(bool, strict_bool)
     converter.register_structure_hook(int, strict_int)
     converter.register_structure_hook(float, strict_float)
     converter.register_structure_hook(str, strict_str)
@@ -372,7 +409,7 @@ def render_toml(config: Config) -> str:
     """The effective config as TOML, every key with its value (defaults filled in)."""
     lines = []
     sections: list[tuple[str, Any]] = [("factory", config.factory), ("hypervisor.qemu", config.qemu),
-                                       ("image", config.image)]
+                                       ("image", config.image), ("jail", config.jail)]
     sections += [(f"pools.{name}", pool) for name, pool in sorted(config.pools.items())]
     for name, section in sections:
         lines.append(f"[{name}]")
@@ -422,6 +459,9 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
     rootfs = _root_image(qemu, image_dir, manifest, config.source)
     if rootfs is None:
         _check_initrd_runs_agent(initrd, config.source)
+    if not qemu.seccompsandbox and not config.jail.allow_no_seccomp:
+        raise ConfigError("hypervisor.qemu.seccompsandbox is empty: QEMU would run without its "
+                          "seccomp filter; set jail.allow_no_seccomp = true to allow that")
     return VMSpec(
         qemu=Path(binary),
         kernel=kernel,
@@ -441,7 +481,22 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         tb_size_mib=qemu.tb_size,
         max_vcpus=max_vcpus(qemu),
         max_memory_mib=max_memory_mib(qemu),
+        jail=_jail(config),
+        require_sandbox=not config.jail.allow_no_seccomp,
     )
+
+
+def _jail(config: Config) -> JailConfig | None:
+    """The jail every QEMU gets, once its tools are known to be there (None: disabled)."""
+    if not config.jail.enabled:
+        return None
+    needed = ["bwrap"] + (["setpriv"] if os.geteuid() == 0 else [])
+    for tool in needed:
+        if shutil.which(tool) is None:
+            package = "bubblewrap" if tool == "bwrap" else "util-linux"
+            raise ConfigError(f"{tool} not found: it confines every QEMU (apt-get install {package}), "
+                              "or set jail.enabled = false to run QEMU unconfined")
+    return config.jail
 
 
 def max_vcpus(qemu: QemuConfig) -> int:

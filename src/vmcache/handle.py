@@ -82,6 +82,8 @@ class VMHandle(GuestAPI):
     boot_id: str = ""
     #: User ports of the agent: ``agent-0.sock`` (``agent_socket``) to ``agent-<N-1>.sock``.
     agent_ports: int = 16
+    #: The uid QEMU runs as (its own, in its jail); -1 in handles from before it was said.
+    uid: int = -1
     _owner: Guest | None = attrs.field(default=None, init=False, repr=False)
     #: The handle came from the daemon itself (not from a file a user may have edited):
     #: its run directory is trusted to be under the daemon's run root, whatever ours is.

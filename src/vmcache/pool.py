@@ -45,7 +45,7 @@ from .backoff import Backoff
 from .config import VMSpec
 from .errors import CacheUnavailableError, VmcacheError, VMGoneError
 from .handle import VMHandle
-from .process import describe_exit
+from .process import ProcessLike, describe_exit
 from .procfs import rss_bytes
 from .qemu import VM, boot_vm
 from .wire import CacheEvent
@@ -143,7 +143,7 @@ class Lease:
         self._entry = entry
         self.handle: VMHandle = entry.vm.handle()
 
-    async def commit(self, *, refill_when: trio.Event | None = None) -> tuple[VMHandle, trio.Process]:
+    async def commit(self, *, refill_when: trio.Event | None = None) -> tuple[VMHandle, ProcessLike]:
         """The VM leaves the cache (the slot boots a replacement); returns its handle and
         process, for the ledger to keep. Raises :class:`VMGoneError` if it died meanwhile
         (it is then counted as died, not handed out).
@@ -541,7 +541,7 @@ class VMPool:
             await vm.ping()
         entry.last_contact = trio.current_time()
 
-    async def _release(self, entry: _Entry) -> tuple[VMHandle, trio.Process]:
+    async def _release(self, entry: _Entry) -> tuple[VMHandle, ProcessLike]:
         entry.released = True
         handle, process = await entry.vm.release()
         entry.done.set()

@@ -80,6 +80,9 @@ def find_vm_process(vm_id: str) -> int:
     """The pid of the QEMU whose command line names VM ``vm_id`` (``-name vmcache-<id>``), or 0."""
     wanted = f"vmcache-{vm_id}".encode()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and wanted in cmdline(int(entry.name)).split(b"\0"):
-            return int(entry.name)
+        if entry.name.isdigit():
+            argv = cmdline(int(entry.name)).split(b"\0")
+            # QEMU itself, not the jail (bwrap) around it, whose arguments name the VM too.
+            if b"qemu-system" in os.path.basename(argv[0]) and wanted in argv:
+                return int(entry.name)
     return 0

@@ -33,6 +33,7 @@ import trio
 from ._unix import connect_when_ready
 from .accel import AccelChooser
 from .agent import AgentConnection
+from .cgroup import Cgroup
 from .config import VMSpec
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
 from .guest import (
@@ -45,7 +46,8 @@ from .guest import (
     user_socket,
 )
 from .handle import VMHandle
-from .process import stop_process
+from .jail import JailedProcess, limits, pick_uid, prepare_run_dir, start_jailed
+from .process import ProcessLike, stop_process
 from .procfs import process_start_time, process_state
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
@@ -148,7 +150,7 @@ MEMORY_HOTPLUG_PARAMS = "memhp_default_state=online swiotlb=noforce"
 #: The option ROM that ``-kernel`` adds (q35 has fw_cfg DMA): a restored VM, which loads no
 #: kernel, names it itself so that its RAM blocks are the template's.
 LINUX_BOOT_ROM = "linuxboot_dma.bin"
-#: The id of the guest RAM's backend object when it lives in a file (VMSpec.memory_file).
+#: The id of the guest RAM's backend object when it lives in a file (VMSpec.memory_fd).
 MEMORY_BACKEND_ID = "vmcache-ram"
 
 
@@ -183,11 +185,11 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
     sandbox = ["-sandbox", spec.sandbox] if spec.sandbox else []
     machine = spec.machine_type
     memory_backend: list[str] = []
-    if spec.memory_file is not None:
+    if spec.memory_fd is not None:
         machine += f",memory-backend={MEMORY_BACKEND_ID}"
         share = "on" if spec.memory_file_shared else "off"
         memory_backend = ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
-                          f"mem-path={_escape(str(spec.memory_file))},share={share}"]
+                          f"mem-path=/proc/self/fd/{spec.memory_fd},share={share}"]
     if spec.restored:
         boot = ["-option-rom", LINUX_BOOT_ROM]
     else:
@@ -215,7 +217,6 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         "-device", "virtio-rng-pci",
         *root_drive,
         *memory_backend,
-        "-pidfile", str(run_dir / "qemu.pid"),
         *sandbox,
     ]
 
@@ -265,6 +266,15 @@ def make_private_dir(path: Path, *, enforce: bool = True) -> None:
         raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
 
+def write_pidfile(run_dir: Path, pid: int) -> None:
+    """``qemu.pid``: QEMU's host pid, written by us (QEMU in its pid namespace would write
+    its own view, 1), never through a symlink, in a directory QEMU cannot replace it in."""
+    fd = os.open(run_dir / "qemu.pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{pid}\n")
+
+
 class VM(GuestAPI):
     """A QEMU VM this process started and supervises. Made by :func:`launch_vm`.
 
@@ -282,7 +292,10 @@ class VM(GuestAPI):
         self.run_dir = run_dir
         self.accel = accel
         self.state = VMState.STARTING
-        self.process: trio.Process | None = None
+        self.process: trio.Process | JailedProcess | None = None
+        #: The uid QEMU runs as (a VM's own, under the jail as root; else ours).
+        self.uid = os.geteuid()
+        self.cgroup: Cgroup | None = None
         self.qmp: QMPClient | None = None
         self.agent: AgentConnection | None = None
         self._owner: Guest | None = None
@@ -325,6 +338,7 @@ class VM(GuestAPI):
             image=self.spec.image,
             boot_id=self.boot_id,
             agent_ports=USER_PORTS,
+            uid=self.uid,
         )
 
     def _guest(self) -> Guest:
@@ -395,7 +409,7 @@ class VM(GuestAPI):
                     await connection.aclose()
         self.qmp = self.agent = self._owner = None
 
-    async def release(self) -> tuple[VMHandle, trio.Process]:
+    async def release(self) -> tuple[VMHandle, ProcessLike]:
         """Give up supervision: close our connections and keep QEMU running.
 
         Returns the handle for the new owner and the process object (still our
@@ -425,13 +439,17 @@ class VM(GuestAPI):
                 await stop_process(self.process, polite_quit if qmp is not None else None)
             await self._close_connections()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.cgroup is not None:
+                self.cgroup.remove()  # a cgroup left with a process in it goes at a sweep
         reaped = self.process is None or self.process.returncode is not None
+        if reaped and isinstance(self.process, JailedProcess):
+            self.process.close()
         if reaped and self.registry is not None:
             self.registry.remove(self.id)  # kept otherwise: the next daemon tries again
         self.state = VMState.STOPPED
 
 
-async def _until_exit(process: trio.Process, work: Callable[[], Awaitable[T]]) -> T:
+async def _until_exit(process: ProcessLike, work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work()``, but give up with a BootError as soon as QEMU exits."""
     result: list[T] = []
     failure: list[BaseException] = []
@@ -524,15 +542,24 @@ async def start_vm(
         try:
             # A local file in the directory we just made: no need to leave the event loop.
             with open(run_dir / "qemu.log", "wb") as qemu_log, _no_huge_pages_for_children:  # noqa: ASYNC230
-                vm.process = await trio.lowlevel.open_process(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=qemu_log,
-                    stderr=qemu_log,
-                    start_new_session=True,
-                )
+                if spec.jail is not None:
+                    vm.uid = pick_uid(spec.jail, spec.run_root)
+                    prepare_run_dir(run_dir, vm.uid)
+                    vm.process, vm.cgroup = await start_jailed(
+                        spec, vm_id, run_dir, accel, vm.uid, argv, qemu_log,
+                        cgroup_limits=limits(spec, accel))
+                else:
+                    vm.process = await trio.lowlevel.open_process(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=qemu_log,
+                        stderr=qemu_log,
+                        start_new_session=True,
+                        pass_fds=() if spec.memory_fd is None else (spec.memory_fd,),
+                    )
         except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
+        write_pidfile(run_dir, vm.pid)
         if registry is not None:
             registry.started(vm.id, vm.pid)
         with trio.move_on_after(timeout) as deadline:

@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from .config import VMSpec
+from .errors import BootError
 
 log = logging.getLogger("vmcache.qemu")
 
@@ -65,9 +66,13 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 async def usable_spec(spec: VMSpec) -> VMSpec:
-    """``spec`` as this QEMU can run it: without ``-sandbox`` if QEMU lacks seccomp (warned once)."""
+    """``spec`` as this QEMU can run it: without ``-sandbox`` if QEMU lacks seccomp and that is
+    allowed (warned once), else a BootError."""
     if not spec.sandbox or await sandbox_supported(spec.qemu, spec.sandbox):
         return spec
+    if spec.require_sandbox:
+        raise BootError(f"{spec.qemu} does not accept -sandbox {spec.sandbox} (built without "
+                        "seccomp?): refusing to run it; set jail.allow_no_seccomp = true to accept that")
     if (str(spec.qemu), spec.sandbox) not in _WARNED:
         _WARNED.add((str(spec.qemu), spec.sandbox))
         log.warning("%s does not accept -sandbox %s; running QEMU without its seccomp filter",

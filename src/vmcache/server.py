@@ -41,6 +41,7 @@ from google.protobuf.message import Message as ProtoMessage
 from ._proto import cache_pb2
 from .accel import AccelChooser
 from .backoff import Backoff
+from .cgroup import manager as cgroup_manager
 from .config import DEFAULT_POOL, Config, VMSpec, resolve_spec
 from .errors import (
     CacheError,
@@ -52,10 +53,12 @@ from .errors import (
 )
 from .handle import VMHandle
 from .hotplug import grow
+from .jail import describe_confinement
 from .ledger import HandedOut, Ledger
 from .notify import Notifier
 from .placement import Placement, place
 from .pool import EventHub, VMPool
+from .process import ProcessLike
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
 from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
@@ -115,7 +118,8 @@ class CacheDaemon:
             boot_for_pool = boot if boot is not None else self._plain_boot
             if boot is None and shape.boot_mode == "snapshot":
                 manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
-                                          self.registry, plain_boot=self._plain_boot)
+                                          self.registry, plain_boot=self._plain_boot,
+                                          share_memory=factory.share_template_memory)
                 self.snapshots.append(manager)
                 boot_for_pool = manager.boot
             self.pools[shape.name] = VMPool(
@@ -169,6 +173,9 @@ class CacheDaemon:
                 for pool in self.pools.values():
                     await nursery.start(pool.run)
                 await nursery.start(self.rpc.serve, sock)
+                if self.spec.jail is not None:
+                    await trio.to_thread.run_sync(cgroup_manager().check)
+                log.info("QEMU confinement: %s", describe_confinement(self.spec))
                 log.info("listening on %s; filling %s (pid %d)", self.endpoint, ", ".join(
                     f"{shape.name}: {shape.size} x {shape.vcpus} vCPU {shape.memory_mib} MiB"
                     for shape in self.shapes), os.getpid())
@@ -341,7 +348,7 @@ class CacheDaemon:
         return entry
 
     async def _take_from_pool(self, pool: VMPool, placement: Placement,
-                              handed_out: trio.Event) -> tuple[VMHandle, trio.Process]:
+                              handed_out: trio.Event) -> tuple[VMHandle, ProcessLike]:
         """The next ready VM of ``pool`` (first come, first served), grown to the size placed
         while it is still set aside (a VM that fails to grow is replaced, not handed out)."""
         while True:
@@ -367,7 +374,7 @@ class CacheDaemon:
             except VMGoneError as error:
                 log.info("%s; offering the next one", error)
 
-    async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, trio.Process]:
+    async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, ProcessLike]:
         """A VM of a size no pool can grow to, booted for this request alone."""
         spec = attrs.evolve(self.spec, vcpus=placement.vcpus, memory_mib=placement.memory_mib)
         log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
@@ -443,6 +450,7 @@ class CacheDaemon:
             p99_handout_seconds=_percentile(handout_seconds, 0.99),
             uptime_seconds=time.monotonic() - self.started,
             boot_mode=self.config.factory.boot_mode,
+            confinement=describe_confinement(self.spec),
             handed_out_vms=[
                 HandedOutVMStatus(entry.id, entry.handle.pid, entry.owner_uid, entry.handed_at,
                                   entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory)

@@ -20,6 +20,13 @@ fails in any way (QEMU refusing the state, a failing ``cont``, an agent that doe
 not answer) discards the snapshot and rebuilds it; slots boot the ordinary way
 meanwhile. The file is removed when the daemon exits.
 
+With ``share_template_memory`` (the default), the template's guest RAM lives in a memfd
+that is sealed (no writes, no resizing, F_SEAL_SEAL) once the template has exited; every
+restored VM maps it privately (copy on write), through its own /proc/self/fd, and shares
+every page it does not write with the others. Only the QEMUs it is passed to can reach it,
+and none of them can change it (a write through any of their fds fails: the seal). Without
+it, the template's RAM goes into the state file and every clone loads a private copy.
+
 Both migration directions use a Unix socket between QEMU and us (QEMU 7.2 has
 no ``file:`` migration, and ``exec:`` would need QEMU to spawn, which the
 seccomp sandbox forbids).
@@ -27,12 +34,12 @@ seccomp sandbox forbids).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -122,9 +129,8 @@ class Snapshot:
     size: int
     sha256: str
     boot_id: str
-    #: The template's guest RAM (see VMSpec.memory_file) and its stat key when saved.
-    memory_file: Path | None = None
-    memory_stat: tuple[object, ...] = ()
+    #: The template's guest RAM, a sealed memfd (see VMSpec.memory_fd), or None.
+    memory_fd: int | None = None
 
 
 async def _wait_migration(vm: VM, timeout: float, *, incoming: bool) -> None:
@@ -163,9 +169,12 @@ async def save_snapshot(vm: VM, path: Path) -> Snapshot:
     try:
         with trio.fail_after(SAVE_TIMEOUT), listener:
             await listener.bind(os.fspath(sock_path))
+            if vm.uid != os.geteuid():  # a jailed QEMU connects as the VM's uid
+                os.chown(sock_path, -1, vm.uid)
+                os.chmod(sock_path, 0o660)
             listener.listen(1)
             await vm.qmp.execute("stop")
-            if vm.spec.memory_file is not None:
+            if vm.spec.memory_fd is not None:
                 await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             await vm.qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
@@ -179,9 +188,7 @@ async def save_snapshot(vm: VM, path: Path) -> Snapshot:
         partial.unlink(missing_ok=True)
         raise SnapshotError(f"saving the snapshot took longer than {SAVE_TIMEOUT:g} s") from None
     partial.replace(path)
-    memory_file = vm.spec.memory_file
-    return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id, memory_file,
-                    tuple(_stat_key(memory_file)) if memory_file is not None else ())
+    return Snapshot(path, "", vm.accel, size, digest.hexdigest(), vm.boot_id)
 
 
 def _write_and_hash(out: BinaryIO, digest: hashlib._Hash, chunk: bytes) -> None:
@@ -221,12 +228,38 @@ async def _stream_into(vm: VM, snapshot: Snapshot) -> None:
         raise SnapshotError(f"snapshot file {snapshot.path} is corrupt or truncated")
 
 
+#: The seals of the template's RAM once it is saved: nobody may write, grow or shrink it,
+#: or take the seals off.
+TEMPLATE_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def _template_memory(spec: VMSpec) -> int:
+    """A memfd of the guest's RAM size for the template to write its RAM into."""
+    fd = os.memfd_create("vmcache-template", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, spec.memory_mib << 20)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _seal(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, TEMPLATE_SEALS)
+    except OSError as error:
+        raise SnapshotError(f"cannot seal the template's memory: {error.strerror}") from None
+
+
 class SnapshotManager:
     """Owns the template snapshot; boots VMs by restoring it, or plainly while it is missing."""
 
     def __init__(self, spec: VMSpec, directory: Path, registry: Registry | None = None,
-                 plain_boot: Callable[[VMSpec], Awaitable[VM]] | None = None) -> None:
+                 plain_boot: Callable[[VMSpec], Awaitable[VM]] | None = None, *,
+                 share_memory: bool = True) -> None:
         self.spec = spec
+        #: Restored VMs share the template's RAM pages (factory.share_template_memory).
+        self.share_memory = share_memory
         self._plain_boot = plain_boot if plain_boot is not None else boot_vm
         self.template_spec = attrs.evolve(
             spec, kernel_params=" ".join(filter(None, (spec.kernel_params, TEMPLATE_KERNEL_PARAMS))))
@@ -266,11 +299,10 @@ class SnapshotManager:
     async def _build(self) -> None:
         started = time.monotonic()
         self._building = True
-        # The template's guest RAM goes to a file of its own: restored VMs map it
-        # privately, sharing every page they do not write (measured: host memory per
-        # idle VM about halved, the state file 0.4 MB instead of 72 MB).
-        memory_file = self.directory / f"template-{secrets.token_hex(6)}.ram"
-        template_spec = attrs.evolve(self.template_spec, memory_file=memory_file, memory_file_shared=True)
+        # The template's guest RAM goes to a memfd of its own: restored VMs map it
+        # privately, sharing every page they do not write.
+        memory_fd = _template_memory(self.spec) if self.share_memory else None
+        template_spec = attrs.evolve(self.template_spec, memory_fd=memory_fd, memory_file_shared=True)
         try:
             template = await self._plain_boot(template_spec)
             try:
@@ -280,12 +312,15 @@ class SnapshotManager:
                 saved = await save_snapshot(template, path)
             finally:
                 await template.stop()
+            if memory_fd is not None:
+                _seal(memory_fd)  # the template is gone: no writable mapping is left
         except BaseException:
-            memory_file.unlink(missing_ok=True)
+            if memory_fd is not None:
+                os.close(memory_fd)
             raise
         finally:
             self._building = False
-        self.snapshot = attrs.evolve(saved, key=key)
+        self.snapshot = attrs.evolve(saved, key=key, memory_fd=memory_fd)
         self.builds += 1
         log.info("snapshot %s saved: %.0f MB in %.2f s (template booted and stopped)",
                  key, saved.size / 1e6, time.monotonic() - started)
@@ -294,8 +329,8 @@ class SnapshotManager:
         """Forget the snapshot and remove its file (the run loop makes a new one)."""
         if self.snapshot is not None:
             self.snapshot.path.unlink(missing_ok=True)
-            if self.snapshot.memory_file is not None:  # restored VMs keep their mappings
-                self.snapshot.memory_file.unlink(missing_ok=True)
+            if self.snapshot.memory_fd is not None:  # restored VMs keep their mappings
+                os.close(self.snapshot.memory_fd)
             self.snapshot = None
         self._wanted.set()
 
@@ -323,15 +358,13 @@ class SnapshotManager:
 
     async def restore(self, spec: VMSpec, snapshot: Snapshot) -> VM:
         """Start a VM from ``snapshot``: incoming migration, cont, fresh entropy and clock."""
-        if snapshot.memory_file is not None:
-            if tuple(_stat_key(snapshot.memory_file)) != snapshot.memory_stat:
-                raise SnapshotError(f"the template's memory file {snapshot.memory_file} changed or vanished")
-            spec = attrs.evolve(spec, memory_file=snapshot.memory_file, memory_file_shared=False)
+        if snapshot.memory_fd is not None:
+            spec = attrs.evolve(spec, memory_fd=snapshot.memory_fd, memory_file_shared=False)
         spec = attrs.evolve(spec, restored=True)
 
         async def become_ready(vm: VM) -> str:
             await connect_monitor(vm)
-            if snapshot.memory_file is not None:
+            if snapshot.memory_fd is not None:
                 assert vm.qmp is not None
                 await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             # Connected before the guest runs, so its agent never sees the port closed.

@@ -38,6 +38,7 @@ import attrs
 import cattrs
 import trio
 
+from .cgroup import manager as cgroup_manager
 from .errors import ConfigError
 from .paths import vm_run_dir
 from .process import open_vm_process, stop_process
@@ -148,6 +149,8 @@ class VMRegistry:
         run_dir = vm_run_dir(self.run_root, vm_id)
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if (cgroup := cgroup_manager().of(vm_id)) is not None:
+                cgroup.remove()
 
     async def recover(self) -> tuple[int, list[VMRecord]]:
         """Deal with what a previous daemon left: returns (VMs killed, claimed VMs still running).
@@ -176,4 +179,5 @@ class VMRegistry:
                 killed += 1
             self.remove_run_dir(record.id)
             self.remove(record.id)
+        cgroup_manager().sweep()  # those of VMs their owners stopped, or a killed daemon's
         return killed, claimed

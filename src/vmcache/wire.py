@@ -92,6 +92,7 @@ class CacheStatus:
     handed_out_vms: list[HandedOutVMStatus] = attrs.Factory(list)
     pools: list[PoolStatus] = attrs.Factory(list)
     p99_handout_seconds: float = 0.0
+    confinement: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -173,6 +174,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         p99_handout_seconds=status.p99_handout_seconds,
         uptime_seconds=status.uptime_seconds,
         boot_mode=status.boot_mode,
+        confinement=status.confinement,
         handed_out_vms=[
             cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
                                       handed_at=vm.handed_at, state=vm.state,
@@ -205,6 +207,7 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         p99_handout_seconds=message.p99_handout_seconds,
         uptime_seconds=message.uptime_seconds,
         boot_mode=message.boot_mode,
+        confinement=message.confinement,
         handed_out_vms=[
             HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, vm.state, vm.expires_at,
                               vm.cpu, vm.memory)

@@ -1,0 +1,228 @@
+"""Every QEMU confined (vmcache.jail, vmcache.cgroup), read from the host's /proc of each QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import pid_alive, qemu_pids, write_config
+from daemon import Daemon
+
+from vmcache.cgroup import CgroupManager, Layout, Limits, find_layout
+from vmcache.config import JAIL_UID_BASE, load_config, resolve_spec
+from vmcache.errors import BootError, ConfigError
+from vmcache.jail import bwrap_args, limits, setpriv_args
+from vmcache.qemu import launch_vm
+
+V1_MOUNTS = """cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,nosuid,nodev,noexec,relatime,pids 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime 0 0
+"""
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def namespace(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def cgroup_of(pid: int) -> dict[str, str]:
+    """controller -> path, from /proc/PID/cgroup (v1 lines name their controllers)."""
+    paths = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else ["unified"]:
+            paths[controller] = path
+    return paths
+
+
+# --- pure parts: no QEMU --------------------------------------------------------------
+
+def test_cgroup_layout_is_found_for_v1_and_v2_and_its_absence_said() -> None:
+    v1 = find_layout(V1_MOUNTS)
+    assert isinstance(v1, Layout) and v1.version == 1
+    assert v1.parents == (Path("/sys/fs/cgroup/memory/vmcache"), Path("/sys/fs/cgroup/pids/vmcache"),
+                          Path("/sys/fs/cgroup/cpu,cpuacct/vmcache"))
+    v2 = find_layout("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n")
+    assert isinstance(v2, Layout) and v2.version == 2 and v2.parents == (Path("/sys/fs/cgroup/vmcache"),)
+    none = find_layout("proc /proc proc rw 0 0\n")
+    assert isinstance(none, str) and "no cgroup" in none
+    assert "no cgroup limits" in CgroupManager(none).describe()
+
+
+def test_cgroup_v2_files_are_written_and_removed(tmp_path: Path) -> None:
+    """cgroup v2 against a directory laid out like cgroupfs (this host has v1 controllers)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.subtree_control").write_text("")
+    manager = CgroupManager(Layout(2, (root / "vmcache",)))
+    cgroup = manager.create("abc", Limits(memory_bytes=3 << 30, pids=130, cpus=2.5))
+    assert cgroup is not None
+    vm = root / "vmcache" / "vm-abc"
+    assert (vm / "memory.max").read_text() == str(3 << 30)
+    assert (vm / "pids.max").read_text() == "130"
+    assert (vm / "cpu.max").read_text() == "250000 100000"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (root / "vmcache" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    for name in os.listdir(vm):  # cgroupfs removes a group's files with it
+        (vm / name).unlink()
+    assert manager.sweep() == 1 and not vm.exists()
+
+
+def test_cgroup_that_cannot_be_written_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o500)
+    manager = CgroupManager(Layout(1, (parent / "vmcache",) * 3))
+    if os.geteuid() == 0:  # root writes through modes: use a path that cannot exist instead
+        manager = CgroupManager(Layout(1, (Path("/proc/vmcache"),) * 3))
+    assert manager.create("a", Limits(1 << 30, 10, 1.0)) is None
+    assert manager.create("b", Limits(1 << 30, 10, 1.0)) is None
+    assert "cannot write" in manager.unavailable and "no cgroup limits" in manager.describe()
+    assert sum("without cgroup limits" in record.message for record in caplog.records) == 1
+
+
+def test_jail_command_lines() -> None:
+    assert setpriv_args(2_000_000_007, []) == [
+        "setpriv", "--reuid=2000000007", "--regid=2000000007", "--clear-groups", "--inh-caps=-all",
+        "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    assert "--groups=993" in setpriv_args(1, [993])
+    args = bwrap_args(binds=[(7, "/usr", False), (8, "/run/vmcache/vm-a", True)], devices=["/dev/kvm"],
+                      links=[("usr/lib", "/lib")], info_fd=3, block_fd=4)
+    for option in ("--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--clearenv"):
+        assert option in args
+    assert "--share-net" not in args and "--die-with-parent" not in args  # VMs outlive the daemon
+    joined = " ".join(args)
+    assert "--ro-bind-fd 7 /usr" in joined and "--bind-fd 8 /run/vmcache/vm-a" in joined
+    assert "--dev-bind /dev/kvm /dev/kvm" in joined and args[-1] == "--"
+
+
+def test_limits_cover_the_most_ram_a_vm_may_have(tmp_path: Path) -> None:
+    spec = resolve_spec(load_config(write_config(tmp_path / "c.toml", default_maxmemory=1024)))
+    assert spec.jail is not None
+    tcg, kvm = limits(spec, "tcg"), limits(spec, "kvm")
+    assert kvm.memory_bytes == (1024 + spec.jail.memory_overhead) << 20
+    assert tcg.memory_bytes == kvm.memory_bytes + (1024 << 20)  # QEMU's default TCG cache
+    assert kvm.pids == 128 + spec.max_vcpus and kvm.cpus == spec.max_vcpus + 1
+
+
+def test_seccomp_is_required_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="allow_no_seccomp"):
+        resolve_spec(load_config(write_config(tmp_path / "c.toml", seccompsandbox="")))
+    config = tmp_path / "d.toml"
+    config.write_text('[hypervisor.qemu]\nseccompsandbox = ""\n[jail]\nallow_no_seccomp = true\n')
+    assert resolve_spec(load_config(config)).sandbox == ""
+
+
+def test_a_missing_jail_tool_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    config = tmp_path / "c.toml"
+    config.write_text('[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\n')
+    with pytest.raises(ConfigError, match=r"bwrap not found.*apt-get install bubblewrap.*jail.enabled"):
+        resolve_spec(load_config(config))
+
+
+# --- real QEMU ----------------------------------------------------------------------------
+
+def assert_confined(pid: int, run_dir: Path) -> dict[str, str]:
+    """What every confined QEMU shows the host; returns its /proc status fields."""
+    fields = status_fields(pid)
+    uids = fields["Uid"].split()
+    assert len(set(uids)) == 1 and int(uids[0]) >= JAIL_UID_BASE, "its own uid, not root"
+    assert fields["Gid"].split()[0] == uids[0] and fields["Groups"] == ""
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[caps], 16) == 0, f"{caps} is empty"
+    assert fields["NoNewPrivs"] == "1"
+    assert fields["Seccomp"] == "2", "QEMU's own -sandbox filter is on"
+    for kind in ("mnt", "net", "pid", "user", "ipc", "uts"):
+        assert namespace(pid, kind) != namespace("self", kind), f"its own {kind} namespace"
+    assert fields["NSpid"].split()[-1] == "1", "PID 1 of its pid namespace"
+    net_dev = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    interfaces = [line.split(":")[0].strip() for line in net_dev]
+    assert interfaces == ["lo"], "no network but loopback"
+    root = Path(f"/proc/{pid}/root")
+    assert set(os.listdir(root)) <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin",
+                                     "tmp", "usr", "var"}
+    assert not (root / "etc").exists() and not (root / "home").exists() and not (root / "root").exists()
+    assert not (root / "dev/kvm").exists(), "no /dev/kvm under TCG"
+    view = os.listdir(root / run_dir.relative_to("/"))
+    assert len(view) == 1 and view[0] in os.listdir(run_dir), "of the run root, only its own VM"
+    return fields
+
+
+async def test_a_booted_vm_is_confined_and_leaves_nothing(tmp_path: Path, run_dir: Path,
+                                                         guest_image: Path) -> None:
+    config = write_config(tmp_path / "c.toml", default_maxmemory=512)
+    spec = resolve_spec(load_config(config), run_root=run_dir)
+    before = qemu_pids()
+    with trio.fail_after(120):
+        async with launch_vm(spec) as vm:
+            fields = assert_confined(vm.pid, run_dir)
+            assert int(fields["Uid"].split()[0]) == vm.uid
+            groups = cgroup_of(vm.pid)
+            for controller in ("memory", "pids", "cpu"):
+                assert groups[controller] == f"/vmcache/vm-{vm.id}"
+            memory = Path(f"/sys/fs/cgroup/memory/vmcache/vm-{vm.id}")
+            assert int((memory / "memory.limit_in_bytes").read_text()) == (512 + 256 + 1024) << 20
+            assert (Path(f"/sys/fs/cgroup/pids/vmcache/vm-{vm.id}") / "pids.max").read_text().strip() == str(
+                128 + spec.max_vcpus)
+            assert Path(vm.run_dir / "qemu.pid").read_text().strip() == str(vm.pid), "the host pid"
+            result = await vm.run(("sh", "-c", "echo inside"), timeout=20)
+            assert result.stdout == b"inside\n"
+            vm_id = vm.id
+    assert qemu_pids() == before
+    assert not Path(f"/sys/fs/cgroup/memory/vmcache/vm-{vm_id}").exists(), "its cgroup went with it"
+
+
+async def test_a_kernel_the_vm_uid_cannot_reach_is_one_line(tmp_path: Path, run_dir: Path,
+                                                           guest_image: Path) -> None:
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    kernel = hidden / "vmlinuz"
+    kernel.write_bytes((guest_image / "vmlinuz").read_bytes())
+    spec = resolve_spec(load_config(write_config(tmp_path / "c.toml", kernel=str(kernel),
+                                                 initrd=str(guest_image / "initramfs.cpio.gz"),
+                                                 image=str(guest_image / "rootfs.erofs"))),
+                        run_root=run_dir)
+    before = qemu_pids()
+    with pytest.raises(BootError, match=rf"cannot reach {kernel}: {hidden} is not searchable by others"):
+        async with launch_vm(spec):
+            pass
+    assert qemu_pids() == before
+
+
+def test_every_daemon_vm_is_confined_and_the_purge_kills_them_all(tmp_path: Path, run_dir: Path,
+                                                                  guest_image: Path) -> None:
+    """Cached VMs and snapshot clones alike; SIGINT kills every one; handed-out ones live on."""
+    before = qemu_pids()
+    daemon = Daemon(tmp_path, run_dir, cache=2, factory={"boot_mode": "snapshot"})
+    daemon.start()
+    handle = ""
+    try:
+        daemon.wait_cached(2)
+        status = daemon.status()
+        cached = [vm["pid"] for vm in status["vms"]]
+        for pid in cached:
+            assert_confined(pid, run_dir)
+        assert len({status_fields(pid)["Uid"] for pid in cached}) == len(cached), "a uid per VM"
+        assert "cgroup v1" in status["confinement"] and "uid per VM" in status["confinement"]
+        handle = daemon.cli("get").stdout
+        handed = json.loads(handle)
+        assert_confined(handed["pid"], run_dir)
+        assert handed["uid"] == int(status_fields(handed["pid"])["Uid"].split()[0])
+        assert daemon.signal(signal.SIGINT) == 0
+        assert not any(pid_alive(pid) for pid in cached if pid != handed["pid"])
+        assert qemu_pids() - before == {handed["pid"]}, "only the handed-out VM lives on"
+    finally:
+        daemon.ensure_stopped()
+        if handle:
+            from daemon import stop_handed_out
+            stop_handed_out(handle, tmp_path)
+    assert qemu_pids() == before
