@@ -36,6 +36,14 @@ boot_timeout = 12
     assert (config.qemu.default_memory, config.qemu.default_vcpus) == (512, 2)
     assert config.qemu.boot_timeout == 12.0
     assert config.qemu.accel == "auto"
+    assert config.qemu.require_hardware_accel is False
+
+
+def test_require_hardware_accel_reaches_the_spec(tmp_path: Path, guest_image: Path) -> None:
+    config = load_config(config_file(tmp_path, "[hypervisor.qemu]\nrequire_hardware_accel = true\n"))
+    assert config.qemu.require_hardware_accel is True
+    assert resolve_spec(config, run_root=tmp_path).require_hardware_accel is True
+    assert "require_hardware_accel = true" in render_toml(config)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -48,6 +56,10 @@ boot_timeout = 12
     ("[hypervisor.qemu]\naccel = 'xen'\n", "hypervisor.qemu.accel: must be one of auto, kvm, tcg"),
     ('[hypervisor.qemu]\nkernel_params = "a\\nb"\n', "hypervisor.qemu.kernel_params: must be one line"),
     ("[factory\n", "not valid TOML"),
+    ("[hypervisor.qemu]\nrequire_hardware_accel = 'yes'\n",
+     "hypervisor.qemu.require_hardware_accel: must be true or false, not 'yes'"),
+    ("[hypervisor.qemu]\nrequire_hardware_accel = 1\n",
+     "hypervisor.qemu.require_hardware_accel: must be true or false, not 1"),
     ("[hypervisor.qemu]\ndefault_vcpus = 2\ndefault_maxvcpus = 1\n",
      "hypervisor.qemu.default_maxvcpus: must be 0 (the host's CPUs) or from default_vcpus (2) to 240"),
     ("[hypervisor.qemu]\ndefault_maxvcpus = 241\n", "hypervisor.qemu.default_maxvcpus: must be 0"),

@@ -43,12 +43,19 @@ def test_fill_hand_out_refill_and_sigint(daemon: Daemon, tmp_path: Path, run_dir
     vm_lines = [line for line in text[1:] if line.startswith("VM pid")]
     assert sorted(vm_lines) == sorted(f"VM pid = {pid} Cpu = 1 Memory = 256MiB" for pid in cached)
     assert "Cache: 2/2 ready (1 paused), 0 booting, boot mode boot" in text  # the next in line runs
+    assert 'Accel: tcg (accel = "tcg" in the config)' in text
+    status = daemon.status()
+    assert [vm["accel"] for vm in status["vms"]] == ["tcg", "tcg"]
+    assert (status["accel"], status["require_hardware_accel"], status["refusal"]) == ("tcg", False, "")
 
     handle_json = daemon.cli("get").stdout
     handle = json.loads(handle_json)
     assert {"id", "pid", "qmp_socket", "agent_socket", "cpu", "memory"} <= handle.keys()
     assert handle["pid"] in cached and pid_alive(handle["pid"])
     assert (handle["cpu"], handle["memory"]) == (1, 256)
+    assert handle["accel"] == "tcg"
+    (ledger,) = daemon.status()["handed_out_vms"]
+    assert (ledger["id"], ledger["accel"]) == (handle["id"], "tcg")
     assert handle["pid"] not in daemon.cached_pids()
 
     refilled = daemon.wait_cached(2)

@@ -321,14 +321,20 @@ def status_lines(status: CacheStatus) -> list[str]:
         lines += [f"Pool {pool.name}: {pool.cpu} vCPU {pool.memory} MiB, {pool.ready}/{pool.cache_size} "
                   f"ready ({pool.paused} paused), {pool.booting} booting, boot mode {pool.boot_mode}"
                   for pool in status.pools]
+    if status.accel or status.accel_reason:
+        required = ", required" if status.require_hardware_accel else ""
+        lines.append(f"Accel: {status.accel or 'undecided'}{required} ({status.accel_reason})")
+    if status.refusal:
+        lines.append(f"Refusing hand-outs: {status.refusal}")
     if status.last_boot_error:
         lines.append(f"Failing: {status.boot_failures_in_row} boot failures in a row; "
                      f"last boot error: {status.last_boot_error}")
     now = time.time()
     for vm in status.handed_out_vms:
         ttl = f", TTL ends in {max(0.0, vm.expires_at - now):.0f} s" if vm.expires_at else ""
+        accel = f", {vm.accel}" if vm.accel else ""
         lines.append(f"Handed out: VM {vm.id} pid = {vm.pid} {vm.state} by uid {vm.owner_uid} "
-                     f"{now - vm.handed_at:.0f} s ago{ttl}")
+                     f"{now - vm.handed_at:.0f} s ago{ttl}{accel}")
     return lines
 
 

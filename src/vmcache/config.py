@@ -22,6 +22,7 @@ Example (every key optional; these are the defaults)::
     accel = "auto"               # "kvm", "tcg" or "auto" (KVM, falling back to TCG)
     boot_timeout = 30.0          # seconds until the guest agent must say READY
     kvm_probe_timeout = 10.0     # with accel "auto": how long a KVM guest may take
+    require_hardware_accel = false  # true: never boot or hand out a TCG VM
 
     [image]                      # what `vmcache image build --config FILE` builds
     packages = []                # Debian packages added to the default root image
@@ -126,6 +127,10 @@ class QemuConfig:
     accel: str = attrs.field(default="auto", validator=_one_of(*ACCELERATORS))
     boot_timeout: float = attrs.field(default=30.0, validator=_positive)
     kvm_probe_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: For hosts that run hostile code: VMs must run on KVM. With TCG the only choice (accel
+    #: "tcg", or "auto" finding KVM unusable), the daemon boots and hands out nothing and
+    #: answers hand-outs FAILED_PRECONDITION (see vmcache.accel).
+    require_hardware_accel: bool = False
     seccompsandbox: str = attrs.field(default=DEFAULT_SANDBOX, validator=_single_line)
     tb_size: int = attrs.field(default=0, validator=_at_least(0))
     default_maxvcpus: int = attrs.field(default=0, validator=_at_least(0))
@@ -269,6 +274,8 @@ class VMSpec:
     boot_timeout: float
     kvm_probe_timeout: float
     run_root: Path
+    #: Never boot a VM on TCG (see QemuConfig.require_hardware_accel).
+    require_hardware_accel: bool = attrs.field(default=False, kw_only=True)
     image: str = ""
     #: The root filesystem image attached read-only (None: the initramfs is the root).
     rootfs: Path | None = None
@@ -316,20 +323,20 @@ def _converter() -> cattrs.Converter:
             raise TypeError(f"must be a number, not {value!r}")
         return float(value)
 
-    def strict_str(value: Any, _type: type) -> str:
-        if not isinstance(value, str):
-            raise TypeError(f"must be a string, not {value!r}")
-        return value
-
     def strict_bool(value: Any, _type: type) -> bool:
         if not isinstance(value, bool):
             raise TypeError(f"must be true or false, not {value!r}")
         return value
 
-    converter.register_structure_hook(bool, strict_bool)
+    def strict_str(value: Any, _type: type) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string, not {value!r}")
+        return value
+
     converter.register_structure_hook(int, strict_int)
     converter.register_structure_hook(float, strict_float)
     converter.register_structure_hook(str, strict_str)
+    converter.register_structure_hook(bool, strict_bool)
     return converter
 
 
@@ -473,6 +480,7 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         accel=qemu.accel,
         boot_timeout=qemu.boot_timeout,
         kvm_probe_timeout=qemu.kvm_probe_timeout,
+        require_hardware_accel=qemu.require_hardware_accel,
         run_root=run_root if run_root is not None else default_run_dir(),
         image=image_name,
         rootfs=rootfs,

@@ -45,6 +45,15 @@ class BootError(VMError):
     """A VM did not become ready. The message quotes the guest's last console lines."""
 
 
+class HardwareAccelRequiredError(VmcacheError):
+    """``require_hardware_accel`` is on and VMs here would run on TCG (full emulation, which
+    QEMU does not support as a security boundary): no VM is booted or handed out. The message
+    says why KVM is not used and what to do. A daemon answers FAILED_PRECONDITION: retrying
+    does not help until the host or the config is fixed."""
+
+    exit_status = 2
+
+
 class VMGoneError(VMError):
     """The VM is no longer running (it was stopped, or it died)."""
 

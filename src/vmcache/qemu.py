@@ -585,18 +585,18 @@ async def boot_vm(spec: VMSpec, registry: Registry | None = None,
                   accel: AccelChooser | None = None) -> VM:
     """Boot a VM and return it ready. The caller must ``stop()`` or ``release()`` it.
 
-    ``registry`` (if any) gets the VM as soon as its QEMU process exists. Under
-    ``accel = "auto"``, ``accel`` decides between KVM and TCG (and remembers);
-    without one, a chooser that keeps its verdict in the run root's state directory.
+    ``registry`` (if any) gets the VM as soon as its QEMU process exists. ``accel``
+    decides between KVM and TCG (``auto``: and remembers; ``require_hardware_accel``:
+    refuses TCG); without one, a chooser that keeps its verdict in the run root's state
+    directory.
     """
 
     async def boot(accel_name: str, timeout: float | None) -> VM:
         return await start_vm(spec, accel_name, timeout if timeout is not None else spec.boot_timeout,
                               registry, become_ready=wait_for_boot)
 
-    if spec.accel != "auto":
-        return await boot(spec.accel, None)
-    chooser = accel if accel is not None else AccelChooser(kvm_probe_file(spec.run_root))
+    chooser = accel if accel is not None else AccelChooser(
+        kvm_probe_file(spec.run_root), spec.accel, spec.require_hardware_accel)
     return await chooser.boot(spec.qemu, min(spec.kvm_probe_timeout, spec.boot_timeout), boot)
 
 

@@ -45,8 +45,10 @@ from .cgroup import manager as cgroup_manager
 from .config import DEFAULT_POOL, Config, VMSpec, resolve_spec
 from .errors import (
     CacheError,
+    CacheUnavailableError,
     ConfigError,
     DeadlineExceededError,
+    HardwareAccelRequiredError,
     InvalidRequestError,
     VmcacheError,
     VMGoneError,
@@ -57,7 +59,7 @@ from .jail import describe_confinement
 from .ledger import HandedOut, Ledger
 from .notify import Notifier
 from .placement import Placement, place
-from .pool import EventHub, VMPool
+from .pool import EventHub, Lease, VMPool
 from .process import ProcessLike
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
@@ -105,7 +107,8 @@ class CacheDaemon:
         self.group_gid = resolve_group(factory.socket_group)
         state_dir = state_dir_for(self.spec.run_root, self.endpoint)
         self.registry = VMRegistry(state_dir, self.spec.run_root)
-        self.accel = AccelChooser(kvm_probe_file(self.spec.run_root))
+        self.accel = AccelChooser(kvm_probe_file(self.spec.run_root), self.spec.accel,
+                                  self.spec.require_hardware_accel, daemon=True)
         self._plain_boot = functools.partial(boot_vm, registry=self.registry, accel=self.accel)
         self.snapshots: list[SnapshotManager] = []
         self.events = EventHub()
@@ -115,10 +118,10 @@ class CacheDaemon:
         self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
         for shape in self.shapes:
             spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib)
-            boot_for_pool = boot if boot is not None else self._plain_boot
+            boot_for_pool = boot if boot is not None else self._fill_boot
             if boot is None and shape.boot_mode == "snapshot":
                 manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
-                                          self.registry, plain_boot=self._plain_boot,
+                                          self.registry, plain_boot=self._fill_boot,
                                           share_memory=factory.share_template_memory)
                 self.snapshots.append(manager)
                 boot_for_pool = manager.boot
@@ -165,13 +168,11 @@ class CacheDaemon:
             killed, claimed = await self.registry.recover()
             if killed:
                 log.warning("killed %d VMs a previous daemon on %s left behind", killed, self.endpoint)
+            self.accel.announce_at_start(self.spec.qemu)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run, claimed)
                 nursery.start_soon(self._report_progress, self._watch_all())
-                for manager in self.snapshots:
-                    await nursery.start(manager.run)
-                for pool in self.pools.values():
-                    await nursery.start(pool.run)
+                await nursery.start(self._fill)
                 await nursery.start(self.rpc.serve, sock)
                 if self.spec.jail is not None:
                     await trio.to_thread.run_sync(cgroup_manager().check)
@@ -200,6 +201,61 @@ class CacheDaemon:
                      sum(pool.stats.handed_out for pool in self.pools.values()),
                      sum(pool.stats.killed for pool in self.pools.values()),
                      sum(entry.role == "claimed" for entry in self.ledger.entries()))
+
+    async def _fill(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the snapshot managers and the pools, until hand-outs are refused: then no VM
+        can be booted (only TCG here, and ``require_hardware_accel``), so nothing is tried
+        again and again; the refusal was logged in one line."""
+        if self.accel.refusal() is None:
+            async with trio.open_nursery() as fill:
+                for manager in self.snapshots:
+                    await fill.start(manager.run)
+                for pool in self.pools.values():
+                    await fill.start(pool.run)
+                task_status.started()
+                await self.accel.refused.wait()
+                fill.cancel_scope.cancel()
+        else:
+            task_status.started()
+        refusal = self.accel.refusal()
+        for pool in self.pools.values():
+            pool.close(refusal or "no VM can be booted")  # fails the clients waiting for one
+
+    async def _fill_boot(self, spec: VMSpec) -> VM:
+        """A boot for the cache: one refused for want of KVM (require_hardware_accel) is no
+        boot failure to retry; it waits for :meth:`_fill` to stop the pools, at once."""
+        try:
+            return await self._plain_boot(spec)
+        except HardwareAccelRequiredError:
+            await trio.sleep_forever()
+
+    def _check_accel(self, handle: VMHandle | None = None) -> None:
+        """Refuse a hand-out (FAILED_PRECONDITION) when only TCG is available and the config
+        requires hardware acceleration; with ``handle``, also a VM that does not run on KVM
+        whatever made it (a check on the VM itself, not only on the daemon's verdict)."""
+        refusal = self.accel.refusal()
+        if refusal is not None:
+            raise HardwareAccelRequiredError(refusal)
+        if handle is not None and self.spec.require_hardware_accel and handle.accel != "kvm":
+            raise HardwareAccelRequiredError(
+                f"VM {handle.id} runs on {handle.accel or 'an unknown accelerator'}, not KVM, and "
+                "this daemon hands out only hardware-accelerated VMs (require_hardware_accel = "
+                "true); it was stopped")
+
+    async def _lease_from(self, pool: VMPool) -> Lease:
+        """``pool.lease()``, refused (see :meth:`_check_accel`) before and after."""
+        self._check_accel()
+        try:
+            lease = await pool.lease()
+        except CacheUnavailableError:
+            self._check_accel()  # closed because of the refusal: say so, not UNAVAILABLE
+            raise
+        try:
+            self._check_accel(lease.handle)
+        except HardwareAccelRequiredError:
+            await lease.discard()
+            raise
+        return lease
 
     async def _report_progress(self, events: trio.MemoryReceiveChannel[CacheEvent]) -> None:
         """Tell systemd (if it is there) how full the cache is; READY=1 at the first VM."""
@@ -244,6 +300,7 @@ class CacheDaemon:
             "qemu": str(spec.qemu), "kernel": str(spec.kernel), "initrd": str(spec.initrd),
             "kernel_params": spec.kernel_params, "machine_type": spec.machine_type,
             "vcpus": spec.vcpus, "memory": spec.memory_mib, "accel": spec.accel,
+            "require_hardware_accel": spec.require_hardware_accel,
             "boot_timeout": spec.boot_timeout, "image": spec.image,
             "vm_cache_number": self.pool.size, "boot_mode": self.config.factory.boot_mode,
             "max_vcpus": spec.max_vcpus, "max_memory": spec.max_memory_mib,
@@ -259,7 +316,7 @@ class CacheDaemon:
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
         await call.receive_one()
-        lease = await self.pool.lease()
+        lease = await self._lease_from(self.pool)
         written = False
         try:
             await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
@@ -352,7 +409,7 @@ class CacheDaemon:
         """The next ready VM of ``pool`` (first come, first served), grown to the size placed
         while it is still set aside (a VM that fails to grow is replaced, not handed out)."""
         while True:
-            lease = await pool.lease()
+            lease = await self._lease_from(pool)
             if (placement.vcpus, placement.memory_mib) != (pool.spec.vcpus, pool.spec.memory_mib):
                 started = time.monotonic()
                 try:
@@ -380,6 +437,12 @@ class CacheDaemon:
         log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
                  placement.vcpus, placement.memory_mib)
         vm = await self._plain_boot(spec)
+        try:
+            self._check_accel(vm.handle())
+        except HardwareAccelRequiredError:
+            with trio.CancelScope(shield=True):
+                await vm.stop()
+            raise
         handed = await vm.release()
         self.cold_boots += 1
         return handed
@@ -434,9 +497,10 @@ class CacheDaemon:
         handout_seconds = [value for pool in pools for value in pool.stats.handout_seconds]
         boot_seconds = [value for pool in pools for value in pool.stats.boot_seconds]
         failing = max(pools, key=lambda pool: pool.stats.failures_in_row)
+        verdict = self.accel.verdict
         status = CacheStatus(
             pid=os.getpid(),
-            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss, pool.name)
+            vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss, pool.name, vm.accel)
                  for pool in pools for vm, rss in pool.ready_with_rss()],
             cache_size=self._cache_size(),
             booting=sum(pool.stats.booting for pool in pools),
@@ -453,13 +517,18 @@ class CacheDaemon:
             confinement=describe_confinement(self.spec),
             handed_out_vms=[
                 HandedOutVMStatus(entry.id, entry.handle.pid, entry.owner_uid, entry.handed_at,
-                                  entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory)
+                                  entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory,
+                                  entry.handle.accel)
                 for entry in self.ledger.entries()
             ],
             pools=[PoolStatus(pool.name, pool.spec.vcpus, pool.spec.memory_mib, pool.size,
                               pool.ready_count(), pool.stats.booting, shape.boot_mode,
                               pool.paused_count())
                    for pool, shape in zip(pools, self.shapes, strict=True)],
+            accel=verdict.accel if verdict is not None else "",
+            accel_reason=verdict.reason if verdict is not None else "the first boot probes KVM",
+            require_hardware_accel=self.spec.require_hardware_accel,
+            refusal=self.accel.refusal() or "",
         )
         return status_message(status)
 

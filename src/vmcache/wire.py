@@ -42,6 +42,7 @@ class CachedVMStatus:
     id: str = ""
     rss_bytes: int = 0
     pool: str = ""
+    accel: str = ""  # "kvm" or "tcg": what its QEMU was started with
 
 
 @attrs.frozen
@@ -70,6 +71,7 @@ class HandedOutVMStatus:
     expires_at: float = 0.0  # Unix time; 0 = no TTL
     cpu: int = 0
     memory: int = 0
+    accel: str = ""
 
 
 @attrs.frozen
@@ -92,6 +94,12 @@ class CacheStatus:
     handed_out_vms: list[HandedOutVMStatus] = attrs.Factory(list)
     pools: list[PoolStatus] = attrs.Factory(list)
     p99_handout_seconds: float = 0.0
+    #: What VMs boot with ("kvm", "tcg"; "" while auto's KVM probe is pending), and why.
+    accel: str = ""
+    accel_reason: str = ""
+    require_hardware_accel: bool = False
+    #: "" or the message hand-outs are refused with (FAILED_PRECONDITION).
+    refusal: str = ""
     confinement: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +167,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         pid=status.pid,
         vmstatus=[
             cache_pb2.GrpcVMStatus(pid=vm.pid, cpu=vm.cpu, memory=vm.memory, id=vm.id,
-                                   rss_bytes=vm.rss_bytes, pool=vm.pool)
+                                   rss_bytes=vm.rss_bytes, pool=vm.pool, accel=vm.accel)
             for vm in status.vms
         ],
         cache_size=status.cache_size,
@@ -178,7 +186,8 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         handed_out_vms=[
             cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
                                       handed_at=vm.handed_at, state=vm.state,
-                                      expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory)
+                                      expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory,
+                                      accel=vm.accel)
             for vm in status.handed_out_vms
         ],
         pools=[
@@ -187,13 +196,17 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
                                boot_mode=pool.boot_mode, paused=pool.paused)
             for pool in status.pools
         ],
+        accel=status.accel,
+        accel_reason=status.accel_reason,
+        require_hardware_accel=status.require_hardware_accel,
+        refusal=status.refusal,
     )
 
 
 def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
     return CacheStatus(
         pid=message.pid,
-        vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes, vm.pool)
+        vms=[CachedVMStatus(vm.pid, vm.cpu, vm.memory, vm.id, vm.rss_bytes, vm.pool, vm.accel)
              for vm in message.vmstatus],
         cache_size=message.cache_size,
         booting=message.booting,
@@ -210,9 +223,13 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         confinement=message.confinement,
         handed_out_vms=[
             HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, vm.state, vm.expires_at,
-                              vm.cpu, vm.memory)
+                              vm.cpu, vm.memory, vm.accel)
             for vm in message.handed_out_vms
         ],
         pools=[PoolStatus(pool.name, pool.cpu, pool.memory, pool.cache_size, pool.ready, pool.booting,
                           pool.boot_mode, pool.paused) for pool in message.pools],
+        accel=message.accel,
+        accel_reason=message.accel_reason,
+        require_hardware_accel=message.require_hardware_accel,
+        refusal=message.refusal,
     )
