@@ -1,13 +1,18 @@
 """vmcache at scale: caches of 10, 50 and 100 VMs on this host, paused versus running idle VMs.
 
     python bench/scale.py [--sizes 10,50,100] [--modes paused,running] [--handouts 30]
-                          [--memory 128] [--hot 1] [--output bench/results/scale.json]
+                          [--memory 128] [--hot 1] [--jails on] [--output bench/results/scale.json]
                           [--plot bench/results/scale.png]
 
 For each idle mode and cache size, a real ``vmcache serve`` (snapshot mode, TCG, guests
 of ``--memory`` MiB) is started in its own run directory, and this reports:
 
+  jail            QEMU confined (``[jail] enabled``, the default) or not: ``--jails off,on``
+                  measures both, one after the other, in one run
   fill            daemon start -> every VM ready (the template's boot and save included)
+  restore         one snapshot restore, QEMU start -> ready (p50 of the fill's restores,
+                  two at a time on two cores), from the daemon's log
+  monitor pss     the jail's bubblewrap process that waits for each QEMU (its PSS, per VM)
   rss/vm, total   the cached QEMU processes' resident memory, once the cache is full
   pss/vm, total   the same, shared pages divided among the processes sharing them
   host memory     MemAvailable before the daemon minus after the fill
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -78,7 +84,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def write_config(directory: Path, size: int, mode: str, memory: int, hot: int) -> Path:
+def write_config(directory: Path, size: int, mode: str, memory: int, hot: int, jail: str) -> Path:
     path = directory / "scale.toml"
     path.write_text("\n".join([
         "[factory]",
@@ -91,6 +97,8 @@ def write_config(directory: Path, size: int, mode: str, memory: int, hot: int) -
         'accel = "tcg"',
         "boot_timeout = 300.0",
         f"default_memory = {memory}",
+        "[jail]",
+        f"enabled = {'true' if jail == 'on' else 'false'}",
         "",
     ]))
     return path
@@ -144,14 +152,31 @@ def cached_status(endpoint: Path) -> vmcache.CacheStatus:
     return trio.run(ask)
 
 
-def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[str, Any]:
+def monitor_pss(pid: int) -> int:
+    """PSS of QEMU's parent if it is the jail's bubblewrap (0 for an unconfined QEMU)."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        parent = int(fields["PPid"])
+        return pss_bytes(parent) if Path(f"/proc/{parent}/comm").read_text().strip() == "bwrap" else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def restore_seconds(log: str) -> list[float]:
+    """Each restore's QEMU start -> ready, from the daemon log (the VMs booted after the
+    template was saved)."""
+    _, _, after = log.partition(" saved: ")
+    return [float(seconds) for seconds in re.findall(r"VM \w+ booted in ([0-9.]+) s", after)]
+
+
+def measure(size: int, mode: str, memory: int, handouts: int, hot: int, jail: str = "on") -> dict[str, Any]:
     before_pids = qemu_pids()
     available_before = mem_available()
     with tempfile.TemporaryDirectory(prefix="vmcache-scale-", dir="/tmp") as tmp:
         directory = Path(tmp)
         run_root = directory / "run"
         run_root.mkdir(mode=0o700)
-        config = write_config(directory, size, mode, memory, hot)
+        config = write_config(directory, size, mode, memory, hot, jail)
         env = os.environ | {"VMCACHE_RUN_DIR": str(run_root)}
         endpoint = directory / "cache.sock"
         started = time.monotonic()
@@ -174,7 +199,7 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
             else:
                 raise RuntimeError(f"the cache of {size} did not fill in {FILL_TIMEOUT:.0f} s")
             fill = time.monotonic() - started
-            print(f"  {mode} {size}: filled in {fill:.1f} s", flush=True)
+            print(f"  jail {jail}, {mode} {size}: filled in {fill:.1f} s", flush=True)
             settle_until = time.monotonic() + 60
             while mode == "paused" and time.monotonic() < settle_until:
                 if cached_status(endpoint).pools[0].paused >= size - 1:
@@ -185,6 +210,7 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
             pids = [vm.pid for vm in status.vms]
             rss = [rss_bytes(pid) for pid in pids]
             pss = [pss_bytes(pid) for pid in pids]
+            monitors = [monitor_pss(pid) for pid in pids]
             host_used = available_before - mem_available()
             ticks_before = {pid: cpu_ticks(pid) for pid in [*pids, daemon.pid]}
             time.sleep(IDLE_WINDOW)
@@ -205,8 +231,11 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
             left = qemu_pids() - before_pids
             for pid in left:  # never leave a VM behind, even when a measurement failed
                 os.kill(pid, signal.SIGKILL)
+            restores = restore_seconds((directory / "daemon.log").read_text(errors="replace"))
     return {
-        "mode": mode, "size": size, "hot": hot, "memory_mib": memory, "fill_s": fill,
+        "jail": jail, "mode": mode, "size": size, "hot": hot, "memory_mib": memory, "fill_s": fill,
+        "restore_s_p50": statistics.median(restores) if restores else 0.0,
+        "monitor_pss_per_vm_mb": statistics.median(monitors) / 1e6,
         "rss_per_vm_mb": statistics.median(rss) / 1e6, "rss_total_mb": sum(rss) / 1e6,
         "pss_per_vm_mb": statistics.median(pss) / 1e6, "pss_total_mb": sum(pss) / 1e6,
         "host_used_mb": host_used / 1e6, "idle_cpu_vms_pct": vm_cpu, "idle_cpu_daemon_pct": daemon_cpu,
@@ -215,7 +244,8 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int) -> dict[
 
 
 COLUMNS = [
-    ("mode", "{}"), ("size", "{}"), ("hot", "{}"), ("fill_s", "{:.1f}"), ("rss_per_vm_mb", "{:.0f}"),
+    ("jail", "{}"), ("mode", "{}"), ("size", "{}"), ("hot", "{}"), ("fill_s", "{:.1f}"),
+    ("restore_s_p50", "{:.2f}"), ("rss_per_vm_mb", "{:.0f}"), ("monitor_pss_per_vm_mb", "{:.1f}"),
     ("rss_total_mb", "{:.0f}"), ("pss_per_vm_mb", "{:.0f}"), ("pss_total_mb", "{:.0f}"),
     ("host_used_mb", "{:.0f}"), ("idle_cpu_vms_pct", "{:.2f}"),
     ("idle_cpu_daemon_pct", "{:.2f}"), ("status_ms_p50", "{:.1f}"), ("rpc_warm_ms_p50", "{:.2f}"),
@@ -237,8 +267,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (memory_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in sorted({row["mode"] for row in rows}):
-        mine = sorted((row for row in rows if row["mode"] == mode), key=lambda row: row["size"])
+    for jail, kind in sorted({(row["jail"], row["mode"]) for row in rows}):
+        mode = f"{kind}, jail {jail}"
+        mine = sorted((row for row in rows if (row["jail"], row["mode"]) == (jail, kind)),
+                      key=lambda row: row["size"])
         sizes = [row["size"] for row in mine]
         memory_axis.plot(sizes, [row["rss_per_vm_mb"] for row in mine], "o-", label=f"{mode}: RSS per VM")
         memory_axis.plot(sizes, [row["pss_per_vm_mb"] for row in mine], "s--",
@@ -266,15 +298,18 @@ def main() -> None:
     parser.add_argument("--handouts", type=int, default=30)
     parser.add_argument("--memory", type=int, default=128)
     parser.add_argument("--hot", type=int, default=1, help="hot_vms: VMs kept running, next in line")
+    parser.add_argument("--jails", default="on", help="on, off or off,on: QEMU confined or not")
     parser.add_argument("--output", type=Path, default=ROOT / "bench/results/scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench/results/scale.png")
     args = parser.parse_args()
     rows = []
-    for mode in args.modes.split(","):
-        for size in (int(value) for value in args.sizes.split(",")):
-            rows.append(measure(size, mode, args.memory, args.handouts, args.hot))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-            args.output.write_text(json.dumps({"host_cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n")
+    for jail in args.jails.split(","):
+        for mode in args.modes.split(","):
+            for size in (int(value) for value in args.sizes.split(",")):
+                rows.append(measure(size, mode, args.memory, args.handouts, args.hot, jail))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                results = {"host_cpus": os.cpu_count(), "rows": rows}
+                args.output.write_text(json.dumps(results, indent=1) + "\n")
     print(table(rows))
     plot(rows, args.plot)
     print(f"wrote {args.output} and {args.plot}")

@@ -34,8 +34,9 @@ from typing import Any
 import trio
 
 import vmcache
+from vmcache.cgroup import manager as cgroup_manager
 from vmcache.ledger import OFFER_DEADLINE, STOP_WAIT
-from vmcache.procfs import open_fds, qemu_pids
+from vmcache.procfs import jail_pids, open_fds, qemu_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import handles_sigterm
@@ -234,6 +235,7 @@ class Chaos:
                         f"--python_out={self.stubs}", f"--grpc_python_out={self.stubs}",
                         str(ROOT / "protos" / "cache.proto")], check=True, timeout=60)
         before = qemu_pids()
+        self.jails_before, self.cgroups_before = jail_pids(), set(cgroup_manager().existing())
         started = time.monotonic()
         self.start_daemon()
         restarts_at = set(self.rng.sample(range(rounds // 5, rounds - rounds // 5), 3))
@@ -311,6 +313,8 @@ class Chaos:
         exit_status = await trio.to_thread.run_sync(self.daemon.wait, 60)
         leftover_qemu = qemu_pids() - before
         leftover_dirs = [p.name for p in self.run_dir.iterdir() if p.name.startswith("vm-")]
+        leftover_jails = jail_pids() - self.jails_before
+        leftover_cgroups = set(cgroup_manager().existing()) - self.cgroups_before
         tracebacks = sum("Traceback" in log.read_text(errors="replace") for log in self.daemon_logs)
         return {
             "cache": self.cache_size,
@@ -325,6 +329,8 @@ class Chaos:
             "leaked_qemu_processes": len(leftover_qemu),
             "leaked_fds": max(0, fds_after - fds_before),
             "leaked_run_dirs": len(leftover_dirs),
+            "leaked_jail_processes": len(leftover_jails),
+            "leaked_cgroups": len(leftover_cgroups),
             "tracebacks": tracebacks + sum("traceback" in p for p in self.problems),
             "daemon_exit_status": exit_status,
             "problems": self.problems[:20],
@@ -347,7 +353,8 @@ def main() -> None:
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     bad = {key: result[key] for key in ("lost_vms", "leases_left_running", "leaked_qemu_processes",
-                                         "leaked_fds", "leaked_run_dirs", "tracebacks",
+                                         "leaked_fds", "leaked_run_dirs", "leaked_jail_processes",
+                                         "leaked_cgroups", "tracebacks",
                                          "daemon_exit_status") if result[key]}
     if bad or result["problems"]:
         print(f"chaos: FAILED {bad}; work directory kept: {work}", file=sys.stderr)

@@ -23,7 +23,8 @@ from pathlib import Path
 import trio
 
 import vmcache
-from vmcache.procfs import open_fds, qemu_pids
+from vmcache.cgroup import manager as cgroup_manager
+from vmcache.procfs import jail_pids, open_fds, qemu_pids
 
 OVERALL_DEADLINE = 600.0
 
@@ -55,6 +56,7 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
         f'boot_mode = "{mode}"\n[hypervisor.qemu]\naccel = "tcg"\nboot_timeout = 60.0\n'
     )
     before = qemu_pids()
+    jails_before, cgroups_before = jail_pids(), set(cgroup_manager().existing())
     log = open(work / "daemon.log", "wb")  # noqa: SIM115
     daemon = subprocess.Popen([sys.executable, "-m", "vmcache", "serve", "--config", str(config)],
                               stdout=log, stderr=log, env={**os.environ, "VMCACHE_RUN_DIR": str(run_dir)})
@@ -89,6 +91,8 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
         log.close()
     leftover_qemu = qemu_pids() - before
     leftover_dirs = [p.name for p in run_dir.iterdir() if p.name.startswith("vm-")]
+    leftover_jails = jail_pids() - jails_before
+    leftover_cgroups = set(cgroup_manager().existing()) - cgroups_before
     result = {
         "cycles": cycles,
         "cache": cache_size,
@@ -101,6 +105,8 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
         "leaked_qemu_processes": len(leftover_qemu),
         "leaked_fds": max(0, fds_after - fds_before),
         "leaked_run_dirs": len(leftover_dirs),
+        "leaked_jail_processes": len(leftover_jails),
+        "leaked_cgroups": len(leftover_cgroups),
         "daemon_exit_status": exit_status,
     }
     subprocess.run(["rm", "-rf", str(work)], check=False)
@@ -122,7 +128,8 @@ def main() -> None:
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     bad = {key: result[key] for key in ("lost_vms", "leaked_qemu_processes", "leaked_fds",
-                                         "leaked_run_dirs", "daemon_exit_status") if result[key]}
+                                         "leaked_run_dirs", "leaked_jail_processes", "leaked_cgroups",
+                                         "daemon_exit_status") if result[key]}
     if bad or result["cached_at_end"] != args.cache:
         raise SystemExit(f"soak: FAILED {bad or result}")
     print(f"soak: ok, {result['cycles']} get/exec/stop cycles, nothing leaked or lost")

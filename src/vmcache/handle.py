@@ -18,6 +18,7 @@ import cattrs
 import trio
 
 from ._unix import connect_when_ready
+from .cgroup import manager as cgroup_manager
 from .errors import HandleError, VmcacheError, VMGoneError
 from .guest import Guest, GuestAPI
 from .paths import VM_ID_PATTERN, default_run_dir, vm_run_dir
@@ -239,7 +240,11 @@ def _vm_runs_in(run_dir: Path, vm_id: str) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
+    """Remove a VM's run directory and its cgroup (which only root may remove: otherwise
+    the daemon's next sweep does)."""
     shutil.rmtree(path, ignore_errors=True)
+    if (cgroup := cgroup_manager().of(path.name.removeprefix("vm-"))) is not None:
+        cgroup.remove()
 
 
 _CONVERTER = cattrs.Converter()

@@ -76,6 +76,19 @@ def qemu_pids() -> set[int]:
     return pids
 
 
+def jail_pids() -> set[int]:
+    """Live bubblewrap processes that hold a vmcache VM's QEMU (vmcache.jail): counted by the
+    soaks like QEMU processes."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            argv = cmdline(int(entry.name)).split(b"\0")
+            ours = any(arg.startswith(b"vmcache-") for arg in argv)
+            if os.path.basename(argv[0]) == b"bwrap" and ours and alive(int(entry.name)):
+                pids.add(int(entry.name))
+    return pids
+
+
 def find_vm_process(vm_id: str) -> int:
     """The pid of the QEMU whose command line names VM ``vm_id`` (``-name vmcache-<id>``), or 0."""
     wanted = f"vmcache-{vm_id}".encode()
