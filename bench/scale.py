@@ -8,7 +8,8 @@ For each idle mode and cache size, a real ``vmcache serve`` (snapshot mode, TCG,
 of ``--memory`` MiB) is started in its own run directory, and this reports:
 
   jail            QEMU confined (``[jail] enabled``, the default) or not: ``--jails off,on``
-                  measures both, one after the other, in one run
+                  measures both, one after the other, in one run; ``on-private``: confined,
+                  and clones share no template RAM (``share_template_memory = false``)
   fill            daemon start -> every VM ready (the template's boot and save included)
   restore         one snapshot restore, QEMU start -> ready (p50 of the fill's restores,
                   two at a time on two cores), from the daemon's log
@@ -93,12 +94,13 @@ def write_config(directory: Path, size: int, mode: str, memory: int, hot: int, j
         'boot_mode = "snapshot"',
         f'idle_vms = "{mode}"',
         f"hot_vms = {hot}",
+        f"share_template_memory = {'false' if jail == 'on-private' else 'true'}",
         "[hypervisor.qemu]",
         'accel = "tcg"',
         "boot_timeout = 300.0",
         f"default_memory = {memory}",
         "[jail]",
-        f"enabled = {'true' if jail == 'on' else 'false'}",
+        f"enabled = {'false' if jail == 'off' else 'true'}",
         "",
     ]))
     return path

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import pid_alive, qemu_pids, write_config
+from conftest import VMCACHE, pid_alive, qemu_pids, wait_until, write_config
 from daemon import Daemon
 
 from vmcache.cgroup import CgroupManager, Layout, Limits, find_layout
 from vmcache.config import JAIL_UID_BASE, load_config, resolve_spec
 from vmcache.errors import BootError, ConfigError
-from vmcache.jail import bwrap_args, limits, setpriv_args
+from vmcache.jail import bwrap_args, describe_confinement, limits, setpriv_args
 from vmcache.qemu import launch_vm
 
 V1_MOUNTS = """cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
@@ -226,3 +228,79 @@ def test_every_daemon_vm_is_confined_and_the_purge_kills_them_all(tmp_path: Path
             from daemon import stop_handed_out
             stop_handed_out(handle, tmp_path)
     assert qemu_pids() == before
+
+
+def test_an_ordinary_user_gets_every_confinement_but_its_own_uid_and_cgroups(
+        tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """A process of an ordinary user (uid 65534 here) boots a VM: QEMU runs as that user, in
+    the same namespaces and filesystem view, with no capabilities; cgroups cannot be written
+    by it, which it says in one line instead of failing."""
+    user_root = Path(f"{run_dir}-user")
+    user_root.mkdir(mode=0o700)
+    os.chown(user_root, 65534, 65534)
+    spec = resolve_spec(load_config(write_config(tmp_path / "c.toml")), run_root=user_root)
+    before = qemu_pids()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            from vmcache import cgroup
+            cgroup._MANAGER = None  # as a process of this user would find the host
+
+            async def boot() -> dict[str, object]:
+                with trio.fail_after(120):
+                    async with launch_vm(spec) as vm:
+                        fields = status_fields(vm.pid)
+                        result = await vm.run(("echo", "ok"), timeout=20)
+                        return {"uid": fields["Uid"], "caps": fields["CapEff"], "nnp": fields["NoNewPrivs"],
+                                "seccomp": fields["Seccomp"], "net": namespace(vm.pid, "net"),
+                                "user": namespace(vm.pid, "user"), "out": (result.stdout or b"").decode(),
+                                "cgroup": vm.cgroup is not None, "confinement": describe_confinement(spec),
+                                "pid": vm.pid}
+
+            outcome = json.dumps(trio.run(boot))
+        except BaseException as error:
+            outcome = json.dumps({"error": repr(error)})
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end) as pipe:
+            outcome = json.loads(pipe.read())
+        os.waitpid(child, 0)
+        assert "error" not in outcome, outcome
+        assert outcome["uid"].split() == ["65534"] * 4 and int(str(outcome["caps"]), 16) == 0
+        assert outcome["nnp"] == "1" and outcome["seccomp"] == "2" and outcome["out"] == "ok\n"
+        assert outcome["net"] != namespace("self", "net") and outcome["user"] != namespace("self", "user")
+        assert outcome["cgroup"] is False
+        assert "the daemon's own uid 65534 (not root)" in str(outcome["confinement"])
+        assert "no cgroup limits (cannot write" in str(outcome["confinement"])
+        assert not pid_alive(int(str(outcome["pid"])))
+        assert qemu_pids() == before
+    finally:
+        shutil.rmtree(user_root, ignore_errors=True)
+
+
+def test_run_direct_is_confined_too(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """``vmcache run --direct`` (no daemon) confines its QEMU the same way; Ctrl-C ends it."""
+    before = qemu_pids()
+    config = write_config(tmp_path / "vmcache.toml")
+    run = subprocess.Popen([*VMCACHE, "run", "--direct", "--config", str(config), "--", "sleep", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: any((run_dir / name / "control.sock").exists()
+                                      for name in os.listdir(run_dir)), 120)
+        assert wait_until(lambda: len(qemu_pids() - before) == 1, 10)
+        (pid,) = qemu_pids() - before
+        assert_confined(pid, run_dir)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert wait_until(lambda: qemu_pids() == before, 15)
