@@ -45,6 +45,7 @@ from .guest import (
     user_socket,
 )
 from .handle import VMHandle
+from .identity import write_identity
 from .process import stop_process
 from .procfs import process_start_time, process_state
 from .qemu_binary import usable_spec
@@ -294,6 +295,8 @@ class VM(GuestAPI):
         self.boot_seconds = 0.0
         #: True while QMP ``stop`` holds the vCPUs (an idle cached VM; see :meth:`pause`).
         self.paused = False
+        #: The uid QEMU runs as (in its identity record and handle).
+        self.uid: int = os.geteuid()
 
     @property
     def pid(self) -> int:
@@ -325,6 +328,7 @@ class VM(GuestAPI):
             image=self.spec.image,
             boot_id=self.boot_id,
             agent_ports=USER_PORTS,
+            uid=self.uid,
         )
 
     def _guest(self) -> Guest:
@@ -535,6 +539,7 @@ async def start_vm(
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
         if registry is not None:
             registry.started(vm.id, vm.pid)
+        write_identity(run_dir, vm.id, vm.pid, vm.uid, spec.qemu, vm.start_time)
         with trio.move_on_after(timeout) as deadline:
             vm.boot_id = await _until_exit(vm.process, functools.partial(become_ready, vm))
         if deadline.cancelled_caught:

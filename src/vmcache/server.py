@@ -46,7 +46,10 @@ from .errors import (
     CacheError,
     ConfigError,
     DeadlineExceededError,
+    HandleError,
     InvalidRequestError,
+    PermissionDeniedError,
+    UnknownVMError,
     VmcacheError,
     VMGoneError,
 )
@@ -58,8 +61,8 @@ from .placement import Placement, place
 from .pool import EventHub, VMPool
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
-from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
-from .security import PeerPolicy, raise_open_file_limit, resolve_group
+from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary, unary_with_peer
+from .security import PeerCredentials, PeerPolicy, raise_open_file_limit, resolve_group
 from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
 from .wire import (
@@ -132,6 +135,7 @@ class CacheDaemon:
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = trio.Event()
+        self.peer_policy = PeerPolicy(self.group_gid)
         self.rpc = RpcServer(SERVICE, {
             "Config": Method(Empty, unary(self._config)),
             "GetBaseVM": Method(Empty, self._get_base_vm),
@@ -139,7 +143,8 @@ class CacheDaemon:
             "Quit": Method(Empty, unary(self._quit)),
             "Watch": Method(Empty, server_streaming(self._watch)),
             "TakeVM": Method(cache_pb2.TakeRequest, self._take_vm),
-        }, check_peer=PeerPolicy(self.group_gid).check)
+            "StopVM": Method(cache_pb2.StopVMRequest, unary_with_peer(self._stop_vm)),
+        }, check_peer=self.peer_policy.check)
 
     def request_stop(self) -> None:
         """Stop as Ctrl-C does: kill cached VMs, remove the socket, return."""
@@ -455,10 +460,39 @@ class CacheDaemon:
         )
         return status_message(status)
 
+    def _is_admin(self, uid: int) -> bool:
+        """Root and the daemon's own uid: they may stop the daemon and any VM."""
+        return uid in (0, self.peer_policy.own_uid)
+
     async def _quit(self, _request: ProtoMessage) -> Empty:
         log.info("Quit requested by a client")
         self.request_stop()
         return Empty()
+
+    async def _stop_vm(self, request: ProtoMessage, peer: PeerCredentials) -> cache_pb2.StopVMReply:
+        """Stop a VM we handed out, for its owner (or root, or our own uid)."""
+        assert isinstance(request, cache_pb2.StopVMRequest)
+        entry = self.ledger.get(request.vm_id)
+        if entry is None:
+            raise UnknownVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon")
+        if peer.uid != entry.owner_uid and not self._is_admin(peer.uid):
+            raise PermissionDeniedError(f"VM {entry.id} belongs to uid {entry.owner_uid}; uid {peer.uid} "
+                                        f"may not stop it (only its owner, root and uid "
+                                        f"{self.peer_policy.own_uid})")
+        handle = entry.handle
+        for name, given, ours in (("pid", request.pid, handle.pid),
+                                  ("start time", request.start_time, handle.start_time),
+                                  ("run directory", request.run_dir, handle.run_dir)):
+            if given and given != ours:
+                raise HandleError(f"VM handle {entry.id}: its {name} is not that VM's (was the handle "
+                                  "edited?); not touching it")
+        was_running = entry.alive
+        log.info("VM %s: stop asked by pid %d (uid %d)", entry.id, peer.pid, peer.uid)
+        await self.ledger.stop(entry, f"uid {peer.uid} asked (StopVM)")
+        if not entry.gone.is_set():
+            raise CacheError(f"VM {entry.id} did not stop in time; it is still being stopped")
+        return cache_pb2.StopVMReply(vm_id=entry.id, was_running=was_running,
+                                     message=f"stopped: {entry.stop_reason}")
 
     async def _watch(self, _request: ProtoMessage) -> AsyncIterator[cache_pb2.GrpcEvent]:
         events = self._watch_all()
