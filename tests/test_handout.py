@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import VMCACHE, pid_alive, qemu_pids, wait_running, wait_until, write_config
-from daemon import Daemon, run_as
+from daemon import Daemon, run_as, stop_handed_out
 
 import vmcache
 from vmcache import server as daemon_module
@@ -267,6 +267,36 @@ def test_stop_vm_is_for_the_vms_owner(tmp_path: Path, run_dir: Path, guest_image
         assert wait_until(lambda: not daemon.status()["handed_out_vms"], 5)
         assert not (run_dir / f"vm-{handle.id}").exists()
         assert run_as(12345, 65534, stop).startswith("error the daemon does not know: no VM")
+        assert daemon.signal(signal.SIGTERM) == 0
+    finally:
+        daemon.ensure_stopped()
+
+
+def test_one_uid_gets_at_most_max_vms_per_uid_and_a_member_may_not_quit(
+        tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    daemon = Daemon(tmp_path, run_dir, cache=1, factory={"max_vms_per_uid": 1,
+                                                         "socket_group": "nogroup"}).start()
+    try:
+        daemon.wait_cached(1)
+        first = daemon.cli("get").stdout
+        for argv in (["get", "--endpoint", str(daemon.endpoint)],
+                     ["run", "--endpoint", str(daemon.endpoint), "--", "true"]):
+            done = subprocess.run([*VMCACHE, *argv], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr == ("vmcache: the daemon refused: uid 0 already holds 1 VMs of this daemon, "
+                                   "the most one user may (factory.max_vms_per_uid = 1): stop one "
+                                   "(vmcache stop HANDLE) and ask again\n"), done.stderr
+
+        async def quit_daemon() -> str:
+            async with vmcache.connect(daemon.endpoint) as cache:
+                await cache.quit()
+            return "ok"
+
+        refused = run_as(65534, 65534, quit_daemon)  # admitted by socket_group, not to Quit
+        assert refused.startswith("error the daemon refused this client: Quit is for root"), refused
+        assert daemon.process is not None and daemon.process.poll() is None
+        stop_handed_out(first, tmp_path)
+        stop_handed_out(daemon.cli("get").stdout, tmp_path)  # room again
         assert daemon.signal(signal.SIGTERM) == 0
     finally:
         daemon.ensure_stopped()

@@ -21,6 +21,7 @@ Task tree::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -30,7 +31,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import cast
 
 import attrs
@@ -49,6 +50,7 @@ from .errors import (
     HandleError,
     InvalidRequestError,
     PermissionDeniedError,
+    QuotaExceededError,
     UnknownVMError,
     VmcacheError,
     VMGoneError,
@@ -136,11 +138,14 @@ class CacheDaemon:
         self.notifier = Notifier()
         self._stop = trio.Event()
         self.peer_policy = PeerPolicy(self.group_gid)
+        #: Per uid, hand-outs under way (asked, not yet in the ledger): they count against
+        #: max_vms_per_uid too, so that concurrent asks cannot overrun it.
+        self._asking: collections.Counter[int] = collections.Counter()
         self.rpc = RpcServer(SERVICE, {
             "Config": Method(Empty, unary(self._config)),
             "GetBaseVM": Method(Empty, self._get_base_vm),
             "Status": Method(Empty, unary(self._status)),
-            "Quit": Method(Empty, unary(self._quit)),
+            "Quit": Method(Empty, unary_with_peer(self._quit)),
             "Watch": Method(Empty, server_streaming(self._watch)),
             "TakeVM": Method(cache_pb2.TakeRequest, self._take_vm),
             "StopVM": Method(cache_pb2.StopVMRequest, unary_with_peer(self._stop_vm)),
@@ -257,23 +262,44 @@ class CacheDaemon:
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
         await call.receive_one()
-        lease = await self.pool.lease()
-        written = False
-        try:
-            await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
-            written = True
-            self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
-        finally:
-            with trio.CancelScope(shield=True):
-                if not written:
-                    await lease.abort()
-                else:
-                    try:
-                        handle, process = await lease.commit()
-                    except VMGoneError as error:
-                        log.warning("%s; the client got a VM that is gone", error)
+        uid = call.peer.uid
+        with self._hand_out_to(uid):
+            lease = await self.pool.lease()
+            written = False
+            try:
+                await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
+                written = True
+                self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if not written:
+                        await lease.abort()
                     else:
-                        self.ledger.adopt(handle, process, call.peer.uid, "claimed")
+                        try:
+                            handle, process = await lease.commit()
+                        except VMGoneError as error:
+                            log.warning("%s; the client got a VM that is gone", error)
+                        else:
+                            self.ledger.adopt(handle, process, uid, "claimed")
+
+    @contextlib.contextmanager
+    def _hand_out_to(self, uid: int) -> Iterator[None]:
+        """A hand-out to ``uid`` under way: refused (QuotaExceededError, RESOURCE_EXHAUSTED)
+        if ``uid`` already holds ``max_vms_per_uid`` VMs, counting those being handed out.
+        Leave the block once the VM is in the ledger (or not handed out)."""
+        limit = self.config.factory.max_vms_per_uid
+        held = self.ledger.held_by(uid) + self._asking[uid]
+        if limit and held >= limit:
+            raise QuotaExceededError(
+                f"uid {uid} already holds {held} VMs of this daemon, the most one user may "
+                f"(factory.max_vms_per_uid = {limit}): stop one (vmcache stop HANDLE) and ask again")
+        self._asking[uid] += 1
+        try:
+            yield
+        finally:
+            self._asking[uid] -= 1
+            if not self._asking[uid]:
+                del self._asking[uid]
 
     async def _take_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """The acknowledged hand-out (see protos/cache.proto): offer, claim, and for a lease, hold."""
@@ -326,15 +352,16 @@ class CacheDaemon:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
         it to the ledger and send the client the offer. A pool replaces the VM once
         ``handed_out`` is set."""
-        with trio.move_on_after(wait) as waited:
-            if placement.pool is None:
-                handle, process = await self._boot_cold(placement)
-            else:
-                handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
-                                                             handed_out)
-        if waited.cancelled_caught:
-            raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
-        entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
+        with self._hand_out_to(call.peer.uid):
+            with trio.move_on_after(wait) as waited:
+                if placement.pool is None:
+                    handle, process = await self._boot_cold(placement)
+                else:
+                    handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
+                                                                 handed_out)
+            if waited.cancelled_caught:
+                raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
+            entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
         try:
             await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
         except BaseException:
@@ -375,9 +402,11 @@ class CacheDaemon:
     async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, trio.Process]:
         """A VM of a size no pool can grow to, booted for this request alone."""
         spec = attrs.evolve(self.spec, vcpus=placement.vcpus, memory_mib=placement.memory_mib)
-        log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
-                 placement.vcpus, placement.memory_mib)
-        vm = await self._plain_boot(spec)
+        # A boot like any other: it waits for its turn among max_parallel_boots.
+        async with self.boots:
+            log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
+                     placement.vcpus, placement.memory_mib)
+            vm = await self._plain_boot(spec)
         handed = await vm.release()
         self.cold_boots += 1
         return handed
@@ -464,8 +493,11 @@ class CacheDaemon:
         """Root and the daemon's own uid: they may stop the daemon and any VM."""
         return uid in (0, self.peer_policy.own_uid)
 
-    async def _quit(self, _request: ProtoMessage) -> Empty:
-        log.info("Quit requested by a client")
+    async def _quit(self, _request: ProtoMessage, peer: PeerCredentials) -> Empty:
+        if not self._is_admin(peer.uid):
+            raise PermissionDeniedError(f"Quit is for root and uid {self.peer_policy.own_uid} (the "
+                                        f"daemon's own); uid {peer.uid} may not stop the daemon")
+        log.info("Quit requested by a client (pid %d, uid %d)", peer.pid, peer.uid)
         self.request_stop()
         return Empty()
 
