@@ -7,10 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import trio
 from conftest import VMCACHE, pid_alive, wait_until, write_config
+
+from vmcache.errors import VmcacheError
 
 BOOT_WAIT = 120.0
 
@@ -98,3 +102,29 @@ def stop_handed_out(handle_json: str, tmp_path: Path) -> None:
     done = subprocess.run([*VMCACHE, "stop", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert wait_until(lambda: not pid_alive(pid), 10)
+
+
+def run_as(uid: int, gid: int, action: Callable[[], Awaitable[str]]) -> str:
+    """Fork; in the child become ``uid``/``gid`` (no other groups) and run ``action`` under
+    Trio. Returns its result, or ``error <message>`` for a VmcacheError. (A fork, not a new
+    interpreter: a uid like 65534 may not be able to import from a root-owned environment.)"""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            outcome = trio.run(action)
+        except VmcacheError as error:
+            outcome = f"error {error}"
+        except BaseException as error:
+            outcome = f"crash {error!r}"
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        outcome = pipe.read()
+    os.waitpid(child, 0)
+    return outcome

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import VMCACHE, pid_alive, qemu_pids, wait_running, wait_until, write_config
-from daemon import Daemon
+from daemon import Daemon, run_as, stop_handed_out
 
 import vmcache
 from vmcache import server as daemon_module
@@ -140,6 +140,166 @@ def test_stop_refuses_a_handle_edited_to_name_something_else(daemon: Daemon, tmp
     daemon.cli("stop", str(real))
     assert not pid_alive(handle["pid"])
     assert daemon.signal(signal.SIGTERM) == 0
+
+
+def test_a_decoy_naming_the_vm_and_foreign_run_dirs_are_refused(daemon: Daemon, tmp_path: Path,
+                                                                 run_dir: Path) -> None:
+    """The handle names the victim's id and run directory, and the pid of a decoy whose
+    command line names the victim (``exec -a vmcache-<id>``): neither the daemon nor a local
+    stop may quit the victim's QEMU, signal the decoy or remove the victim's directory."""
+    daemon.start()
+    daemon.wait_cached(1)
+    victim = json.loads(daemon.cli("get").stdout)
+    vm_dir = run_dir / f"vm-{victim['id']}"
+    record = vm_dir / "vm.json"
+    info = record.lstat()
+    assert (info.st_uid, oct(info.st_mode & 0o777)) == (os.geteuid(), "0o644")
+    identity = json.loads(record.read_text())
+    assert (identity["pid"], identity["start_time"], identity["uid"]) == (
+        victim["pid"], victim["start_time"], os.geteuid())
+    assert victim["uid"] == os.geteuid() and victim["endpoint"] == str(daemon.endpoint)
+    decoy = subprocess.Popen(["bash", "-c", f"exec -a vmcache-{victim['id']} sleep 60"])
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    try:
+        assert wait_until(lambda: f"vmcache-{victim['id']}".encode() in
+                          Path(f"/proc/{decoy.pid}/cmdline").read_bytes().split(b"\0"), 5)
+        forged = {**victim, "pid": decoy.pid, "start_time": vmcache_start_time(decoy.pid)}
+        foreign = {**victim, "run_dir": str(precious), "qmp_socket": str(precious / "qmp.sock"),
+                   "agent_socket": str(precious / "agent-0.sock"),
+                   "console_log": str(precious / "console.log")}
+        data = tmp_path / "data.txt"
+        data.write_text("x")
+        attempts: dict[str, tuple[dict[str, object], list[str]]] = {}
+        for name, handle in (("decoy", forged), ("foreign run_dir", foreign)):
+            for via, variant in (("daemon", handle), ("local", {**handle, "endpoint": ""})):
+                path = tmp_path / f"{name}-{via}.json".replace(" ", "-")
+                path.write_text(json.dumps(variant))
+                attempts[f"stop, {name}, {via}"] = (variant, ["stop", str(path)])
+                if via == "local":  # exec and cp never ask the daemon
+                    attempts[f"exec, {name}"] = (variant, ["exec", str(path), "--", "true"])
+                    attempts[f"cp, {name}"] = (variant, ["cp", str(data), f"{path}:/tmp/x"])
+        for what, (_variant, argv) in attempts.items():
+            done = subprocess.run([*VMCACHE, *argv], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, (what, done.stderr)
+            assert done.stderr.count("\n") == 1 and "not touching it" in done.stderr, (what, done.stderr)
+            assert decoy.poll() is None, f"{what}: the decoy was signalled"
+            assert pid_alive(victim["pid"]), f"{what}: the victim was stopped"
+            assert {"vm.json", "qmp.sock", "agent-0.sock"} <= {p.name for p in vm_dir.iterdir()}, what
+            assert (precious / "keep.txt").read_text() == "mine", what
+        assert "stop asked" not in daemon.log()
+    finally:
+        decoy.kill()
+        decoy.wait()
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(victim))
+    assert daemon.cli("exec", str(real), "--", "true").returncode == 0
+    daemon.cli("stop", str(real))
+    assert not pid_alive(victim["pid"]) and not vm_dir.exists()
+    assert "stop asked by pid" in daemon.log()  # the daemon stopped it (StopVM), not the client
+    assert daemon.signal(signal.SIGTERM) == 0
+
+
+def test_a_local_stop_checks_the_identity_record(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """With no daemon in the way (a handle without endpoint): the record decides, and a
+    record that is not the launcher's (replaced, a symlink) makes stop refuse."""
+    config = write_config(tmp_path / "c.toml")
+
+    async def main() -> None:
+        spec = vmcache.resolve_spec(vmcache.load_config(config))
+        async with vmcache.launch_vm(spec) as vm:
+            handle = await vm.release()
+        vm_handle, process = handle
+        record = run_dir / f"vm-{vm_handle.id}" / "vm.json"
+        saved = record.read_bytes()
+        try:
+            record.unlink()
+            other = tmp_path / "other.json"
+            other.write_bytes(saved)
+            record.symlink_to(other)
+            with pytest.raises(vmcache.HandleError, match="not to be trusted"):
+                await vm_handle.stop()
+            record.unlink()
+            with pytest.raises(vmcache.HandleError, match="no identity record"):
+                await vm_handle.stop()
+            record.write_bytes(saved)
+            os.chown(record, 65534, 65534)
+            with pytest.raises(vmcache.HandleError, match="not to be trusted"):
+                await vm_handle.stop()
+            os.chown(record, 0, 0)
+            assert process.returncode is None
+            await vm_handle.stop()
+            assert not record.parent.exists()
+        finally:
+            with trio.CancelScope(shield=True):
+                process.kill()
+                await process.wait()
+
+    trio.run(main)
+
+
+def test_stop_vm_is_for_the_vms_owner(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """StopVM: the uid that took the VM may stop it, another uid (admitted by socket_group) may not."""
+    daemon = Daemon(tmp_path, run_dir, cache=1, factory={"socket_group": "nogroup"}).start()
+    try:
+        daemon.wait_cached(1)
+
+        async def take() -> str:
+            async with vmcache.connect(daemon.endpoint) as cache:
+                return (await cache.get_vm(timeout=60)).to_json()
+
+        taken = run_as(12345, 65534, take)  # in the group by its gid
+        handle = vmcache.VMHandle.from_json(taken)
+        assert [(vm["id"], vm["owner_uid"]) for vm in daemon.status()["handed_out_vms"]] == [
+            (handle.id, 12345)]
+
+        async def stop() -> str:
+            async with vmcache.connect(daemon.endpoint) as cache:
+                return f"ok {await cache.stop_vm(handle)}"
+
+        refused = run_as(65534, 65534, stop)
+        assert refused == (f"error the daemon refused this client: VM {handle.id} belongs to uid 12345; "
+                           "uid 65534 may not stop it (only its owner, root and uid 0)"), refused
+        assert pid_alive(handle.pid) and (run_dir / f"vm-{handle.id}").is_dir()
+        assert run_as(12345, 65534, stop) == "ok True"
+        assert not pid_alive(handle.pid)
+        assert wait_until(lambda: not daemon.status()["handed_out_vms"], 5)
+        assert not (run_dir / f"vm-{handle.id}").exists()
+        assert run_as(12345, 65534, stop).startswith("error the daemon does not know: no VM")
+        assert daemon.signal(signal.SIGTERM) == 0
+    finally:
+        daemon.ensure_stopped()
+
+
+def test_one_uid_gets_at_most_max_vms_per_uid_and_a_member_may_not_quit(
+        tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    daemon = Daemon(tmp_path, run_dir, cache=1, factory={"max_vms_per_uid": 1,
+                                                         "socket_group": "nogroup"}).start()
+    try:
+        daemon.wait_cached(1)
+        first = daemon.cli("get").stdout
+        for argv in (["get", "--endpoint", str(daemon.endpoint)],
+                     ["run", "--endpoint", str(daemon.endpoint), "--", "true"]):
+            done = subprocess.run([*VMCACHE, *argv], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr == ("vmcache: the daemon refused: uid 0 already holds 1 VMs of this daemon, "
+                                   "the most one user may (factory.max_vms_per_uid = 1): stop one "
+                                   "(vmcache stop HANDLE) and ask again\n"), done.stderr
+
+        async def quit_daemon() -> str:
+            async with vmcache.connect(daemon.endpoint) as cache:
+                await cache.quit()
+            return "ok"
+
+        refused = run_as(65534, 65534, quit_daemon)  # admitted by socket_group, not to Quit
+        assert refused.startswith("error the daemon refused this client: Quit is for root"), refused
+        assert daemon.process is not None and daemon.process.poll() is None
+        stop_handed_out(first, tmp_path)
+        stop_handed_out(daemon.cli("get").stdout, tmp_path)  # room again
+        assert daemon.signal(signal.SIGTERM) == 0
+    finally:
+        daemon.ensure_stopped()
 
 
 def vmcache_start_time(pid: int) -> int:

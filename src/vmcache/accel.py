@@ -35,6 +35,7 @@ from typing import TypeVar
 import attrs
 import trio
 
+from . import safefile
 from .errors import BootError, HardwareAccelRequiredError
 
 log = logging.getLogger("vmcache.accel")
@@ -200,8 +201,9 @@ class AccelChooser:
         if self.cache_file is None:
             return None
         try:
-            data = json.loads(self.cache_file.read_text())
-        except (OSError, ValueError):
+            raw = safefile.read_small(self.cache_file.parent, self.cache_file.name)
+            data = json.loads(raw) if raw is not None else None
+        except (OSError, ValueError):  # a symlink or a stranger's directory: not believed
             return None
         if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("kvm"), bool):
             return None
@@ -220,9 +222,9 @@ class AccelChooser:
             return
         try:
             self.cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            partial = self.cache_file.with_suffix(".partial")
-            partial.write_text(json.dumps({"key": key, "kvm": works, "reason": reason, "at": time.time()}))
-            partial.replace(self.cache_file)
+            # Not through a symlink, and only into a directory of ours (vmcache.safefile).
+            verdict = {"key": key, "kvm": works, "reason": reason, "at": time.time()}
+            safefile.write_atomic(self.cache_file.parent, self.cache_file.name, json.dumps(verdict).encode())
         except OSError as error:
             log.debug("cannot keep the KVM probe's result in %s: %s", self.cache_file, error.strerror)
 

@@ -595,9 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
         "stop",
         help="stop a VM you hold, by its handle",
         description="Stop the VM whose handle is in the file HANDLE (or on stdin for -): "
-        "QMP quit, then SIGTERM, then SIGKILL; its run directory is removed. Only a VM whose "
-        "pid, start time and command line match the handle, and whose run directory is "
-        "vm-<id> under the run directory ($VMCACHE_RUN_DIR), is touched.",
+        "QMP quit, then SIGTERM, then SIGKILL; its run directory is removed. A VM a daemon "
+        "handed out is stopped by that daemon (StopVM: its owner, root or the daemon's user "
+        "only); without a daemon, only a VM whose run directory is vm-<id> under the run "
+        "directory ($VMCACHE_RUN_DIR) and whose identity record (vm.json) names the handle's "
+        "pid and start time, checked against /proc, is touched.",
         epilog="example: vmcache stop vm.json",
     )
     stop.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")

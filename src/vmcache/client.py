@@ -15,6 +15,7 @@ dies before claiming costs a VM nothing: the daemon kills it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +28,13 @@ from google.protobuf.empty_pb2 import Empty
 from ._proto import cache_pb2
 from .errors import (
     CacheError,
+    FailedPreconditionError,
+    HandleError,
     HandOutAbortedError,
     LeaseLostError,
+    PermissionDeniedError,
     VmcacheError,
+    VMGoneError,
     unwrap_group,
 )
 from .handle import VMHandle
@@ -50,6 +55,8 @@ QUIT_WAIT = 60.0
 #: How long the daemon may take to confirm a claim, and to stop a released lease's VM.
 CLAIM_WAIT = 10.0
 RELEASE_WAIT = 20.0
+#: How long the daemon may take to stop a VM for StopVM (its own bound is 15 s).
+STOP_VM_WAIT = 20.0
 #: Offers of a VM that died before the claim are retried this many times.
 TAKE_ATTEMPTS = 3
 
@@ -156,7 +163,7 @@ class CacheClient:
             offer = await call.receive()
             if offer is None or offer.WhichOneof("step") != "offer":
                 raise CacheError("TakeVM: the daemon sent no offer")
-            handle = handle_from_grpc_vm(offer.offer)  # type: ignore[attr-defined]
+            handle = self._ours(handle_from_grpc_vm(offer.offer))  # type: ignore[attr-defined]
             if on_offer is not None:
                 on_offer(handle)
             await call.send(cache_pb2.TakeRequest(claim=cache_pb2.TakeClaim(vm_id=handle.id)))
@@ -186,7 +193,21 @@ class CacheClient:
     async def get_base_vm(self, timeout: float = DEFAULT_GET_TIMEOUT) -> VMHandle:
         """Kata's hand-out (``GetBaseVM``), without a claim: for clients built from Kata's proto."""
         reply = await self._channel.unary("GetBaseVM", Empty(), cache_pb2.GrpcVM, timeout)
-        return handle_from_grpc_vm(reply)
+        return self._ours(handle_from_grpc_vm(reply))
+
+    def _ours(self, handle: VMHandle) -> VMHandle:
+        """A handle from this daemon: it names the daemon, whom ``stop`` asks first."""
+        handle.endpoint = os.path.abspath(self._channel.endpoint)
+        return handle
+
+    async def stop_vm(self, handle: VMHandle, timeout: float = STOP_VM_WAIT) -> bool:
+        """Have the daemon stop a VM it handed out (``StopVM``; it checks we own the VM and
+        that the handle's pid, start time and run directory are the VM's). True if it was
+        still running; :class:`UnknownVMError` if the daemon does not hold it."""
+        reply = await self._channel.unary("StopVM", cache_pb2.StopVMRequest(
+            vm_id=handle.id, pid=handle.pid, start_time=max(0, handle.start_time), run_dir=handle.run_dir,
+        ), cache_pb2.StopVMReply, timeout)
+        return bool(reply.was_running)
 
     # ------------------------------------------------------------ the rest
 
@@ -221,6 +242,25 @@ async def _expect_end(call: Call) -> None:
     with trio.fail_after(RELEASE_WAIT):
         while await call.receive() is not None:
             pass
+
+
+async def stop_via_daemon(endpoint: Path, handle: VMHandle) -> bool:
+    """``VMHandle.stop`` for a VM a daemon handed out: True once the daemon stopped it;
+    False if the daemon cannot (it does not answer, does not know the VM, or is too old for
+    StopVM): the caller then stops the VM itself, with every check of its own. A refusal
+    (not our VM, an edited handle) is raised: nothing is to be touched then."""
+    try:
+        async with connect(endpoint) as cache:
+            was_running = await cache.stop_vm(handle)
+    except PermissionDeniedError:
+        raise
+    except FailedPreconditionError as error:
+        raise HandleError(error.detail) from None
+    except CacheError:
+        return False  # no daemon, not its VM, UNIMPLEMENTED, a broken connection: ours to do
+    if not was_running:
+        raise VMGoneError(f"VM {handle.id} is not running (already stopped, or it died)")
+    return True
 
 
 @asynccontextmanager

@@ -106,6 +106,7 @@ class FactoryConfig:
     boot_retry_max: float = attrs.field(default=30.0, validator=_positive)
     health_interval: float = attrs.field(default=5.0, validator=_positive)
     max_parallel_boots: int = attrs.field(default=0, validator=_at_least(0))
+    max_vms_per_uid: int = attrs.field(default=0, validator=_at_least(0))
     boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
     idle_vms: str = attrs.field(default="paused", validator=_one_of("paused", "running"))
     hot_vms: int = attrs.field(default=1, validator=_at_least(0))

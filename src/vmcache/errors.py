@@ -158,6 +158,23 @@ class PermissionDeniedError(CacheError):
     """The daemon does not admit this user: ask for its ``socket_group``."""
 
 
+class FailedPreconditionError(CacheError):
+    """The daemon answered FAILED_PRECONDITION: :attr:`detail` is its own message."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+class UnknownVMError(CacheError):
+    """The daemon holds no VM of that id (gone, or never its own): NOT_FOUND."""
+
+
+class QuotaExceededError(CacheError):
+    """This user already holds as many VMs as the daemon allows one user
+    (``factory.max_vms_per_uid``): stop one first. RESOURCE_EXHAUSTED."""
+
+
 class HandOutAbortedError(CacheError):
     """The VM died on its way to the client (between offer and claim); asking again helps."""
 

@@ -83,7 +83,8 @@ class Guest:
     def _try_lock_port(self) -> int | None:
         """Lock the first free port; its index, or None if all are taken."""
         for index in range(self._ports):
-            fd = os.open(self.run_dir / f"agent-{index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.run_dir / f"agent-{index}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -121,7 +122,8 @@ class Guest:
                 stream = await connect_when_ready(user_socket(self.run_dir, index),
                                                   still_starting=self._is_running)
                 if self._console_fd is None:
-                    self._console_fd = os.open(self.run_dir / "console.log", os.O_RDONLY | os.O_CLOEXEC)
+                    self._console_fd = os.open(self.run_dir / "console.log",
+                                               os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                 try:
                     return await AgentConnection.start(stream, timeout=CONNECT_TIMEOUT)
                 except BaseException:

@@ -21,9 +21,9 @@ from ._unix import connect_when_ready
 from .cgroup import manager as cgroup_manager
 from .errors import HandleError, VmcacheError, VMGoneError
 from .guest import Guest, GuestAPI
-from .paths import VM_ID_PATTERN, default_run_dir, vm_run_dir
-from .process import PidfdProcess, ProcessLike, open_vm_process, stop_process
-from .procfs import process_start_time
+from .identity import open_verified
+from .paths import default_run_dir, vm_run_dir
+from .process import PidfdProcess, ProcessLike, stop_process
 from .qmp import QMPClient
 
 CONNECT_TIMEOUT = 10.0
@@ -83,8 +83,12 @@ class VMHandle(GuestAPI):
     boot_id: str = ""
     #: User ports of the agent: ``agent-0.sock`` (``agent_socket``) to ``agent-<N-1>.sock``.
     agent_ports: int = 16
-    #: The uid QEMU runs as (its own, in its jail); -1 in handles from before it was said.
+    #: The uid QEMU runs as (-1: not said, a handle from before this field).
     uid: int = -1
+    #: The socket of the daemon that handed the VM out ("" = none: a VM of our own). ``stop``
+    #: asks that daemon first (it knows who owns the VM); the handle's holder may edit it,
+    #: so it only ever decides whom to ask, never what is stopped.
+    endpoint: str = ""
     _owner: Guest | None = attrs.field(default=None, init=False, repr=False)
     #: The handle came from the daemon itself (not from a file a user may have edited):
     #: its run directory is trusted to be under the daemon's run root, whatever ours is.
@@ -144,11 +148,11 @@ class VMHandle(GuestAPI):
                                   "not touching it")
         return expected
 
-    def _process(self) -> PidfdProcess | None:
-        """The VM's QEMU process if this pid, start time and command line still are that VM."""
-        if not VM_ID_PATTERN.fullmatch(self.id):
-            return None
-        return open_vm_process(self.id, self.pid, self.start_time)
+    def _process(self, run_root: Path | None = None) -> PidfdProcess | None:
+        """The VM's QEMU process, checked against the identity record its launcher wrote in
+        its run directory (see :mod:`vmcache.identity`); None once it is not running. A
+        handle that names anything else is a :class:`HandleError`."""
+        return open_verified(self.run_dir_path(run_root).parent, self.id, self.pid, self.start_time)
 
     async def wait_stopped(self) -> None:
         """Wait until the VM's QEMU is gone (at once if it is not running)."""
@@ -160,7 +164,8 @@ class VMHandle(GuestAPI):
                 process.close()
 
     def is_running(self) -> bool:
-        """True while the VM's QEMU process (this pid, start time and command line) is alive."""
+        """True while the VM's QEMU process (this pid and start time, as its identity record
+        says) is alive."""
         process = self._process()
         if process is None:
             return False
@@ -168,11 +173,14 @@ class VMHandle(GuestAPI):
         return True
 
     def _guest(self) -> Guest:
-        """The guest connection (a user port of the VM's), made on first use."""
+        """The guest connection (a user port of the VM's), made on first use, only to a VM
+        whose run directory and QEMU process are the handle's (checked as for :meth:`stop`)."""
         if self._owner is None:
-            run_dir = Path(self.run_dir)
-            if Path(self.agent_socket) != run_dir / "agent-0.sock" or not VM_ID_PATTERN.fullmatch(self.id):
-                raise HandleError(f"VM handle {self.id[:40]}: its agent socket is not in its run directory")
+            run_dir = self.run_dir_path()
+            process = self._process()
+            if process is None:
+                raise VMGoneError(f"VM {self.id} is not running (already stopped, or it died)")
+            process.close()
             self._owner = Guest(self.id, run_dir, is_running=self.is_running,
                                 wait_stopped=self.wait_stopped, ports=self.agent_ports)
         return self._owner
@@ -190,27 +198,34 @@ class VMHandle(GuestAPI):
     async def stop(self, run_root: Path | None = None) -> None:
         """Stop the VM: QMP quit, then SIGTERM, then SIGKILL (bounded); remove its run directory.
 
-        Acts only on a VM whose pid, start time and command line match the handle and
-        whose run directory is ``vm-<id>`` under ``run_root`` (by default the configured
-        run root, or, for a handle the daemon sent, the daemon's): anything else is a
-        :class:`HandleError`. Raises :class:`VMGoneError` if
-        the VM was not running any more.
+        A VM a daemon handed out (:attr:`endpoint`) is stopped by that daemon (``StopVM``:
+        it checks that we own the VM); a daemon that does not answer or does not know the
+        VM leaves it to us. Here we act only on a VM whose run directory is ``vm-<id>``
+        under ``run_root`` (by default the configured run root, or, for a handle the daemon
+        sent, the daemon's) and whose QEMU the identity record there says is this pid and
+        start time (see :mod:`vmcache.identity`): anything else is a :class:`HandleError`,
+        and nothing is touched. Raises :class:`VMGoneError` if the VM was not running any more.
         """
-        run_dir = self.run_dir_path(run_root)
+        if vm_run_dir(Path("/"), self.id) is None:
+            raise HandleError(f"not a VM handle of ours: the id {self.id[:40]!r} is not a vmcache VM id")
         await self.disconnect()
-        process = self._process()
+        if self.endpoint and run_root is None:
+            # The daemon finds the VM by its id alone, and checks the rest against its own
+            # records; our run root need not be its (a user's is not a root daemon's).
+            from .client import stop_via_daemon
+
+            if await stop_via_daemon(Path(self.endpoint), self):
+                return
+        run_dir = self.run_dir_path(run_root)
+        process = self._process(run_root)
         if process is None:
-            if _vm_runs_in(run_dir, self.id):
-                raise HandleError(f"VM handle {self.id}: pid {self.pid} is not that VM's QEMU "
-                                  "(was the handle edited?); not touching it")
-            _remove_tree(run_dir)
+            _remove_tree(run_dir)  # its record (if any) is the launcher's and names this QEMU
             raise VMGoneError(f"VM {self.id} is not running (already stopped, or it died)")
         try:
             await stop_vm_process(process, run_dir / "qmp.sock")
         finally:
             process.close()
         _remove_tree(run_dir)
-
 
     async def aclose(self) -> None:
         """Stop the VM if it is still running (what ``async with`` does on exit)."""
@@ -224,19 +239,6 @@ class VMHandle(GuestAPI):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _vm_runs_in(run_dir: Path, vm_id: str) -> bool:
-    """Whether VM ``vm_id`` still runs, by the pid file QEMU wrote in its run directory."""
-    try:
-        pid = int((run_dir / "qemu.pid").read_text().strip())
-    except (OSError, ValueError):
-        return False
-    process = open_vm_process(vm_id, pid, process_start_time(pid))
-    if process is None:
-        return False
-    process.close()
-    return True
 
 
 def _remove_tree(path: Path) -> None:

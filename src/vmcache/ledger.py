@@ -92,6 +92,14 @@ class Ledger:
     def entries(self) -> list[HandedOut]:
         return sorted(self._entries.values(), key=lambda entry: entry.handed_at)
 
+    def get(self, vm_id: str) -> HandedOut | None:
+        """The entry of VM ``vm_id``, if this ledger holds it."""
+        return self._entries.get(vm_id)
+
+    def held_by(self, uid: int) -> int:
+        """How many VMs ``uid`` holds now (offered, leased or claimed)."""
+        return sum(entry.owner_uid == uid for entry in self._entries.values())
+
     async def run(self, claimed: list[VMRecord] = (),  # type: ignore[assignment]
                   *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch handed-out VMs until cancelled, starting with ``claimed`` ones a previous

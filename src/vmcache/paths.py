@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
+
+from .errors import ConfigError
 
 
 def default_data_dir() -> Path:
@@ -45,7 +48,33 @@ def default_run_dir() -> Path:
         return Path("/run/vmcache")
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "vmcache"
-    return Path(f"/tmp/vmcache-{os.geteuid()}")
+    fallback = FALLBACK_RUN_PARENT / f"vmcache-{os.geteuid()}"
+    check_fallback_run_dir(fallback)
+    return fallback
+
+
+#: Where the run directory falls back to with no XDG_RUNTIME_DIR: a world-writable place.
+FALLBACK_RUN_PARENT = Path("/tmp")
+
+
+def check_fallback_run_dir(path: Path) -> None:
+    """Refuse a fallback run directory in a shared place (``/tmp/vmcache-$UID``) that exists
+    and is not our own private directory: another user could have made it first (a symlink,
+    a directory of theirs, or one that is ours but open to others) to read our sockets or
+    plant files in it. One that does not exist yet is made 0700 by whoever needs it."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"cannot check the run directory {path}: {error.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"the run directory {path} is not a directory (a symlink?): it is not "
+                          "ours; remove it, or set XDG_RUNTIME_DIR or VMCACHE_RUN_DIR")
+    if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        raise ConfigError(f"the run directory {path} belongs to uid {info.st_uid} with mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}, not to uid {os.geteuid()} with mode "
+                          "0700: remove it, or set XDG_RUNTIME_DIR or VMCACHE_RUN_DIR")
 
 
 def default_endpoint() -> Path:

@@ -46,6 +46,7 @@ from .guest import (
     user_socket,
 )
 from .handle import VMHandle
+from .identity import write_identity
 from .jail import JailedProcess, limits, pick_uid, prepare_run_dir, start_jailed
 from .process import ProcessLike, stop_process
 from .procfs import process_start_time, process_state
@@ -562,6 +563,7 @@ async def start_vm(
         write_pidfile(run_dir, vm.pid)
         if registry is not None:
             registry.started(vm.id, vm.pid)
+        write_identity(run_dir, vm.id, vm.pid, vm.uid, spec.qemu, vm.start_time)
         with trio.move_on_after(timeout) as deadline:
             vm.boot_id = await _until_exit(vm.process, functools.partial(become_ready, vm))
         if deadline.cancelled_caught:

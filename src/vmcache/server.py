@@ -21,6 +21,7 @@ Task tree::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -30,7 +31,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import cast
 
 import attrs
@@ -48,8 +49,12 @@ from .errors import (
     CacheUnavailableError,
     ConfigError,
     DeadlineExceededError,
+    HandleError,
     HardwareAccelRequiredError,
     InvalidRequestError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    UnknownVMError,
     VmcacheError,
     VMGoneError,
 )
@@ -63,8 +68,8 @@ from .pool import EventHub, Lease, VMPool
 from .process import ProcessLike
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
-from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary
-from .security import PeerPolicy, raise_open_file_limit, resolve_group
+from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary, unary_with_peer
+from .security import PeerCredentials, PeerPolicy, raise_open_file_limit, resolve_group
 from .snapshot import SnapshotManager
 from .state import VMRegistry, state_dir_for
 from .wire import (
@@ -139,14 +144,19 @@ class CacheDaemon:
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = trio.Event()
+        self.peer_policy = PeerPolicy(self.group_gid)
+        #: Per uid, hand-outs under way (asked, not yet in the ledger): they count against
+        #: max_vms_per_uid too, so that concurrent asks cannot overrun it.
+        self._asking: collections.Counter[int] = collections.Counter()
         self.rpc = RpcServer(SERVICE, {
             "Config": Method(Empty, unary(self._config)),
             "GetBaseVM": Method(Empty, self._get_base_vm),
             "Status": Method(Empty, unary(self._status)),
-            "Quit": Method(Empty, unary(self._quit)),
+            "Quit": Method(Empty, unary_with_peer(self._quit)),
             "Watch": Method(Empty, server_streaming(self._watch)),
             "TakeVM": Method(cache_pb2.TakeRequest, self._take_vm),
-        }, check_peer=PeerPolicy(self.group_gid).check)
+            "StopVM": Method(cache_pb2.StopVMRequest, unary_with_peer(self._stop_vm)),
+        }, check_peer=self.peer_policy.check)
 
     def request_stop(self) -> None:
         """Stop as Ctrl-C does: kill cached VMs, remove the socket, return."""
@@ -316,23 +326,44 @@ class CacheDaemon:
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
         await call.receive_one()
-        lease = await self._lease_from(self.pool)
-        written = False
-        try:
-            await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
-            written = True
-            self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
-        finally:
-            with trio.CancelScope(shield=True):
-                if not written:
-                    await lease.abort()
-                else:
-                    try:
-                        handle, process = await lease.commit()
-                    except VMGoneError as error:
-                        log.warning("%s; the client got a VM that is gone", error)
+        uid = call.peer.uid
+        with self._hand_out_to(uid):
+            lease = await self._lease_from(self.pool)
+            written = False
+            try:
+                await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
+                written = True
+                self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if not written:
+                        await lease.abort()
                     else:
-                        self.ledger.adopt(handle, process, call.peer.uid, "claimed")
+                        try:
+                            handle, process = await lease.commit()
+                        except VMGoneError as error:
+                            log.warning("%s; the client got a VM that is gone", error)
+                        else:
+                            self.ledger.adopt(handle, process, uid, "claimed")
+
+    @contextlib.contextmanager
+    def _hand_out_to(self, uid: int) -> Iterator[None]:
+        """A hand-out to ``uid`` under way: refused (QuotaExceededError, RESOURCE_EXHAUSTED)
+        if ``uid`` already holds ``max_vms_per_uid`` VMs, counting those being handed out.
+        Leave the block once the VM is in the ledger (or not handed out)."""
+        limit = self.config.factory.max_vms_per_uid
+        held = self.ledger.held_by(uid) + self._asking[uid]
+        if limit and held >= limit:
+            raise QuotaExceededError(
+                f"uid {uid} already holds {held} VMs of this daemon, the most one user may "
+                f"(factory.max_vms_per_uid = {limit}): stop one (vmcache stop HANDLE) and ask again")
+        self._asking[uid] += 1
+        try:
+            yield
+        finally:
+            self._asking[uid] -= 1
+            if not self._asking[uid]:
+                del self._asking[uid]
 
     async def _take_vm(self, call: RpcCall[ProtoMessage]) -> None:
         """The acknowledged hand-out (see protos/cache.proto): offer, claim, and for a lease, hold."""
@@ -385,15 +416,16 @@ class CacheDaemon:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
         it to the ledger and send the client the offer. A pool replaces the VM once
         ``handed_out`` is set."""
-        with trio.move_on_after(wait) as waited:
-            if placement.pool is None:
-                handle, process = await self._boot_cold(placement)
-            else:
-                handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
-                                                             handed_out)
-        if waited.cancelled_caught:
-            raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
-        entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
+        with self._hand_out_to(call.peer.uid):
+            with trio.move_on_after(wait) as waited:
+                if placement.pool is None:
+                    handle, process = await self._boot_cold(placement)
+                else:
+                    handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
+                                                                 handed_out)
+            if waited.cancelled_caught:
+                raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
+            entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
         try:
             await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
         except BaseException:
@@ -434,15 +466,17 @@ class CacheDaemon:
     async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, ProcessLike]:
         """A VM of a size no pool can grow to, booted for this request alone."""
         spec = attrs.evolve(self.spec, vcpus=placement.vcpus, memory_mib=placement.memory_mib)
-        log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
-                 placement.vcpus, placement.memory_mib)
-        vm = await self._plain_boot(spec)
-        try:
-            self._check_accel(vm.handle())
-        except HardwareAccelRequiredError:
-            with trio.CancelScope(shield=True):
-                await vm.stop()
-            raise
+        # A boot like any other: it waits for its turn among max_parallel_boots.
+        async with self.boots:
+            log.info("booting a VM of %d vCPUs and %d MiB for a request no pool can serve",
+                     placement.vcpus, placement.memory_mib)
+            vm = await self._plain_boot(spec)
+            try:
+                self._check_accel(vm.handle())
+            except HardwareAccelRequiredError:
+                with trio.CancelScope(shield=True):
+                    await vm.stop()
+                raise
         handed = await vm.release()
         self.cold_boots += 1
         return handed
@@ -532,10 +566,42 @@ class CacheDaemon:
         )
         return status_message(status)
 
-    async def _quit(self, _request: ProtoMessage) -> Empty:
-        log.info("Quit requested by a client")
+    def _is_admin(self, uid: int) -> bool:
+        """Root and the daemon's own uid: they may stop the daemon and any VM."""
+        return uid in (0, self.peer_policy.own_uid)
+
+    async def _quit(self, _request: ProtoMessage, peer: PeerCredentials) -> Empty:
+        if not self._is_admin(peer.uid):
+            raise PermissionDeniedError(f"Quit is for root and uid {self.peer_policy.own_uid} (the "
+                                        f"daemon's own); uid {peer.uid} may not stop the daemon")
+        log.info("Quit requested by a client (pid %d, uid %d)", peer.pid, peer.uid)
         self.request_stop()
         return Empty()
+
+    async def _stop_vm(self, request: ProtoMessage, peer: PeerCredentials) -> cache_pb2.StopVMReply:
+        """Stop a VM we handed out, for its owner (or root, or our own uid)."""
+        assert isinstance(request, cache_pb2.StopVMRequest)
+        entry = self.ledger.get(request.vm_id)
+        if entry is None:
+            raise UnknownVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon")
+        if peer.uid != entry.owner_uid and not self._is_admin(peer.uid):
+            raise PermissionDeniedError(f"VM {entry.id} belongs to uid {entry.owner_uid}; uid {peer.uid} "
+                                        f"may not stop it (only its owner, root and uid "
+                                        f"{self.peer_policy.own_uid})")
+        handle = entry.handle
+        for name, given, ours in (("pid", request.pid, handle.pid),
+                                  ("start time", request.start_time, handle.start_time),
+                                  ("run directory", request.run_dir, handle.run_dir)):
+            if given and given != ours:
+                raise HandleError(f"VM handle {entry.id}: its {name} is not that VM's (was the handle "
+                                  "edited?); not touching it")
+        was_running = entry.alive
+        log.info("VM %s: stop asked by pid %d (uid %d)", entry.id, peer.pid, peer.uid)
+        await self.ledger.stop(entry, f"uid {peer.uid} asked (StopVM)")
+        if not entry.gone.is_set():
+            raise CacheError(f"VM {entry.id} did not stop in time; it is still being stopped")
+        return cache_pb2.StopVMReply(vm_id=entry.id, was_running=was_running,
+                                     message=f"stopped: {entry.stop_reason}")
 
     async def _watch(self, _request: ProtoMessage) -> AsyncIterator[cache_pb2.GrpcEvent]:
         events = self._watch_all()

@@ -26,6 +26,8 @@ signalled after checking it is still that QEMU (start time and command line).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +40,7 @@ import attrs
 import cattrs
 import trio
 
+from . import safefile
 from .cgroup import manager as cgroup_manager
 from .errors import ConfigError
 from .paths import vm_run_dir
@@ -74,11 +77,23 @@ class VMRecord:
 _CONVERTER = cattrs.Converter(forbid_extra_keys=True)
 
 
-def _make_private_dir(path: Path) -> None:
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and make it 0700; a ConfigError if it is a symlink or
+    belongs to someone else (we would write our records into their directory)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            owner = os.fstat(fd).st_uid
+            if owner != os.geteuid():
+                raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
+                                  f"(uid {os.geteuid()}): remove it or choose another run directory")
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
     except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"{path} is not a directory (a symlink?): remove it") from None
         raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
 
@@ -91,24 +106,24 @@ class VMRegistry:
 
     def prepare(self) -> None:
         """Create the directory (0700) and check it is writable; a ConfigError if not."""
-        _make_private_dir(self.path.parent)
-        _make_private_dir(self.path)
-        probe = self.path / ".write-test"
+        make_private_dir(self.path.parent)
+        make_private_dir(self.path)
         try:
-            probe.write_text("")
-            probe.unlink()
+            safefile.write_atomic(self.path, ".write-test", b"")
+            safefile.remove(self.path, ".write-test")
         except OSError as error:
             raise ConfigError(f"state directory {self.path} is not writable: {error.strerror}") from None
 
-    def _file(self, vm_id: str) -> Path:
-        return self.path / f"vm-{vm_id}.json"
+    @staticmethod
+    def _name(vm_id: str) -> str:
+        return f"vm-{vm_id}.json"
 
     def write(self, record: VMRecord) -> None:
-        """Create or replace a record (atomically: a crash leaves the old or the new one)."""
-        partial = self.path / f".vm-{record.id}.partial"
+        """Create or replace a record (atomically: a crash leaves the old or the new one;
+        never through a symlink, only in our own directory: see vmcache.safefile)."""
         try:
-            partial.write_text(json.dumps(_CONVERTER.unstructure(record)))
-            partial.replace(self._file(record.id))
+            safefile.write_atomic(self.path, self._name(record.id),
+                                  json.dumps(_CONVERTER.unstructure(record)).encode())
         except OSError as error:
             log.error("cannot record VM %s in %s: %s", record.id, self.path, error.strerror)
 
@@ -127,19 +142,26 @@ class VMRegistry:
 
     def remove(self, vm_id: str) -> None:
         """Forget a VM: its QEMU process is gone."""
-        self._file(vm_id).unlink(missing_ok=True)
+        try:
+            safefile.remove(self.path, self._name(vm_id))
+        except OSError as error:
+            log.error("cannot remove the record of VM %s in %s: %s", vm_id, self.path, error.strerror)
 
     def load(self) -> list[VMRecord]:
         """Every readable record; unreadable ones are logged and removed."""
         records = []
         for path in sorted(self.path.glob("vm-*.json")):
             try:
-                record = _CONVERTER.structure(json.loads(path.read_text()), VMRecord)
-                if path.name != f"vm-{record.id}.json" or record.role not in ROLES:
+                data = safefile.read_small(self.path, path.name)
+                if data is None:
+                    continue
+                record = _CONVERTER.structure(json.loads(data), VMRecord)
+                if path.name != self._name(record.id) or record.role not in ROLES:
                     raise ValueError("inconsistent record")
             except (OSError, ValueError, TypeError, cattrs.BaseValidationError):
                 log.warning("ignoring an unreadable record %s", path)
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    safefile.remove(self.path, path.name)
                 continue
             records.append(record)
         return records

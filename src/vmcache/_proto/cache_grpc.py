@@ -22,6 +22,9 @@ class CacheServiceServicer(purerpc.Servicer):
     async def TakeVM(self, input_messages):
         raise NotImplementedError()
 
+    async def StopVM(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -81,6 +84,15 @@ class CacheServiceServicer(purerpc.Servicer):
                 cache__pb2.TakeReply,
             )
         )
+        service_obj.add_method(
+            "StopVM",
+            self.StopVM,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                cache__pb2.StopVMRequest,
+                cache__pb2.StopVMReply,
+            )
+        )
         return service_obj
 
 
@@ -136,5 +148,13 @@ class CacheServiceStub:
                 purerpc.Cardinality.STREAM_STREAM,
                 cache__pb2.TakeRequest,
                 cache__pb2.TakeReply,
+            )
+        )
+        self.StopVM = self._client.get_method_stub(
+            "StopVM",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                cache__pb2.StopVMRequest,
+                cache__pb2.StopVMReply,
             )
         )

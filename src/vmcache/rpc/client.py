@@ -23,9 +23,12 @@ from ..errors import (
     CacheUnavailableError,
     DaemonNotRunningError,
     DeadlineExceededError,
+    FailedPreconditionError,
     HandOutAbortedError,
     InvalidRequestError,
     PermissionDeniedError,
+    QuotaExceededError,
+    UnknownVMError,
     unwrap_group,
 )
 from .transport import ClientCall, Code, Connection, RpcStatus, TransportError
@@ -50,6 +53,12 @@ def error_for(status: RpcStatus) -> CacheError:
         return InvalidRequestError(f"the daemon refused the request: {message}")
     if status.code == Code.PERMISSION_DENIED:
         return PermissionDeniedError(f"the daemon refused this client: {message}")
+    if status.code == Code.FAILED_PRECONDITION:
+        return FailedPreconditionError(f"the daemon answered FAILED_PRECONDITION: {message}", message)
+    if status.code == Code.RESOURCE_EXHAUSTED:
+        return QuotaExceededError(f"the daemon refused: {message}")
+    if status.code == Code.NOT_FOUND:
+        return UnknownVMError(f"the daemon does not know: {message}")
     if status.code == Code.ABORTED:
         return HandOutAbortedError(f"the hand-out was aborted: {message}")
     return CacheError(f"the daemon answered {status.code.name}: {message}")

@@ -37,6 +37,8 @@ from ..errors import (
     DeadlineExceededError,
     InvalidRequestError,
     PermissionDeniedError,
+    QuotaExceededError,
+    UnknownVMError,
     VmcacheError,
     VMGoneError,
 )
@@ -162,6 +164,20 @@ def unary(handler: Callable[[ProtoMessage], Awaitable[ProtoMessage | Reply]]) ->
     return serve
 
 
+def unary_with_peer(
+    handler: Callable[[ProtoMessage, PeerCredentials], Awaitable[ProtoMessage]],
+) -> CallHandler:
+    """A handler for a unary rpc that needs to know who calls (SO_PEERCRED of the connection)."""
+
+    async def serve(call: RpcCall[ProtoMessage]) -> None:
+        request = await call.receive_one()
+        reply = await handler(request, call.peer)
+        await call.send(reply, last=True)
+        await call.finish()
+
+    return serve
+
+
 def server_streaming(
     handler: Callable[[ProtoMessage], Awaitable[AsyncIterator[ProtoMessage]]],
 ) -> CallHandler:
@@ -186,6 +202,10 @@ def status_for(error: BaseException) -> RpcStatus:
         code = Code.INVALID_ARGUMENT
     elif isinstance(error, PermissionDeniedError):
         code = Code.PERMISSION_DENIED
+    elif isinstance(error, QuotaExceededError):
+        code = Code.RESOURCE_EXHAUSTED
+    elif isinstance(error, UnknownVMError):
+        code = Code.NOT_FOUND
     elif isinstance(error, VMGoneError):
         code = Code.ABORTED  # the VM died on its way to the client: asking again helps
     elif isinstance(error, VmcacheError):
