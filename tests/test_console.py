@@ -43,6 +43,16 @@ def test_a_commands_last_stderr_line_in_its_error_is_escaped() -> None:
     assert str(error) == "guest command 'false' exited with status 1: \\x1b]0;pwned\\x07 bad"
 
 
+def test_a_guest_files_mode_loses_its_special_bits_and_gets_the_umask() -> None:
+    from vmcache import transfer
+
+    umask = os.umask(0o027)
+    os.umask(umask)
+    assert transfer.process_umask() == umask  # read from /proc, left as it was
+    assert transfer.host_mode(0o7777) == 0o777 & ~umask
+    assert transfer.host_mode(0o4755) & 0o7000 == 0
+
+
 # ---------------------------------------------------------------------- rotation
 
 
