@@ -194,6 +194,21 @@ def test_cp_fifty_megabytes_in_and_out(held: Held, tmp_path: Path) -> None:
     assert missing.returncode != 0 and missing.stderr.count(b"\n") == 1
 
 
+def test_cp_out_of_the_guest_makes_no_setuid_file_and_applies_the_umask(held: Held, tmp_path: Path) -> None:
+    """A hostile guest's setuid (setgid, sticky) file is copied as a plain file, like cp
+    without -p, with the user's umask applied."""
+    handle = str(held.handle_file)
+    made = held.cli("exec", handle, "--", "sh", "-c",
+                    "echo x > /tmp/suid && chmod 7755 /tmp/suid && stat -c %a /tmp/suid")
+    assert made.stdout == b"7755\n", made.stderr
+    for umask, expected in ((0o022, 0o755), (0o077, 0o700)):
+        target = tmp_path / f"suid-{umask:o}"
+        done = subprocess.run([*VMCACHE, "cp", f"{handle}:/tmp/suid", str(target)], capture_output=True,
+                              timeout=120, env=held.env, umask=umask)
+        assert done.returncode == 0, done.stderr
+        assert target.stat().st_mode & 0o7777 == expected
+
+
 def test_an_interactive_shell_on_a_pty(held: Held) -> None:
     master, slave = pty.openpty()
     process = subprocess.Popen([*VMCACHE, "exec", "-it", str(held.handle_file), "--", "sh"],

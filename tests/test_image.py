@@ -14,8 +14,10 @@ import lzma
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -498,6 +500,18 @@ def boot_to_console(spec, run_dir: Path, until: str, timeout: float = 90.0,  # t
     started = time.monotonic()
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+    # The console is a socket QEMU waits on before it starts the guest: copy it to the file.
+    console_socket = socket.socket(socket.AF_UNIX)
+    wait_until(lambda: console_socket.connect_ex(str(work / "console.sock")) == 0
+               or process.poll() is not None, 30, interval=0.005)
+
+    def copy_console() -> None:
+        with console_socket, open(console, "wb") as out:
+            while data := console_socket.recv(1 << 16):
+                out.write(data)
+                out.flush()
+
+    threading.Thread(target=copy_console, daemon=True).start()
     try:
         def shown() -> bool:
             return console.is_file() and until in console.read_text(errors="replace")

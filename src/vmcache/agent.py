@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from . import agent_protocol as ap
-from .errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
+from .errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError, printable
 
 log = logging.getLogger("vmcache.agent")
 
@@ -129,7 +129,7 @@ class AgentConnection:
         self._stream = stream
         self._reader = reader
         #: The guest kernel's boot id, and what the agent said about itself.
-        self.boot_id: str = str(hello.info.get("boot_id", ""))
+        self.boot_id: str = printable(str(hello.info.get("boot_id", "")))
         self.agent_version: str = str(hello.info.get("agent_version", ""))
         self.info: dict[str, Any] = dict(hello.info)
         self._streams: dict[int, _Stream] = {}
@@ -299,14 +299,14 @@ class AgentConnection:
                 stream.end = event.body
         elif isinstance(event, ap.Pong):
             if event.payload in self._pongs:
-                self._pongs[event.payload] = event.boot_id
+                self._pongs[event.payload] = printable(event.boot_id)
         elif isinstance(event, ap.Hello):
             pass  # an answer to an earlier HELLO of ours
         elif isinstance(event, ap.ErrorNotice):
             self._fail(AgentProtocolError, f"the guest agent received garbage and dropped the session: "
-                                           f"{event.message}")
+                                           f"{printable(event.message)}")
         elif isinstance(event, ap.Garbage):
-            self._fail(AgentProtocolError, f"the guest agent sent {event.message}")
+            self._fail(AgentProtocolError, f"the guest agent sent {printable(event.message)}")
         else:
             self._fail(AgentProtocolError, f"the guest agent sent {type(event).__name__}, a host's frame")
 
@@ -360,7 +360,7 @@ class AgentConnection:
         assert reply is not None
         if "error" in reply:
             self._forget(stream)
-            raise GuestRequestError(str(reply["error"]), reply.get("errno") or None)
+            raise GuestRequestError(printable(str(reply["error"])), reply.get("errno") or None)
         return stream, reply
 
     async def _abandon(self, stream: _Stream) -> None:
@@ -847,7 +847,7 @@ def _finished(stream: _Stream) -> bool:
 def _raise_stream_error(stream: _Stream) -> None:
     """A stream the agent gave up on (an internal error there) is an error here."""
     if stream.end is not None and "error" in stream.end:
-        raise GuestRequestError(str(stream.end["error"]), stream.end.get("errno") or None)
+        raise GuestRequestError(printable(str(stream.end["error"])), stream.end.get("errno") or None)
 
 
 def _stdin_ready(stream: _Stream) -> bool:

@@ -112,7 +112,10 @@ def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 def _fail(message: str, status: int) -> NoReturn:
-    print(f"vmcache: {message}", file=sys.stderr, flush=True)
+    from .errors import printable
+
+    # Escaped once more here: a message may quote a daemon's words, or a guest's.
+    print(f"vmcache: {printable(message, newlines=True)}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
@@ -304,6 +307,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def status_lines(status: CacheStatus) -> list[str]:
     """What ``vmcache status`` prints: Kata's lines, then ours."""
+    from .errors import printable
+
     lines = [f"VM cache server pid = {status.pid}"]
     lines += [f"VM pid = {vm.pid} Cpu = {vm.cpu} Memory = {vm.memory}MiB" for vm in status.vms]
     paused = f" ({status.pools[0].paused} paused)" if status.pools and status.pools[0].paused else ""
@@ -328,7 +333,7 @@ def status_lines(status: CacheStatus) -> list[str]:
         lines.append(f"Refusing hand-outs: {status.refusal}")
     if status.last_boot_error:
         lines.append(f"Failing: {status.boot_failures_in_row} boot failures in a row; "
-                     f"last boot error: {status.last_boot_error}")
+                     f"last boot error: {printable(status.last_boot_error)}")
     now = time.time()
     for vm in status.handed_out_vms:
         ttl = f", TTL ends in {max(0.0, vm.expires_at - now):.0f} s" if vm.expires_at else ""
@@ -360,6 +365,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _watch(endpoint: Path) -> int:
     """``status --watch``: the cache as it changes, one line per event, until the daemon stops."""
     from .client import connect
+    from .errors import printable
 
     async def watch() -> None:
         async with connect(endpoint) as cache:
@@ -371,7 +377,7 @@ def _watch(endpoint: Path) -> int:
                     continue
                 stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
                 vm = f" VM {event.vm_id} (pid {event.pid})" if event.vm_id else ""
-                detail = f": {event.message}" if event.message else ""
+                detail = f": {printable(event.message)}" if event.message else ""
                 print(f"{stamp} {event.ready}/{event.cache_size} ready  {event.kind}{vm}{detail}",
                       flush=True)
         print("vmcache: the daemon stopped", file=sys.stderr)

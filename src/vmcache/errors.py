@@ -11,6 +11,30 @@ from __future__ import annotations
 import trio
 
 
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\x9b``,
+    ``\\u202e``...): ESC, CR, BEL, C1 controls, bidirectional overrides, and newlines
+    unless ``newlines``.
+
+    For guest-supplied text (console lines, the agent's error messages, a command's last
+    stderr line) that vmcache puts into its own messages and logs: a guest must not be
+    able to move the user's cursor, retitle their terminal or fake a line of ours. A
+    backslash is left alone, so that escaping twice changes nothing. A command's own
+    output is never passed through this: it stays byte-exact.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable() or (newlines and char == "\n"):
+            out.append(char)
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 class VmcacheError(Exception):
     """Root of every error vmcache raises on purpose."""
 
@@ -117,7 +141,7 @@ class GuestProcessError(VmcacheError):
         message = f"guest command {command!r} {how}"
         last = (stderr or b"").decode("utf-8", "replace").strip().splitlines()
         if last:
-            message += f": {last[-1][:200]}"
+            message += f": {printable(last[-1][:200])}"
         super().__init__(message)
         self.cmd = args
         self.returncode = returncode

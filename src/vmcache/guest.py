@@ -31,6 +31,8 @@ import trio
 from ._unix import connect_when_ready
 from .agent import AgentConnection, CompletedProcess, GuestFile, GuestProcess, PtySize
 from .backoff import Backoff
+from .console import CONSOLE_LOG, read_console
+from .console import telling_console_line as telling
 from .errors import AgentError, VMDiedError, VMGoneError
 
 #: User ports per VM (the control port comes on top).
@@ -53,16 +55,6 @@ def user_socket(run_dir: Path, index: int) -> Path:
     return run_dir / f"agent-{index}.sock"
 
 
-def telling_console_line(console_log: Path) -> str:
-    """The console's line that says why a guest died, if there is one."""
-    from .qemu import telling_console_line as telling
-
-    try:
-        return telling(console_log.read_text(errors="replace"))
-    except OSError:
-        return ""
-
-
 class Guest:
     """One owner's connection to a VM's guest agent, on a user port it holds the lock of."""
 
@@ -75,9 +67,10 @@ class Guest:
         self._ports = ports
         self._connection: AgentConnection | None = None
         self._lock_fd: int | None = None
-        #: The console log, kept open: whoever reaps a dead VM may remove its run directory
-        #: before we read why it died, and an open file outlives its name.
-        self._console_fd: int | None = None
+        #: The console log's two files (see vmcache.console.RotatingLog), kept open: whoever
+        #: reaps a dead VM may remove its run directory before we read why it died, and an
+        #: open file outlives its name.
+        self._console_fds: list[int] = []
         self._opening = trio.Lock()
 
     def _try_lock_port(self) -> int | None:
@@ -121,9 +114,8 @@ class Guest:
                     raise
                 stream = await connect_when_ready(user_socket(self.run_dir, index),
                                                   still_starting=self._is_running)
-                if self._console_fd is None:
-                    self._console_fd = os.open(self.run_dir / "console.log",
-                                               os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                if not self._console_fds:
+                    self._open_console()
                 try:
                     return await AgentConnection.start(stream, timeout=CONNECT_TIMEOUT)
                 except BaseException:
@@ -156,14 +148,21 @@ class Guest:
         line = self._telling_line()
         return VMDiedError(f"VM {self.vm_id} stopped ({line or 'its QEMU exited'}): {error}")
 
-    def _telling_line(self) -> str:
-        if self._console_fd is None:
-            return telling_console_line(self.run_dir / "console.log")
-        size = os.fstat(self._console_fd).st_size
-        tail = os.pread(self._console_fd, CONSOLE_TAIL, max(0, size - CONSOLE_TAIL))
-        from .qemu import telling_console_line as telling
+    def _open_console(self) -> None:
+        for name in (f"{CONSOLE_LOG}.1", CONSOLE_LOG):  # oldest first
+            try:
+                self._console_fds.append(os.open(self.run_dir / name, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                pass
 
-        return telling(tail.decode(errors="replace"))
+    def _telling_line(self) -> str:
+        if not self._console_fds:
+            return telling(read_console(self.run_dir))
+        tails = []
+        for fd in self._console_fds:
+            size = os.fstat(fd).st_size
+            tails.append(os.pread(fd, CONSOLE_TAIL, max(0, size - CONSOLE_TAIL)))
+        return telling(b"".join(tails).decode(errors="replace"))
 
     async def aclose(self) -> None:
         """Close the connection (the guest kills this session's processes); free the port."""
@@ -174,9 +173,9 @@ class Guest:
                     await connection.aclose()
         finally:
             self._unlock_port()
-            if self._console_fd is not None:
-                os.close(self._console_fd)
-                self._console_fd = None
+            for fd in self._console_fds:
+                os.close(fd)
+            self._console_fds = []
 
 
 class GuestAPI:

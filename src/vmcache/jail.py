@@ -49,6 +49,7 @@ import trio
 
 from .cgroup import Cgroup, Limits, manager
 from .config import JailConfig, VMSpec
+from .console import limit_qemu_output
 from .errors import BootError
 from .process import PidfdProcess
 
@@ -289,7 +290,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         try:
             monitor = await trio.lowlevel.open_process(
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                start_new_session=True, pass_fds=passed)
+                start_new_session=True, pass_fds=passed,
+                restore_signals=False)  # SIGXFSZ stays ignored (vmcache.console.limit_qemu_output)
         except OSError as error:
             await info.aclose()
             await block.aclose()
@@ -303,7 +305,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
             qemu_pid = await _child_pid(info)
         jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
-        await block.send_all(b"go")  # QEMU starts now, in its cgroup
+        limit_qemu_output(qemu_pid)
+        await block.send_all(b"go")  # QEMU starts now, in its cgroup, its log capped
     except BaseException as error:
         # The sandbox would go on to run QEMU once its block pipe closes: kill it first.
         with trio.CancelScope(shield=True):

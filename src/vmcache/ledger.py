@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .console import start_drain
 from .handle import VMHandle, stop_vm_process
 from .process import ProcessLike, describe_exit, open_vm_process
 from .state import VMRecord, VMRegistry
@@ -128,6 +129,8 @@ class Ledger:
                           record.expires_at)
         log.info("adopted claimed VM %s (pid %d) from a previous daemon%s", entry.id, handle.pid,
                  self._ttl_note(entry))
+        # The previous daemon's console drain died with it (QEMU dropped the output since).
+        start_drain(Path(handle.run_dir), lambda: process.returncode is None)
         self._start(entry)
 
     def adopt(self, handle: VMHandle, process: ProcessLike, owner_uid: int, role: str) -> HandedOut:

@@ -35,6 +35,13 @@ from .accel import AccelChooser
 from .agent import AgentConnection
 from .cgroup import Cgroup
 from .config import VMSpec
+from .console import (
+    console_args,
+    console_tail,
+    limit_qemu_output,
+    start_drain,
+)
+from .console import telling_console_line as telling_console_line
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
 from .guest import (
     CONTROL_PORT,
@@ -61,6 +68,9 @@ ROOT_DEVICE_PARAM = "vmcache.root=/dev/vda"
 SOCKET_PATH_MAX = 107
 #: The longest name of a socket we put in a VM's run directory (see vmcache.snapshot).
 LONGEST_SOCKET_NAME = "incoming.sock"
+
+#: After QEMU exited: how long its console's drain may take to read what is left.
+CONSOLE_DRAIN_WAIT = 0.5
 
 T = TypeVar("T")
 
@@ -207,8 +217,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         *size_args(spec),
         *boot,
         "-no-reboot",
-        "-chardev", f"file,id=console,path={_escape(str(run_dir / 'console.log'))}",
-        "-serial", "chardev:console",
+        *console_args(run_dir),
         "-chardev", f"socket,id=qmp,path={_escape(str(run_dir / 'qmp.sock'))},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-device", "virtio-serial-pci,id=vmcache-serial",
@@ -220,37 +229,6 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
         *memory_backend,
         *sandbox,
     ]
-
-
-#: Console lines that say why a guest died, quoted first when there is one.
-TELLING_LINES = ("Kernel panic", "Out of memory", "oom-kill", "vmcache-init:")
-
-
-def telling_console_line(text: str) -> str:
-    """The last line of ``text`` that says why a guest died (a panic, the OOM killer, our
-    init's own complaint), or ""."""
-    for line in reversed(text.splitlines()):
-        if any(marker in line for marker in TELLING_LINES):
-            return line.strip()
-    return ""
-
-
-def console_tail(run_dir: Path, lines: int = 5) -> str:
-    """The guest's last console lines and QEMU's own messages, joined on one line; a line
-    that says why the guest died (see :data:`TELLING_LINES`) comes first."""
-    collected: list[str] = []
-    telling = ""
-    for name in ("qemu.log", "console.log"):
-        try:
-            text = (run_dir / name).read_text(errors="replace")
-        except OSError:
-            continue
-        telling = telling_console_line(text) or telling
-        collected += [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    tail = collected[-lines:]
-    if telling and telling not in tail:
-        tail = [telling, "...", *tail]
-    return " | ".join(tail) or "(no console output)"
 
 
 def make_private_dir(path: Path, *, enforce: bool = True) -> None:
@@ -308,6 +286,8 @@ class VM(GuestAPI):
         self.boot_seconds = 0.0
         #: True while QMP ``stop`` holds the vCPUs (an idle cached VM; see :meth:`pause`).
         self.paused = False
+        #: Set when the console's drain is over (see vmcache.console.start_drain).
+        self.console_drained: trio.Event | None = None
 
     @property
     def pid(self) -> int:
@@ -399,9 +379,14 @@ class VM(GuestAPI):
         return process_state(self.pid) in ("T", "t")
 
     async def wait_exited(self) -> int:
-        """Wait until QEMU exits (for whatever reason) and return its status."""
+        """Wait until QEMU exits (for whatever reason) and return its status; by then the
+        console's last lines are in its log (its drain is given a moment to read them)."""
         assert self.process is not None
-        return await self.process.wait()
+        status = await self.process.wait()
+        if self.console_drained is not None:
+            with trio.move_on_after(CONSOLE_DRAIN_WAIT):
+                await self.console_drained.wait()
+        return status
 
     async def _close_connections(self) -> None:
         for connection in (self.qmp, self.agent, self._owner):
@@ -557,10 +542,14 @@ async def start_vm(
                         stderr=qemu_log,
                         start_new_session=True,
                         pass_fds=() if spec.memory_fd is None else (spec.memory_fd,),
+                        restore_signals=False,  # SIGXFSZ stays ignored: see limit_qemu_output
                     )
+                    limit_qemu_output(vm.process.pid)
         except OSError as error:  # ENOMEM, EMFILE, a binary that vanished...
             raise BootError(f"cannot start QEMU ({spec.qemu}): {error.strerror or error}") from None
         write_pidfile(run_dir, vm.pid)
+        process = vm.process
+        vm.console_drained = start_drain(run_dir, lambda: process.returncode is None)
         if registry is not None:
             registry.started(vm.id, vm.pid)
         write_identity(run_dir, vm.id, vm.pid, vm.uid, spec.qemu, vm.start_time)

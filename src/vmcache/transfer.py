@@ -1,5 +1,9 @@
 """``vmcache cp``: files between this host and a guest, streamed, any size, mode kept.
 
+A file copied out of the guest gets the guest's permission bits like ``cp`` without
+``-p``: ``mode & 0o777 & ~umask``. Never setuid, setgid or sticky: the guest is hostile,
+and its files must not become privileged programs on the host.
+
 One side is ``HANDLE:PATH`` (a handle file, a colon, an absolute guest path), the
 other a local path or ``-`` (stdin or stdout). A destination ending in ``/`` (or
 an existing local directory) gets the source's file name. Local files are read
@@ -9,6 +13,7 @@ name and renamed into place, so it never exists half-written.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import sys
@@ -23,6 +28,24 @@ from .errors import InvalidRequestError
 from .guest import GuestAPI
 
 CHUNK = 1 << 20
+
+
+@functools.cache
+def process_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it, which races
+    with any thread creating files meanwhile): from ``/proc/self/status``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def host_mode(guest_mode: int) -> int:
+    """The mode of a host file copied from a guest file of ``guest_mode``."""
+    return guest_mode & 0o777 & ~process_umask()
 
 
 @attrs.frozen
@@ -102,7 +125,7 @@ async def download(vm: GuestAPI, source: str, destination: str) -> tuple[str, in
                 while chunk := await file.receive_some(CHUNK):
                     await out.write(chunk)
                     size += len(chunk)
-            await trio.to_thread.run_sync(os.chmod, partial.name, file.mode & 0o7777)
+            await trio.to_thread.run_sync(os.chmod, partial.name, host_mode(file.mode))
             await trio.to_thread.run_sync(os.replace, partial.name, target)
         except BaseException:
             with trio.CancelScope(shield=True):
