@@ -17,7 +17,7 @@ from daemon import Daemon
 from vmcache.cgroup import CgroupManager, Layout, Limits, find_layout
 from vmcache.config import JAIL_UID_BASE, load_config, resolve_spec
 from vmcache.errors import BootError, ConfigError
-from vmcache.jail import bwrap_args, describe_confinement, limits, setpriv_args
+from vmcache.jail import bwrap_args, describe_confinement, gate_args, limits, setpriv_args
 from vmcache.qemu import launch_vm
 
 V1_MOUNTS = """cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
@@ -97,13 +97,16 @@ def test_jail_command_lines() -> None:
         "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     assert "--groups=993" in setpriv_args(1, [993])
     args = bwrap_args(binds=[(7, "/usr", False), (8, "/run/vmcache/vm-a", True)], devices=["/dev/kvm"],
-                      links=[("usr/lib", "/lib")], info_fd=3, block_fd=4)
+                      links=[("usr/lib", "/lib")], info_fd=3)
     for option in ("--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--clearenv"):
         assert option in args
     assert "--share-net" not in args and "--die-with-parent" not in args  # VMs outlive the daemon
     joined = " ".join(args)
     assert "--ro-bind-fd 7 /usr" in joined and "--bind-fd 8 /run/vmcache/vm-a" in joined
     assert "--dev-bind /dev/kvm /dev/kvm" in joined and args[-1] == "--"
+    assert "--block-fd" not in args, "bubblewrap's block fd would run QEMU at EOF: the gate does not"
+    gate = gate_args(5, [3, 7, 8])
+    assert gate[:2] == ["/usr/bin/bash", "-c"] and gate[2].endswith('exec "$@" 3<&- 5<&- 7<&- 8<&-')
 
 
 def test_limits_cover_the_most_ram_a_vm_may_have(tmp_path: Path) -> None:
@@ -304,3 +307,43 @@ def test_run_direct_is_confined_too(tmp_path: Path, run_dir: Path, guest_image: 
             run.kill()
             run.wait()
     assert wait_until(lambda: qemu_pids() == before, 15)
+
+
+def test_the_gate_runs_nothing_if_we_go_away_and_closes_our_descriptors(tmp_path: Path) -> None:
+    """The sandbox's gate (real bubblewrap): at EOF, its command never runs; at our word, it
+    runs with the descriptors we passed closed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chown(out, 2_000_000_123, 2_000_000_123)
+
+    def sandbox(word: bytes) -> tuple[int, list[str], str]:
+        usr = os.open("/usr", os.O_PATH | os.O_DIRECTORY)
+        where = os.open(out, os.O_PATH | os.O_DIRECTORY)
+        info_read, info_write = os.pipe()
+        gate_read, gate_write = os.pipe()
+        passed = [usr, where, info_write, gate_read]
+        command = [*setpriv_args(2_000_000_123, []),
+                   *bwrap_args(binds=[(usr, "/usr", False), (where, "/out", True)], devices=[],
+                               links=[("usr/lib", "/lib"), ("usr/lib64", "/lib64"), ("usr/bin", "/bin")],
+                               info_fd=info_write),
+                   *gate_args(gate_read, [usr, where, info_write]),
+                   "/usr/bin/sh", "-c", "ls /proc/self/fd > /out/fds"]
+        process = subprocess.Popen(command, pass_fds=passed, stderr=subprocess.PIPE)
+        for fd in passed:
+            os.close(fd)
+        with os.fdopen(info_read, "rb") as info:
+            assert json.loads(info.read())["child-pid"] > 1
+        with os.fdopen(gate_write, "wb") as gate:
+            gate.write(word)
+        status = process.wait(timeout=30)
+        assert process.stderr is not None
+        errors = process.stderr.read().decode()
+        fds = (out / "fds").read_text().split() if (out / "fds").exists() else []
+        return status, fds, errors
+
+    status, fds, _ = sandbox(b"")
+    assert status != 0 and fds == [], "EOF at the gate: the command never ran"
+    status, fds, errors = sandbox(b"go\n")
+    assert status == 0 and sorted(fds, key=int)[:3] == ["0", "1", "2"], errors
+    assert len(fds) <= 4, f"only stdio (and ls's own directory) are open: {fds}"

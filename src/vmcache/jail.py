@@ -18,10 +18,13 @@ The jail is made of two well-known tools rather than namespace code of our own:
   a path swapped for a symlink meanwhile is never followed. QEMU runs as PID 1 of its pid
   namespace (``--as-pid-1``); bubblewrap stays as its parent and exits with its status.
 
-bubblewrap holds the sandbox at ``--block-fd`` until we let it go: by then we know QEMU's
-host pid (``--info-fd``) and have put it into its cgroup (vmcache.cgroup), so not one
-QEMU instruction runs outside its limits. QEMU's own ``-sandbox`` seccomp filter comes on
-top (vmcache.qemu_binary).
+Inside the sandbox, a gate (``bash -c 'read ... && exec QEMU'``, the shell exec'ing QEMU in
+its place, with the descriptors we passed closed) waits for our word: by then we know
+QEMU's host pid (``--info-fd``) and have put it into its cgroup (vmcache.cgroup) and
+capped its log, so not one QEMU instruction runs outside its limits. If we go away first
+(killed during those milliseconds), the gate reads EOF and the sandbox ends: it never
+runs QEMU unlimited. (bubblewrap's own ``--block-fd`` would go on at EOF.) QEMU's own
+``-sandbox`` seccomp filter comes on top (vmcache.qemu_binary).
 
 A daemon that is not root runs QEMU as its own uid (it cannot choose another); the
 namespaces and the filesystem view are the same, through an unprivileged user
@@ -137,7 +140,7 @@ def setpriv_args(uid: int, groups: Sequence[int]) -> list[str]:
 
 
 def bwrap_args(*, binds: Sequence[tuple[int, str, bool]], devices: Sequence[str],
-               links: Sequence[tuple[str, str]], info_fd: int, block_fd: int) -> list[str]:
+               links: Sequence[tuple[str, str]], info_fd: int) -> list[str]:
     """bubblewrap's command line up to ``--`` (pure). ``binds``: (fd, path, writable);
     ``links``: (target, path) symlinks; ``devices``: host device nodes to show."""
     args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1",
@@ -148,7 +151,21 @@ def bwrap_args(*, binds: Sequence[tuple[int, str, bool]], devices: Sequence[str]
         args += ["--bind-fd" if writable else "--ro-bind-fd", str(fd), path]
     for device in devices:
         args += ["--dev-bind", device, device]
-    return [*args, "--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]
+    return [*args, "--info-fd", str(info_fd), "--"]
+
+
+#: What the gate must read before it runs QEMU.
+GATE_WORD = b"go\n"
+
+
+def gate_args(gate_fd: int, close: Sequence[int]) -> list[str]:
+    """The sandbox's first command (pure): wait for :data:`GATE_WORD` on ``gate_fd``, then
+    exec the rest of the command line (QEMU's) with ``close`` and the gate closed; at EOF
+    or any other word, exit without running it."""
+    closes = " ".join(f"{fd}<&-" for fd in sorted({gate_fd, *close}))
+    script = f'read -r word <&{gate_fd} && [ "$word" = go ] && exec "$@" {closes}'
+    # bash, not sh: dash takes only one-digit descriptors in a redirection.
+    return ["/usr/bin/bash", "-c", script, "vmcache-gate"]
 
 
 class JailedProcess:
@@ -275,16 +292,17 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         binds.append((_open_path(run_dir, stack, directory=True), str(run_dir), True))
         devices = ["/dev/kvm"] if accel == "kvm" else []
         info_read, info_write = os.pipe2(os.O_CLOEXEC)
-        block_read, block_write = os.pipe2(os.O_CLOEXEC)
+        gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
         info = trio.lowlevel.FdStream(info_read)
-        block = trio.lowlevel.FdStream(block_write)
+        gate = trio.lowlevel.FdStream(gate_write)
         prefix: list[str] = []
         if is_root():
             kvm = _kvm_gid() if accel == "kvm" else None
             prefix = setpriv_args(uid, [kvm] if kvm is not None else [])
         command = [*prefix, *bwrap_args(binds=binds, devices=devices, links=links,
-                                        info_fd=info_write, block_fd=block_read), *argv]
-        passed = [info_write, block_read, *(fd for fd, _, _ in binds)]
+                                        info_fd=info_write),
+                   *gate_args(gate_read, [info_write, *(fd for fd, _, _ in binds)]), *argv]
+        passed = [info_write, gate_read, *(fd for fd, _, _ in binds)]
         if spec.memory_fd is not None:
             passed.append(spec.memory_fd)
         try:
@@ -294,11 +312,11 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
                 restore_signals=False)  # SIGXFSZ stays ignored (vmcache.console.limit_qemu_output)
         except OSError as error:
             await info.aclose()
-            await block.aclose()
+            await gate.aclose()
             raise BootError(f"cannot start QEMU's jail: {error.strerror or error}") from None
         finally:
             os.close(info_write)
-            os.close(block_read)
+            os.close(gate_read)
     qemu_pid = 0
     try:
         with trio.fail_after(SETUP_TIMEOUT):
@@ -306,9 +324,9 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
         limit_qemu_output(qemu_pid)
-        await block.send_all(b"go")  # QEMU starts now, in its cgroup, its log capped
+        await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup, its log capped
     except BaseException as error:
-        # The sandbox would go on to run QEMU once its block pipe closes: kill it first.
+        # The gate would end the sandbox at EOF anyway; kill it first, so it is gone for sure.
         with trio.CancelScope(shield=True):
             await _abandon(monitor, qemu_pid)
         if isinstance(error, trio.TooSlowError):
@@ -316,13 +334,16 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         raise
     finally:
         await info.aclose()
-        await block.aclose()
+        await gate.aclose()
     return jailed, cgroup
 
 
 async def _abandon(monitor: trio.Process, qemu_pid: int) -> None:
     """Kill a sandbox that is not to run: its first process (by pid, or as bubblewrap's
-    children), then bubblewrap, and reap it (bounded)."""
+    children, bubblewrap stopped meanwhile), then bubblewrap, and reap it (bounded). A
+    sandbox whose bubblewrap died during its set-up would wait for it for ever."""
+    if monitor.returncode is None:
+        monitor.send_signal(signal.SIGSTOP)  # it makes no new child while we look
     pids = [qemu_pid] if qemu_pid else _children(monitor.pid)
     for pid in pids:
         try:

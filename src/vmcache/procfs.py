@@ -76,14 +76,16 @@ def qemu_pids() -> set[int]:
     return pids
 
 
-def jail_pids() -> set[int]:
-    """Live bubblewrap processes that hold a vmcache VM's QEMU (vmcache.jail): counted by the
-    soaks like QEMU processes."""
+def jail_pids(vm_id: str = "") -> set[int]:
+    """Live bubblewrap processes of vmcache's jails (vmcache.jail), of VM ``vm_id`` or of
+    any VM: counted by the soaks like QEMU processes, and killed with a VM that a killed
+    daemon left half started."""
+    wanted = f"vmcache-{vm_id}".encode()
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             argv = cmdline(int(entry.name)).split(b"\0")
-            ours = any(arg.startswith(b"vmcache-") for arg in argv)
+            ours = any(arg == wanted if vm_id else arg.startswith(b"vmcache-") for arg in argv)
             if os.path.basename(argv[0]) == b"bwrap" and ours and alive(int(entry.name)):
                 pids.add(int(entry.name))
     return pids

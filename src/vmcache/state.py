@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from .cgroup import manager as cgroup_manager
 from .errors import ConfigError
 from .paths import vm_run_dir
 from .process import open_vm_process, stop_process
-from .procfs import find_vm_process, process_start_time
+from .procfs import find_vm_process, jail_pids, process_start_time
 
 log = logging.getLogger("vmcache.state")
 
@@ -199,6 +200,9 @@ class VMRegistry:
                 finally:
                     process.close()
                 killed += 1
+            for pid in jail_pids(record.id):  # a jail whose set-up the killed daemon left
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.remove_run_dir(record.id)
             self.remove(record.id)
         cgroup_manager().sweep()  # those of VMs their owners stopped, or a killed daemon's
