@@ -68,6 +68,7 @@ class Bench:
     def __init__(self, quick: bool) -> None:
         self.quick = quick
         self.work = Path(tempfile.mkdtemp(prefix="vmcache-bench-", dir="/tmp"))
+        self.work.chmod(0o711)  # each VM's own uid passes through to its run directory
         os.environ["VMCACHE_RUN_DIR"] = str(self.work / "run")
         self.results: dict[str, Any] = {}
 

@@ -127,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     before = qemu_pids()
     with tempfile.TemporaryDirectory(prefix="vmcache-grow-", dir="/tmp") as run_root:
+        Path(run_root).chmod(0o711)  # each VM's own uid passes through to its run directory
         result = trio.run(run, args.runs, Path(run_root))
     left = qemu_pids() - before
     if left:

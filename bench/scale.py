@@ -176,6 +176,7 @@ def measure(size: int, mode: str, memory: int, handouts: int, hot: int, jail: st
     available_before = mem_available()
     with tempfile.TemporaryDirectory(prefix="vmcache-scale-", dir="/tmp") as tmp:
         directory = Path(tmp)
+        directory.chmod(0o711)  # each VM's own uid passes through to its run directory
         run_root = directory / "run"
         run_root.mkdir(mode=0o700)
         config = write_config(directory, size, mode, memory, hot, jail)

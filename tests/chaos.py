@@ -346,6 +346,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vmcache-chaos-", dir="/tmp"))
+    work.chmod(0o711)  # each VM's own uid passes through to its run directory
     chaos = Chaos(work, args.cache, args.seed)
     result = trio.run(chaos.run, args.rounds)
     result["seed"] = args.seed

@@ -48,6 +48,7 @@ async def wait_cached(endpoint: Path, count: int, timeout: float = 120.0) -> lis
 
 async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="vmcache-soak-", dir="/tmp"))
+    work.chmod(0o711)  # each VM's own uid passes through to its run directory
     run_dir = work / "run"
     endpoint = run_dir / "cache.sock"
     config = work / "soak.toml"

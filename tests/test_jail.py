@@ -347,3 +347,15 @@ def test_the_gate_runs_nothing_if_we_go_away_and_closes_our_descriptors(tmp_path
     status, fds, errors = sandbox(b"go\n")
     assert status == 0 and sorted(fds, key=int)[:3] == ["0", "1", "2"], errors
     assert len(fds) <= 4, f"only stdio (and ls's own directory) are open: {fds}"
+
+
+def test_a_run_directory_the_vm_uids_cannot_reach_stops_the_daemon_at_start(tmp_path: Path) -> None:
+    """One line, exit status 2, at once: not a boot failing and retried for ever."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    config = write_config(tmp_path / "c.toml", endpoint=hidden / "run" / "cache.sock")
+    done = subprocess.run([*VMCACHE, "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "VMCACHE_RUN_DIR": str(hidden / "run")})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{hidden} is not searchable by others (chmod o+x {hidden}" in lines[0], lines

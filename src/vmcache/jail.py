@@ -53,7 +53,7 @@ import trio
 from .cgroup import Cgroup, Limits, manager
 from .config import JailConfig, VMSpec
 from .console import limit_qemu_output
-from .errors import BootError
+from .errors import BootError, ConfigError
 from .process import PidfdProcess
 
 log = logging.getLogger("vmcache.jail")
@@ -248,6 +248,18 @@ def prepare_run_dir(run_dir: Path, uid: int) -> None:
     mode = os.stat(root).st_mode
     if not mode & stat.S_IXOTH:
         os.chmod(root, stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def check_jail_paths(spec: VMSpec) -> None:
+    """At a daemon's start: a ConfigError (one line, exit 2) if a VM's uid could not reach
+    the run root (which is itself made searchable) or a file QEMU needs, rather than every
+    boot failing and being retried."""
+    try:
+        for path in (spec.run_root, spec.kernel, spec.initrd, spec.rootfs):
+            if path is not None:
+                check_reachable(path)
+    except BootError as error:
+        raise ConfigError(str(error)) from None
 
 
 _REACHABLE: set[Path] = set()

@@ -60,7 +60,7 @@ from .errors import (
 )
 from .handle import VMHandle
 from .hotplug import grow
-from .jail import describe_confinement
+from .jail import check_jail_paths, describe_confinement
 from .ledger import HandedOut, Ledger
 from .notify import Notifier
 from .placement import Placement, place
@@ -166,6 +166,8 @@ class CacheDaemon:
         make_private_dir(self.spec.run_root)
         if not os.access(self.spec.run_root, os.W_OK):
             raise ConfigError(f"run directory {self.spec.run_root} is not writable")
+        if self.spec.jail is not None:
+            check_jail_paths(self.spec)
         self.registry.prepare()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
