@@ -359,3 +359,24 @@ def test_a_run_directory_the_vm_uids_cannot_reach_stops_the_daemon_at_start(tmp_
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{hidden} is not searchable by others (chmod o+x {hidden}" in lines[0], lines
+
+
+async def test_a_boot_cancelled_at_any_moment_of_the_jails_set_up_leaves_nothing(
+        tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """Cancelled every millisecond through bubblewrap's set-up, the cgroup, the gate and
+    QEMU's first moments (a purge hits refills there): no QEMU, jail, cgroup or run
+    directory is left."""
+    from vmcache.cgroup import manager
+    from vmcache.procfs import jail_pids
+    from vmcache.qemu import boot_vm
+
+    spec = resolve_spec(load_config(write_config(tmp_path / "c.toml")), run_root=run_dir)
+    before, jails, cgroups = qemu_pids(), jail_pids(), set(manager().existing())
+    for step in range(60):
+        with trio.move_on_after(step / 1000) as scope:
+            await boot_vm(spec)
+        assert scope.cancelled_caught
+        assert qemu_pids() == before, f"QEMU left after a cancel at {step} ms"
+        assert jail_pids() == jails, f"a jail left after a cancel at {step} ms"
+        assert set(manager().existing()) == cgroups, f"a cgroup left after a cancel at {step} ms"
+        assert [name for name in os.listdir(run_dir) if name.startswith("vm-")] == []

@@ -323,8 +323,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
                 start_new_session=True, pass_fds=passed,
                 restore_signals=False)  # SIGXFSZ stays ignored (vmcache.console.limit_qemu_output)
         except OSError as error:
-            await info.aclose()
-            await gate.aclose()
+            info.close()
+            gate.close()
             raise BootError(f"cannot start QEMU's jail: {error.strerror or error}") from None
         finally:
             os.close(info_write)
@@ -345,8 +345,10 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
             raise BootError(f"QEMU's jail (bwrap) did not start within {SETUP_TIMEOUT:g} s") from None
         raise
     finally:
-        await info.aclose()
-        await gate.aclose()
+        # Not aclose(): a checkpoint here could raise Cancelled once QEMU runs, and the
+        # caller, never given the process, could not stop it.
+        info.close()
+        gate.close()
     return jailed, cgroup
 
 
