@@ -17,7 +17,7 @@ from daemon import Daemon
 from vmcache.cgroup import CgroupManager, Layout, Limits, find_layout
 from vmcache.config import JAIL_UID_BASE, load_config, resolve_spec
 from vmcache.errors import BootError, ConfigError
-from vmcache.jail import bwrap_args, describe_confinement, gate_args, limits, setpriv_args
+from vmcache.jail import bwrap_args, describe_confinement, gate_args, kvm_group, limits, setpriv_args
 from vmcache.qemu import launch_vm
 
 V1_MOUNTS = """cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
@@ -380,3 +380,17 @@ async def test_a_boot_cancelled_at_any_moment_of_the_jails_set_up_leaves_nothing
         assert jail_pids() == jails, f"a jail left after a cancel at {step} ms"
         assert set(manager().existing()) == cgroups, f"a cgroup left after a cancel at {step} ms"
         assert [name for name in os.listdir(run_dir) if name.startswith("vm-")] == []
+
+
+def test_kvm_is_reached_through_its_group_never_root(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.write_text("")
+    os.chmod(device, 0o600)
+    with pytest.raises(BootError, match=r"cannot be opened by a VM's own uid.*kvm group, mode 0660"):
+        kvm_group(str(device))
+    os.chown(device, 0, 993)
+    os.chmod(device, 0o660)
+    assert kvm_group(str(device)) == 993
+    os.chown(device, 0, 0)
+    with pytest.raises(BootError):
+        kvm_group(str(device))  # never the root group

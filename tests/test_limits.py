@@ -75,6 +75,9 @@ async def test_cold_boots_wait_for_their_turn_among_max_parallel_boots(tmp_path:
     booted: list[VMSpec] = []
 
     class Booted:
+        def handle(self) -> VMHandle:
+            return handle("0123456789ff")
+
         async def release(self) -> tuple[VMHandle, FakeProcess]:
             return handle("0123456789ff"), FakeProcess(dies_of=set())
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
+import trio
 
 log = logging.getLogger("vmcache.cgroup")
 
@@ -119,6 +120,23 @@ class Cgroup:
                     log.warning("cannot remove cgroup %s: %s", path, error.strerror)
                 removed = False
         return removed
+
+
+#: How long a VM's cgroup may stay busy after its last process was reaped (the kernel
+#: releases a memory cgroup a moment later) before it is left to a sweep.
+REMOVE_WAIT = 1.0
+
+
+async def remove_when_empty(cgroup: Cgroup, wait: float = REMOVE_WAIT) -> bool:
+    """Remove ``cgroup`` once the kernel lets us (retried with backoff, at most ``wait``
+    seconds); False if it is still there then (a sweep removes it later)."""
+    delay = 0.005
+    with trio.move_on_after(wait):
+        while not cgroup.remove():
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        return True
+    return False
 
 
 class CgroupManager:

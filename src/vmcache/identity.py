@@ -40,6 +40,8 @@ from .process import PidfdProcess
 from .procfs import process_start_time
 
 IDENTITY_FILE = "vm.json"
+#: What :func:`_mismatch` says of a process that is exiting (it has no executable any more).
+EXITING = "exiting"
 VERSION = 1
 
 _CONVERTER = cattrs.Converter(forbid_extra_keys=True)
@@ -123,7 +125,7 @@ def open_verified(run_root: Path, vm_id: str, pid: int, start_time: int) -> Pidf
         return None
     try:
         problem = _mismatch(identity)
-        if process.returncode is not None:  # it exited while we looked: what we read may be another's
+        if problem is EXITING or process.returncode is not None:  # it exited while we looked
             process.close()
             return None
     except BaseException:
@@ -141,6 +143,8 @@ def _mismatch(identity: VMIdentity) -> str:
     pid = identity.pid
     try:
         exe = os.stat(f"/proc/{pid}/exe")
+    except FileNotFoundError:  # a live QEMU always has one: the process is exiting
+        return EXITING
     except OSError as error:
         return f"cannot read its executable: {error.strerror}"
     same = (exe.st_dev, exe.st_ino) == (identity.qemu_dev, identity.qemu_ino)

@@ -35,7 +35,7 @@ cgroups runs VMs without limits and says so once (``CgroupManager.describe``).
 
 from __future__ import annotations
 
-import grp
+import contextlib
 import json
 import logging
 import os
@@ -50,9 +50,9 @@ from typing import IO
 
 import trio
 
-from .cgroup import Cgroup, Limits, manager
+from .cgroup import Cgroup, Limits, manager, remove_when_empty
 from .config import JailConfig, VMSpec
-from .console import limit_qemu_output
+from .console import QEMU_LOG_CAP
 from .errors import BootError, ConfigError
 from .process import PidfdProcess
 
@@ -121,14 +121,19 @@ def describe_confinement(spec: VMSpec) -> str:
             f"{seccomp}; {manager().describe()}")
 
 
-def _kvm_gid() -> int | None:
+def kvm_group(device: str = "/dev/kvm") -> int:
+    """The group through which a VM's own uid may open ``device`` (udev's ``kvm``, mode
+    0660), or a BootError saying why it cannot: QEMU is never given the root group."""
     try:
-        return os.stat("/dev/kvm").st_gid
-    except OSError:
-        try:
-            return grp.getgrnam("kvm").gr_gid
-        except KeyError:
-            return None
+        info = os.stat(device)
+    except OSError as error:
+        raise BootError(f"{device}: {error.strerror}") from None
+    if info.st_gid != 0 and info.st_mode & 0o060 == 0o060:
+        return info.st_gid
+    raise BootError(
+        f"{device} (mode {stat.S_IMODE(info.st_mode):04o}, group {info.st_gid}) cannot be opened by "
+        f"a VM's own uid: give it a group with read and write (udev's kvm group, mode 0660), "
+        'or use accel = "tcg"')
 
 
 def setpriv_args(uid: int, groups: Sequence[int]) -> list[str]:
@@ -197,7 +202,10 @@ class JailedProcess:
         return status
 
     def send_signal(self, sig: int) -> None:
-        self.qemu.send_signal(sig)
+        """Signal QEMU; nothing once it has exited (as :meth:`trio.Process.send_signal`)."""
+        if self.qemu.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.send_signal(sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -309,10 +317,11 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         gate = trio.lowlevel.FdStream(gate_write)
         prefix: list[str] = []
         if is_root():
-            kvm = _kvm_gid() if accel == "kvm" else None
-            prefix = setpriv_args(uid, [kvm] if kvm is not None else [])
-        command = [*prefix, *bwrap_args(binds=binds, devices=devices, links=links,
-                                        info_fd=info_write),
+            prefix = setpriv_args(uid, [kvm_group()] if accel == "kvm" else [])
+        # The log cap (vmcache.console) from the start: a process in the sandbox's user
+        # namespace is not ours to prlimit() from outside.
+        command = [*prefix, "prlimit", f"--fsize={QEMU_LOG_CAP}:{QEMU_LOG_CAP}", "--",
+                   *bwrap_args(binds=binds, devices=devices, links=links, info_fd=info_write),
                    *gate_args(gate_read, [info_write, *(fd for fd, _, _ in binds)]), *argv]
         passed = [info_write, gate_read, *(fd for fd, _, _ in binds)]
         if spec.memory_fd is not None:
@@ -330,17 +339,23 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
             os.close(info_write)
             os.close(gate_read)
     qemu_pid = 0
+    jailed: JailedProcess | None = None
+    cgroup: Cgroup | None = None
     try:
         with trio.fail_after(SETUP_TIMEOUT):
             qemu_pid = await _child_pid(info)
         jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
-        limit_qemu_output(qemu_pid)
-        await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup, its log capped
+        await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup
     except BaseException as error:
         # The gate would end the sandbox at EOF anyway; kill it first, so it is gone for sure.
         with trio.CancelScope(shield=True):
             await _abandon(monitor, qemu_pid)
+        if jailed is not None:
+            jailed.close()
+        if cgroup is not None:
+            with trio.CancelScope(shield=True):
+                await remove_when_empty(cgroup)  # its one process is reaped
         if isinstance(error, trio.TooSlowError):
             raise BootError(f"QEMU's jail (bwrap) did not start within {SETUP_TIMEOUT:g} s") from None
         raise

@@ -33,7 +33,7 @@ import trio
 from ._unix import connect_when_ready
 from .accel import AccelChooser
 from .agent import AgentConnection
-from .cgroup import Cgroup
+from .cgroup import Cgroup, remove_when_empty
 from .config import VMSpec
 from .console import (
     console_args,
@@ -55,7 +55,7 @@ from .guest import (
 from .handle import VMHandle
 from .identity import write_identity
 from .jail import JailedProcess, limits, pick_uid, prepare_run_dir, start_jailed
-from .process import ProcessLike, stop_process
+from .process import TERM_GRACE, ProcessLike, stop_process
 from .procfs import process_start_time, process_state
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
@@ -69,6 +69,8 @@ SOCKET_PATH_MAX = 107
 #: The longest name of a socket we put in a VM's run directory (see vmcache.snapshot).
 LONGEST_SOCKET_NAME = "incoming.sock"
 
+#: How long a QEMU that never became ready gets after SIGTERM before SIGKILL.
+STARTING_TERM_GRACE = 0.2
 #: After QEMU exited: how long its console's drain may take to read what is left.
 CONSOLE_DRAIN_WAIT = 0.5
 
@@ -413,6 +415,7 @@ class VM(GuestAPI):
         """Stop QEMU (bounded escalation), reap it and remove the run directory."""
         if self.state in (VMState.STOPPED, VMState.RELEASED):
             return
+        started = self.state is not VMState.STARTING
         self.state = VMState.STOPPING
         qmp = self.qmp
 
@@ -422,11 +425,14 @@ class VM(GuestAPI):
 
         with trio.CancelScope(shield=True):
             if self.process is not None:
-                await stop_process(self.process, polite_quit if qmp is not None else None)
+                # A QEMU still starting has no guest to let down gently, and may not even
+                # look at SIGTERM yet (it waits for its console's drain to connect).
+                await stop_process(self.process, polite_quit if qmp is not None else None,
+                                   term_grace=TERM_GRACE if started else STARTING_TERM_GRACE)
             await self._close_connections()
             shutil.rmtree(self.run_dir, ignore_errors=True)
             if self.cgroup is not None:
-                self.cgroup.remove()  # a cgroup left with a process in it goes at a sweep
+                await remove_when_empty(self.cgroup)  # else it goes at a sweep
         reaped = self.process is None or self.process.returncode is not None
         if reaped and isinstance(self.process, JailedProcess):
             self.process.close()
