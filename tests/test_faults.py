@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import VMCACHE, pid_alive, qemu_pids, wait_until, write_config
-from daemon import Daemon, stop_handed_out
+from daemon import Daemon, run_as, stop_handed_out
 
 import vmcache
-from vmcache.errors import CacheError, DeadlineExceededError
+from vmcache.errors import DeadlineExceededError
 from vmcache.procfs import open_fds
 from vmcache.rpc.server import MAX_CONNECTIONS
 
@@ -268,32 +268,13 @@ def test_hostile_input_does_not_stop_the_daemon(tmp_path: Path, run_dir: Path, g
 
 
 def run_client_as(uid: int, gid: int, endpoint: Path) -> str:
-    """Fork; in the child become uid/gid and call Status. Returns what happened."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.close(read_end)
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+    """As uid/gid (a forked child), call Status. Returns what happened."""
 
-            async def ask() -> str:
-                async with vmcache.connect(endpoint) as cache:
-                    return f"ok {(await cache.status()).pid}"
+    async def ask() -> str:
+        async with vmcache.connect(endpoint) as cache:
+            return f"ok {(await cache.status()).pid}"
 
-            outcome = trio.run(ask)
-        except CacheError as error:
-            outcome = f"error {error}"
-        except BaseException as error:
-            outcome = f"crash {error!r}"
-        os.write(write_end, outcome.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        outcome = pipe.read()
-    os.waitpid(child, 0)
-    return outcome
+    return run_as(uid, gid, ask)
 
 
 def test_peer_credentials_are_checked(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:

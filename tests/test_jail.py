@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import VMCACHE, pid_alive, qemu_pids, wait_until, write_config
-from daemon import Daemon
+from daemon import Daemon, run_as
 
 from vmcache.cgroup import CgroupManager, Layout, Limits, find_layout
 from vmcache.config import JAIL_UID_BASE, load_config, resolve_spec
@@ -243,39 +243,25 @@ def test_an_ordinary_user_gets_every_confinement_but_its_own_uid_and_cgroups(
     os.chown(user_root, 65534, 65534)
     spec = resolve_spec(load_config(write_config(tmp_path / "c.toml")), run_root=user_root)
     before = qemu_pids()
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.close(read_end)
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            from vmcache import cgroup
-            cgroup._MANAGER = None  # as a process of this user would find the host
 
-            async def boot() -> dict[str, object]:
-                with trio.fail_after(120):
-                    async with launch_vm(spec) as vm:
-                        fields = status_fields(vm.pid)
-                        result = await vm.run(("echo", "ok"), timeout=20)
-                        return {"uid": fields["Uid"], "caps": fields["CapEff"], "nnp": fields["NoNewPrivs"],
-                                "seccomp": fields["Seccomp"], "net": namespace(vm.pid, "net"),
-                                "user": namespace(vm.pid, "user"), "out": (result.stdout or b"").decode(),
-                                "cgroup": vm.cgroup is not None, "confinement": describe_confinement(spec),
-                                "pid": vm.pid}
+    async def boot() -> str:
+        from vmcache import cgroup
+        cgroup._MANAGER = None  # as a process of this user would find the host
+        with trio.fail_after(120):
+            async with launch_vm(spec) as vm:
+                fields = status_fields(vm.pid)
+                result = await vm.run(("echo", "ok"), timeout=20)
+                return json.dumps({
+                    "uid": fields["Uid"], "caps": fields["CapEff"], "nnp": fields["NoNewPrivs"],
+                    "seccomp": fields["Seccomp"], "net": namespace(vm.pid, "net"),
+                    "user": namespace(vm.pid, "user"), "out": (result.stdout or b"").decode(),
+                    "cgroup": vm.cgroup is not None, "confinement": describe_confinement(spec),
+                    "pid": vm.pid})
 
-            outcome = json.dumps(trio.run(boot))
-        except BaseException as error:
-            outcome = json.dumps({"error": repr(error)})
-        os.write(write_end, outcome.encode())
-        os._exit(0)
-    os.close(write_end)
     try:
-        with os.fdopen(read_end) as pipe:
-            outcome = json.loads(pipe.read())
-        os.waitpid(child, 0)
-        assert "error" not in outcome, outcome
+        answer = run_as(65534, 65534, boot)
+        assert answer.startswith("{"), answer
+        outcome = json.loads(answer)
         assert outcome["uid"].split() == ["65534"] * 4 and int(str(outcome["caps"]), 16) == 0
         assert outcome["nnp"] == "1" and outcome["seccomp"] == "2" and outcome["out"] == "ok\n"
         assert outcome["net"] != namespace("self", "net") and outcome["user"] != namespace("self", "user")
