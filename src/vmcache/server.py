@@ -354,7 +354,8 @@ class CacheDaemon:
         if ``uid`` already holds ``max_vms_per_uid`` VMs, counting those being handed out.
         Leave the block once the VM is in the ledger (or not handed out)."""
         limit = self.config.factory.max_vms_per_uid
-        held = self.ledger.held_by(uid) + self._asking[uid]
+        # Counted only when there is a limit: the ledger is walked on the hand-out path.
+        held = self.ledger.held_by(uid) + self._asking[uid] if limit else 0
         if limit and held >= limit:
             raise QuotaExceededError(
                 f"uid {uid} already holds {held} VMs of this daemon, the most one user may "

@@ -129,8 +129,10 @@ class Snapshot:
     size: int
     sha256: str
     boot_id: str
-    #: The template's guest RAM, a sealed memfd (see VMSpec.memory_fd), or None.
+    #: The template's guest RAM, a sealed memfd (see VMSpec.memory_fd), or None, and that
+    #: memfd's (st_dev, st_ino): a restore checks its own copy of the descriptor against it.
     memory_fd: int | None = None
+    memory_id: tuple[int, int] = (0, 0)
 
 
 async def _wait_migration(vm: VM, timeout: float, *, incoming: bool) -> None:
@@ -251,6 +253,27 @@ def _seal(fd: int) -> None:
         raise SnapshotError(f"cannot seal the template's memory: {error.strerror}") from None
 
 
+def _file_id(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _own_copy(snapshot: Snapshot) -> int | None:
+    """A descriptor of the snapshot's template RAM for one restore, checked to be that memfd:
+    the snapshot may be discarded (its descriptor closed, the number reused) while a restore
+    waits, and a clone must never map some other file as its RAM."""
+    if snapshot.memory_fd is None:
+        return None
+    try:
+        fd = os.dup(snapshot.memory_fd)
+    except OSError:
+        raise SnapshotError("the template's memory was discarded meanwhile") from None
+    if _file_id(fd) != snapshot.memory_id:
+        os.close(fd)
+        raise SnapshotError("the template's memory was discarded meanwhile")
+    return fd
+
+
 class SnapshotManager:
     """Owns the template snapshot; boots VMs by restoring it, or plainly while it is missing."""
 
@@ -320,7 +343,8 @@ class SnapshotManager:
             raise
         finally:
             self._building = False
-        self.snapshot = attrs.evolve(saved, key=key, memory_fd=memory_fd)
+        self.snapshot = attrs.evolve(saved, key=key, memory_fd=memory_fd,
+                                     memory_id=_file_id(memory_fd) if memory_fd is not None else (0, 0))
         self.builds += 1
         log.info("snapshot %s saved: %.0f MB in %.2f s (template booted and stopped)",
                  key, saved.size / 1e6, time.monotonic() - started)
@@ -358,8 +382,16 @@ class SnapshotManager:
 
     async def restore(self, spec: VMSpec, snapshot: Snapshot) -> VM:
         """Start a VM from ``snapshot``: incoming migration, cont, fresh entropy and clock."""
-        if snapshot.memory_fd is not None:
-            spec = attrs.evolve(spec, memory_fd=snapshot.memory_fd, memory_file_shared=False)
+        memory_fd = _own_copy(snapshot)
+        try:
+            return await self._restore(spec, snapshot, memory_fd)
+        finally:
+            if memory_fd is not None:
+                os.close(memory_fd)
+
+    async def _restore(self, spec: VMSpec, snapshot: Snapshot, memory_fd: int | None) -> VM:
+        if memory_fd is not None:
+            spec = attrs.evolve(spec, memory_fd=memory_fd, memory_file_shared=False)
         spec = attrs.evolve(spec, restored=True)
 
         async def become_ready(vm: VM) -> str:

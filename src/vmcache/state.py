@@ -183,7 +183,8 @@ class VMRegistry:
         killed = 0
         claimed: list[VMRecord] = []
         for record in self.load():
-            if record.pid == 0:  # killed while starting it: find it by its command line
+            half_started = record.pid == 0
+            if half_started:  # killed while starting it: find it by its command line
                 found = find_vm_process(record.id)
                 record = attrs.evolve(record, pid=found, start_time=process_start_time(found))
             process = open_vm_process(record.id, record.pid, record.start_time)
@@ -200,7 +201,9 @@ class VMRegistry:
                 finally:
                     process.close()
                 killed += 1
-            for pid in jail_pids(record.id):  # a jail whose set-up the killed daemon left
+            # A jail whose set-up the killed daemon left (its record never got a pid): one
+            # scan of /proc for those only, not for every record.
+            for pid in jail_pids(record.id) if half_started else ():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.remove_run_dir(record.id)
