@@ -14,6 +14,7 @@ from fakes import FakeProcess
 from vmcache import ledger as ledger_module
 from vmcache.handle import VMHandle
 from vmcache.ledger import Ledger
+from vmcache.lifecycle import Phase
 from vmcache.state import VMRegistry
 
 
@@ -42,7 +43,7 @@ async def test_an_offer_nobody_resolves_is_stopped_by_its_watcher(
     qemu = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
     async with running_ledger(tmp_path) as ledger:
         started = trio.current_time()
-        entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
+        entry = ledger.adopt(handle(tmp_path), qemu, 0, Phase.OFFERED)
         with trio.fail_after(ledger_module.OFFER_DEADLINE + 30):
             await entry.gone.wait()
         assert trio.current_time() - started >= ledger_module.OFFER_DEADLINE
@@ -56,7 +57,7 @@ async def test_a_claimed_vm_is_not_stopped_by_the_offer_deadline(
 ) -> None:
     qemu = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
     async with running_ledger(tmp_path) as ledger:
-        entry = ledger.adopt(handle(tmp_path), qemu, 0, "offered")
+        entry = ledger.adopt(handle(tmp_path), qemu, 0, Phase.OFFERED)
         ledger.claim(entry, lease=False, ttl=0)
         await trio.sleep(ledger_module.OFFER_DEADLINE * 3)
         assert qemu.returncode is None and qemu.signals == []

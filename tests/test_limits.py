@@ -16,6 +16,7 @@ from vmcache.config import VMSpec, load_config
 from vmcache.errors import PermissionDeniedError, QuotaExceededError
 from vmcache.handle import VMHandle
 from vmcache.ledger import HandedOut
+from vmcache.lifecycle import Phase, VMLife
 from vmcache.placement import Placement
 from vmcache.security import PeerCredentials
 from vmcache.server import CacheDaemon
@@ -39,16 +40,17 @@ def handle(vm_id: str) -> VMHandle:
                     run_dir="r", cpu=1, memory=256)
 
 
-def hold(daemon: CacheDaemon, vm_id: str, uid: int, role: str = "claimed") -> None:
-    entry = HandedOut(handle(vm_id), FakeProcess(dies_of=set()), uid, time.time(), role)
+def hold(daemon: CacheDaemon, vm_id: str, uid: int, phase: Phase = Phase.CLAIMED) -> None:
+    life = VMLife(vm_id, 1, 1, phase, owner_uid=uid, handed_at=time.time(), handle=handle(vm_id))
+    entry = HandedOut(life, FakeProcess(dies_of=set()))
     daemon.ledger._entries[vm_id] = entry
 
 
 def test_a_uid_at_its_cap_is_refused_with_what_to_do(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, max_vms_per_uid=2)
     hold(daemon, "0123456789aa", 1000)
-    hold(daemon, "0123456789ab", 1000, "leased")
-    hold(daemon, "0123456789ac", 2000, "offered")
+    hold(daemon, "0123456789ab", 1000, Phase.LEASED)
+    hold(daemon, "0123456789ac", 2000, Phase.OFFERED)
     with pytest.raises(QuotaExceededError, match=r"uid 1000 already holds 2 VMs .*max_vms_per_uid = 2.*"
                        r"stop one \(vmcache stop HANDLE\)"), daemon._hand_out_to(1000):
         pass

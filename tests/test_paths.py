@@ -11,7 +11,8 @@ import pytest
 from vmcache import paths, safefile
 from vmcache.accel import AccelChooser
 from vmcache.errors import ConfigError
-from vmcache.state import VMRecord, VMRegistry
+from vmcache.lifecycle import VMLife
+from vmcache.state import VMRegistry
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_a_symlinked_record_is_replaced_never_followed(tmp_path: Path) -> None:
     os.symlink(victim, registry.path / "vm-0123456789ab.json")
     # Nor a temporary name a writer would use (a fixed one was: now fresh, and O_EXCL).
     os.symlink(victim, registry.path / ".vm-0123456789ab.partial")
-    registry.write(VMRecord("0123456789ab", 1, 2))
+    registry.write(VMLife("0123456789ab", 1, 2))
     assert victim.read_text() == "precious"
     assert not (registry.path / "vm-0123456789ab.json").is_symlink()
     assert json.loads((registry.path / "vm-0123456789ab.json").read_text())["pid"] == 1

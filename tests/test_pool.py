@@ -14,6 +14,7 @@ from vmcache.backoff import Backoff
 from vmcache.config import VMSpec
 from vmcache.errors import AgentError, BootError, CacheUnavailableError, VMGoneError
 from vmcache.handle import VMHandle
+from vmcache.lifecycle import Phase, VMLife
 from vmcache.pool import VMPool
 
 SPEC = VMSpec(qemu=Path("/fake/qemu"), kernel=Path("/k"), initrd=Path("/i"), kernel_params="",
@@ -41,6 +42,7 @@ class FakeVM:
         self.answers_ping = True
         self.stopped = False
         self.released = False
+        self.life = VMLife(self.id, pid, 1, Phase.READY)
         self.paused = False
         self.pings = 0
         self.resumes = 0
@@ -77,6 +79,7 @@ class FakeVM:
                         console_log="c", run_dir="r", cpu=1, memory=256)
 
     async def release(self) -> tuple[VMHandle, FakeProcess]:
+        self.life.move(Phase.OFFERED)
         self.released = True
         return self.handle(), FakeProcess()
 

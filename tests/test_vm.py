@@ -16,7 +16,8 @@ from vmcache.config import VMSpec, load_config, resolve_spec
 from vmcache.errors import AgentError, BootError, ConfigError
 from vmcache.image.build import AGENT_DIR
 from vmcache.image.cpio import directory, gzip_deterministic, regular_file, write_cpio
-from vmcache.qemu import VMState, _no_huge_pages_for_children, boot_vm, launch_vm, qemu_argv
+from vmcache.lifecycle import Phase
+from vmcache.qemu import _no_huge_pages_for_children, boot_vm, launch_vm, qemu_argv
 
 pytestmark = pytest.mark.qemu
 
@@ -48,7 +49,7 @@ async def test_two_vms_boot_run_commands_and_leave_nothing(
 
     async def one() -> None:
         async with launch_vm(spec) as vm:
-            assert vm.state is VMState.READY
+            assert vm.life.phase is Phase.READY
             # Ours, its group the VM's own uid (QEMU makes its sockets there), nothing for others.
             info = vm.run_dir.stat()
             assert (oct(info.st_mode & 0o7777), info.st_uid, info.st_gid) == ("0o1770", 0, vm.uid)

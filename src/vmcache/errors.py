@@ -211,6 +211,11 @@ class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
 
 
+class LifecycleError(VmcacheError):
+    """A VM was moved to a phase its lifecycle does not allow from where it is (see
+    vmcache.lifecycle): a bug in vmcache, caught at the move; report it with the log."""
+
+
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception a nursery wrapped, Cancelled aside; else ``group`` itself.
 

@@ -39,7 +39,8 @@ from .agent import AgentConnection, GuestResources
 from .backoff import Backoff
 from .config import MEMORY_HOTPLUG_STEP_MIB, VMSpec
 from .errors import QMPError, ResizeError, SizeLimitError, VMGoneError
-from .qemu import MEMORY_SLOTS, VM, VMState
+from .lifecycle import USABLE
+from .qemu import MEMORY_SLOTS, VM
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.hotplug")
@@ -87,8 +88,8 @@ def target_size(spec: VMSpec, vcpus: int, memory_mib: int, *,
 
 
 def _connections(vm: VM) -> tuple[QMPClient, AgentConnection]:
-    if vm.state is not VMState.READY or vm.qmp is None or vm.agent is None:
-        raise VMGoneError(f"VM {vm.id} is {vm.state.value}, not ready: it cannot grow")
+    if vm.life.phase not in USABLE or vm.qmp is None or vm.agent is None:
+        raise VMGoneError(f"VM {vm.id} is {vm.life.phase}, not ready: it cannot grow")
     if not vm.alive:
         raise VMGoneError(f"VM {vm.id} is not running any more: it cannot grow")
     return vm.qmp, vm.agent

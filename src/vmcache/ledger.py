@@ -11,6 +11,9 @@ directory (see :mod:`vmcache.state`) and a watcher task that
 * stops it when asked: an offer that was never claimed, a lease whose client
   released it or went away.
 
+A VM's phase (offered, leased, claimed, stopping, gone) and why it was stopped are its
+:class:`~vmcache.lifecycle.VMLife`, the record the cache moved before.
+
 When the daemon stops, offered and leased VMs are stopped (nobody can hold them
 without the daemon), while claimed VMs live on: they belong to their clients,
 and the next daemon on the endpoint adopts their records.
@@ -29,38 +32,59 @@ import trio
 
 from .console import start_drain
 from .handle import VMHandle, stop_vm_process
+from .lifecycle import OFFER_DEADLINE, EventKind, Phase, StopReason, VMLife
 from .process import ProcessLike, describe_exit, open_vm_process
-from .state import VMRecord, VMRegistry
+from .state import VMRegistry
 
 log = logging.getLogger("vmcache.ledger")
 
 #: How long stopping one VM may take: QMP quit, SIGTERM and SIGKILL graces, and a margin.
 STOP_WAIT = 15.0
-#: An offered VM still unclaimed this long after the offer is stopped by its watcher,
-#: whatever became of the call that offered it (the call itself allows 10 s for the claim).
-OFFER_DEADLINE = 20.0
+__all__ = ["OFFER_DEADLINE", "STOP_WAIT", "HandedOut", "Ledger"]
 
 
 @attrs.define(eq=False)
 class HandedOut:
-    """One VM in the ledger."""
+    """One VM in the ledger: its life (phase, owner, TTL, handle) and its QEMU process."""
 
-    handle: VMHandle
+    life: VMLife
     process: ProcessLike
-    owner_uid: int
-    handed_at: float
-    role: str  # offered, leased, claimed
-    expires_at: float = 0.0  # Unix time; 0 = no TTL
-    stop_reason: str = ""
     exit_status: int | None = None
-    #: Trio time after which an entry still "offered" is stopped.
+    #: Trio time after which an entry still offered is stopped.
     offer_deadline: float = math.inf
     gone: trio.Event = attrs.Factory(trio.Event)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def id(self) -> str:
-        return self.handle.id
+        return self.life.id
+
+    @property
+    def handle(self) -> VMHandle:
+        assert self.life.handle is not None, "a handed-out VM has a handle"
+        return self.life.handle
+
+    @property
+    def phase(self) -> Phase:
+        return self.life.phase
+
+    @property
+    def owner_uid(self) -> int:
+        return self.life.owner_uid
+
+    @property
+    def handed_at(self) -> float:
+        return self.life.handed_at
+
+    @property
+    def expires_at(self) -> float:
+        """Unix time; 0 = no TTL."""
+        return self.life.expires_at
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the daemon stops it, in words ("" if it does not)."""
+        return self.life.stop_text
 
     @property
     def alive(self) -> bool:
@@ -70,13 +94,8 @@ class HandedOut:
         self._changed.set()
         self._changed = trio.Event()
 
-    def record(self) -> VMRecord:
-        return VMRecord(self.handle.id, self.handle.pid, self.handle.start_time, role=self.role,
-                        owner_uid=self.owner_uid, handed_at=self.handed_at,
-                        expires_at=self.expires_at, handle=self.handle.to_dict())
 
-
-EventSink = Callable[[str, HandedOut, str], None]
+EventSink = Callable[[EventKind, HandedOut, str], None]
 
 
 class Ledger:
@@ -87,8 +106,6 @@ class Ledger:
         self._entries: dict[str, HandedOut] = {}
         self._nursery: trio.Nursery | None = None
         self._on_event = on_event
-        self.expired = 0
-        self.reaped = 0
 
     def entries(self) -> list[HandedOut]:
         return sorted(self._entries.values(), key=lambda entry: entry.handed_at)
@@ -101,7 +118,7 @@ class Ledger:
         """How many VMs ``uid`` holds now (offered, leased or claimed)."""
         return sum(entry.owner_uid == uid for entry in self._entries.values())
 
-    async def run(self, claimed: list[VMRecord] = (),  # type: ignore[assignment]
+    async def run(self, claimed: list[VMLife] = (),  # type: ignore[assignment]
                   *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch handed-out VMs until cancelled, starting with ``claimed`` ones a previous
         daemon left (from :meth:`VMRegistry.recover`)."""
@@ -112,11 +129,8 @@ class Ledger:
             task_status.started()
             await trio.sleep_forever()
 
-    def _adopt_record(self, record: VMRecord) -> None:
-        try:
-            handle = VMHandle.from_dict(record.handle or {})
-        except Exception:  # a record we wrote ourselves, but never trust it blindly
-            handle = None
+    def _adopt_record(self, record: VMLife) -> None:
+        handle = record.handle  # a record we wrote ourselves, but never trusted blindly: checked
         process = open_vm_process(record.id, record.pid, record.start_time)
         if handle is None or process is None or handle.id != record.id:
             if process is not None:
@@ -125,49 +139,53 @@ class Ledger:
             self.registry.remove_run_dir(record.id)
             self.registry.remove(record.id)
             return
-        entry = HandedOut(handle, process, record.owner_uid, record.handed_at, "claimed",
-                          record.expires_at)
+        entry = HandedOut(record, process)
         log.info("adopted claimed VM %s (pid %d) from a previous daemon%s", entry.id, handle.pid,
                  self._ttl_note(entry))
         # The previous daemon's console drain died with it (QEMU dropped the output since).
         start_drain(Path(handle.run_dir), lambda: process.returncode is None)
         self._start(entry)
 
-    def adopt(self, handle: VMHandle, process: ProcessLike, owner_uid: int, role: str) -> HandedOut:
-        """Take over a VM that has just left the cache. Its record changes role at once,
-        except for an offer: the next daemon kills offered VMs as it kills cached ones, so
-        the record goes on saying ``cached`` until the claim, and an offer costs no file
-        system write before the client sees it (0.5-1 ms here)."""
-        entry = HandedOut(handle, process, owner_uid, time.time(), role)
-        if role == "offered":
+    def adopt(self, handle: VMHandle, process: ProcessLike, owner_uid: int, phase: Phase) -> HandedOut:
+        """Take over a VM that has just left the cache (``offered`` or ``claimed``). Its
+        record is rewritten at once, except for an offer: the next daemon kills offered VMs
+        as it kills cached ones, so the record goes on saying ``booting`` until the claim,
+        and an offer costs no file system write before the client sees it."""
+        life = self.registry.life(handle.id) or VMLife(handle.id, handle.pid, handle.start_time,
+                                                       Phase.OFFERED)  # not started through it
+        life.owner_uid, life.handed_at, life.handle = owner_uid, time.time(), handle
+        if phase is not life.phase:
+            life.move(phase)
+        entry = HandedOut(life, process)
+        if phase is Phase.OFFERED:
             entry.offer_deadline = trio.current_time() + OFFER_DEADLINE
-        self._start(entry, record=role != "offered")
+        self._start(entry, record=phase is not Phase.OFFERED)
         return entry
 
     def _start(self, entry: HandedOut, *, record: bool = True) -> None:
         assert self._nursery is not None, "Ledger.run is not running"
         self._entries[entry.id] = entry
         if record:
-            self.registry.write(entry.record())
+            self.registry.write(entry.life)
         self._nursery.start_soon(self._watch, entry, name=f"vmcache ledger {entry.id}")
 
     def claim(self, entry: HandedOut, *, lease: bool, ttl: float) -> None:
         """The client acknowledged the VM: it is leased (bound to the call) or claimed (theirs)."""
-        entry.role = "leased" if lease else "claimed"
-        entry.expires_at = time.time() + ttl if ttl > 0 else 0.0
-        self.registry.write(entry.record())
+        entry.life.move(Phase.LEASED if lease else Phase.CLAIMED)
+        entry.life.expires_at = time.time() + ttl if ttl > 0 else 0.0
+        self.registry.write(entry.life)
         entry._wake()
-        log.info("VM %s %s by uid %d%s", entry.id, entry.role, entry.owner_uid, self._ttl_note(entry))
+        log.info("VM %s %s by uid %d%s", entry.id, entry.phase, entry.owner_uid, self._ttl_note(entry))
 
-    def request_stop(self, entry: HandedOut, reason: str) -> None:
-        """Have the VM stopped (by its watcher); see :meth:`stop` to wait for it."""
-        if not entry.stop_reason:
-            entry.stop_reason = reason
+    def request_stop(self, entry: HandedOut, reason: StopReason, *, by: int = -1) -> None:
+        """Have the VM stopped (by its watcher) for ``reason`` (``by``: the uid that asked,
+        for StopVM); see :meth:`stop` to wait for it."""
+        entry.life.ask_stop(reason, by=by)
         entry._wake()
 
-    async def stop(self, entry: HandedOut, reason: str) -> None:
+    async def stop(self, entry: HandedOut, reason: StopReason, *, by: int = -1) -> None:
         """Stop the VM and wait, at most :data:`STOP_WAIT` s, until it and its traces are gone."""
-        self.request_stop(entry, reason)
+        self.request_stop(entry, reason, by=by)
         with trio.move_on_after(STOP_WAIT):
             await entry.gone.wait()
 
@@ -177,7 +195,7 @@ class Ledger:
             return ""
         return f"; TTL ends in {max(0.0, entry.expires_at - time.time()):.0f} s"
 
-    def _emit(self, kind: str, entry: HandedOut, message: str) -> None:
+    def _emit(self, kind: EventKind, entry: HandedOut, message: str) -> None:
         if self._on_event is not None:
             self._on_event(kind, entry, message)
 
@@ -192,19 +210,19 @@ class Ledger:
                     entry._wake()
 
                 nursery.start_soon(wait_exit)
+                life = entry.life
                 while entry.process.returncode is None:
-                    if entry.expires_at and time.time() >= entry.expires_at and not entry.stop_reason:
-                        entry.stop_reason = "its TTL passed"
-                        self.expired += 1
-                    if (entry.role == "offered" and trio.current_time() >= entry.offer_deadline
-                            and not entry.stop_reason):
-                        entry.stop_reason = f"it was offered and not claimed within {OFFER_DEADLINE:g} s"
-                    if entry.stop_reason:
+                    if life.expires_at and time.time() >= life.expires_at:
+                        life.ask_stop(StopReason.TTL)
+                    if life.phase is Phase.OFFERED and trio.current_time() >= entry.offer_deadline:
+                        life.ask_stop(StopReason.OFFER_DEADLINE)
+                    if life.stop is not None:
                         stopped_by_us = True
                         log.info("stopping handed-out VM %s: %s", entry.id, entry.stop_reason)
+                        life.move(Phase.STOPPING)
                         await stop_vm_process(entry.process, Path(entry.handle.run_dir) / "qmp.sock")
                         break
-                    deadline = entry.offer_deadline if entry.role == "offered" else math.inf
+                    deadline = entry.offer_deadline if life.phase is Phase.OFFERED else math.inf
                     if entry.expires_at:
                         ttl_left = max(0.0, entry.expires_at - time.time())
                         deadline = min(deadline, trio.current_time() + ttl_left)
@@ -213,11 +231,13 @@ class Ledger:
                         await changed.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            if entry.process.returncode is None and entry.role != "claimed":
+            if entry.process.returncode is None and entry.phase is not Phase.CLAIMED:
                 # Cancelled (the daemon stops): an unclaimed or leased VM dies with it.
                 with trio.CancelScope(shield=True):
                     stopped_by_us = True
-                    entry.stop_reason = entry.stop_reason or "the daemon stopped"
+                    entry.life.ask_stop(StopReason.DAEMON_STOPPED)
+                    if entry.phase is not Phase.STOPPING:
+                        entry.life.move(Phase.STOPPING)
                     await stop_vm_process(entry.process, Path(entry.handle.run_dir) / "qmp.sock")
             if entry.process.returncode is not None:
                 self._forget(entry, stopped_by_us)
@@ -230,8 +250,8 @@ class Ledger:
         close = getattr(entry.process, "close", None)
         if close is not None:
             close()
-        self.reaped += 1
+        entry.life.move(Phase.GONE)
         message = f"stopped: {entry.stop_reason}" if stopped_by_us else describe_exit(entry.exit_status)
         log.info("handed-out VM %s (pid %d) %s", entry.id, entry.handle.pid, message)
-        self._emit("expired" if entry.stop_reason == "its TTL passed" else "released", entry, message)
+        self._emit(EventKind.of_stop(entry.life.stop if stopped_by_us else None), entry, message)
         entry.gone.set()

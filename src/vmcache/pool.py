@@ -6,11 +6,12 @@ Task tree (see docs/architecture.md)::
     ├── slot 0            boots a VM, offers it, waits until it is taken or dies, repeats
     ├── slot 1 ...
 
-A slot owns its VM while it is cached: cancelling the pool (Ctrl-C, Quit, a
-library caller's nursery) cancels the slot, whose ``finally`` stops the VM,
-shielded and bounded. A VM that is handed out is *released* first, so that
-``finally`` leaves it running: the daemon's ledger (:mod:`vmcache.ledger`)
-answers for it from then on.
+A slot owns its VM while it is cached (its :class:`~vmcache.lifecycle.VMLife` is
+``ready``, or ``reserved`` while set aside for one client): cancelling the pool
+(Ctrl-C, Quit, a library caller's nursery) cancels the slot, whose ``finally``
+stops the VM, shielded and bounded. A VM that is handed out is *released* first
+(``offered``), so that ``finally`` leaves it running: the daemon's ledger
+(:mod:`vmcache.ledger`) answers for it from then on.
 
 Hand-outs are first come, first served: a ready VM goes to the longest-waiting
 client. A VM leaves only with proof of life: its QEMU process is running (not
@@ -33,10 +34,9 @@ import itertools
 import logging
 import math
 import random
-import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import trio
@@ -45,6 +45,7 @@ from .backoff import Backoff
 from .config import VMSpec
 from .errors import CacheUnavailableError, VmcacheError, VMGoneError
 from .handle import VMHandle
+from .lifecycle import CACHED, EventKind, Phase, VMLife
 from .process import ProcessLike, describe_exit
 from .procfs import rss_bytes
 from .qemu import VM, boot_vm
@@ -81,8 +82,6 @@ class _Entry:
 
     vm: VM
     done: trio.Event = attrs.Factory(trio.Event)
-    leased: bool = False
-    released: bool = False
     #: When (trio time) the agent last answered or the VM was resumed.
     last_contact: float = -math.inf
     #: Held while the VM is paused, resumed or checked, so that none of these overlap.
@@ -92,6 +91,11 @@ class _Entry:
     #: QEMU's resident memory as of the last health check (Status reports this sample:
     #: reading /proc for every cached VM on each Status made it grow with the cache).
     rss_bytes: int = 0
+
+    @property
+    def life(self) -> VMLife:
+        """The VM's phase: ready (in line), reserved (set aside for a client), offered (gone)."""
+        return self.vm.life
 
 
 @attrs.define(eq=False)
@@ -122,21 +126,35 @@ class PoolStats:
     boot_seconds: list[float] = attrs.Factory(list)
     handout_seconds: list[float] = attrs.Factory(list)
 
-    def median_boot(self) -> float:
-        return statistics.median(self.boot_seconds) if self.boot_seconds else 0.0
-
     def note_handout(self, seconds: float) -> None:
         """A hand-out's server-side time: from the request's bytes read off the socket (before
         the HTTP/2 parse) to its reply written to the socket."""
         self.handout_seconds.append(seconds)
         del self.handout_seconds[:-1000]
 
-    def median_handout(self) -> float:
-        return statistics.median(self.handout_seconds) if self.handout_seconds else 0.0
+
+def total_stats(pools: Iterable[VMPool]) -> PoolStats:
+    """Every pool's counters added up (Status, the exit summary); the last error and the
+    failures in a row are those of the pool that fails the most."""
+    stats = [pool.stats for pool in pools]
+    failing = max(stats, key=lambda each: each.failures_in_row, default=PoolStats())
+    return PoolStats(
+        boots=sum(each.boots for each in stats),
+        boot_failures=sum(each.boot_failures for each in stats),
+        failures_in_row=failing.failures_in_row,
+        last_error=failing.last_error,
+        handed_out=sum(each.handed_out for each in stats),
+        killed=sum(each.killed for each in stats),
+        died=sum(each.died for each in stats),
+        booting=sum(each.booting for each in stats),
+        boot_seconds=[value for each in stats for value in each.boot_seconds],
+        handout_seconds=[value for each in stats for value in each.handout_seconds],
+    )
 
 
 class Lease:
-    """A ready VM set aside for one client until :meth:`commit` or :meth:`abort`."""
+    """A ready VM set aside for one client (``reserved``) until :meth:`commit`,
+    :meth:`discard` or :meth:`abort`: each calls the pool's public method of that name."""
 
     def __init__(self, pool: VMPool, entry: _Entry) -> None:
         self._pool = pool
@@ -150,14 +168,9 @@ class Lease:
 
         ``refill_when``: the slot starts the replacement once it is set (within
         ``REFILL_HOLD`` s), so that the hand-out's last round trips (a TakeVM claim) do not
-        compete with a QEMU start for the host's cores (measured, cache of 4 on 2 cores:
-        claim to confirmation 4.5-6.1 ms with the start beside it, 2.0-2.7 ms without).
+        compete with a QEMU start for the host's cores (see the README, "Hand-out time").
         """
-        entry = self._entry
-        if entry.done.is_set() or not entry.vm.alive:
-            raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
-        entry.refill_when = refill_when
-        return await self._pool._release(entry)
+        return await self._pool.hand_out(self._entry, refill_when=refill_when)
 
     @property
     def vm(self) -> VM:
@@ -166,17 +179,11 @@ class Lease:
 
     async def discard(self) -> None:
         """The VM is not fit to hand out (it failed to grow): the slot stops and replaces it."""
-        self._entry.leased = False
-        self._pool._forget(self._entry)
-        self._entry.done.set()
+        self._pool.discard(self._entry)
 
     async def abort(self) -> None:
         """The reply did not go out: offer the VM again, to the next client in line."""
-        self._entry.leased = False
-        if self._entry.vm.alive:
-            self._pool._offer(self._entry, front=True)
-        else:
-            self._entry.done.set()
+        self._pool.offer_again(self._entry)
 
 
 class EventHub:
@@ -251,7 +258,6 @@ class VMPool:
         self._own_events = events is None
         self.events = events if events is not None else EventHub()
         self.stats = PoolStats()
-        self.started_at = time.monotonic()
 
     # ---------------------------------------------------------- supervision
 
@@ -267,7 +273,7 @@ class VMPool:
     async def _slot(self, index: int) -> None:
         backoff = self._backoff()
         while True:
-            self._publish("booting", message=f"slot {index}")
+            self._publish(EventKind.BOOTING, message=f"slot {index}")
             self.stats.booting += 1
             try:
                 if self._boots is None:
@@ -294,15 +300,16 @@ class VMPool:
             try:
                 await self._serve_entry(entry)
             finally:
-                if not entry.released:
+                left = entry.life.phase not in CACHED  # handed out: the ledger's now
+                if not left:
                     self._forget(entry)
                     was_alive = vm.alive
                     await vm.stop()
                     if was_alive:
                         self.stats.killed += 1
                         log.info("VM %s killed (pid %d)", vm.id, vm.pid)
-                        self._publish("killed", vm)
-            if entry.released and entry.refill_when is not None:
+                        self._publish(EventKind.KILLED, vm)
+            if left and entry.refill_when is not None:
                 with trio.move_on_after(REFILL_HOLD):
                     await entry.refill_when.wait()
 
@@ -313,7 +320,7 @@ class VMPool:
             f"{type(error).__name__}: {error}")
         log.warning("slot %d: boot failed (%d in a row): %s; retrying in %.1f s",
                     index, self.stats.failures_in_row, error, delay)
-        self._publish("boot_failed", message=self.stats.last_error)
+        self._publish(EventKind.BOOT_FAILED, message=self.stats.last_error)
         if self.failing():
             self._fail_waiters(CacheUnavailableError(self.failure_reason()))
 
@@ -333,15 +340,15 @@ class VMPool:
         self._offer(entry)
         log.info("VM %s booted in %.2f s (pid %d, accel %s); %d/%d ready",
                  vm.id, vm.boot_seconds, vm.pid, vm.accel, self.ready_count(), self.size)
-        self._publish("ready", vm, message=f"booted in {vm.boot_seconds:.2f} s")
+        self._publish(EventKind.READY, vm, message=f"booted in {vm.boot_seconds:.2f} s")
         async with trio.open_nursery() as nursery:
 
             async def watch_exit() -> None:
                 status = await vm.wait_exited()
-                if not entry.released:
+                if entry.life.phase in CACHED:
                     self.stats.died += 1
                     log.warning("cached VM %s %s; replacing it", vm.id, describe_exit(status))
-                    self._publish("died", vm, message=describe_exit(status))
+                    self._publish(EventKind.DIED, vm, message=describe_exit(status))
                     entry.done.set()
 
             async def check_health() -> None:
@@ -380,15 +387,16 @@ class VMPool:
     async def _checked(self, entry: _Entry, work: Callable[[], Awaitable[None]], failing: str) -> bool:
         """Run ``work`` on a cached VM, holding its transition lock, within PING_TIMEOUT.
 
-        Nothing is done to a VM that is leaving the cache. A VM whose ``work`` fails or
-        hangs is condemned (described as ``failing``): returns False then, else True."""
+        Nothing is done to a VM that is set aside or leaving (not ``ready``). A VM whose
+        ``work`` fails or hangs is condemned (described as ``failing``): returns False then,
+        else True."""
         try:
             with trio.fail_after(PING_TIMEOUT):
                 async with entry.transition:
-                    if not (entry.leased or entry.released):
+                    if entry.life.phase is Phase.READY:
                         await work()
         except (VmcacheError, trio.TooSlowError) as error:
-            if not (entry.leased or entry.released):
+            if entry.life.phase is Phase.READY:
                 self._condemn(entry, failing, error)
                 return False
         return True
@@ -435,7 +443,7 @@ class VMPool:
         self._forget(entry)
         vm = entry.vm
         log.warning("cached VM %s %s (%s); replacing it", vm.id, what, error or "timeout")
-        self._publish("died", vm, message=what)
+        self._publish(EventKind.DIED, vm, message=what)
         entry.done.set()
 
     def _forget(self, entry: _Entry) -> None:
@@ -449,7 +457,7 @@ class VMPool:
         """Give a ready VM to the longest-waiting client, or keep it ready."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            entry.leased = True
+            entry.life.move(Phase.RESERVED)
             waiter.entry = entry
             waiter.event.set()
             return
@@ -466,7 +474,7 @@ class VMPool:
             raise CacheUnavailableError(self.failure_reason())
         if self._ready and not self._waiters:
             entry = self._ready.popleft()
-            entry.leased = True
+            entry.life.move(Phase.RESERVED)
             self._line_changed.set()
             return entry
         waiter = _Waiter()
@@ -475,7 +483,7 @@ class VMPool:
             await waiter.event.wait()
         except BaseException:
             if waiter.entry is not None:  # a VM arrived as we were cancelled: pass it on
-                waiter.entry.leased = False
+                waiter.entry.life.move(Phase.READY)
                 self._offer(waiter.entry, front=True)
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -505,11 +513,10 @@ class VMPool:
             except (VmcacheError, trio.TooSlowError) as error:
                 log.warning("VM %s failed its check before hand-out (%s); replacing it",
                             entry.vm.id, error or "timeout")
-                entry.leased = False
-                entry.done.set()
+                entry.done.set()  # its slot stops it
                 continue
             except BaseException:
-                entry.leased = False
+                entry.life.move(Phase.READY)
                 self._offer(entry, front=True)
                 raise
             return Lease(self, entry)
@@ -541,14 +548,31 @@ class VMPool:
             await vm.ping()
         entry.last_contact = trio.current_time()
 
-    async def _release(self, entry: _Entry) -> tuple[VMHandle, ProcessLike]:
-        entry.released = True
-        handle, process = await entry.vm.release()
+    async def hand_out(self, entry: _Entry, *, refill_when: trio.Event | None = None,
+                       ) -> tuple[VMHandle, ProcessLike]:
+        """A reserved VM leaves the cache (see :meth:`Lease.commit`); VMGoneError if it died."""
+        if entry.done.is_set() or not entry.vm.alive:
+            raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
+        entry.refill_when = refill_when
+        handle, process = await entry.vm.release()  # offered: the ledger's from here on
         entry.done.set()
         self.stats.handed_out += 1
         log.info("VM %s handed out (pid %d)", handle.id, handle.pid)
-        self._publish("handed_out", entry.vm)
+        self._publish(EventKind.HANDED_OUT, entry.vm)
         return handle, process
+
+    def discard(self, entry: _Entry) -> None:
+        """A reserved VM is not fit to hand out: its slot stops and replaces it."""
+        self._forget(entry)
+        entry.done.set()
+
+    def offer_again(self, entry: _Entry) -> None:
+        """A reserved VM was not handed out: back in line, first, for the next client."""
+        entry.life.move(Phase.READY)
+        if entry.vm.alive:
+            self._offer(entry, front=True)
+        else:
+            entry.done.set()
 
     # ---------------------------------------------------------- state
 
@@ -584,17 +608,18 @@ class VMPool:
 
     def watching_event(self) -> CacheEvent:
         """The event a new watcher gets first: this pool as it is now."""
-        return CacheEvent("watching", "", 0, "", time.time(), self.ready_count(), self.size, self.name)
+        return CacheEvent(EventKind.WATCHING, "", 0, "", time.time(), self.ready_count(), self.size,
+                          self.name)
 
     def watch(self) -> trio.MemoryReceiveChannel[CacheEvent]:
         """A channel of every event from now on, opening with a ``watching`` event (the
         cache as it is: from then on nothing is missed)."""
         return self.events.watch([self.watching_event()])
 
-    def _publish(self, kind: str, vm: VM | None = None, message: str = "") -> None:
+    def _publish(self, kind: EventKind, vm: VM | None = None, message: str = "") -> None:
         self.publish(kind, vm.id if vm else "", vm.pid if vm else 0, message)
 
-    def publish(self, kind: str, vm_id: str = "", pid: int = 0, message: str = "") -> None:
+    def publish(self, kind: EventKind, vm_id: str = "", pid: int = 0, message: str = "") -> None:
         """Send an event about this pool to every watcher."""
         if self.events.watched:
             self.events.publish(CacheEvent(kind, vm_id, pid, message, time.time(), self.ready_count(),

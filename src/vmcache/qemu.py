@@ -15,7 +15,6 @@ never through a shell.
 from __future__ import annotations
 
 import ctypes
-import enum
 import functools
 import logging
 import os
@@ -55,6 +54,7 @@ from .guest import (
 from .handle import VMHandle
 from .identity import write_identity
 from .jail import JailedProcess, limits, pick_uid, prepare_run_dir, start_jailed
+from .lifecycle import CACHED, USABLE, Phase, VMLife
 from .process import TERM_GRACE, ProcessLike, stop_process
 from .procfs import process_start_time, process_state
 from .qemu_binary import usable_spec
@@ -113,22 +113,12 @@ class _NoHugePagesForChildren:
 _no_huge_pages_for_children = _NoHugePagesForChildren()
 
 
-class VMState(enum.Enum):
-    """Where a VM is in its life. Only READY VMs are handed out or used."""
-
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    RELEASED = "released"
-
-
 class Registry(Protocol):
     """Where a daemon records the VMs it is responsible for (see vmcache.state)."""
 
-    def add(self, vm_id: str) -> None: ...
+    def add(self, vm_id: str) -> VMLife: ...
 
-    def started(self, vm_id: str, pid: int) -> None: ...
+    def write(self, life: VMLife) -> None: ...
 
     def remove(self, vm_id: str) -> None: ...
 
@@ -266,13 +256,14 @@ class VM(GuestAPI):
     """
 
     def __init__(self, spec: VMSpec, vm_id: str, run_dir: Path, accel: str,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, life: VMLife | None = None) -> None:
         self.spec = spec
         self.registry = registry
         self.id = vm_id
         self.run_dir = run_dir
         self.accel = accel
-        self.state = VMState.STARTING
+        #: Its phase (booting, ready, reserved...): the one record the pool and ledger move too.
+        self.life = life if life is not None else VMLife(vm_id)
         self.process: trio.Process | JailedProcess | None = None
         #: The uid QEMU runs as (a VM's own, under the jail as root; else ours).
         self.uid = os.geteuid()
@@ -325,16 +316,16 @@ class VM(GuestAPI):
         )
 
     def _guest(self) -> Guest:
-        if self.state is not VMState.READY:
-            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        if self.life.phase not in USABLE:
+            raise VMGoneError(f"VM {self.id} is {self.life.phase}, not ready")
         if self._owner is None:
             self._owner = Guest(self.id, self.run_dir, is_running=lambda: self.alive,
                                 wait_stopped=self.wait_exited)
         return self._owner
 
     def _require_ready(self) -> AgentConnection:
-        if self.state is not VMState.READY or self.agent is None:
-            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        if self.life.phase not in USABLE or self.agent is None:
+            raise VMGoneError(f"VM {self.id} is {self.life.phase}, not ready")
         if not self.alive:
             raise VMGoneError(f"VM {self.id} is not running any more")
         return self.agent
@@ -352,8 +343,8 @@ class VM(GuestAPI):
         await self._require_ready().set_clock()
 
     def _require_monitor(self) -> QMPClient:
-        if self.state is not VMState.READY or self.qmp is None:
-            raise VMGoneError(f"VM {self.id} is {self.state.value}, not ready")
+        if self.life.phase not in USABLE or self.qmp is None:
+            raise VMGoneError(f"VM {self.id} is {self.life.phase}, not ready")
         return self.qmp
 
     async def pause(self) -> None:
@@ -407,16 +398,16 @@ class VM(GuestAPI):
         """
         handle = self.handle()
         assert self.process is not None
+        self.life.move(Phase.OFFERED)  # at once: from now on, nothing of ours acts on it
         await self._close_connections()
-        self.state = VMState.RELEASED
         return handle, self.process
 
     async def stop(self) -> None:
         """Stop QEMU (bounded escalation), reap it and remove the run directory."""
-        if self.state in (VMState.STOPPED, VMState.RELEASED):
+        if self.life.phase not in CACHED:  # handed out, or stopping or stopped already
             return
-        started = self.state is not VMState.STARTING
-        self.state = VMState.STOPPING
+        started = self.life.phase is not Phase.BOOTING
+        self.life.move(Phase.STOPPING)
         qmp = self.qmp
 
         async def polite_quit() -> None:
@@ -438,7 +429,8 @@ class VM(GuestAPI):
             self.process.close()
         if reaped and self.registry is not None:
             self.registry.remove(self.id)  # kept otherwise: the next daemon tries again
-        self.state = VMState.STOPPED
+        if reaped:
+            self.life.move(Phase.GONE)
 
 
 async def _until_exit(process: ProcessLike, work: Callable[[], Awaitable[T]]) -> T:
@@ -525,9 +517,9 @@ async def start_vm(
     if len(str(run_dir / LONGEST_SOCKET_NAME)) > SOCKET_PATH_MAX:
         raise ConfigError(f"run directory path too long for a Unix socket: {spec.run_root}")
     make_private_dir(spec.run_root, enforce=False)
-    if registry is not None:
-        registry.add(vm_id)  # before anything exists: a crash at any instant leaves a trace
-    vm = VM(spec, vm_id, run_dir, accel, registry)
+    # Recorded before anything exists: a crash at any instant leaves a trace.
+    life = registry.add(vm_id) if registry is not None else None
+    vm = VM(spec, vm_id, run_dir, accel, registry, life)
     try:
         make_private_dir(run_dir)
         argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}"), *extra_args]
@@ -556,8 +548,9 @@ async def start_vm(
         write_pidfile(run_dir, vm.pid)
         process = vm.process
         vm.console_drained = start_drain(run_dir, lambda: process.returncode is None)
+        vm.life.pid, vm.life.start_time = vm.pid, vm.start_time
         if registry is not None:
-            registry.started(vm.id, vm.pid)
+            registry.write(vm.life)
         write_identity(run_dir, vm.id, vm.pid, vm.uid, spec.qemu, vm.start_time)
         with trio.move_on_after(timeout) as deadline:
             vm.boot_id = await _until_exit(vm.process, functools.partial(become_ready, vm))
@@ -573,7 +566,7 @@ async def start_vm(
     except BaseException:
         await vm.stop()
         raise
-    vm.state = VMState.READY
+    vm.life.move(Phase.READY)
     vm.boot_seconds = time.monotonic() - vm.started_at
     return vm
 

@@ -31,7 +31,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import attrs
@@ -62,9 +62,10 @@ from .handle import VMHandle
 from .hotplug import grow
 from .jail import check_jail_paths, describe_confinement
 from .ledger import HandedOut, Ledger
+from .lifecycle import EventKind, Phase, StopReason
 from .notify import Notifier
 from .placement import Placement, place
-from .pool import EventHub, Lease, VMPool
+from .pool import EventHub, Lease, VMPool, total_stats
 from .process import ProcessLike
 from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
 from .rpc.endpoint import bind_unix_socket
@@ -103,8 +104,7 @@ AGENT_CONFIG = {"protocol": "vmcache-agent/1", "port": "vmcache.agent"}
 class CacheDaemon:
     """One daemon: the pool, the ledger, the rpc handlers, crash recovery, an orderly stop."""
 
-    def __init__(self, config: Config, spec: VMSpec | None = None,
-                 boot: Callable[[VMSpec], Awaitable[VM]] | None = None) -> None:
+    def __init__(self, config: Config, spec: VMSpec | None = None) -> None:
         self.config = config
         self.spec = spec if spec is not None else resolve_spec(config)
         self.endpoint = config.endpoint()
@@ -123,8 +123,8 @@ class CacheDaemon:
         self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
         for shape in self.shapes:
             spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib)
-            boot_for_pool = boot if boot is not None else self._fill_boot
-            if boot is None and shape.boot_mode == "snapshot":
+            boot_for_pool = self._fill_boot
+            if shape.boot_mode == "snapshot":
                 manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
                                           self.registry, plain_boot=self._fill_boot,
                                           share_memory=factory.share_template_memory)
@@ -200,8 +200,8 @@ class CacheDaemon:
                     pool.close()
                 self.events.close()
                 for entry in self.ledger.entries():
-                    if entry.role != "claimed":
-                        self.ledger.request_stop(entry, "the daemon is stopping")
+                    if entry.phase is not Phase.CLAIMED:
+                        self.ledger.request_stop(entry, StopReason.DAEMON_STOPPING)
                 with trio.move_on_after(DRAIN_TIMEOUT):
                     await self.rpc.wait_idle()
                 nursery.cancel_scope.cancel()
@@ -209,10 +209,10 @@ class CacheDaemon:
             sock.close()
             self._remove_socket(inode)
             self.notifier.close()
+            totals = total_stats(self.pools.values())
             log.info("stopped: %d VMs handed out, %d cached VMs killed, %d handed-out VMs left running",
-                     sum(pool.stats.handed_out for pool in self.pools.values()),
-                     sum(pool.stats.killed for pool in self.pools.values()),
-                     sum(entry.role == "claimed" for entry in self.ledger.entries()))
+                     totals.handed_out, totals.killed,
+                     sum(entry.phase is Phase.CLAIMED for entry in self.ledger.entries()))
 
     async def _fill(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the snapshot managers and the pools, until hand-outs are refused: then no VM
@@ -299,7 +299,7 @@ class CacheDaemon:
         """Every pool's events (and the ledger's), opening with one ``watching`` per pool."""
         return self.events.watch([pool.watching_event() for pool in self.pools.values()])
 
-    def _ledger_event(self, kind: str, entry: HandedOut, message: str) -> None:
+    def _ledger_event(self, kind: EventKind, entry: HandedOut, message: str) -> None:
         if self.events.watched:
             self.events.publish(CacheEvent(kind, entry.id, entry.handle.pid, message, time.time(),
                                            self.pool.ready_count(), self.pool.size, ""))
@@ -346,7 +346,7 @@ class CacheDaemon:
                         except VMGoneError as error:
                             log.warning("%s; the client got a VM that is gone", error)
                         else:
-                            self.ledger.adopt(handle, process, uid, "claimed")
+                            self.ledger.adopt(handle, process, uid, Phase.CLAIMED)
 
     @contextlib.contextmanager
     def _hand_out_to(self, uid: int) -> Iterator[None]:
@@ -405,7 +405,7 @@ class CacheDaemon:
         finally:
             if not claimed:
                 with trio.CancelScope(shield=True):
-                    await self.ledger.stop(entry, "it was not claimed")
+                    await self.ledger.stop(entry, StopReason.NOT_CLAIMED)
         if not ask.lease:
             # From here the VM is the client's: it asked for it, got it and claimed it.
             with contextlib.suppress(CallGone):  # the VM is theirs either way
@@ -428,12 +428,12 @@ class CacheDaemon:
                                                                  handed_out)
             if waited.cancelled_caught:
                 raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
-            entry = self.ledger.adopt(handle, process, call.peer.uid, "offered")
+            entry = self.ledger.adopt(handle, process, call.peer.uid, Phase.OFFERED)
         try:
             await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, "its offer could not be written")
+                await self.ledger.stop(entry, StopReason.OFFER_UNWRITTEN)
             raise
         if placement.pool is not None:
             self.pools[placement.pool].stats.note_handout(trio.current_time() - call.arrived_at)
@@ -488,13 +488,13 @@ class CacheDaemon:
                           handed_out: trio.Event) -> None:
         """Confirm the lease (then the pool may start the replacement: ``handed_out``), keep
         the VM while the client holds the call, stop it when either side ends."""
-        reason = "the client went away"
+        reason = StopReason.CLIENT_GONE
         try:
             await _write_in_time(call, cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(
                 vm_id=entry.id, expires_at=entry.expires_at)))
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.ledger.stop(entry, "its confirmation could not be written")
+                await self.ledger.stop(entry, StopReason.CONFIRMATION_UNWRITTEN)
             raise
         handed_out.set()
         try:
@@ -507,17 +507,17 @@ class CacheDaemon:
                     except CallGone:
                         message = None
                     if call.client_gone:
-                        reason = "the client went away"
+                        reason = StopReason.CLIENT_GONE
                     elif message is None or message.WhichOneof("step") == "release":
-                        reason = "the client released it"
+                        reason = StopReason.CLIENT_RELEASED
                     else:
-                        reason = "the client sent something else than a release"
+                        reason = StopReason.CLIENT_CONFUSED
                     nursery.cancel_scope.cancel()
 
                 async def vm_side() -> None:
                     nonlocal reason
                     await entry.gone.wait()
-                    reason = entry.stop_reason or "its VM exited"
+                    reason = entry.life.stop or StopReason.VM_EXITED
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(client_side)
@@ -525,36 +525,35 @@ class CacheDaemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.ledger.stop(entry, reason)
-        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(vm_id=entry.id, reason=reason)),
-                        last=True)
+        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(
+            vm_id=entry.id, reason=reason.text(entry.life.stop_by))), last=True)
         await call.finish()
 
     async def _status(self, _request: ProtoMessage) -> cache_pb2.GrpcStatus:
         pools = list(self.pools.values())
-        handout_seconds = [value for pool in pools for value in pool.stats.handout_seconds]
-        boot_seconds = [value for pool in pools for value in pool.stats.boot_seconds]
-        failing = max(pools, key=lambda pool: pool.stats.failures_in_row)
+        totals = total_stats(pools)
         verdict = self.accel.verdict
         status = CacheStatus(
             pid=os.getpid(),
             vms=[CachedVMStatus(vm.pid, vm.spec.vcpus, vm.spec.memory_mib, vm.id, rss, pool.name, vm.accel)
                  for pool in pools for vm, rss in pool.ready_with_rss()],
             cache_size=self._cache_size(),
-            booting=sum(pool.stats.booting for pool in pools),
-            last_boot_error=failing.stats.last_error,
-            boot_failures_in_row=failing.stats.failures_in_row,
-            boots=sum(pool.stats.boots for pool in pools),
-            boot_failures=sum(pool.stats.boot_failures for pool in pools),
-            handed_out=sum(pool.stats.handed_out for pool in pools) + self.cold_boots,
-            median_boot_seconds=statistics.median(boot_seconds) if boot_seconds else 0.0,
-            median_handout_seconds=statistics.median(handout_seconds) if handout_seconds else 0.0,
-            p99_handout_seconds=_percentile(handout_seconds, 0.99),
+            booting=totals.booting,
+            last_boot_error=totals.last_error,
+            boot_failures_in_row=totals.failures_in_row,
+            boots=totals.boots,
+            boot_failures=totals.boot_failures,
+            handed_out=totals.handed_out + self.cold_boots,
+            median_boot_seconds=statistics.median(totals.boot_seconds) if totals.boot_seconds else 0.0,
+            median_handout_seconds=(statistics.median(totals.handout_seconds)
+                                    if totals.handout_seconds else 0.0),
+            p99_handout_seconds=_percentile(totals.handout_seconds, 0.99),
             uptime_seconds=time.monotonic() - self.started,
             boot_mode=self.config.factory.boot_mode,
             confinement=describe_confinement(self.spec),
             handed_out_vms=[
                 HandedOutVMStatus(entry.id, entry.handle.pid, entry.owner_uid, entry.handed_at,
-                                  entry.role, entry.expires_at, entry.handle.cpu, entry.handle.memory,
+                                  entry.phase, entry.expires_at, entry.handle.cpu, entry.handle.memory,
                                   entry.handle.accel)
                 for entry in self.ledger.entries()
             ],
@@ -600,7 +599,7 @@ class CacheDaemon:
                                   "edited?); not touching it")
         was_running = entry.alive
         log.info("VM %s: stop asked by pid %d (uid %d)", entry.id, peer.pid, peer.uid)
-        await self.ledger.stop(entry, f"uid {peer.uid} asked (StopVM)")
+        await self.ledger.stop(entry, StopReason.ASKED, by=peer.uid)
         if not entry.gone.is_set():
             raise CacheError(f"VM {entry.id} did not stop in time; it is still being stopped")
         return cache_pb2.StopVMReply(vm_id=entry.id, was_running=was_running,

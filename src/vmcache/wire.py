@@ -14,6 +14,7 @@ import attrs
 from ._proto import cache_pb2
 from .errors import CacheError
 from .handle import VMHandle
+from .lifecycle import Phase
 
 SERVICE = "cache.CacheService"
 
@@ -22,7 +23,9 @@ SERVICE = "cache.CacheService"
 class CacheEvent:
     """One change in the cache, as ``Watch`` streams it."""
 
-    kind: str  # watching, booting, ready, handed_out, died, killed, boot_failed, released, expired
+    #: A :class:`~vmcache.lifecycle.EventKind` from this daemon; a plain str as read off the
+    #: wire (a newer daemon's kinds must not break an older watcher).
+    kind: str
     vm_id: str
     pid: int
     message: str
@@ -67,7 +70,7 @@ class HandedOutVMStatus:
     pid: int
     owner_uid: int
     handed_at: float
-    state: str  # offered, leased, claimed
+    state: Phase  # offered, leased, claimed (stopping while it is being stopped)
     expires_at: float = 0.0  # Unix time; 0 = no TTL
     cpu: int = 0
     memory: int = 0
@@ -185,7 +188,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         confinement=status.confinement,
         handed_out_vms=[
             cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
-                                      handed_at=vm.handed_at, state=vm.state,
+                                      handed_at=vm.handed_at, state=vm.state.value,
                                       expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory,
                                       accel=vm.accel)
             for vm in status.handed_out_vms
@@ -222,8 +225,8 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         boot_mode=message.boot_mode,
         confinement=message.confinement,
         handed_out_vms=[
-            HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, vm.state, vm.expires_at,
-                              vm.cpu, vm.memory, vm.accel)
+            HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, _phase(vm.state),
+                              vm.expires_at, vm.cpu, vm.memory, vm.accel)
             for vm in message.handed_out_vms
         ],
         pools=[PoolStatus(pool.name, pool.cpu, pool.memory, pool.cache_size, pool.ready, pool.booting,
@@ -233,3 +236,11 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         require_hardware_accel=message.require_hardware_accel,
         refusal=message.refusal,
     )
+
+
+def _phase(text: str) -> Phase:
+    try:
+        return Phase(text)
+    except ValueError:
+        raise CacheError(f"the daemon reports a VM phase this client does not know ({text[:40]!r}): "
+                         "upgrade vmcache on this side") from None
