@@ -12,7 +12,7 @@ A VM starts with headroom (``default_maxvcpus``, ``default_maxmemory``: QEMU's
    onlines a hot-added DIMM itself, before that answer (``memhp_default_state=online``).
    This wait asks nothing of the guest agent: a guest that zeroes the new memory
    (``init_on_free=1``, as snapshot templates boot) is busy in the kernel for seconds
-   (4 s for 768 MiB under TCG) and its agent cannot answer meanwhile;
+   under TCG and its agent cannot answer meanwhile;
 3. asks the agent to online what is still offline (hot-added vCPUs always are) and
    polls its report until the guest's own view shows the vCPUs online and MemTotal
    grown by the memory added.

@@ -168,7 +168,7 @@ class Lease:
 
         ``refill_when``: the slot starts the replacement once it is set (within
         ``REFILL_HOLD`` s), so that the hand-out's last round trips (a TakeVM claim) do not
-        compete with a QEMU start for the host's cores (see the README, "Hand-out time").
+        compete with a QEMU start for the host's cores (see the README, "Measured choices in the code").
         """
         return await self._pool.hand_out(self._entry, refill_when=refill_when)
 

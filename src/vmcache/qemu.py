@@ -83,15 +83,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class _NoHugePagesForChildren:
     """QEMU runs without transparent huge pages: QEMU asks for them on guest RAM
-    (MADV_HUGEPAGE), so each guest page touched made 2 MiB resident (a restored 128 MiB
-    guest with ~50 MB in use was fully resident). The guest sees 4 KiB pages either way.
+    (MADV_HUGEPAGE), so each guest page touched would make 2 MiB resident. The guest sees
+    4 KiB pages either way.
 
     The flag (PR_SET_THP_DISABLE) belongs to a process, is inherited by its children and
     survives exec. Setting it in the child (``preexec_fn``) forces Python to fork instead
-    of vfork, which cost ~4 ms per QEMU started, holding up the event loop and the
-    hand-outs behind it (measured: 4.4 against 0.4 ms per spawn). So it is set on this
-    process while QEMUs are being started, and put back as it was once the last start in
-    progress is done.
+    of vfork, several times slower per QEMU started, holding up the event loop and the
+    hand-outs behind it. So it is set on this process while QEMUs are being started, and
+    put back as it was once the last start in progress is done. (Numbers: the README,
+    "Measured choices in the code".)
     """
 
     def __init__(self) -> None:
@@ -147,8 +147,8 @@ MEMORY_SLOTS = 10
 #: (online_movable would leave the kernel only the boot memory for its own allocations,
 #: the hot-added memory's struct pages included; VMs here never shrink, so movability buys
 #: nothing). swiotlb=noforce: a guest whose memory may reach above 4 GiB otherwise reserves a
-#: 64 MiB bounce buffer for 32-bit DMA (measured: MemTotal 152 instead of 217 MiB, RSS +63 MB);
-#: its only devices are virtio, which do not use it.
+#: 64 MiB bounce buffer for 32-bit DMA (see the README, "Measured choices in the code"); its
+#: only devices are virtio, which do not use it.
 MEMORY_HOTPLUG_PARAMS = "memhp_default_state=online swiotlb=noforce"
 #: The option ROM that ``-kernel`` adds (q35 has fw_cfg DMA): a restored VM, which loads no
 #: kernel, names it itself so that its RAM blocks are the template's.

@@ -3,9 +3,8 @@
 One *template* VM boots the ordinary way; then QMP ``stop`` + ``migrate`` writes
 its state to a file. Every cached VM then starts as a fresh QEMU with
 ``-incoming defer -S``, gets the file streamed into ``migrate-incoming``, and is
-resumed with ``cont``. Each VM loads its own private copy of the state: no
-guest memory is shared between VMs (unlike VM templating, which maps one
-template's memory into every clone).
+resumed with ``cont``. Each VM loads the device state from the file; its guest
+RAM is the template's, shared or copied as below.
 
 Clones start with the template's kernel state, random pool included. So each
 restored VM gets fresh host entropy through its agent, which also forces an
@@ -67,9 +66,9 @@ log = logging.getLogger("vmcache.snapshot")
 
 CHUNK = 1 << 20
 #: The template boots with init_on_free=1: freed guest pages are zeroed, so the snapshot
-#: carries (and each restored VM allocates) only pages in use: 56 MB instead of 95 MB for
-#: the default image. Plain boots go without it: zeroing all free memory at boot makes
-#: QEMU touch every guest page (RSS 380 MB instead of about 200 MB for 256 MiB guests).
+#: carries (and each restored VM allocates) only pages in use. Plain boots go without it:
+#: zeroing all free memory at boot makes QEMU touch every guest page (numbers: the README,
+#: "Measured choices in the code").
 TEMPLATE_KERNEL_PARAMS = "init_on_free=1"
 SAVE_TIMEOUT = 60.0
 #: Run in the template before it is saved: its page cache (file pages of the root image,
@@ -289,7 +288,6 @@ class SnapshotManager:
         self.directory = directory
         self.registry = registry
         self.snapshot: Snapshot | None = None
-        self._building = False
         self._wanted = trio.Event()
         self.builds = 0
         self.restores = 0
@@ -321,7 +319,6 @@ class SnapshotManager:
 
     async def _build(self) -> None:
         started = time.monotonic()
-        self._building = True
         # The template's guest RAM goes to a memfd of its own: restored VMs map it
         # privately, sharing every page they do not write.
         memory_fd = _template_memory(self.spec) if self.share_memory else None
@@ -341,8 +338,6 @@ class SnapshotManager:
             if memory_fd is not None:
                 os.close(memory_fd)
             raise
-        finally:
-            self._building = False
         self.snapshot = attrs.evolve(saved, key=key, memory_fd=memory_fd,
                                      memory_id=_file_id(memory_fd) if memory_fd is not None else (0, 0))
         self.builds += 1

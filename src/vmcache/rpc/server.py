@@ -67,15 +67,6 @@ class CallGone(Exception):
     """The client reset the call or went away: what we send cannot reach it."""
 
 
-@attrs.frozen
-class Reply:
-    """A unary response plus what to do once it is, or is not, written to the socket."""
-
-    message: ProtoMessage
-    delivered: Callable[[], Awaitable[None]]
-    undelivered: Callable[[], Awaitable[None]]
-
-
 class RpcCall(Generic[RequestT]):
     """One call as a handler sees it: typed messages in, messages out, who is calling."""
 
@@ -142,24 +133,14 @@ class Method:
     handler: CallHandler
 
 
-def unary(handler: Callable[[ProtoMessage], Awaitable[ProtoMessage | Reply]]) -> CallHandler:
-    """A handler for a unary rpc: one request in, one response (or :class:`Reply`) out."""
+def unary(handler: Callable[[ProtoMessage], Awaitable[ProtoMessage]]) -> CallHandler:
+    """A handler for a unary rpc: one request in, one response out."""
 
     async def serve(call: RpcCall[ProtoMessage]) -> None:
         request = await call.receive_one()
         reply = await handler(request)
-        if not isinstance(reply, Reply):
-            await call.send(reply, last=True)
-            await call.finish()
-            return
-        delivered = False
-        try:
-            await call.send(reply.message, last=True)
-            await call.finish()
-            delivered = True
-        finally:
-            with trio.CancelScope(shield=True):
-                await (reply.delivered if delivered else reply.undelivered)()
+        await call.send(reply, last=True)
+        await call.finish()
 
     return serve
 
