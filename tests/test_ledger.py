@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from fakes import FakeProcess
 
 from vmcache import ledger as ledger_module
+from vmcache.errors import VMGoneError
 from vmcache.handle import VMHandle
 from vmcache.ledger import Ledger
-from vmcache.lifecycle import Phase
+from vmcache.lifecycle import Phase, StopReason
 from vmcache.state import VMRegistry
 
 
@@ -63,3 +65,18 @@ async def test_a_claimed_vm_is_not_stopped_by_the_offer_deadline(
         assert qemu.returncode is None and qemu.signals == []
         assert ledger.entries() == [entry]
     assert qemu.returncode is None  # claimed VMs outlive the daemon
+
+
+async def test_a_claim_after_a_stop_was_asked_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A VM being stopped (the daemon stopping, say) is not told claimed to its client."""
+    qemu = FakeProcess(dies_of={signal.SIGTERM, signal.SIGKILL})
+    async with running_ledger(tmp_path) as ledger:
+        entry = ledger.adopt(handle(tmp_path), qemu, 0, Phase.OFFERED)
+        ledger.request_stop(entry, StopReason.DAEMON_STOPPING)
+        with pytest.raises(VMGoneError, match=r"being stopped \(the daemon is stopping\); ask again"):
+            ledger.claim(entry, lease=False, ttl=0)
+        with trio.fail_after(ledger_module.STOP_WAIT):
+            await entry.gone.wait()
+        assert entry.phase is Phase.GONE and qemu.returncode is not None

@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from .console import start_drain
+from .errors import VMGoneError
 from .handle import VMHandle, stop_vm_process
 from .lifecycle import OFFER_DEADLINE, EventKind, Phase, StopReason, VMLife
 from .process import ProcessLike, describe_exit, open_vm_process
@@ -171,6 +172,8 @@ class Ledger:
 
     def claim(self, entry: HandedOut, *, lease: bool, ttl: float) -> None:
         """The client acknowledged the VM: it is leased (bound to the call) or claimed (theirs)."""
+        if entry.phase is not Phase.OFFERED or entry.life.stop is not None:
+            raise VMGoneError(f"VM {entry.id} is being stopped ({entry.stop_reason}); ask again")
         entry.life.move(Phase.LEASED if lease else Phase.CLAIMED)
         entry.life.expires_at = time.time() + ttl if ttl > 0 else 0.0
         self.registry.write(entry.life)

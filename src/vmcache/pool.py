@@ -548,8 +548,8 @@ class VMPool:
             await vm.ping()
         entry.last_contact = trio.current_time()
 
-    async def hand_out(self, entry: _Entry, *, refill_when: trio.Event | None = None,
-                       ) -> tuple[VMHandle, ProcessLike]:
+    async def hand_out(self, entry: _Entry, *,
+                       refill_when: trio.Event | None = None) -> tuple[VMHandle, ProcessLike]:
         """A reserved VM leaves the cache (see :meth:`Lease.commit`); VMGoneError if it died."""
         if entry.done.is_set() or not entry.vm.alive:
             raise VMGoneError(f"VM {entry.vm.id} died before it could be handed out")
