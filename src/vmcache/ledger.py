@@ -33,7 +33,8 @@ import trio
 from .console import start_drain
 from .errors import VMGoneError
 from .handle import VMHandle, stop_vm_process
-from .lifecycle import OFFER_DEADLINE, EventKind, Phase, StopReason, VMLife
+from .lifecycle import OFFER_DEADLINE as OFFER_DEADLINE  # the watcher enforces it
+from .lifecycle import EventKind, Phase, StopReason, VMLife
 from .process import ProcessLike, describe_exit, open_vm_process
 from .state import VMRegistry
 
@@ -41,7 +42,6 @@ log = logging.getLogger("vmcache.ledger")
 
 #: How long stopping one VM may take: QMP quit, SIGTERM and SIGKILL graces, and a margin.
 STOP_WAIT = 15.0
-__all__ = ["OFFER_DEADLINE", "STOP_WAIT", "HandedOut", "Ledger"]
 
 
 @attrs.define(eq=False)
