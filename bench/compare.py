@@ -367,8 +367,11 @@ def table(results: dict[str, Any], before: str, after: str) -> str:
 
 
 def resolve(rev: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-                          check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True, timeout=30)
+    if found.returncode:
+        raise SystemExit(f"compare: {rev!r} names no commit in {ROOT}")
+    return found.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -388,7 +391,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git revision measured as before")
     parser.add_argument("--after", required=True, help="git revision measured as after")
-    parser.add_argument("--rounds", type=int, help="rounds of each part (default 5; --quick 3)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds of each part (default 5, boot mode 6; --quick 3, boot mode 2)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer rounds, 100 MB transfers, 2 boot-mode rounds (about 3 minutes)")
     parser.add_argument("--name", help="names bench/results/compare-NAME.json (default BEFORE-AFTER)")
@@ -397,7 +401,8 @@ def main() -> int:
     parser.add_argument("--no-boot-mode", action="store_true", help="skip the boot-mode hand-outs")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
-    boot_rounds = args.rounds or (2 if args.quick else 4)
+    # A boot-mode hand-out costs a cold boot's refill (about 5 s) before the next one.
+    boot_rounds = args.rounds or (2 if args.quick else 6)
     guest = {"size": (100 if args.quick else 200) * 1_000_000, "true_runs": 30, "python_runs": 5}
     agent_mb = 100 if args.quick else 200
     revs = {"before": resolve(args.before), "after": resolve(args.after)}
