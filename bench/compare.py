@@ -234,8 +234,10 @@ class Side:
             return {}
         result = subprocess.run([self.python, str(script), "--size", str(size_mb)], env=self.env,
                                 cwd=self.tree, capture_output=True, text=True, timeout=600)
-        if result.returncode:
-            raise RuntimeError(f"{self.name}: bench/agent_host.py failed:\n{result.stderr[-3000:]}")
+        if result.returncode:  # that revision's script is its own: its failure costs its figures only
+            log(f"{self.name}: bench/agent_host.py failed (its figures are left out):\n"
+                f"{result.stderr[-2000:]}")
+            return {}
         figures = {}
         for line in result.stdout.splitlines():
             if match := re.fullmatch(r"(.+?)\s+(-?[0-9.]+)", line.strip()):
