@@ -18,50 +18,15 @@ import trio
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
-from ..errors import (
-    CacheError,
-    CacheUnavailableError,
-    DaemonNotRunningError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    HandOutAbortedError,
-    InvalidRequestError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    UnknownVMError,
-    unwrap_group,
-)
-from .transport import ClientCall, Code, Connection, RpcStatus, TransportError
+from ..errors import CacheError, DaemonNotRunningError, DeadlineExceededError, raise_unwrapped
+from .status import error_for
+from .transport import ClientCall, Code, Connection, TransportError
 
 #: Extra time the client waits beyond the deadline it sends, for the server's answer.
 CLIENT_GRACE = 2.0
 CONNECT_TIMEOUT = 10.0
 
 ResponseT = TypeVar("ResponseT", bound=ProtoMessage)
-
-
-def error_for(status: RpcStatus) -> CacheError:
-    """The vmcache error for a call that ended with ``status`` (not OK)."""
-    message = status.message or status.code.name
-    if status.code == Code.UNAVAILABLE:
-        return CacheUnavailableError(f"the daemon cannot hand out a VM: {message}")
-    if status.code == Code.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(
-            f"no VM ready before the deadline ({message}); retry, raise --timeout or enlarge the cache"
-        )
-    if status.code == Code.INVALID_ARGUMENT:
-        return InvalidRequestError(f"the daemon refused the request: {message}")
-    if status.code == Code.PERMISSION_DENIED:
-        return PermissionDeniedError(f"the daemon refused this client: {message}")
-    if status.code == Code.FAILED_PRECONDITION:
-        return FailedPreconditionError(f"the daemon answered FAILED_PRECONDITION: {message}", message)
-    if status.code == Code.RESOURCE_EXHAUSTED:
-        return QuotaExceededError(f"the daemon refused: {message}")
-    if status.code == Code.NOT_FOUND:
-        return UnknownVMError(f"the daemon does not know: {message}")
-    if status.code == Code.ABORTED:
-        return HandOutAbortedError(f"the hand-out was aborted: {message}")
-    return CacheError(f"the daemon answered {status.code.name}: {message}")
 
 
 def _broken(what: str, error: BaseException) -> CacheError:
@@ -195,7 +160,4 @@ async def open_channel(endpoint: Path, service: str) -> AsyncIterator[Channel]:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await connection.close()
     except BaseExceptionGroup as group:
-        single = unwrap_group(group)
-        if single is group:
-            raise
-        raise single from single.__cause__
+        raise_unwrapped(group)
