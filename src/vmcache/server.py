@@ -587,7 +587,8 @@ class CacheDaemon:
         assert isinstance(request, cache_pb2.StopVMRequest)
         entry = self.ledger.get(request.vm_id)
         if entry is None:
-            raise NoSuchVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon")
+            raise NoSuchVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon (stopped "
+                                "already, or never its): `vmcache stop HANDLE` stops a VM of yours")
         if peer.uid != entry.owner_uid and not self._is_admin(peer.uid):
             raise NotAllowedError(f"VM {entry.id} belongs to uid {entry.owner_uid}; uid {peer.uid} "
                                   f"may not stop it (only its owner, root and uid "

@@ -30,7 +30,8 @@ ResponseT = TypeVar("ResponseT", bound=ProtoMessage)
 
 
 def _broken(what: str, error: BaseException) -> CacheError:
-    return CacheError(f"{what}: the connection to the daemon broke ({error})")
+    return CacheError(f"{what}: the connection to the daemon broke ({error}); retry, and if it "
+                      "persists check the daemon (`vmcache status`, its log)")
 
 
 class Call:
@@ -69,7 +70,8 @@ class Call:
         try:
             message.ParseFromString(data)
         except DecodeError:
-            raise CacheError(f"{self.method}: the daemon sent a reply that is not valid protobuf") from None
+            raise CacheError(f"{self.method}: the daemon sent a reply that is not valid protobuf (a daemon "
+                             "of another version? run client and daemon of one install)") from None
         return message
 
     def cancel(self) -> None:
@@ -94,11 +96,14 @@ class Channel:
                     await call.send(request, last=True)
                     reply = await call.receive()
                     if reply is None:
-                        raise CacheError(f"{method}: the daemon ended the call without a reply")
+                        raise CacheError(f"{method}: the daemon ended the call without a reply (a daemon "
+                                         "of another version?)")
                     if await call.receive() is not None:
-                        raise CacheError(f"{method}: the daemon sent more than one reply")
+                        raise CacheError(f"{method}: the daemon sent more than one reply (a daemon of "
+                                         "another version?)")
         except trio.TooSlowError:
-            raise DeadlineExceededError(f"{method}: no answer from the daemon within {timeout:g} s") from None
+            raise DeadlineExceededError(f"{method}: no answer from the daemon within {timeout:g} s; "
+                                        "retry, and check it is not stuck (`vmcache status`)") from None
         assert isinstance(reply, response_type)
         return reply
 
@@ -137,9 +142,11 @@ async def open_channel(endpoint: Path, service: str) -> AsyncIterator[Channel]:
             f"no vmcache daemon at {endpoint}: start one with `vmcache serve`"
         ) from None
     except PermissionError:
-        raise DaemonNotRunningError(f"not allowed to connect to {endpoint} (permission denied)") from None
+        raise DaemonNotRunningError(f"not allowed to connect to {endpoint} (permission denied): ask "
+                                    "for the daemon's socket_group") from None
     except OSError as error:
-        raise DaemonNotRunningError(f"cannot connect to {endpoint}: {error.strerror}") from None
+        raise DaemonNotRunningError(f"cannot connect to {endpoint}: {error.strerror}; check the path, "
+                                    "or start a daemon there with `vmcache serve`") from None
     connection = Connection(stream, client_side=True)
     try:
         async with trio.open_nursery() as nursery:

@@ -46,7 +46,7 @@ class Row:
 
 TABLE = (
     Row(Code.UNAVAILABLE, (NoVMAvailableError,), CacheUnavailableError,
-        "the daemon cannot hand out a VM: {}"),
+        "the daemon cannot hand out a VM: {}; ask again once it can (`vmcache status` says why)"),
     Row(Code.DEADLINE_EXCEEDED, (WaitExpiredError,), DeadlineExceededError,
         "no VM ready before the deadline ({}); retry, raise --timeout or enlarge the cache"),
     Row(Code.INVALID_ARGUMENT, (BadRequestError, SizeLimitError), InvalidRequestError,
