@@ -304,8 +304,8 @@ class RpcServer:
             level = logging.INFO if connection.handshaken.is_set() else logging.DEBUG
             log.log(level, "closed a client connection: %s", unwrap_group(group))
         except* Exception as group:  # never let one connection take the daemon down
-            first = unwrap_group(group)
-            log.warning("closed a client connection after an error: %s: %s", type(first).__name__, first)
+            what = unwrap_group(group)  # one error, or the group of several
+            log.warning("closed a client connection after an error: %s: %s", type(what).__name__, what)
             log.debug("details", exc_info=group)
         finally:
             self._served.discard(served)
