@@ -223,7 +223,8 @@ class NoVMAvailableError(DaemonError):
 
 
 class WaitExpiredError(DaemonError):
-    """No VM became ready within the wait the client allowed. DEADLINE_EXCEEDED."""
+    """No VM became ready within the wait the client allowed: wait longer or enlarge the
+    cache. DEADLINE_EXCEEDED."""
 
 
 class BadRequestError(DaemonError):
@@ -232,15 +233,18 @@ class BadRequestError(DaemonError):
 
 
 class NotAllowedError(DaemonError):
-    """The caller may not do this (Quit, or another user's VM). PERMISSION_DENIED."""
+    """The caller may not do this (Quit, or another user's VM): the message says who may.
+    PERMISSION_DENIED."""
 
 
 class QuotaReachedError(DaemonError):
-    """The caller's uid holds ``factory.max_vms_per_uid`` VMs already. RESOURCE_EXHAUSTED."""
+    """The caller's uid holds ``factory.max_vms_per_uid`` VMs already: stop one first.
+    RESOURCE_EXHAUSTED."""
 
 
 class NoSuchVMError(DaemonError):
-    """The daemon holds no VM of that id. NOT_FOUND; the client's UnknownVMError."""
+    """The daemon holds no VM of that id (stopped already, or never its): the handle's holder
+    may stop it without the daemon. NOT_FOUND; the client's UnknownVMError."""
 
 
 class HandleError(VmcacheError):

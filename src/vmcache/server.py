@@ -395,9 +395,11 @@ class CacheDaemon:
                 reply = await call.receive()
             if reply is None or reply.WhichOneof("step") != "claim":
                 why = "no claim came in time" if reply is None and not call.client_gone else "no claim"
-                raise BadRequestError(f"VM {entry.id} was not claimed ({why}); it was stopped")
+                raise BadRequestError(f"VM {entry.id} was not claimed ({why}); it was stopped: claim "
+                                      f"an offer within {CLAIM_TIMEOUT:g} s")
             if cast(cache_pb2.TakeRequest, reply).claim.vm_id != entry.id:
-                raise BadRequestError(f"the claim names another VM than {entry.id}; it was stopped")
+                raise BadRequestError(f"the claim names another VM than {entry.id}; it was stopped: "
+                                      "claim the VM offered")
             if not entry.alive:
                 raise VMGoneError(f"VM {entry.id} died before it was claimed; ask again")
             self.ledger.claim(entry, lease=ask.lease, ttl=ttl)
