@@ -10,26 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from ..errors import (
-    BadRequestError,
-    CacheError,
-    CacheUnavailableError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    HandOutAbortedError,
-    InvalidRequestError,
-    NoSuchVMError,
-    NotAllowedError,
-    NoVMAvailableError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    QuotaReachedError,
-    SizeLimitError,
-    UnknownVMError,
-    VmcacheError,
-    VMGoneError,
-    WaitExpiredError,
-)
+from .. import errors as e
 from .transport import Code, RpcStatus
 
 
@@ -38,27 +19,27 @@ class Row:
     """A status code, the daemon's errors answered with it, the client's error for it."""
 
     code: Code
-    daemon: tuple[type[VmcacheError], ...]
-    client: type[CacheError]
+    daemon: tuple[type[e.VmcacheError], ...]
+    client: type[e.CacheError]
     #: The client error's message; ``{}`` is the daemon's.
     text: str
 
 
 TABLE = (
-    Row(Code.UNAVAILABLE, (NoVMAvailableError,), CacheUnavailableError,
+    Row(Code.UNAVAILABLE, (e.NoVMAvailableError,), e.CacheUnavailableError,
         "the daemon cannot hand out a VM: {}; ask again once it can (`vmcache status` says why)"),
-    Row(Code.DEADLINE_EXCEEDED, (WaitExpiredError,), DeadlineExceededError,
+    Row(Code.DEADLINE_EXCEEDED, (e.WaitExpiredError,), e.DeadlineExceededError,
         "no VM ready before the deadline ({}); retry, raise --timeout or enlarge the cache"),
-    Row(Code.INVALID_ARGUMENT, (BadRequestError, SizeLimitError), InvalidRequestError,
+    Row(Code.INVALID_ARGUMENT, (e.BadRequestError, e.SizeLimitError), e.InvalidRequestError,
         "the daemon refused the request: {}"),
-    Row(Code.PERMISSION_DENIED, (NotAllowedError,), PermissionDeniedError,
+    Row(Code.PERMISSION_DENIED, (e.NotAllowedError,), e.PermissionDeniedError,
         "the daemon refused this client: {}"),
-    Row(Code.RESOURCE_EXHAUSTED, (QuotaReachedError,), QuotaExceededError, "the daemon refused: {}"),
-    Row(Code.NOT_FOUND, (NoSuchVMError,), UnknownVMError, "the daemon does not know: {}"),
+    Row(Code.RESOURCE_EXHAUSTED, (e.QuotaReachedError,), e.QuotaExceededError, "the daemon refused: {}"),
+    Row(Code.NOT_FOUND, (e.NoSuchVMError,), e.UnknownVMError, "the daemon does not know: {}"),
     # The VM died on its way to the client: asking again helps.
-    Row(Code.ABORTED, (VMGoneError,), HandOutAbortedError, "the hand-out was aborted: {}"),
+    Row(Code.ABORTED, (e.VMGoneError,), e.HandOutAbortedError, "the hand-out was aborted: {}"),
     # Last: any other vmcache error (DaemonError itself, HardwareAccelRequiredError, HandleError...).
-    Row(Code.FAILED_PRECONDITION, (VmcacheError,), FailedPreconditionError,
+    Row(Code.FAILED_PRECONDITION, (e.VmcacheError,), e.FailedPreconditionError,
         "the daemon answered FAILED_PRECONDITION: {}"),
 )
 _BY_CODE = {row.code: row for row in TABLE}
@@ -72,10 +53,10 @@ def status_for(error: BaseException) -> RpcStatus:
     return RpcStatus(Code.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
-def error_for(status: RpcStatus) -> CacheError:
+def error_for(status: RpcStatus) -> e.CacheError:
     """The client's error for a call that ended with ``status`` (not OK)."""
     message = status.message or status.code.name
     row = _BY_CODE.get(status.code)
     if row is None:
-        return CacheError(f"the daemon answered {status.code.name}: {message}", message)
+        return e.CacheError(f"the daemon answered {status.code.name}: {message}", message)
     return row.client(row.text.format(message), message)
