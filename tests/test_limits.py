@@ -13,7 +13,7 @@ from fakes import FakeProcess
 from google.protobuf.empty_pb2 import Empty
 
 from vmcache.config import VMSpec, load_config
-from vmcache.errors import PermissionDeniedError, QuotaExceededError
+from vmcache.errors import NotAllowedError, QuotaReachedError
 from vmcache.handle import VMHandle
 from vmcache.ledger import HandedOut
 from vmcache.lifecycle import Phase, VMLife
@@ -51,13 +51,13 @@ def test_a_uid_at_its_cap_is_refused_with_what_to_do(tmp_path: Path) -> None:
     hold(daemon, "0123456789aa", 1000)
     hold(daemon, "0123456789ab", 1000, Phase.LEASED)
     hold(daemon, "0123456789ac", 2000, Phase.OFFERED)
-    with pytest.raises(QuotaExceededError, match=r"uid 1000 already holds 2 VMs .*max_vms_per_uid = 2.*"
+    with pytest.raises(QuotaReachedError, match=r"uid 1000 already holds 2 VMs .*max_vms_per_uid = 2.*"
                        r"stop one \(vmcache stop HANDLE\)"), daemon._hand_out_to(1000):
         pass
     # Another uid has room; hand-outs under way count, so concurrent asks cannot overrun it.
     with daemon._hand_out_to(2000):
         second = daemon._hand_out_to(2000)
-        with pytest.raises(QuotaExceededError, match="uid 2000 already holds 2"):
+        with pytest.raises(QuotaReachedError, match="uid 2000 already holds 2"):
             second.__enter__()
     assert not daemon._asking  # nothing left counted once the hand-outs are over
     with daemon._hand_out_to(2000):
@@ -103,7 +103,7 @@ async def test_cold_boots_wait_for_their_turn_among_max_parallel_boots(tmp_path:
 
 async def test_quit_is_for_root_and_the_daemons_uid(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
-    with pytest.raises(PermissionDeniedError, match=r"Quit is for root and uid 0 .*uid 65534 may not"):
+    with pytest.raises(NotAllowedError, match=r"Quit is for root and uid 0 .*uid 65534 may not"):
         await daemon._quit(Empty(), PeerCredentials(pid=1, uid=65534, gid=65534))
     assert not daemon._stop.is_set()
     await daemon._quit(Empty(), PeerCredentials(pid=1, uid=0, gid=0))

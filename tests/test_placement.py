@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vmcache.config import PoolShape
-from vmcache.errors import InvalidRequestError
+from vmcache.errors import BadRequestError
 from vmcache.placement import Placement, place
 
 SHAPES = [PoolShape("default", 1, 256, 2, "boot"), PoolShape("big", 2, 1024, 1, "boot")]
@@ -36,20 +36,20 @@ def test_a_size_below_every_pool_is_a_cold_boot() -> None:
 
 def test_a_named_pool_grows_but_never_shrinks() -> None:
     assert place(SHAPES, pool="big", vcpus=3, **LIMITS) == Placement("big", 3, 1024)
-    with pytest.raises(InvalidRequestError, match="can grow, not shrink"):
+    with pytest.raises(BadRequestError, match="can grow, not shrink"):
         place(SHAPES, pool="big", vcpus=1, **LIMITS)
-    with pytest.raises(InvalidRequestError, match="no pool named 'huge'; pools: default, big"):
+    with pytest.raises(BadRequestError, match="no pool named 'huge'; pools: default, big"):
         place(SHAPES, pool="huge", **LIMITS)
 
 
 def test_beyond_the_maxima_is_refused_naming_the_limit() -> None:
-    with pytest.raises(InvalidRequestError, match=r"at most 4 \(hypervisor.qemu.default_maxvcpus\)"):
+    with pytest.raises(BadRequestError, match=r"at most 4 \(hypervisor.qemu.default_maxvcpus\)"):
         place(SHAPES, vcpus=8, **LIMITS)
-    with pytest.raises(InvalidRequestError, match=r"at most 4096 MiB"):
+    with pytest.raises(BadRequestError, match=r"at most 4096 MiB"):
         place(SHAPES, memory_mib=8192, **LIMITS)
 
 
 def test_memory_grows_in_whole_steps() -> None:
     assert place(SHAPES, memory_mib=300, **LIMITS) == Placement("default", 1, 384)
-    with pytest.raises(InvalidRequestError, match=r"steps of 128 MiB.*4224 MiB is more than"):
+    with pytest.raises(BadRequestError, match=r"steps of 128 MiB.*4224 MiB is more than"):
         place(SHAPES, memory_mib=4100, max_vcpus=4, max_memory_mib=4100)

@@ -12,7 +12,7 @@ import trio.testing
 from vmcache import pool as pool_module
 from vmcache.backoff import Backoff
 from vmcache.config import VMSpec
-from vmcache.errors import AgentError, BootError, CacheUnavailableError, VMGoneError
+from vmcache.errors import AgentError, BootError, NoVMAvailableError, VMGoneError
 from vmcache.handle import VMHandle
 from vmcache.lifecycle import Phase, VMLife
 from vmcache.pool import VMPool
@@ -162,7 +162,7 @@ async def test_failed_boots_back_off_up_to_a_cap_and_recover(
         await nursery.start(pool.run)
         await trio.sleep(3 * BOOT_SECONDS + 1 + 2 + 0.5)  # just after the third failure
         assert pool.failing()
-        with pytest.raises(CacheUnavailableError, match=r"3 failures in a row.*kernel panic"):
+        with pytest.raises(NoVMAvailableError, match=r"3 failures in a row.*kernel panic"):
             await pool.lease()
         await wait_ready(pool)
         assert not pool.failing()
@@ -317,7 +317,7 @@ async def test_waiting_clients_learn_when_boots_keep_failing(
     async with trio.open_nursery() as nursery:
         pool = await start_pool(nursery, booter, size=1)
         start = trio.current_time()
-        with pytest.raises(CacheUnavailableError, match="kernel panic"):
+        with pytest.raises(NoVMAvailableError, match="kernel panic"):
             await pool.lease()
         assert trio.current_time() - start < 3 * BOOT_SECONDS + 1 + 2 + 1  # bounded, not forever
         nursery.cancel_scope.cancel()
@@ -356,9 +356,9 @@ async def test_close_fails_waiting_clients_with_unavailable(
             pool.close("shutting down")
 
         nursery.start_soon(close_soon)
-        with pytest.raises(CacheUnavailableError, match="shutting down"):
+        with pytest.raises(NoVMAvailableError, match="shutting down"):
             await pool.lease()
-        with pytest.raises(CacheUnavailableError):
+        with pytest.raises(NoVMAvailableError):
             await pool.lease()
         nursery.cancel_scope.cancel()
 

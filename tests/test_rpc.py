@@ -28,7 +28,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 import vmcache
 from vmcache._proto import cache_pb2
-from vmcache.errors import CacheError, DeadlineExceededError, InvalidRequestError
+from vmcache.errors import CacheError, DeadlineExceededError, InvalidRequestError, leaves
 from vmcache.rpc import server as rpc_server
 from vmcache.rpc import transport
 from vmcache.rpc.client import open_channel
@@ -278,10 +278,9 @@ async def test_accept_retries_capacity_errors_only(autojump_clock: trio.testing.
 
 
 def _leaf(error: BaseException) -> OSError:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    assert isinstance(error, OSError)
-    return error
+    [leaf] = leaves(error)
+    assert isinstance(leaf, OSError)
+    return leaf
 
 
 async def test_the_callers_own_exception_comes_out_of_connect_as_itself(tmp_path: Path) -> None:

@@ -97,16 +97,13 @@ def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
                 raise Interrupted(got[0])
             return result
 
-    from .errors import unwrap_group
+    from .errors import raise_unwrapped
 
     _in_trio = True
     try:
         return trio.run(main)
     except BaseExceptionGroup as group:  # the nursery wrapped the command's own error
-        single = unwrap_group(group)
-        if single is group:
-            raise
-        raise single from single.__cause__
+        raise_unwrapped(group)
     finally:
         _in_trio = False
 
@@ -673,17 +670,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 def _exit_for(error: BaseException) -> NoReturn:
     """One line and an exit status for whatever ended the command."""
     from .errors import VmcacheError
+    from .errors import leaves as leaves_of
 
-    leaves = _leaves(error)
+    leaves = leaves_of(error)
     for leaf in leaves:
         if isinstance(leaf, Interrupted):
             _fail(f"interrupted ({signal.Signals(leaf.signum).name})", 128 + leaf.signum)

@@ -35,7 +35,7 @@ from .errors import (
     PermissionDeniedError,
     VmcacheError,
     VMGoneError,
-    unwrap_group,
+    raise_unwrapped,
 )
 from .handle import VMHandle
 from .process import PidfdProcess
@@ -127,10 +127,7 @@ class CacheClient:
                     finally:
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                single = unwrap_group(group)
-                if single is group:
-                    raise
-                raise single from single.__cause__
+                raise_unwrapped(group)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._end_lease(call, handle, bool(lost))

@@ -8,6 +8,8 @@ stderr and exit without a traceback.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import trio
 
 
@@ -151,7 +153,13 @@ class GuestProcessError(VmcacheError):
 
 
 class CacheError(VmcacheError):
-    """Talking to the cache daemon failed."""
+    """Talking to the cache daemon failed. Raised in the client: what the daemon raises is a
+    :class:`DaemonError`, which reaches the client as a gRPC status (:mod:`vmcache.rpc.status`)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        #: The daemon's own message, for an error that is a status it answered; else ``message``.
+        self.detail = detail or message
 
 
 class DaemonNotRunningError(CacheError):
@@ -185,10 +193,6 @@ class PermissionDeniedError(CacheError):
 class FailedPreconditionError(CacheError):
     """The daemon answered FAILED_PRECONDITION: :attr:`detail` is its own message."""
 
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.detail = detail or message
-
 
 class UnknownVMError(CacheError):
     """The daemon holds no VM of that id (gone, or never its own): NOT_FOUND."""
@@ -207,6 +211,42 @@ class LeaseLostError(CacheError):
     """A leased VM ended before its lease did (it died, its TTL passed, or the daemon went away)."""
 
 
+class DaemonError(VmcacheError):
+    """Raised in the daemon only: a call it refuses or cannot serve. The rpc server answers
+    it with the gRPC status :mod:`vmcache.rpc.status` gives its class (FAILED_PRECONDITION
+    for this class itself), and the client raises that status's :class:`CacheError`."""
+
+
+class NoVMAvailableError(DaemonError):
+    """No VM can be handed out now: the daemon is shutting down, or boots keep failing (the
+    message quotes the last failure). UNAVAILABLE; the client's CacheUnavailableError."""
+
+
+class WaitExpiredError(DaemonError):
+    """No VM became ready within the wait the client allowed: wait longer or enlarge the
+    cache. DEADLINE_EXCEEDED."""
+
+
+class BadRequestError(DaemonError):
+    """A request the daemon cannot serve as asked (a size beyond the limits, a bad TTL, a
+    message that is not the protocol's). INVALID_ARGUMENT; the client's InvalidRequestError."""
+
+
+class NotAllowedError(DaemonError):
+    """The caller may not do this (Quit, or another user's VM): the message says who may.
+    PERMISSION_DENIED."""
+
+
+class QuotaReachedError(DaemonError):
+    """The caller's uid holds ``factory.max_vms_per_uid`` VMs already: stop one first.
+    RESOURCE_EXHAUSTED."""
+
+
+class NoSuchVMError(DaemonError):
+    """The daemon holds no VM of that id (stopped already, or never its): the handle's holder
+    may stop it without the daemon. NOT_FOUND; the client's UnknownVMError."""
+
+
 class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
 
@@ -216,26 +256,61 @@ class LifecycleError(VmcacheError):
     vmcache.lifecycle): a bug in vmcache, caught at the move; report it with the log."""
 
 
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions in ``error`` that are not groups, through every level of nesting, in
+    order (``[error]`` for an exception that is not a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception a nursery wrapped, Cancelled aside; else ``group`` itself.
+    """What the caller of a context manager that owns a nursery sees for ``group``, the
+    nursery's error, so that users see their own exceptions, not groups (the model is
+    trio-websocket's ``open_websocket``). Decided on the group's leaves (:func:`leaves`):
 
-    Context managers that own a nursery (a connection, a lease) use this so that the
-    caller sees its own exception, as trio-websocket does for its users.
+    - a KeyboardInterrupt among them wins (the first): Ctrl-C must stay catchable as itself;
+    - Cancelled leaves are dropped when there is anything else (the cancel scope that would
+      catch them would let the other error through anyway); a group of Cancelled only is its
+      first Cancelled (whichever scope was cancelled catches any Cancelled instance);
+    - leaves of one type with one message are one error (a broken connection fails every
+      task waiting on it with the same error);
+    - then one error left is that error; several stay a group (``group`` without its
+      Cancelled): choosing one would hide the others, and ``except*`` still sorts them.
+
+    ``except BaseExceptionGroup as group: raise_unwrapped(group)`` raises it.
     """
-    _cancelled, rest = group.split(trio.Cancelled)
-    if rest is None:
+    found = leaves(group)
+    interrupts = [leaf for leaf in found if isinstance(leaf, KeyboardInterrupt)]
+    if interrupts:
+        return interrupts[0]
+    rest = [leaf for leaf in found if not isinstance(leaf, trio.Cancelled)]
+    if not rest:
+        return found[0]
+    if all(type(leaf) is type(rest[0]) and str(leaf) == str(rest[0]) for leaf in rest):
+        return rest[0]
+    if len(rest) == len(found):
         return group
-    leaves: list[BaseException] = []
+    _cancelled, without_cancelled = group.split(trio.Cancelled)
+    assert without_cancelled is not None  # rest is not empty
+    return without_cancelled
 
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
 
-    collect(rest)
-    if len(leaves) == 1 or all(type(leaf) is type(leaves[0]) and str(leaf) == str(leaves[0])
-                               for leaf in leaves):
-        return leaves[0]  # one error, or the same error from every task (a broken connection)
-    return rest
+def raise_unwrapped(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the exception :func:`unwrap_group` picks for ``group`` (``group`` itself,
+    unchanged, if it stays a group). The exception keeps its own ``__cause__`` and
+    ``__context__``; one that has no ``__context__`` gets ``group`` there, with
+    ``__suppress_context__`` set: a traceback then tells the exception's own story once
+    (the group holds it too), and the nursery's frames stay reachable."""
+    single = unwrap_group(group)
+    if single is group:
+        raise group
+    context, cause, suppress = single.__context__, single.__cause__, single.__suppress_context__
+    if context is None:
+        context, suppress = group, True
+    try:
+        raise single
+    finally:
+        # raise sets __context__ to the group being handled: put back what was decided
+        single.__context__, single.__cause__, single.__suppress_context__ = context, cause, suppress
+        del single, context, cause

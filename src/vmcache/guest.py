@@ -184,11 +184,15 @@ class GuestAPI:
     def _guest(self) -> Guest:
         raise NotImplementedError
 
-    async def _connection(self) -> AgentConnection:
+    @asynccontextmanager
+    async def _explained(self) -> AsyncIterator[AgentConnection]:
+        """The agent's connection for one call; an :class:`AgentError` raised in the block
+        (connecting included) comes out saying why it happened (:meth:`Guest.explain`)."""
+        guest = self._guest()
         try:
-            return await self._guest().connection()
+            yield await guest.connection()
         except AgentError as error:
-            raise await self._guest().explain(error) from None
+            raise await guest.explain(error) from None
 
     async def run(
         self,
@@ -209,13 +213,10 @@ class GuestAPI:
         :class:`~vmcache.errors.GuestProcessError` for a non-zero status; ``timeout``
         makes the guest kill it. Cancelling kills the guest process.
         """
-        connection = await self._connection()
-        try:
+        async with self._explained() as connection:
             return await connection.run(argv, stdin=stdin, capture_stdout=capture_stdout,
                                         capture_stderr=capture_stderr, check=check, env=env,
                                         cwd=cwd, timeout=timeout)
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
 
     @asynccontextmanager
     async def open_process(
@@ -233,14 +234,10 @@ class GuestAPI:
         ``proc.stderr`` (ReceiveStreams), ``await proc.wait()``, ``proc.send_signal()``,
         ``proc.kill()``, ``proc.returncode``. Leaving the block kills it if it still runs.
         With ``pty``, it runs on a terminal of that size (``proc.resize()`` follows yours)."""
-        connection = await self._connection()
-        try:
-            async with connection.open_process(argv, env=env, cwd=cwd, pty=pty, timeout=timeout,
-                                               capture_stdout=capture_stdout,
-                                               capture_stderr=capture_stderr) as process:
-                yield process
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
+        async with self._explained() as connection, connection.open_process(
+                argv, env=env, cwd=cwd, pty=pty, timeout=timeout, capture_stdout=capture_stdout,
+                capture_stderr=capture_stderr) as process:
+            yield process
 
     async def write_file(
         self,
@@ -250,37 +247,24 @@ class GuestAPI:
         mode: int = 0o644,
     ) -> int:
         """Write a guest file of any size (parent directories made; ``mode`` kept); its size."""
-        connection = await self._connection()
-        try:
+        async with self._explained() as connection:
             return await connection.write_file(path, data, mode=mode)
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
 
     async def read_file(self, path: str) -> bytes:
         """A whole guest file's bytes."""
-        connection = await self._connection()
-        try:
+        async with self._explained() as connection:
             return await connection.read_file(path)
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
 
     @asynccontextmanager
     async def open_file(self, path: str) -> AsyncIterator[GuestFile]:
         """A guest file as a ReceiveStream, with its ``mode`` and ``size``."""
-        connection = await self._connection()
-        try:
-            async with connection.open_file(path) as file:
-                yield file
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
+        async with self._explained() as connection, connection.open_file(path) as file:
+            yield file
 
     async def mkdir(self, path: str, *, mode: int = 0o755) -> None:
         """``mkdir -p`` in the guest."""
-        connection = await self._connection()
-        try:
+        async with self._explained() as connection:
             await connection.mkdir(path, mode=mode)
-        except AgentError as error:
-            raise await self._guest().explain(error) from None
 
     async def exec(self, argv: Sequence[str | bytes], timeout: float | None = None) -> CompletedProcess:
         """:meth:`run` with output captured: a convenience kept from vmcache's first API."""

@@ -106,7 +106,8 @@ class VMHandle(GuestAPI):
         try:
             return _CONVERTER.structure(data, cls)
         except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as error:
-            raise VmcacheError(f"not a VM handle: {error}") from None
+            raise HandleError(f"not a VM handle: {error}; pass the JSON that `vmcache get` "
+                              "printed, unedited") from None
 
     @classmethod
     def from_daemon(cls, data: dict[str, Any]) -> VMHandle:
@@ -120,9 +121,10 @@ class VMHandle(GuestAPI):
         try:
             data = json.loads(text)
         except ValueError:
-            raise VmcacheError("not a VM handle: the text is not JSON") from None
+            raise HandleError("not a VM handle: the text is not JSON; pass the JSON that "
+                              "`vmcache get` printed (or the file it is in)") from None
         if not isinstance(data, dict):
-            raise VmcacheError("not a VM handle: expected a JSON object")
+            raise HandleError("not a VM handle: expected a JSON object, as `vmcache get` prints")
         return cls.from_dict(data)
 
     def run_dir_path(self, run_root: Path | None = None) -> Path:
@@ -187,7 +189,8 @@ class VMHandle(GuestAPI):
 
     async def ping(self) -> str:
         """Check the guest agent answers (on a user port); returns the guest's boot id."""
-        return await (await self._connection()).ping()
+        async with self._explained() as connection:
+            return await connection.ping()
 
     async def disconnect(self) -> None:
         """Close the connection to the agent (the VM keeps running; the port is freed)."""

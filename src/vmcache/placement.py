@@ -20,7 +20,7 @@ from __future__ import annotations
 import attrs
 
 from .config import DEFAULT_POOL, MEMORY_HOTPLUG_STEP_MIB, PoolShape
-from .errors import InvalidRequestError
+from .errors import BadRequestError
 
 MEMORY_STEP = MEMORY_HOTPLUG_STEP_MIB
 
@@ -39,21 +39,21 @@ class Placement:
 
 def place(shapes: list[PoolShape], *, vcpus: int = 0, memory_mib: int = 0, pool: str = "",
           max_vcpus: int, max_memory_mib: int) -> Placement:
-    """Place a request (0 / "" = not asked); raises :class:`InvalidRequestError` saying why not."""
+    """Place a request (0 / "" = not asked); raises :class:`BadRequestError` saying why not."""
     by_name = {shape.name: shape for shape in shapes}
     if vcpus > max_vcpus:
-        raise InvalidRequestError(f"{vcpus} vCPUs asked; at most {max_vcpus} "
-                                  "(hypervisor.qemu.default_maxvcpus)")
+        raise BadRequestError(f"{vcpus} vCPUs asked; at most {max_vcpus} "
+                              "(hypervisor.qemu.default_maxvcpus)")
     if memory_mib > max_memory_mib:
-        raise InvalidRequestError(f"{memory_mib} MiB asked; at most {max_memory_mib} MiB "
-                                  "(hypervisor.qemu.default_maxmemory)")
+        raise BadRequestError(f"{memory_mib} MiB asked; at most {max_memory_mib} MiB "
+                              "(hypervisor.qemu.default_maxmemory)")
     if pool:
         shape = by_name.get(pool)
         if shape is None:
-            raise InvalidRequestError(f"no pool named {pool!r}; pools: {', '.join(by_name)}")
+            raise BadRequestError(f"no pool named {pool!r}; pools: {', '.join(by_name)}")
         wanted = Placement(pool, vcpus or shape.vcpus, memory_mib or shape.memory_mib)
         if wanted.vcpus < shape.vcpus or wanted.memory_mib < shape.memory_mib:
-            raise InvalidRequestError(
+            raise BadRequestError(
                 f"pool {pool!r} has VMs of {shape.vcpus} vCPUs and {shape.memory_mib} MiB: "
                 "they can grow, not shrink; ask another pool or no pool")
         return _in_steps(wanted, shape, max_memory_mib)
@@ -75,7 +75,7 @@ def _in_steps(wanted: Placement, shape: PoolShape, max_memory_mib: int) -> Place
     steps = -(-(wanted.memory_mib - shape.memory_mib) // MEMORY_STEP)
     rounded = shape.memory_mib + steps * MEMORY_STEP
     if rounded > max_memory_mib:
-        raise InvalidRequestError(
+        raise BadRequestError(
             f"{wanted.memory_mib} MiB asked: memory grows in steps of {MEMORY_STEP} MiB from pool "
             f"{shape.name!r}'s {shape.memory_mib} MiB, and {rounded} MiB is more than the maximum of "
             f"{max_memory_mib} MiB (hypervisor.qemu.default_maxmemory)")

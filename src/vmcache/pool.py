@@ -43,7 +43,7 @@ import trio
 
 from .backoff import Backoff
 from .config import VMSpec
-from .errors import CacheUnavailableError, VmcacheError, VMGoneError
+from .errors import NoVMAvailableError, VmcacheError, VMGoneError
 from .handle import VMHandle
 from .lifecycle import CACHED, EventKind, Phase, VMLife
 from .process import ProcessLike, describe_exit
@@ -322,7 +322,7 @@ class VMPool:
                     index, self.stats.failures_in_row, error, delay)
         self._publish(EventKind.BOOT_FAILED, message=self.stats.last_error)
         if self.failing():
-            self._fail_waiters(CacheUnavailableError(self.failure_reason()))
+            self._fail_waiters(NoVMAvailableError(self.failure_reason()))
 
     def failing(self) -> bool:
         """True when boots keep failing: clients get UNAVAILABLE instead of waiting."""
@@ -469,9 +469,9 @@ class VMPool:
 
     async def _take(self) -> _Entry:
         if self._closed is not None:
-            raise CacheUnavailableError(self._closed)
+            raise NoVMAvailableError(self._closed)
         if self.failing():
-            raise CacheUnavailableError(self.failure_reason())
+            raise NoVMAvailableError(self.failure_reason())
         if self._ready and not self._waiters:
             entry = self._ready.popleft()
             entry.life.move(Phase.RESERVED)
@@ -500,7 +500,7 @@ class VMPool:
         answered within ``FRESH_FOR`` s; else the VM is pinged now (a paused one is
         resumed, reseeded and given the clock). The caller bounds the wait with a
         cancel scope; cancellation leaves the VM in the cache. Raises
-        :class:`CacheUnavailableError` once the pool closes.
+        :class:`NoVMAvailableError` once the pool closes.
         """
         while True:
             entry = await self._take()
@@ -594,11 +594,11 @@ class VMPool:
     def close(self, reason: str = "the daemon is shutting down") -> None:
         """Refuse new clients and fail the waiting ones with UNAVAILABLE."""
         self._closed = reason
-        self._fail_waiters(CacheUnavailableError(reason))
+        self._fail_waiters(NoVMAvailableError(reason))
         if self._own_events:
             self.events.close()
 
-    def _fail_waiters(self, error: CacheUnavailableError) -> None:
+    def _fail_waiters(self, error: NoVMAvailableError) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.error = error

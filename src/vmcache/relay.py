@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .agent import GuestProcess, PtySize
-from .errors import AgentError, unwrap_group
+from .errors import raise_unwrapped
 from .guest import GuestAPI
 
 CHUNK = 1 << 20
@@ -159,10 +159,5 @@ async def _attach(process: GuestProcess, request: ProcessRequest, *, forward_sig
             returncode = await process.wait()
             helpers.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # A connection that broke fails every stream at once: one of them says it all.
-        broken, rest = group.split(AgentError)
-        single = unwrap_group(rest if rest is not None else broken or group)
-        if single is group or isinstance(single, BaseExceptionGroup):
-            raise
-        raise single from single.__cause__
+        raise_unwrapped(group)  # a broken connection fails every stream at once with one error
     return returncode

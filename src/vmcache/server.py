@@ -45,18 +45,18 @@ from .backoff import Backoff
 from .cgroup import manager as cgroup_manager
 from .config import DEFAULT_POOL, Config, VMSpec, resolve_spec
 from .errors import (
-    CacheError,
-    CacheUnavailableError,
+    BadRequestError,
     ConfigError,
-    DeadlineExceededError,
+    DaemonError,
     HandleError,
     HardwareAccelRequiredError,
-    InvalidRequestError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    UnknownVMError,
+    NoSuchVMError,
+    NotAllowedError,
+    NoVMAvailableError,
+    QuotaReachedError,
     VmcacheError,
     VMGoneError,
+    WaitExpiredError,
 )
 from .handle import VMHandle
 from .hotplug import grow
@@ -259,7 +259,7 @@ class CacheDaemon:
         self._check_accel()
         try:
             lease = await pool.lease()
-        except CacheUnavailableError:
+        except NoVMAvailableError:
             self._check_accel()  # closed because of the refusal: say so, not UNAVAILABLE
             raise
         try:
@@ -350,14 +350,14 @@ class CacheDaemon:
 
     @contextlib.contextmanager
     def _hand_out_to(self, uid: int) -> Iterator[None]:
-        """A hand-out to ``uid`` under way: refused (QuotaExceededError, RESOURCE_EXHAUSTED)
+        """A hand-out to ``uid`` under way: refused (QuotaReachedError, RESOURCE_EXHAUSTED)
         if ``uid`` already holds ``max_vms_per_uid`` VMs, counting those being handed out.
         Leave the block once the VM is in the ledger (or not handed out)."""
         limit = self.config.factory.max_vms_per_uid
         # Counted only when there is a limit: the ledger is walked on the hand-out path.
         held = self.ledger.held_by(uid) + self._asking[uid] if limit else 0
         if limit and held >= limit:
-            raise QuotaExceededError(
+            raise QuotaReachedError(
                 f"uid {uid} already holds {held} VMs of this daemon, the most one user may "
                 f"(factory.max_vms_per_uid = {limit}): stop one (vmcache stop HANDLE) and ask again")
         self._asking[uid] += 1
@@ -373,7 +373,7 @@ class CacheDaemon:
         first = await call.receive_one()
         assert isinstance(first, cache_pb2.TakeRequest)
         if first.WhichOneof("step") != "ask":
-            raise InvalidRequestError("TakeVM must start with an ask")
+            raise BadRequestError("TakeVM must start with an ask")
         ask = first.ask
         wait = _seconds(ask.wait_seconds, "wait_seconds") or DEFAULT_WAIT
         ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
@@ -395,9 +395,11 @@ class CacheDaemon:
                 reply = await call.receive()
             if reply is None or reply.WhichOneof("step") != "claim":
                 why = "no claim came in time" if reply is None and not call.client_gone else "no claim"
-                raise InvalidRequestError(f"VM {entry.id} was not claimed ({why}); it was stopped")
+                raise BadRequestError(f"VM {entry.id} was not claimed ({why}); it was stopped: claim "
+                                      f"an offer within {CLAIM_TIMEOUT:g} s")
             if cast(cache_pb2.TakeRequest, reply).claim.vm_id != entry.id:
-                raise InvalidRequestError(f"the claim names another VM than {entry.id}; it was stopped")
+                raise BadRequestError(f"the claim names another VM than {entry.id}; it was stopped: "
+                                      "claim the VM offered")
             if not entry.alive:
                 raise VMGoneError(f"VM {entry.id} died before it was claimed; ask again")
             self.ledger.claim(entry, lease=ask.lease, ttl=ttl)
@@ -427,7 +429,7 @@ class CacheDaemon:
                     handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
                                                                  handed_out)
             if waited.cancelled_caught:
-                raise DeadlineExceededError(f"no VM became ready within {wait:g} s")
+                raise WaitExpiredError(f"no VM became ready within {wait:g} s")
             entry = self.ledger.adopt(handle, process, call.peer.uid, Phase.OFFERED)
         try:
             await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
@@ -455,8 +457,9 @@ class CacheDaemon:
                              seen.mem_total_kib // 1024)
                 except VmcacheError as error:
                     await lease.discard()
-                    raise CacheError(f"could not grow a VM of pool {pool.name!r} to {placement.vcpus} "
-                                     f"vCPUs and {placement.memory_mib} MiB: {error}") from None
+                    raise DaemonError(f"could not grow a VM of pool {pool.name!r} to {placement.vcpus} "
+                                      f"vCPUs and {placement.memory_mib} MiB: {error}; ask again (the "
+                                      "next VM is tried) or for a pool's own size") from None
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await lease.discard()  # half grown: not for the cache any more
@@ -574,8 +577,8 @@ class CacheDaemon:
 
     async def _quit(self, _request: ProtoMessage, peer: PeerCredentials) -> Empty:
         if not self._is_admin(peer.uid):
-            raise PermissionDeniedError(f"Quit is for root and uid {self.peer_policy.own_uid} (the "
-                                        f"daemon's own); uid {peer.uid} may not stop the daemon")
+            raise NotAllowedError(f"Quit is for root and uid {self.peer_policy.own_uid} (the "
+                                  f"daemon's own); uid {peer.uid} may not stop the daemon")
         log.info("Quit requested by a client (pid %d, uid %d)", peer.pid, peer.uid)
         self.request_stop()
         return Empty()
@@ -585,11 +588,12 @@ class CacheDaemon:
         assert isinstance(request, cache_pb2.StopVMRequest)
         entry = self.ledger.get(request.vm_id)
         if entry is None:
-            raise UnknownVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon")
+            raise NoSuchVMError(f"no VM {request.vm_id[:40]!r} handed out by this daemon (stopped "
+                                "already, or never its): `vmcache stop HANDLE` stops a VM of yours")
         if peer.uid != entry.owner_uid and not self._is_admin(peer.uid):
-            raise PermissionDeniedError(f"VM {entry.id} belongs to uid {entry.owner_uid}; uid {peer.uid} "
-                                        f"may not stop it (only its owner, root and uid "
-                                        f"{self.peer_policy.own_uid})")
+            raise NotAllowedError(f"VM {entry.id} belongs to uid {entry.owner_uid}; uid {peer.uid} "
+                                  f"may not stop it (only its owner, root and uid "
+                                  f"{self.peer_policy.own_uid})")
         handle = entry.handle
         for name, given, ours in (("pid", request.pid, handle.pid),
                                   ("start time", request.start_time, handle.start_time),
@@ -601,7 +605,8 @@ class CacheDaemon:
         log.info("VM %s: stop asked by pid %d (uid %d)", entry.id, peer.pid, peer.uid)
         await self.ledger.stop(entry, StopReason.ASKED, by=peer.uid)
         if not entry.gone.is_set():
-            raise CacheError(f"VM {entry.id} did not stop in time; it is still being stopped")
+            raise DaemonError(f"VM {entry.id} did not stop in time; it is still being stopped: "
+                              "`vmcache status` shows when it is gone")
         return cache_pb2.StopVMReply(vm_id=entry.id, was_running=was_running,
                                      message=f"stopped: {entry.stop_reason}")
 
@@ -631,7 +636,7 @@ async def _write_in_time(call: RpcCall[ProtoMessage], message: ProtoMessage, *, 
 
 def _seconds(value: float, name: str) -> float:
     if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
-        raise InvalidRequestError(f"{name} must be between 0 and {MAX_SECONDS:g} seconds, not {value}")
+        raise BadRequestError(f"{name} must be between 0 and {MAX_SECONDS:g} seconds, not {value}")
     return value
 
 

@@ -18,20 +18,9 @@ import trio
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
-from ..errors import (
-    CacheError,
-    CacheUnavailableError,
-    DaemonNotRunningError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    HandOutAbortedError,
-    InvalidRequestError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    UnknownVMError,
-    unwrap_group,
-)
-from .transport import ClientCall, Code, Connection, RpcStatus, TransportError
+from ..errors import CacheError, DaemonNotRunningError, DeadlineExceededError, raise_unwrapped
+from .status import error_for
+from .transport import ClientCall, Code, Connection, TransportError
 
 #: Extra time the client waits beyond the deadline it sends, for the server's answer.
 CLIENT_GRACE = 2.0
@@ -40,32 +29,9 @@ CONNECT_TIMEOUT = 10.0
 ResponseT = TypeVar("ResponseT", bound=ProtoMessage)
 
 
-def error_for(status: RpcStatus) -> CacheError:
-    """The vmcache error for a call that ended with ``status`` (not OK)."""
-    message = status.message or status.code.name
-    if status.code == Code.UNAVAILABLE:
-        return CacheUnavailableError(f"the daemon cannot hand out a VM: {message}")
-    if status.code == Code.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(
-            f"no VM ready before the deadline ({message}); retry, raise --timeout or enlarge the cache"
-        )
-    if status.code == Code.INVALID_ARGUMENT:
-        return InvalidRequestError(f"the daemon refused the request: {message}")
-    if status.code == Code.PERMISSION_DENIED:
-        return PermissionDeniedError(f"the daemon refused this client: {message}")
-    if status.code == Code.FAILED_PRECONDITION:
-        return FailedPreconditionError(f"the daemon answered FAILED_PRECONDITION: {message}", message)
-    if status.code == Code.RESOURCE_EXHAUSTED:
-        return QuotaExceededError(f"the daemon refused: {message}")
-    if status.code == Code.NOT_FOUND:
-        return UnknownVMError(f"the daemon does not know: {message}")
-    if status.code == Code.ABORTED:
-        return HandOutAbortedError(f"the hand-out was aborted: {message}")
-    return CacheError(f"the daemon answered {status.code.name}: {message}")
-
-
 def _broken(what: str, error: BaseException) -> CacheError:
-    return CacheError(f"{what}: the connection to the daemon broke ({error})")
+    return CacheError(f"{what}: the connection to the daemon broke ({error}); retry, and if it "
+                      "persists check the daemon (`vmcache status`, its log)")
 
 
 class Call:
@@ -104,7 +70,8 @@ class Call:
         try:
             message.ParseFromString(data)
         except DecodeError:
-            raise CacheError(f"{self.method}: the daemon sent a reply that is not valid protobuf") from None
+            raise CacheError(f"{self.method}: the daemon sent a reply that is not valid protobuf (a daemon "
+                             "of another version? run client and daemon of one install)") from None
         return message
 
     def cancel(self) -> None:
@@ -129,11 +96,14 @@ class Channel:
                     await call.send(request, last=True)
                     reply = await call.receive()
                     if reply is None:
-                        raise CacheError(f"{method}: the daemon ended the call without a reply")
+                        raise CacheError(f"{method}: the daemon ended the call without a reply (a daemon "
+                                         "of another version?)")
                     if await call.receive() is not None:
-                        raise CacheError(f"{method}: the daemon sent more than one reply")
+                        raise CacheError(f"{method}: the daemon sent more than one reply (a daemon of "
+                                         "another version?)")
         except trio.TooSlowError:
-            raise DeadlineExceededError(f"{method}: no answer from the daemon within {timeout:g} s") from None
+            raise DeadlineExceededError(f"{method}: no answer from the daemon within {timeout:g} s; "
+                                        "retry, and check it is not stuck (`vmcache status`)") from None
         assert isinstance(reply, response_type)
         return reply
 
@@ -172,9 +142,11 @@ async def open_channel(endpoint: Path, service: str) -> AsyncIterator[Channel]:
             f"no vmcache daemon at {endpoint}: start one with `vmcache serve`"
         ) from None
     except PermissionError:
-        raise DaemonNotRunningError(f"not allowed to connect to {endpoint} (permission denied)") from None
+        raise DaemonNotRunningError(f"not allowed to connect to {endpoint} (permission denied): ask "
+                                    "for the daemon's socket_group") from None
     except OSError as error:
-        raise DaemonNotRunningError(f"cannot connect to {endpoint}: {error.strerror}") from None
+        raise DaemonNotRunningError(f"cannot connect to {endpoint}: {error.strerror}; check the path, "
+                                    "or start a daemon there with `vmcache serve`") from None
     connection = Connection(stream, client_side=True)
     try:
         async with trio.open_nursery() as nursery:
@@ -195,7 +167,4 @@ async def open_channel(endpoint: Path, service: str) -> AsyncIterator[Channel]:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await connection.close()
     except BaseExceptionGroup as group:
-        single = unwrap_group(group)
-        if single is group:
-            raise
-        raise single from single.__cause__
+        raise_unwrapped(group)

@@ -32,17 +32,9 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ..backoff import Backoff
-from ..errors import (
-    CacheUnavailableError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    UnknownVMError,
-    VmcacheError,
-    VMGoneError,
-)
+from ..errors import BadRequestError, VmcacheError, unwrap_group
 from ..security import PeerCredentials, peer_credentials
+from .status import status_for
 from .transport import CallResetError, Code, Connection, RpcStatus, ServerCall, TransportError
 
 log = logging.getLogger("vmcache.rpc")
@@ -97,13 +89,14 @@ class RpcCall(Generic[RequestT]):
         try:
             message.ParseFromString(data)
         except DecodeError:
-            raise InvalidRequestError(f"{self.method}: the request is not valid protobuf") from None
+            raise BadRequestError(f"{self.method}: the request is not valid protobuf (build the "
+                                  "client from protos/cache.proto)") from None
         return message
 
     async def receive_one(self) -> RequestT:
         message = await self.receive()
         if message is None:
-            raise InvalidRequestError(f"{self.method}: the call carried no request message")
+            raise BadRequestError(f"{self.method}: the call carried no request message; send one")
         return message
 
     async def send(self, message: ProtoMessage, *, last: bool = False) -> None:
@@ -171,36 +164,6 @@ def server_streaming(
         await call.finish()
 
     return serve
-
-
-def status_for(error: BaseException) -> RpcStatus:
-    """The status a client sees for an error raised by a handler."""
-    if isinstance(error, CacheUnavailableError):
-        code = Code.UNAVAILABLE
-    elif isinstance(error, DeadlineExceededError):
-        code = Code.DEADLINE_EXCEEDED
-    elif isinstance(error, InvalidRequestError):
-        code = Code.INVALID_ARGUMENT
-    elif isinstance(error, PermissionDeniedError):
-        code = Code.PERMISSION_DENIED
-    elif isinstance(error, QuotaExceededError):
-        code = Code.RESOURCE_EXHAUSTED
-    elif isinstance(error, UnknownVMError):
-        code = Code.NOT_FOUND
-    elif isinstance(error, VMGoneError):
-        code = Code.ABORTED  # the VM died on its way to the client: asking again helps
-    elif isinstance(error, VmcacheError):
-        code = Code.FAILED_PRECONDITION
-    else:
-        return RpcStatus(Code.INTERNAL, f"internal error: {type(error).__name__}: {error}")
-    return RpcStatus(code, str(error))
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 PeerCheck = Callable[[PeerCredentials], Awaitable["str | None"]]
@@ -320,10 +283,10 @@ class RpcServer:
         except* TransportError as group:
             # A peer that never spoke (a probe: is anyone listening?) is not news.
             level = logging.INFO if connection.handshaken.is_set() else logging.DEBUG
-            log.log(level, "closed a client connection: %s", _first(group))
+            log.log(level, "closed a client connection: %s", unwrap_group(group))
         except* Exception as group:  # never let one connection take the daemon down
-            first = _first(group)
-            log.warning("closed a client connection after an error: %s: %s", type(first).__name__, first)
+            what = unwrap_group(group)  # one error, or the group of several
+            log.warning("closed a client connection after an error: %s: %s", type(what).__name__, what)
             log.debug("details", exc_info=group)
         finally:
             self._served.discard(served)
