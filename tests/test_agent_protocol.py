@@ -14,7 +14,7 @@ import pytest
 from vmcache import agent_protocol as ap
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "vmcache"
-GUEST_FILES = [SRC / "agent_protocol.py", SRC / "guest" / "vmcache_agent.py"]
+GUEST_FILES = [SRC / "agent_protocol.py", *sorted((SRC / "guest").glob("*.py"))]
 
 #: What Debian's python3-minimal ships besides builtins (checked against the package's file list),
 #: plus modules the guest imports only under TYPE_CHECKING or only optionally.
@@ -22,7 +22,7 @@ MINIMAL_STDLIB = {
     "__future__", "argparse", "collections", "errno", "fcntl", "heapq", "os", "select", "signal",
     "stat", "struct", "subprocess", "sys", "time", "traceback", "typing",
 }
-OPTIONAL_IMPORTS = {"ctypes", "vmcache", "agent_protocol"}
+OPTIONAL_IMPORTS = {"ctypes", "vmcache", *(path.stem for path in GUEST_FILES)}
 
 @pytest.fixture(autouse=True)
 def no_leaked_qemu() -> Iterator[None]:

@@ -929,10 +929,15 @@ def guest_agent_files() -> dict[str, bytes]:
     """The files a guest image carries side by side (e.g. in ``/run/vmcache/agent/``).
 
     Start the agent with ``/usr/bin/python3 -E -s <dir>/vmcache_agent.py --init``
-    as PID 1; it imports ``agent_protocol`` from its own directory.
+    as PID 1; it imports its modules and ``agent_protocol`` from its own directory.
     """
     here = Path(__file__).parent
     return {
         "vmcache_agent.py": (here / "guest" / "vmcache_agent.py").read_bytes(),
+        "agent_loop.py": (here / "guest" / "agent_loop.py").read_bytes(),
+        "agent_session.py": (here / "guest" / "agent_session.py").read_bytes(),
+        "agent_process.py": (here / "guest" / "agent_process.py").read_bytes(),
+        "agent_files.py": (here / "guest" / "agent_files.py").read_bytes(),
+        "agent_system.py": (here / "guest" / "agent_system.py").read_bytes(),
         "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
     }

@@ -1,0 +1,430 @@
+"""Processes the host runs in the guest: pipes or a pty, stdin under credit, output under credit."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmcache import agent_protocol as ap
+    from vmcache.guest import agent_loop as base
+    from vmcache.guest.agent_session import Session
+else:
+    import agent_loop as base
+    import agent_protocol as ap
+
+#: The environment every command starts from (the agent's own is not passed on).
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
+#: TERM for commands with a pty, and without one.
+PTY_TERM = "xterm-256color"
+PIPE_TERM = "dumb"
+
+# Linux ioctl and fcntl numbers (termios is not in python3-minimal).
+TIOCSWINSZ = 0x5414
+TIOCSCTTY = 0x540E
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: Pipe size asked for stdin/stdout (fewer wake-ups per MB).
+PIPE_SIZE = 1024 * 1024
+#: Credit the agent grants for a process's stdin.
+STDIN_WINDOW = 2 * 1024 * 1024
+#: At most this many processes at once per session.
+MAX_PROCESSES = 64
+
+
+def make_pipe(size: int) -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, size)
+    except OSError:
+        pass  # pipe-max-size or the per-user limit: the default size works too
+    return read_end, write_end
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_controlling_terminal() -> None:
+    """In the child, after setsid(): make the pty (its stdin) the controlling terminal."""
+    fcntl.ioctl(0, TIOCSCTTY, 0)
+
+
+def spawn_failure_line(argv0: str, error: OSError) -> tuple[int, str]:
+    """The exit status and the one stderr line for a command that could not start."""
+    if isinstance(error, FileNotFoundError):
+        return 127, f"vmcache: command not found in the guest: {argv0}"
+    if isinstance(error, PermissionError):
+        return 126, f"vmcache: command not executable in the guest: {argv0}"
+    return 126, f"vmcache: cannot run in the guest: {argv0}: {base.os_error_text(error)}"
+
+
+class OutputPipe:
+    """A process's stdout or stderr (or a pty master), read only while it has credit."""
+
+    def __init__(self, process: ProcessStream, channel: int, fd: int, credit: int) -> None:
+        self.process = process
+        self.session = process.session
+        self.channel = channel
+        self.fd = fd
+        self.credit = ap.SendCredit(credit)
+        self.open = True
+        self.armed = False
+        base.set_nonblocking(fd)
+
+    def update(self) -> None:
+        want = self.open and self.credit.available > 0 and self.session.out_bytes < base.OUT_LIMIT
+        if want and not self.armed:
+            self.session.loop.add_reader(self.fd, self.on_readable)
+            self.session.waiting_outputs.discard(self)
+        elif not want and self.armed:
+            self.session.loop.remove_reader(self.fd)
+        if not want and self.open and self.credit.available > 0:
+            self.session.waiting_outputs.add(self)  # waits for the send queue to drain
+        self.armed = want
+
+    def on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, min(self.credit.available, ap.CHUNK))
+        except BlockingIOError:
+            return
+        except OSError as error:
+            if error.errno != errno.EIO:  # EIO: a pty whose other side is all closed
+                base.log(f"reading the output of {self.process.argv0}: {base.os_error_text(error)}")
+            data = b""
+        if not data:
+            self.close(send_eof=True)
+            self.process.check_finished()
+            return
+        self.credit.take(len(data))
+        self.session.send_data(self.process.id, self.channel, data)
+        self.session.flush()
+        self.update()
+
+    def on_window(self, increment: int) -> None:
+        self.credit.grant(increment)
+        self.update()
+
+    def close(self, send_eof: bool) -> None:
+        """Stop reading and close the fd (for a pty, stdin goes with it: same fd)."""
+        if not self.open:
+            return
+        self.open = False
+        self.armed = False
+        self.session.waiting_outputs.discard(self)
+        if self.process.stdin_fd == self.fd:
+            self.process.stdin_fd = None
+            self.process.stdin_pending.clear()
+        self.session.loop.forget(self.fd)
+        os.close(self.fd)
+        if send_eof:
+            self.session.send(ap.encode_eof(self.process.id, self.channel))
+
+
+class ProcessStream(base.Stream):
+    """A command the host asked for: pipes (or a pty), its exit, its timeout."""
+
+    def __init__(self, session: Session, stream_id: int, body: dict[str, Any]) -> None:
+        super().__init__(session, stream_id)
+        argv = base._get(body, "argv", list)
+        if not argv:
+            raise base.RequestFailed("bad request: argv is empty")
+        self.argv = [base._fs_bytes(arg, "an argument") for arg in argv]
+        self.argv0 = self.argv[0].decode("utf-8", "replace")
+        env = dict(DEFAULT_ENV)
+        pty = base._get(body, "pty", list)
+        env["TERM"] = PTY_TERM if pty else PIPE_TERM
+        for key, value in base._get(body, "env", dict, {}).items():
+            if not isinstance(value, str) or not key or "=" in key or "\0" in key + value:
+                raise base.RequestFailed(f"bad request: environment variable {key!r}")
+            env[key] = value
+        self.env = env
+        cwd = base._get(body, "cwd", str)
+        self.cwd = base._fs_bytes(cwd, "cwd") if cwd is not None else None
+        self.pty: list[int] | None = None
+        if pty is not None:
+            if len(pty) != 2 or not all(isinstance(n, int) and 0 < n < 65536 for n in pty):
+                raise base.RequestFailed("bad request: pty is [rows, cols]")
+            self.pty = pty
+        self.timeout = base._get(body, "timeout", float)
+        self.window = base._get(body, "window", int, ap.DEFAULT_WINDOW)
+        if not 0 < self.window <= ap.MAX_WINDOW:
+            raise base.RequestFailed("bad request: window")
+        self.want_stdout = base._get(body, "stdout", bool, True)
+        self.want_stderr = base._get(body, "stderr", bool, True) and self.pty is None
+        self.pid = 0
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        self.timed_out = False
+        self.end_sent = False
+        self.outputs: dict[int, OutputPipe] = {}
+        self.stdin_fd: int | None = None
+        self.stdin_window = ap.ReceiveWindow(STDIN_WINDOW)
+        self.stdin_pending: deque[bytes] = deque()
+        self.stdin_eof = False
+        self.timer: base.Timer | None = None
+
+    def start(self) -> None:
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            shown = self.cwd.decode("utf-8", "replace")
+            try:
+                os.stat(self.cwd)
+                raise base.RequestFailed(f"the working directory is not a directory in the guest: {shown}",
+                                         errno.ENOTDIR)
+            except OSError as error:
+                raise base.RequestFailed(f"the working directory does not exist in the guest: {shown}: "
+                                         f"{base.os_error_text(error)}", error.errno) from None
+        if len(self.session.processes()) >= MAX_PROCESSES:
+            raise base.RequestFailed(f"too many processes in this session (at most {MAX_PROCESSES})")
+        child_fds: list[int] = []
+        own_fds: list[int] = []
+
+        def close_all() -> None:
+            for fd in own_fds + child_fds:
+                os.close(fd)
+
+        try:
+            if self.pty is not None:
+                master, slave = os.openpty()
+                own_fds.append(master)
+                child_fds.append(slave)
+                set_window_size(master, self.pty[0], self.pty[1])
+                stdin: int = slave
+                stdout: int = slave
+                stderr: int = slave
+            else:
+                stdin_read, stdin_write = make_pipe(PIPE_SIZE)
+                own_fds.append(stdin_write)
+                child_fds.append(stdin_read)
+                stdin = stdin_read
+                stdout = stderr = subprocess.DEVNULL
+                if self.want_stdout:
+                    out_read, stdout = make_pipe(PIPE_SIZE)
+                    own_fds.append(out_read)
+                    child_fds.append(stdout)
+                if self.want_stderr:
+                    err_read, stderr = make_pipe(64 * 1024)
+                    own_fds.append(err_read)
+                    child_fds.append(stderr)
+        except OSError as error:
+            close_all()
+            raise base.RequestFailed(
+                f"cannot set up {self.argv0}'s pipes in the guest: {base.os_error_text(error)}",
+                error.errno) from None
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self.env, cwd=self.cwd,
+                start_new_session=True, close_fds=True, restore_signals=True,
+                preexec_fn=_take_controlling_terminal if self.pty is not None else None,
+            )
+        except OSError as error:
+            close_all()
+            self._spawn_failed(error)
+            return
+        except BaseException:
+            close_all()
+            raise
+        for fd in child_fds:
+            os.close(fd)
+        self.pid = self.popen.pid
+        self.session.agent.children[self.pid] = self
+        if self.pty is not None:
+            master = own_fds[0]
+            self.stdin_fd = master
+            self.outputs[ap.STDOUT] = OutputPipe(self, ap.STDOUT, master, self.window)
+        else:
+            self.stdin_fd = own_fds[0]
+            base.set_nonblocking(self.stdin_fd)
+            index = 1
+            for channel, wanted in ((ap.STDOUT, self.want_stdout), (ap.STDERR, self.want_stderr)):
+                if wanted:
+                    self.outputs[channel] = OutputPipe(self, channel, own_fds[index], self.window)
+                    index += 1
+        if self.timeout is not None:
+            self.timer = self.session.loop.call_later(max(0.0, self.timeout), self._on_timeout)
+        self.session.send(ap.encode_reply(self.id, {"pid": self.pid, "window": STDIN_WINDOW}))
+        for output in self.outputs.values():
+            output.update()
+
+    def _spawn_failed(self, error: OSError) -> None:
+        """Answer like a process that printed one line on stderr and exited 127 or 126."""
+        status, line = spawn_failure_line(self.argv0, error)
+        session = self.session
+        session.send(ap.encode_reply(self.id, {"pid": 0, "window": STDIN_WINDOW}))
+        channel = ap.STDOUT if self.pty is not None else ap.STDERR
+        wanted = self.want_stdout if channel == ap.STDOUT else self.want_stderr
+        data = (line + ("\r\n" if self.pty is not None else "\n")).encode("utf-8", "replace")
+        if wanted and len(data) <= self.window:
+            session.send_data(self.id, channel, data)
+        for channel, wanted in ((ap.STDOUT, self.want_stdout), (ap.STDERR, self.want_stderr)):
+            if wanted:
+                session.send(ap.encode_eof(self.id, channel))
+        self.returncode = status
+        self.end_sent = True
+        session.send(ap.encode_end(self.id, {"returncode": status, "timed_out": False}))
+        self.finish()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.returncode is None:
+            self.timed_out = True
+            self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, number: int) -> None:
+        if self.pid and self.returncode is None:
+            try:
+                os.killpg(self.pid, number)
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # the group leader is gone and its id is someone else's
+                pass
+
+    # Host -> process.
+
+    def on_data(self, channel: int, data: memoryview) -> None:
+        if channel != ap.STDIN:
+            raise base.RequestFailed(f"DATA on channel {channel} of a process")
+        self.stdin_window.received(len(data))
+        if self.stdin_fd is None or self.stdin_eof:
+            self._stdin_consumed(len(data))  # the process is gone or closed stdin: drop it
+            return
+        written = 0
+        if not self.stdin_pending:
+            written = self._write_stdin(data)
+            if written < 0:
+                return
+            self._stdin_consumed(written)
+        if written < len(data):
+            self.stdin_pending.append(bytes(data[written:]))
+            self.session.loop.add_writer(self.stdin_fd, self._on_stdin_writable)
+
+    def _write_stdin(self, data: memoryview | bytes) -> int:
+        """Write what the pipe takes now; -1 if the process closed its stdin."""
+        assert self.stdin_fd is not None
+        try:
+            return os.write(self.stdin_fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # EPIPE: nobody reads stdin any more; EIO: the pty is gone
+            self._stdin_broken()
+            return -1
+
+    def _on_stdin_writable(self) -> None:
+        while self.stdin_pending and self.stdin_fd is not None:
+            chunk = self.stdin_pending[0]
+            written = self._write_stdin(chunk)
+            if written < 0:
+                return
+            self._stdin_consumed(written)
+            if written < len(chunk):
+                self.stdin_pending[0] = chunk[written:]
+                return
+            self.stdin_pending.popleft()
+        if self.stdin_fd is not None:
+            self.session.loop.remove_writer(self.stdin_fd)
+            if self.stdin_eof:
+                self._close_stdin()
+
+    def _stdin_consumed(self, count: int) -> None:
+        increment = self.stdin_window.consumed(count)
+        if increment:
+            self.session.send(ap.encode_window(self.id, ap.STDIN, increment))
+
+    def _stdin_broken(self) -> None:
+        """The process does not read stdin any more: tell the host (EOF on channel 0)."""
+        dropped = sum(len(chunk) for chunk in self.stdin_pending)
+        self.stdin_pending.clear()
+        self._stdin_consumed(dropped)
+        self._close_stdin()
+        self.stdin_eof = True
+        self.session.send(ap.encode_eof(self.id, ap.STDIN))
+
+    def on_eof(self, channel: int) -> None:
+        if channel != ap.STDIN or self.stdin_eof:
+            return
+        self.stdin_eof = True
+        if not self.stdin_pending:
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        fd, self.stdin_fd = self.stdin_fd, None
+        if fd is None:
+            return
+        self.session.loop.remove_writer(fd)
+        if self.pty is None:
+            os.close(fd)
+        elif self.stdin_eof and self.returncode is None:
+            # The master stays open (it is the stdout): EOF is the terminal's EOF character.
+            try:
+                os.write(fd, b"\x04")
+            except OSError:
+                pass
+
+    def on_window(self, channel: int, increment: int) -> None:
+        output = self.outputs.get(channel)
+        if output is not None:
+            output.on_window(increment)
+
+    def on_control(self, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        if op == "signal":
+            number = base._get(body, "signal", int)
+            if number is None or not 0 < number < 65:
+                raise base.RequestFailed("bad request: signal")
+            self.signal_group(number)
+        elif op == "resize":
+            rows, cols = base._get(body, "rows", int), base._get(body, "cols", int)
+            output = self.outputs.get(ap.STDOUT)
+            if self.pty is None or output is None or not output.open:
+                return
+            if rows is None or cols is None or not (0 < rows < 65536 and 0 < cols < 65536):
+                raise base.RequestFailed("bad request: rows and cols")
+            set_window_size(output.fd, rows, cols)
+        else:
+            raise base.RequestFailed(f"unknown control {op!r}")
+
+    # Process -> host.
+
+    def exited(self, returncode: int) -> None:
+        """Called by the reaper (SIGCHLD)."""
+        self.returncode = returncode
+        if self.popen is not None:
+            self.popen.returncode = returncode  # keeps subprocess from waiting for it itself
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.session.streams.get(self.id) is not self:
+            return  # reset, or its session ended
+        self.stdin_pending.clear()
+        if self.stdin_fd is not None and self.pty is None:
+            self._close_stdin()
+        self.end_sent = True
+        self.session.send(ap.encode_end(self.id, {"returncode": returncode, "timed_out": self.timed_out}))
+        self.session.flush()
+        self.check_finished()
+
+    def check_finished(self) -> None:
+        if self.end_sent and not any(output.open for output in self.outputs.values()):
+            self.stdin_eof = True
+            self._close_stdin()
+            self.finish()
+
+    def close(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.stdin_pending.clear()
+        for output in self.outputs.values():
+            output.close(send_eof=False)
+        self.stdin_eof = True
+        self._close_stdin()
