@@ -934,10 +934,8 @@ def guest_agent_files() -> dict[str, bytes]:
     here = Path(__file__).parent
     return {
         "vmcache_agent.py": (here / "guest" / "vmcache_agent.py").read_bytes(),
-        "agent_loop.py": (here / "guest" / "agent_loop.py").read_bytes(),
-        "agent_session.py": (here / "guest" / "agent_session.py").read_bytes(),
+        "agent_base.py": (here / "guest" / "agent_base.py").read_bytes(),
         "agent_process.py": (here / "guest" / "agent_process.py").read_bytes(),
         "agent_files.py": (here / "guest" / "agent_files.py").read_bytes(),
-        "agent_system.py": (here / "guest" / "agent_system.py").read_bytes(),
         "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
     }

@@ -1,37 +1,46 @@
-"""Files the host writes into the guest or reads from it, under credit."""
+"""Files the host writes into the guest or reads from it, under credit; and mkdir."""
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vmcache import agent_protocol as ap
-    from vmcache.guest import agent_loop as base
-    from vmcache.guest.agent_session import Session
+    from vmcache.guest import agent_base as base
+    from vmcache.guest.vmcache_agent import Session
 else:
-    import agent_loop as base
+    import agent_base as base
     import agent_protocol as ap
 
 #: Credit the agent grants for a file being written.
 FILE_WINDOW = 4 * 1024 * 1024
 
 
+def mkdir(request: ap.MkdirRequest) -> None:
+    """``mkdir -p``; the mode applies to the last directory if it is made."""
+    path = base.fs_bytes(request.path)
+    try:
+        existed = os.path.isdir(path)
+        os.makedirs(path, request.mode, exist_ok=True)
+        if not existed:
+            os.chmod(path, request.mode)
+    except OSError as error:
+        raise base.RequestFailed.from_os(f"cannot make directory {base.shown(path)} in the guest",
+                                         error) from None
+
+
 class WriteFileStream(base.Stream):
     """A file the host sends: written to a temporary name, renamed into place at EOF."""
 
-    def __init__(self, session: Session, stream_id: int, body: dict[str, Any]) -> None:
-        super().__init__(session, stream_id)
-        self.path = base._fs_bytes(base._get(body, "path", str), "path")
-        if not self.path.startswith(b"/"):
-            raise base.RequestFailed("the path must be absolute")
-        self.mode = base._get(body, "mode", int, 0o644) & 0o7777
-        self.window = ap.ReceiveWindow(FILE_WINDOW)
+    def __init__(self, session: Session, request: ap.WriteFileRequest) -> None:
+        super().__init__(session, request.stream)
+        self.path = base.fs_bytes(request.path)
+        self.mode = request.mode
         self.size = 0
         self.fd: int | None = None
         self.temp: bytes | None = None
-        self.failed = False
 
     def start(self) -> None:
         directory, name = os.path.split(self.path)
@@ -41,29 +50,24 @@ class WriteFileStream(base.Stream):
             self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as error:
             self.temp = None
-            raise base.RequestFailed(f"cannot write {self.path.decode('utf-8', 'replace')} in the guest: "
-                                     f"{base.os_error_text(error)}", error.errno) from None
-        self.session.send(ap.encode_reply(self.id, {"window": FILE_WINDOW}))
+            raise base.RequestFailed.from_os(self._what(), error) from None
+        self.session.send(ap.WriteFileReply(self.id, FILE_WINDOW))
 
-    def on_data(self, channel: int, data: memoryview) -> None:
-        if channel != ap.STDIN:
-            raise base.RequestFailed(f"DATA on channel {channel} of a file being written")
-        self.window.received(len(data))
-        if not self.failed and self.fd is not None:
-            try:
-                view = data
-                while view:
-                    written = os.write(self.fd, view)
-                    view = view[written:]
-                self.size += len(data)
-            except OSError as error:
-                self._fail(error)
-        increment = self.window.consumed(len(data))
-        if increment and not self.failed:
-            self.session.send(ap.encode_window(self.id, ap.STDIN, increment))
+    def on_data(self, event: ap.Data) -> None:
+        if self.fd is None:
+            return
+        try:
+            view = memoryview(event.data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as error:
+            self._fail(error)
+            return
+        self.size += len(event.data)
+        self.session.consumed(self.id, ap.STDIN, len(event.data))
 
-    def on_eof(self, channel: int) -> None:
-        if self.failed or self.fd is None or self.temp is None:
+    def on_eof(self, event: ap.Eof) -> None:
+        if self.fd is None or self.temp is None:
             return
         fd, self.fd = self.fd, None
         try:
@@ -74,18 +78,14 @@ class WriteFileStream(base.Stream):
             self._fail(error)
             return
         self.temp = None
-        self.session.send(ap.encode_end(self.id, {"size": self.size}))
+        self.session.send(ap.FileEnd(self.id, self.size))
         self.finish()
 
+    def _what(self) -> str:
+        return f"cannot write {base.shown(self.path)} in the guest"
+
     def _fail(self, error: OSError) -> None:
-        self.failed = True
-        self.session.send(ap.encode_end(self.id, {
-            "error": f"cannot write {self.path.decode('utf-8', 'replace')} in the guest: "
-                     f"{base.os_error_text(error)}",
-            "errno": error.errno or 0,
-        }))
-        self.close()
-        self.finish()
+        self.session.fail_stream(self.id, base.RequestFailed.from_os(self._what(), error))
 
     def close(self) -> None:
         if self.fd is not None:
@@ -102,28 +102,25 @@ class WriteFileStream(base.Stream):
 class ReadFileStream(base.Stream):
     """A file the host reads: its mode and size, then its bytes as credit allows."""
 
-    def __init__(self, session: Session, stream_id: int, body: dict[str, Any]) -> None:
-        super().__init__(session, stream_id)
-        self.path = base._fs_bytes(base._get(body, "path", str), "path")
-        self.credit = ap.SendCredit(base._get(body, "window", int, ap.DEFAULT_WINDOW))
+    def __init__(self, session: Session, request: ap.ReadFileRequest) -> None:
+        super().__init__(session, request.stream)
+        self.path = base.fs_bytes(request.path)
         self.fd: int | None = None
         self.size = 0
         self.scheduled = False
 
     def start(self) -> None:
-        shown = self.path.decode("utf-8", "replace")
+        what = f"cannot read {base.shown(self.path)} in the guest"
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             info = os.fstat(self.fd)
         except OSError as error:
             self.close()
-            raise base.RequestFailed(f"cannot read {shown} in the guest: {base.os_error_text(error)}",
-                                     error.errno) from None
+            raise base.RequestFailed.from_os(what, error) from None
         if not stat.S_ISREG(info.st_mode):
             self.close()
-            raise base.RequestFailed(f"cannot read {shown} in the guest: not a regular file")
-        reply = {"mode": stat.S_IMODE(info.st_mode), "size": info.st_size}
-        self.session.send(ap.encode_reply(self.id, reply))
+            raise base.RequestFailed(f"{what}: not a regular file")
+        self.session.send(ap.ReadFileReply(self.id, stat.S_IMODE(info.st_mode), info.st_size))
         self.schedule()
 
     def schedule(self) -> None:
@@ -137,28 +134,25 @@ class ReadFileStream(base.Stream):
         session = self.session
         if self.fd is None or session.streams.get(self.id) is not self:
             return
-        if self.credit.available <= 0:
+        credit = session.credit(self.id, ap.STDOUT)
+        if credit <= 0:
             return  # a WINDOW reschedules
         if session.out_bytes >= base.OUT_LIMIT:
             session.waiting_outputs.add(self)
             return
         try:
-            data = os.read(self.fd, min(self.credit.available, ap.CHUNK))
+            data = os.read(self.fd, min(credit, ap.CHUNK))
         except OSError as error:
-            session.send(ap.encode_end(self.id, {
-                "error": f"cannot read {self.path.decode('utf-8', 'replace')} in the guest: "
-                         f"{base.os_error_text(error)}", "errno": error.errno or 0}))
-            self.close()
-            self.finish()
+            what = f"cannot read {base.shown(self.path)} in the guest"
+            session.fail_stream(self.id, base.RequestFailed.from_os(what, error))
             return
         if not data:
-            session.send(ap.encode_eof(self.id, ap.STDOUT))
-            session.send(ap.encode_end(self.id, {"size": self.size}))
+            session.send(ap.Eof(self.id, ap.STDOUT))
+            session.send(ap.FileEnd(self.id, self.size))
             self.close()
             self.finish()
             session.flush()
             return
-        self.credit.take(len(data))
         self.size += len(data)
         session.send_data(self.id, ap.STDOUT, data)
         session.flush()
@@ -168,8 +162,7 @@ class ReadFileStream(base.Stream):
         """Called when the send queue drained (like OutputPipe.update)."""
         self.schedule()
 
-    def on_window(self, channel: int, increment: int) -> None:
-        self.credit.grant(increment)
+    def on_window(self, event: ap.WindowUpdate) -> None:
         self.schedule()
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Processes the host runs in the guest: pipes or a pty, stdin under credit, output under credit."""
+"""Processes the host runs in the guest: pipes or a pty, stdin and output under credit."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import signal
 import struct
 import subprocess
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vmcache import agent_protocol as ap
-    from vmcache.guest import agent_loop as base
-    from vmcache.guest.agent_session import Session
+    from vmcache.guest import agent_base as base
+    from vmcache.guest.vmcache_agent import Session, Timer
 else:
-    import agent_loop as base
+    import agent_base as base
     import agent_protocol as ap
 
 #: The environment every command starts from (the agent's own is not passed on).
@@ -39,6 +39,7 @@ PIPE_SIZE = 1024 * 1024
 STDIN_WINDOW = 2 * 1024 * 1024
 #: At most this many processes at once per session.
 MAX_PROCESSES = 64
+OPEN = ap.ChannelState.OPEN
 
 
 def make_pipe(size: int) -> tuple[int, int]:
@@ -69,32 +70,32 @@ def spawn_failure_line(argv0: str, error: OSError) -> tuple[int, str]:
 
 
 class OutputPipe:
-    """A process's stdout or stderr (or a pty master), read only while it has credit."""
+    """A process's stdout or stderr (or a pty master), read only while the host granted credit."""
 
-    def __init__(self, process: ProcessStream, channel: int, fd: int, credit: int) -> None:
+    def __init__(self, process: ProcessStream, channel: int, fd: int) -> None:
         self.process = process
         self.session = process.session
         self.channel = channel
         self.fd = fd
-        self.credit = ap.SendCredit(credit)
         self.open = True
         self.armed = False
         base.set_nonblocking(fd)
 
     def update(self) -> None:
-        want = self.open and self.credit.available > 0 and self.session.out_bytes < base.OUT_LIMIT
+        credit = self.session.credit(self.process.id, self.channel)
+        want = self.open and credit > 0 and self.session.out_bytes < base.OUT_LIMIT
         if want and not self.armed:
             self.session.loop.add_reader(self.fd, self.on_readable)
             self.session.waiting_outputs.discard(self)
         elif not want and self.armed:
             self.session.loop.remove_reader(self.fd)
-        if not want and self.open and self.credit.available > 0:
+        if not want and self.open and credit > 0:
             self.session.waiting_outputs.add(self)  # waits for the send queue to drain
         self.armed = want
 
     def on_readable(self) -> None:
         try:
-            data = os.read(self.fd, min(self.credit.available, ap.CHUNK))
+            data = os.read(self.fd, min(self.session.credit(self.process.id, self.channel), ap.CHUNK))
         except BlockingIOError:
             return
         except OSError as error:
@@ -105,13 +106,8 @@ class OutputPipe:
             self.close(send_eof=True)
             self.process.check_finished()
             return
-        self.credit.take(len(data))
         self.session.send_data(self.process.id, self.channel, data)
         self.session.flush()
-        self.update()
-
-    def on_window(self, increment: int) -> None:
-        self.credit.grant(increment)
         self.update()
 
     def close(self, send_eof: bool) -> None:
@@ -127,63 +123,44 @@ class OutputPipe:
         self.session.loop.forget(self.fd)
         os.close(self.fd)
         if send_eof:
-            self.session.send(ap.encode_eof(self.process.id, self.channel))
+            self.session.send(ap.Eof(self.process.id, self.channel))
 
 
 class ProcessStream(base.Stream):
-    """A command the host asked for: pipes (or a pty), its exit, its timeout."""
+    """A command the host asked for (a checked :class:`ExecRequest`): its pipes or pty, its exit,
+    its timeout."""
 
-    def __init__(self, session: Session, stream_id: int, body: dict[str, Any]) -> None:
-        super().__init__(session, stream_id)
-        argv = base._get(body, "argv", list)
-        if not argv:
-            raise base.RequestFailed("bad request: argv is empty")
-        self.argv = [base._fs_bytes(arg, "an argument") for arg in argv]
+    def __init__(self, session: Session, request: ap.ExecRequest) -> None:
+        super().__init__(session, request.stream)
+        self.argv = [base.fs_bytes(arg) for arg in request.argv]
         self.argv0 = self.argv[0].decode("utf-8", "replace")
-        env = dict(DEFAULT_ENV)
-        pty = base._get(body, "pty", list)
-        env["TERM"] = PTY_TERM if pty else PIPE_TERM
-        for key, value in base._get(body, "env", dict, {}).items():
-            if not isinstance(value, str) or not key or "=" in key or "\0" in key + value:
-                raise base.RequestFailed(f"bad request: environment variable {key!r}")
-            env[key] = value
-        self.env = env
-        cwd = base._get(body, "cwd", str)
-        self.cwd = base._fs_bytes(cwd, "cwd") if cwd is not None else None
-        self.pty: list[int] | None = None
-        if pty is not None:
-            if len(pty) != 2 or not all(isinstance(n, int) and 0 < n < 65536 for n in pty):
-                raise base.RequestFailed("bad request: pty is [rows, cols]")
-            self.pty = pty
-        self.timeout = base._get(body, "timeout", float)
-        self.window = base._get(body, "window", int, ap.DEFAULT_WINDOW)
-        if not 0 < self.window <= ap.MAX_WINDOW:
-            raise base.RequestFailed("bad request: window")
-        self.want_stdout = base._get(body, "stdout", bool, True)
-        self.want_stderr = base._get(body, "stderr", bool, True) and self.pty is None
+        self.env = {**DEFAULT_ENV, "TERM": PTY_TERM if request.pty is not None else PIPE_TERM, **request.env}
+        self.cwd = base.fs_bytes(request.cwd) if request.cwd is not None else None
+        self.pty = request.pty
+        self.timeout = request.timeout
+        self.want_stdout = request.stdout
+        self.want_stderr = request.stderr and self.pty is None
         self.pid = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self.timed_out = False
-        self.end_sent = False
         self.outputs: dict[int, OutputPipe] = {}
         self.stdin_fd: int | None = None
-        self.stdin_window = ap.ReceiveWindow(STDIN_WINDOW)
-        self.stdin_pending: deque[bytes] = deque()
+        self.stdin_pending: deque[memoryview] = deque()
         self.stdin_eof = False
-        self.timer: base.Timer | None = None
+        self.timer: Timer | None = None
 
     def start(self) -> None:
         if self.cwd is not None and not os.path.isdir(self.cwd):
-            shown = self.cwd.decode("utf-8", "replace")
+            shown = base.shown(self.cwd)
             try:
                 os.stat(self.cwd)
                 raise base.RequestFailed(f"the working directory is not a directory in the guest: {shown}",
                                          errno.ENOTDIR)
             except OSError as error:
-                raise base.RequestFailed(f"the working directory does not exist in the guest: {shown}: "
-                                         f"{base.os_error_text(error)}", error.errno) from None
-        if len(self.session.processes()) >= MAX_PROCESSES:
+                raise base.RequestFailed.from_os(
+                    f"the working directory does not exist in the guest: {shown}", error) from None
+        if sum(isinstance(stream, ProcessStream) for stream in self.session.streams.values()) > MAX_PROCESSES:
             raise base.RequestFailed(f"too many processes in this session (at most {MAX_PROCESSES})")
         child_fds: list[int] = []
         own_fds: list[int] = []
@@ -217,9 +194,8 @@ class ProcessStream(base.Stream):
                     child_fds.append(stderr)
         except OSError as error:
             close_all()
-            raise base.RequestFailed(
-                f"cannot set up {self.argv0}'s pipes in the guest: {base.os_error_text(error)}",
-                error.errno) from None
+            raise base.RequestFailed.from_os(f"cannot set up {self.argv0}'s pipes in the guest",
+                                             error) from None
         try:
             self.popen = subprocess.Popen(
                 self.argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self.env, cwd=self.cwd,
@@ -237,40 +213,42 @@ class ProcessStream(base.Stream):
             os.close(fd)
         self.pid = self.popen.pid
         self.session.agent.children[self.pid] = self
+        self.stdin_fd = own_fds[0]
         if self.pty is not None:
-            master = own_fds[0]
-            self.stdin_fd = master
-            self.outputs[ap.STDOUT] = OutputPipe(self, ap.STDOUT, master, self.window)
+            self.outputs[ap.STDOUT] = OutputPipe(self, ap.STDOUT, own_fds[0])
         else:
-            self.stdin_fd = own_fds[0]
             base.set_nonblocking(self.stdin_fd)
-            index = 1
+            outputs = iter(own_fds[1:])
             for channel, wanted in ((ap.STDOUT, self.want_stdout), (ap.STDERR, self.want_stderr)):
                 if wanted:
-                    self.outputs[channel] = OutputPipe(self, channel, own_fds[index], self.window)
-                    index += 1
+                    self.outputs[channel] = OutputPipe(self, channel, next(outputs))
         if self.timeout is not None:
-            self.timer = self.session.loop.call_later(max(0.0, self.timeout), self._on_timeout)
-        self.session.send(ap.encode_reply(self.id, {"pid": self.pid, "window": STDIN_WINDOW}))
+            self.timer = self.session.loop.call_later(self.timeout, self._on_timeout)
+        self.session.send(ap.ExecReply(self.id, self.pid, STDIN_WINDOW))
+        self._no_stderr()
         for output in self.outputs.values():
             output.update()
+
+    def _no_stderr(self) -> None:
+        """A pty has no stderr of its own: a stderr channel the host asked for ends at once."""
+        if self.pty is not None and self.session.conn.channel_state(self.id, ap.STDERR) is OPEN:
+            self.session.send(ap.Eof(self.id, ap.STDERR))
 
     def _spawn_failed(self, error: OSError) -> None:
         """Answer like a process that printed one line on stderr and exited 127 or 126."""
         status, line = spawn_failure_line(self.argv0, error)
         session = self.session
-        session.send(ap.encode_reply(self.id, {"pid": 0, "window": STDIN_WINDOW}))
+        session.send(ap.ExecReply(self.id, 0, STDIN_WINDOW))
+        self._no_stderr()
         channel = ap.STDOUT if self.pty is not None else ap.STDERR
-        wanted = self.want_stdout if channel == ap.STDOUT else self.want_stderr
         data = (line + ("\r\n" if self.pty is not None else "\n")).encode("utf-8", "replace")
-        if wanted and len(data) <= self.window:
+        if len(data) <= session.credit(self.id, channel):
             session.send_data(self.id, channel, data)
         for channel, wanted in ((ap.STDOUT, self.want_stdout), (ap.STDERR, self.want_stderr)):
             if wanted:
-                session.send(ap.encode_eof(self.id, channel))
+                session.send(ap.Eof(self.id, channel))
         self.returncode = status
-        self.end_sent = True
-        session.send(ap.encode_end(self.id, {"returncode": status, "timed_out": False}))
+        session.send(ap.ProcessEnd(self.id, status, False))
         self.finish()
 
     def _on_timeout(self) -> None:
@@ -278,6 +256,9 @@ class ProcessStream(base.Stream):
         if self.returncode is None:
             self.timed_out = True
             self.signal_group(signal.SIGKILL)
+
+    def on_signal(self, event: ap.Signal) -> None:
+        self.signal_group(event.signal)
 
     def signal_group(self, number: int) -> None:
         if self.pid and self.returncode is None:
@@ -290,21 +271,19 @@ class ProcessStream(base.Stream):
 
     # Host -> process.
 
-    def on_data(self, channel: int, data: memoryview) -> None:
-        if channel != ap.STDIN:
-            raise base.RequestFailed(f"DATA on channel {channel} of a process")
-        self.stdin_window.received(len(data))
+    def on_data(self, event: ap.Data) -> None:
+        data = event.data
         if self.stdin_fd is None or self.stdin_eof:
-            self._stdin_consumed(len(data))  # the process is gone or closed stdin: drop it
+            self.session.consumed(self.id, ap.STDIN, len(data))  # the process is gone or closed stdin
             return
         written = 0
         if not self.stdin_pending:
             written = self._write_stdin(data)
             if written < 0:
                 return
-            self._stdin_consumed(written)
+            self.session.consumed(self.id, ap.STDIN, written)
         if written < len(data):
-            self.stdin_pending.append(bytes(data[written:]))
+            self.stdin_pending.append(memoryview(data)[written:])
             self.session.loop.add_writer(self.stdin_fd, self._on_stdin_writable)
 
     def _write_stdin(self, data: memoryview | bytes) -> int:
@@ -324,7 +303,7 @@ class ProcessStream(base.Stream):
             written = self._write_stdin(chunk)
             if written < 0:
                 return
-            self._stdin_consumed(written)
+            self.session.consumed(self.id, ap.STDIN, written)
             if written < len(chunk):
                 self.stdin_pending[0] = chunk[written:]
                 return
@@ -334,22 +313,16 @@ class ProcessStream(base.Stream):
             if self.stdin_eof:
                 self._close_stdin()
 
-    def _stdin_consumed(self, count: int) -> None:
-        increment = self.stdin_window.consumed(count)
-        if increment:
-            self.session.send(ap.encode_window(self.id, ap.STDIN, increment))
-
     def _stdin_broken(self) -> None:
         """The process does not read stdin any more: tell the host (EOF on channel 0)."""
-        dropped = sum(len(chunk) for chunk in self.stdin_pending)
         self.stdin_pending.clear()
-        self._stdin_consumed(dropped)
         self._close_stdin()
         self.stdin_eof = True
-        self.session.send(ap.encode_eof(self.id, ap.STDIN))
+        if self.session.conn.channel_state(self.id, ap.STDIN) is OPEN:
+            self.session.send(ap.Eof(self.id, ap.STDIN))
 
-    def on_eof(self, channel: int) -> None:
-        if channel != ap.STDIN or self.stdin_eof:
+    def on_eof(self, event: ap.Eof) -> None:
+        if self.stdin_eof:
             return
         self.stdin_eof = True
         if not self.stdin_pending:
@@ -369,28 +342,15 @@ class ProcessStream(base.Stream):
             except OSError:
                 pass
 
-    def on_window(self, channel: int, increment: int) -> None:
-        output = self.outputs.get(channel)
+    def on_window(self, event: ap.WindowUpdate) -> None:
+        output = self.outputs.get(event.channel)
         if output is not None:
-            output.on_window(increment)
+            output.update()
 
-    def on_control(self, body: dict[str, Any]) -> None:
-        op = body.get("op")
-        if op == "signal":
-            number = base._get(body, "signal", int)
-            if number is None or not 0 < number < 65:
-                raise base.RequestFailed("bad request: signal")
-            self.signal_group(number)
-        elif op == "resize":
-            rows, cols = base._get(body, "rows", int), base._get(body, "cols", int)
-            output = self.outputs.get(ap.STDOUT)
-            if self.pty is None or output is None or not output.open:
-                return
-            if rows is None or cols is None or not (0 < rows < 65536 and 0 < cols < 65536):
-                raise base.RequestFailed("bad request: rows and cols")
-            set_window_size(output.fd, rows, cols)
-        else:
-            raise base.RequestFailed(f"unknown control {op!r}")
+    def on_resize(self, event: ap.Resize) -> None:
+        output = self.outputs.get(ap.STDOUT)
+        if self.pty is not None and output is not None and output.open:
+            set_window_size(output.fd, event.rows, event.cols)
 
     # Process -> host.
 
@@ -407,13 +367,13 @@ class ProcessStream(base.Stream):
         self.stdin_pending.clear()
         if self.stdin_fd is not None and self.pty is None:
             self._close_stdin()
-        self.end_sent = True
-        self.session.send(ap.encode_end(self.id, {"returncode": returncode, "timed_out": self.timed_out}))
+        self.session.send(ap.ProcessEnd(self.id, returncode, self.timed_out))
         self.session.flush()
         self.check_finished()
 
     def check_finished(self) -> None:
-        if self.end_sent and not any(output.open for output in self.outputs.values()):
+        """Once END and every output's EOF went, the connection closed the stream: so do we."""
+        if self.session.conn.stream_state(self.id) is ap.StreamState.CLOSED:
             self.stdin_eof = True
             self._close_stdin()
             self.finish()
