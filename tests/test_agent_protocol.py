@@ -862,3 +862,9 @@ def test_random_bytes_never_raise_anything_but_protocol_errors() -> None:
             except ap.RemoteProtocolError:
                 pass
             events_of(guest, chunk)  # the guest never raises: garbage is an event
+
+
+def test_the_host_refuses_answers_too_big_to_decode_quickly() -> None:
+    host, _ = in_state(S.EXEC_REQUESTED)
+    with pytest.raises(ap.RemoteProtocolError, match="REPLY frame of 262145 bytes"):
+        events_of(host, ap.HEADER.pack(ap.REPLY, 0, 0, 1, ap.MAX_ANSWER + 1))

@@ -780,6 +780,10 @@ MAX_ERRNO = 4095
 MAX_SIZE = (1 << 63) - 1
 MAX_TERMINAL = 0xFFFF
 MAX_HELLO_FIELDS = 64
+#: Largest REPLY, END or ERROR payload a host takes: decoding a value costs time, and what the
+#: guest answers is small (a hostile guest must not stall the host's event loop with it).
+MAX_ANSWER = 256 * 1024
+_ANSWERS = (REPLY, END, ERROR)
 
 
 def _field_error(field: str, problem: str) -> ProtocolError:
@@ -1513,8 +1517,7 @@ class Connection:
         except ProtocolError as error:
             if self.role is Role.GUEST:
                 return self._garbage(str(error))
-            self._broken = RemoteProtocolError(f"the guest broke the protocol: {error}",
-                                               getattr(error, "field", None))
+            self._broken = RemoteProtocolError(str(error), getattr(error, "field", None))
             raise self._broken from None
 
     def rescan(self) -> Event | None:
@@ -1555,7 +1558,7 @@ class Connection:
             start = 0
             if buffer[0] == MAGIC[0]:  # a HELLO at a frame boundary: a new session
                 if buffer[:len(MAGIC)] != MAGIC[:len(buffer)]:
-                    raise ProtocolError("bytes that look like a HELLO but are not")
+                    raise ProtocolError("garbage: bytes that look like a HELLO but are not")
                 if len(buffer) < len(MAGIC) + HEADER_SIZE:
                     return None
                 start = len(MAGIC)
@@ -1564,7 +1567,7 @@ class Connection:
             if problem is None and (kind == HELLO) != (start > 0):
                 problem = "a HELLO without MAGIC" if kind == HELLO else "MAGIC before a non-HELLO frame"
             if problem is not None:
-                raise ProtocolError(problem)
+                raise ProtocolError("garbage: " + problem)
             begin = start + HEADER_SIZE
             stream = self._streams.get(stream_id) if stream_id else None
             if stream_id and kind != REQUEST and (stream is None or stream.state is _S.BAD_REQUESTED):
@@ -1572,6 +1575,9 @@ class Connection:
                     return None  # kept whole, for rescan(): it may hide a new host's HELLO
                 self._skip_frame(begin, length)  # a finished stream's: never decoded
                 continue
+            if length > MAX_ANSWER and kind in _ANSWERS and self.role is Role.HOST:
+                raise ProtocolError(f"garbage: {FRAME_NAMES[kind]} frame of {length} bytes "
+                                    f"(the limit is {MAX_ANSWER})")
             if kind == DATA and self.role is Role.HOST:
                 assert stream is not None
                 if self._data_header(stream, channel, length):
