@@ -927,7 +927,7 @@ def _raise_stream_error(stream: _Stream) -> None:
 def _build(kind: type[_M], *fields: Any) -> _M:
     """A request or control (its stream id set when sent); a bad argument is an AgentError."""
     try:
-        return kind(0, *fields)  # type: ignore[call-arg]
+        return kind(0, *fields)
     except ap.ProtocolError as error:
         raise AgentError(f"cannot ask that of the guest: {error}") from None
 

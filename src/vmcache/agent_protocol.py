@@ -22,8 +22,15 @@ The wire format (``docs/agent-protocol.md`` has the full description):
 * Data flows under **credit** (:class:`SendCredit`, :class:`ReceiveWindow`):
   a sender sends at most what the receiver granted.
 
-:class:`FrameReader` turns received bytes into events; the ``encode_*``
-functions turn messages into bytes. Neither does any I/O.
+* Every message kind is a typed event (:class:`ExecRequest`, :class:`ExecReply`,
+  :class:`ProcessEnd`, :class:`Data`, ...) whose fields are checked once, when
+  it is built or decoded.
+
+:class:`Connection` (one per session end, ``Role.HOST`` or ``Role.GUEST``)
+turns events into bytes and bytes into events, keeps each stream's state in
+one table (:data:`TRANSITIONS`) and the credit of each channel. It does no I/O.
+The legacy section at the end (``FrameReader``, untyped messages) serves the
+old guest agent until it runs on the Connection.
 """
 
 from __future__ import annotations
@@ -245,41 +252,6 @@ class Hello(Event):
         self.info = info
 
 
-# Legacy (until the guest agent runs on Connection): untyped messages, for FrameReader.
-
-
-class _Message(Event):
-    __slots__ = ("body", "stream")
-
-    def __init__(self, stream: int, body: dict[str, Any]) -> None:
-        self.stream = stream
-        self.body = body
-
-
-class Request(_Message):
-    """Host to guest: open ``stream`` to do ``body["op"]``."""
-
-    __slots__ = ()
-
-
-class Reply(_Message):
-    """Guest to host: the first answer on a stream (``body["error"]`` if it failed)."""
-
-    __slots__ = ()
-
-
-class End(_Message):
-    """Guest to host: ``stream`` is finished (exit status, transfer size, or ``error``)."""
-
-    __slots__ = ()
-
-
-class Control(_Message):
-    """Host to guest: act on a running stream (send a signal, resize a pty)."""
-
-    __slots__ = ()
-
-
 class Data(Event):
     """Bytes on a channel. From :meth:`FrameReader.buffer_filled`, ``data`` is a
     memoryview into the reader's buffer, valid until the reader is used again."""
@@ -383,22 +355,6 @@ def _message(kind: int, stream: int, body: dict[str, Any]) -> bytes:
     if stream <= 0 or stream > 0xFFFFFFFF:
         raise ValueError("stream ids are 1 to 2**32-1")
     return _frame(kind, stream, pack_value(body))
-
-
-def encode_request(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(REQUEST, stream, body)
-
-
-def encode_reply(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(REPLY, stream, body)
-
-
-def encode_end(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(END, stream, body)
-
-
-def encode_control(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(CONTROL, stream, body)
 
 
 def encode_data_header(stream: int, channel: int, length: int) -> bytes:
@@ -513,189 +469,6 @@ def check_header(kind: int, channel: int, reserved: int, stream: int, length: in
     return None
 
 
-class FrameReader:
-    """Legacy, for the guest agent until it runs on :class:`Connection`.
-
-    Bytes in, events out, for one connection; finds frame boundaries by itself.
-
-    It starts *hunting* (``hunting=True``): every byte before :data:`MAGIC` and
-    a well-formed HELLO is discarded (and counted in ``discarded``).
-    ``accept_hello(hello)`` may refuse a HELLO (the host refuses replies to a
-    nonce it did not send last), which is then skipped like garbage. Once
-    synchronised, every frame is decoded; garbage yields a :class:`Garbage`
-    event, in order among the others, and puts the reader back to hunting.
-
-    Two ways to feed it: :meth:`feed` with bytes (events then own their data),
-    or, to save copies, :meth:`get_buffer` to read straight into its buffer
-    followed by :meth:`buffer_filled` (DATA payloads are then views into that
-    buffer, valid until the reader is used again).
-
-    The buffer starts at ``capacity`` (room for two :data:`CHUNK` frames) and
-    grows, up to two of the largest frames, only if the peer sends bigger ones.
-    """
-
-    def __init__(
-        self,
-        *,
-        hunting: bool = True,
-        accept_hello: Callable[[Hello], bool] | None = None,
-        capacity: int = 2 * (CHUNK + HEADER_SIZE + len(MAGIC)),
-    ) -> None:
-        self._buffer = bytearray(max(capacity, 2 * (MAX_HELLO + HEADER_SIZE + len(MAGIC))))
-        self._view = memoryview(self._buffer)
-        self._start = 0
-        self._end = 0
-        self._need = 0  # bytes the incomplete frame at _start needs in all
-        self.hunting = hunting
-        self.accept_hello = accept_hello
-        #: Bytes dropped while hunting.
-        self.discarded = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet decoded (an incomplete frame)."""
-        return self._end - self._start
-
-    def resync(self) -> None:
-        """Drop what is buffered and hunt for the next HELLO (a new connection)."""
-        self.discarded += self._end - self._start
-        self._start = self._end = 0
-        self.hunting = True
-
-    def rescan(self) -> list[Event]:
-        """Give up on the incomplete frame buffered and hunt for a HELLO inside it.
-
-        For a stream that stalled mid-frame: a host that left in the middle of
-        a frame, and a new host whose HELLO the old frame swallowed as payload.
-        """
-        if self.hunting or self._start == self._end:
-            return []
-        events: list[Event] = [self._garbage("an incomplete frame, then silence")]
-        return events + self.buffer_filled(0)
-
-    def get_buffer(self) -> memoryview:
-        """Free space to read into; then call :meth:`buffer_filled` with the count.
-
-        Invalidates the data of events from the previous call.
-        """
-        if self._start == self._end:
-            self._start = self._end = 0
-        if self._need > len(self._buffer) // 2:  # a frame bigger than we were ready for
-            size = self._end - self._start
-            buffer = bytearray(2 * self._need)
-            buffer[:size] = self._view[self._start:self._end]
-            self._buffer, self._view = buffer, memoryview(buffer)
-            self._start, self._end = 0, size
-        elif self._start and len(self._buffer) - self._end < len(self._buffer) // 2:
-            size = self._end - self._start
-            self._view[:size] = self._view[self._start:self._end]
-            self._start, self._end = 0, size
-        return self._view[self._end:]
-
-    def buffer_filled(self, count: int) -> list[Event]:
-        """``count`` bytes were written at the start of :meth:`get_buffer`'s view."""
-        if not 0 <= count <= len(self._buffer) - self._end:
-            raise ValueError("more bytes than the buffer had room for")
-        self._end += count
-        events: list[Event] = []
-        while True:
-            if self.hunting and not self._hunt():
-                return events
-            event = self._next_frame()
-            if event is None:
-                return events
-            events.append(event)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Decode ``data`` (any length); returned events own their bytes."""
-        events: list[Event] = []
-        view = memoryview(data).cast("B")
-        while True:
-            space = self.get_buffer()
-            count = min(len(space), len(view))
-            space[:count] = view[:count]
-            view = view[count:]
-            events.extend(_owned(event) for event in self.buffer_filled(count))
-            if not view:
-                return events
-
-    def _next_frame(self) -> Event | None:
-        """Decode the frame at the start of the buffer; None if it is incomplete."""
-        view = self._view
-        pos = self._start
-        available = self._end - pos
-        if available < HEADER_SIZE:
-            return None
-        first = view[pos]
-        if first == MAGIC[0]:  # a HELLO at a frame boundary: a new session on this connection
-            seen = min(available, len(MAGIC))
-            if view[pos:pos + seen] != MAGIC[:seen]:
-                return self._garbage("bytes that look like a HELLO but are not")
-            if available < len(MAGIC) + HEADER_SIZE:
-                return None
-            pos += len(MAGIC)
-        kind, channel, reserved, stream, length = HEADER.unpack_from(view, pos)
-        problem = check_header(kind, channel, reserved, stream, length)
-        if problem is None and (kind == HELLO) != (first == MAGIC[0]):
-            problem = "a HELLO without MAGIC" if kind == HELLO else "MAGIC before a non-HELLO frame"
-        if problem is not None:
-            return self._garbage(problem)
-        end = pos + HEADER_SIZE + length
-        if end > self._end:
-            self._need = end - self._start
-            return None
-        self._need = 0
-        try:
-            event = decode_frame(kind, channel, stream, view[pos + HEADER_SIZE:end])
-        except ProtocolError as error:
-            return self._garbage(f"{FRAME_NAMES[kind]} frame: {error}")
-        self._start = end
-        return event
-
-    def _garbage(self, problem: str) -> Garbage:
-        """Skip one byte and hunt again."""
-        self._need = 0
-        self._start += 1
-        self.discarded += 1
-        self.hunting = True
-        return Garbage("garbage from the peer: " + problem)
-
-    def _hunt(self) -> bool:
-        """Skip to a MAGIC followed by an acceptable HELLO; False if more bytes are needed."""
-        view = self._view
-        while True:
-            index = self._buffer.find(MAGIC, self._start, self._end)
-            if index < 0:
-                keep = min(len(MAGIC) - 1, self._end - self._start)  # maybe a MAGIC's start
-                self.discarded += self._end - self._start - keep
-                self._start = self._end - keep
-                return False
-            self.discarded += index - self._start
-            self._start = index
-            if self._end - index < len(MAGIC) + HEADER_SIZE:
-                return False
-            kind, channel, reserved, stream, length = HEADER.unpack_from(view, index + len(MAGIC))
-            if kind == HELLO and check_header(kind, channel, reserved, stream, length) is None:
-                end = index + len(MAGIC) + HEADER_SIZE + length
-                if end > self._end:
-                    return False
-                try:
-                    hello = decode_frame(kind, channel, stream, view[end - length:end])
-                except ProtocolError:
-                    hello = None
-                if isinstance(hello, Hello) and (self.accept_hello is None or self.accept_hello(hello)):
-                    self.hunting = False
-                    return True
-            self._start = index + 1
-            self.discarded += 1
-
-
-def _owned(event: Event) -> Event:
-    if isinstance(event, Data) and isinstance(event.data, memoryview):
-        return Data(event.stream, event.channel, bytes(event.data))
-    return event
-
-
 # --- Flow control --------------------------------------------------------------------------------
 
 
@@ -764,21 +537,19 @@ class ReceiveWindow:
 
 # --- Typed messages ------------------------------------------------------------------------------
 #
-# Every REQUEST, REPLY, END and CONTROL payload has a class of its own. Its
-# constructor checks every field (type, range, size) and raises ProtocolError
-# naming the field; the Connection builds them from received values, so a
-# field is checked once, where it enters.
+# Every REQUEST, REPLY, END and CONTROL payload has a class of its own, whose
+# FIELDS say each field's check. The constructor runs the checks and raises
+# ProtocolError naming the field; the Connection builds events from received
+# values, so a field is checked once, where it enters.
 
-#: Largest guest pid, exit status range, signal numbers, and other field bounds.
+#: Field bounds.
 MAX_PID = (1 << 31) - 1
 MAX_PATH = 4096
 MAX_TEXT = 64 * 1024
 MAX_ARGS = 64 * 1024
 MAX_ENTROPY = 4096
 MAX_PROBLEMS = 1024
-MAX_ERRNO = 4095
 MAX_SIZE = (1 << 63) - 1
-MAX_TERMINAL = 0xFFFF
 MAX_HELLO_FIELDS = 64
 #: Largest REPLY, END or ERROR payload a host takes: decoding a value costs time, and what the
 #: guest answers is small (a hostile guest must not stall the host's event loop with it).
@@ -798,22 +569,6 @@ def _int(field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def _bool(field: str, value: Any) -> bool:
-    if type(value) is not bool:
-        raise _field_error(field, f"is a {type(value).__name__}, not a boolean")
-    return value
-
-
-def _float(field: str, value: Any, low: float, high: float) -> float:
-    if type(value) is int:
-        value = float(value)
-    if type(value) is not float:
-        raise _field_error(field, f"is a {type(value).__name__}, not a number")
-    if not low <= value <= high:  # also refuses NaN
-        raise _field_error(field, f"is {value!r}, not {low:g} to {high:g}")
-    return value
-
-
 def _text(field: str, value: Any, limit: int = MAX_TEXT, *, nul: bool = True) -> str:
     if type(value) is not str:
         raise _field_error(field, f"is a {type(value).__name__}, not text")
@@ -824,6 +579,35 @@ def _text(field: str, value: Any, limit: int = MAX_TEXT, *, nul: bool = True) ->
     return value
 
 
+Check = Callable[[str, Any], Any]
+
+
+def _ranged(low: int, high: int) -> Check:
+    return lambda field, value: _int(field, value, low, high)
+
+
+def _bool(field: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise _field_error(field, f"is a {type(value).__name__}, not a boolean")
+    return value
+
+
+def _number(high: float) -> Check:
+    def check(field: str, value: Any) -> float:
+        if type(value) is int:
+            value = float(value)
+        if type(value) is not float:
+            raise _field_error(field, f"is a {type(value).__name__}, not a number")
+        if not 0.0 <= value <= high:  # also refuses NaN
+            raise _field_error(field, f"is {value!r}, not 0 to {high:g}")
+        return value
+    return check
+
+
+def _optional(check: Check) -> Check:
+    return lambda field, value: None if value is None else check(field, value)
+
+
 def _path(field: str, value: Any) -> str:
     path = _text(field, value, MAX_PATH, nul=False)
     if not path.startswith("/"):
@@ -831,248 +615,216 @@ def _path(field: str, value: Any) -> str:
     return path
 
 
-def _mode(field: str, value: Any) -> int:
-    return _int(field, value, 0, 0o7777)
+def _argv(field: str, argv: Any) -> list[str | bytes]:
+    if not isinstance(argv, list) or not 0 < len(argv) <= MAX_ARGS:
+        raise _field_error(field, f"is not a list of 1 to {MAX_ARGS} arguments")
+    for arg in argv:
+        if not isinstance(arg, (str, bytes)):
+            raise _field_error(field, f"holds a {type(arg).__name__}")
+        if ("\0" if isinstance(arg, str) else b"\0") in arg:  # type: ignore[operator]
+            raise _field_error(field, f"holds a NUL in {arg[:100]!r}")
+    return argv
 
 
-def _window(field: str, value: Any) -> int:
-    return _int(field, value, 1, MAX_WINDOW)
+def _env(field: str, env: Any) -> dict[str, str]:
+    if not isinstance(env, dict):
+        raise _field_error(field, f"is a {type(env).__name__}, not a dictionary")
+    for key, value in env.items():
+        if not _text(field, key, nul=False) or "=" in key:
+            raise _field_error(field, f"has a bad variable name {key[:100]!r}")
+        _text(f"{field}[{key[:100]!r}]", value, nul=False)
+    return env
 
 
-def _get(name: str, body: dict[str, Any], key: str, default: Any = ...) -> Any:
-    """``body[key]``, or ``default``; a missing key without a default is a ProtocolError."""
-    if key in body:
-        return body[key]
-    if default is ...:
-        raise _field_error(f"{name}.{key}", "is missing")
-    return default
+def _cwd(field: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not _text(field, value, MAX_PATH, nul=False):
+        raise _field_error(field, "is empty")
+    return str(value)
+
+
+def _pty(field: str, value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _field_error(field, "is not [rows, cols]")
+    return (_int(f"{field} rows", value[0], 0, 0xFFFF), _int(f"{field} cols", value[1], 0, 0xFFFF))
+
+
+def _entropy(field: str, value: Any) -> bytes:
+    if type(value) is not bytes or len(value) > MAX_ENTROPY:
+        raise _field_error(field, f"is not at most {MAX_ENTROPY} bytes")
+    return value
+
+
+def _problems(field: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_PROBLEMS:
+        raise _field_error(field, f"is not a list of at most {MAX_PROBLEMS} texts")
+    return [_text(field, item, 1000) for item in value]
+
+
+_REQUIRED: Any = object()
+_mode = _ranged(0, 0o7777)
+_window = _ranged(1, MAX_WINDOW)
+_errno = _ranged(0, 4095)
 
 
 class Message(Event):
-    """A REQUEST, REPLY, END or CONTROL: a stream id and typed fields."""
+    """A REQUEST, REPLY, END or CONTROL on a stream: ``Kind(stream, *fields)``, fields checked.
+
+    ``FIELDS`` lists (name, check, default) in the constructor's order; ``OP`` is a request's
+    or control's ``op``; ``KEYS`` renames fields on the wire.
+    """
 
     __slots__ = ("stream",)
     stream: int
-    #: Frame type, and the class's fields in its payload (in the constructor's order).
     FRAME = 0
-    FIELDS: tuple[str, ...] = ()
+    OP = ""
+    FIELDS: tuple[tuple[str, Check, Any], ...] = ()
+    KEYS: dict[str, str] = {}
+
+    def __init__(self, stream: int, *values: Any, **named: Any) -> None:
+        self.stream = stream
+        kind = type(self).__name__
+        if len(values) > len(self.FIELDS):
+            raise TypeError(f"{kind} has {len(self.FIELDS)} fields")
+        for index, (name, check, default) in enumerate(self.FIELDS):
+            value = values[index] if index < len(values) else named.pop(name, default)
+            if value is _REQUIRED:
+                raise _field_error(f"{kind}.{self.KEYS.get(name, name)}", "is missing")
+            setattr(self, name, check(f"{kind}.{self.KEYS.get(name, name)}", value))
+        if named:
+            raise TypeError(f"{kind} has no field {next(iter(named))}")
 
     def body(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        body = {self.KEYS.get(name, name): getattr(self, name) for name, _, _ in self.FIELDS}
+        if self.OP:
+            body["op"] = self.OP
+        return body
 
     @classmethod
     def from_body(cls, stream: int, body: dict[str, Any]) -> Message:
-        name = cls.__name__
-        return cls(stream, *(_get(name, body, key) for key in cls.FIELDS))  # type: ignore[call-arg]
+        return cls(stream, *(body.get(cls.KEYS.get(name, name), default) for name, _, default in cls.FIELDS))
 
 
 class ExecRequest(Message):
     """Run ``argv`` (no shell) with ``env`` added, in ``cwd``, on a pty of ``pty`` (rows, cols) or
     pipes; ``timeout`` s; ``stdout``/``stderr`` captured or /dev/null; ``window``: output credit."""
 
-    FIELDS = ("argv", "env", "cwd", "pty", "timeout", "stdout", "stderr", "window")
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, argv: Any, env: Any, cwd: Any, pty: Any, timeout: Any,
-                 stdout: Any, stderr: Any, window: Any) -> None:
-        self.stream = stream
-        if not isinstance(argv, (list, tuple)) or not argv:
-            raise _field_error("ExecRequest.argv", "is not a non-empty list")
-        if len(argv) > MAX_ARGS:
-            raise _field_error("ExecRequest.argv", f"has more than {MAX_ARGS} items")
-        for arg in argv:
-            if not isinstance(arg, (str, bytes)):
-                raise _field_error("ExecRequest.argv", f"holds a {type(arg).__name__}")
-            if ("\0" if isinstance(arg, str) else b"\0") in arg:  # type: ignore[operator]
-                raise _field_error("ExecRequest.argv", f"holds a NUL in {arg[:100]!r}")
-        self.argv: list[str | bytes] = list(argv)
-        if not isinstance(env, dict):
-            raise _field_error("ExecRequest.env", f"is a {type(env).__name__}, not a dictionary")
-        for key, value in env.items():
-            _text("ExecRequest.env", key, MAX_TEXT, nul=False)
-            if not key or "=" in key:
-                raise _field_error("ExecRequest.env", f"has a bad variable name {key[:100]!r}")
-            _text(f"ExecRequest.env[{key[:100]!r}]", value, MAX_TEXT, nul=False)
-        self.env: dict[str, str] = dict(env)
-        if cwd is not None and (not _text("ExecRequest.cwd", cwd, MAX_PATH, nul=False)):
-            raise _field_error("ExecRequest.cwd", "is empty")
-        self.cwd: str | None = cwd
-        if pty is not None:
-            if not isinstance(pty, (list, tuple)) or len(pty) != 2:
-                raise _field_error("ExecRequest.pty", "is not [rows, cols]")
-            pty = (_int("ExecRequest.pty rows", pty[0], 0, MAX_TERMINAL),
-                   _int("ExecRequest.pty cols", pty[1], 0, MAX_TERMINAL))
-        self.pty: tuple[int, int] | None = pty
-        self.timeout: float | None = (
-            None if timeout is None else _float("ExecRequest.timeout", timeout, 0.0, 1e12))
-        self.stdout: bool = _bool("ExecRequest.stdout", stdout)
-        self.stderr: bool = _bool("ExecRequest.stderr", stderr)
-        self.window: int = _window("ExecRequest.window", window)
-
-    def body(self) -> dict[str, Any]:
-        body = super().body()
-        body["op"] = "exec"
-        body["pty"] = list(self.pty) if self.pty is not None else None
-        return body
+    __slots__ = ("argv", "cwd", "env", "pty", "stderr", "stdout", "timeout", "window")
+    argv: list[str | bytes]
+    env: dict[str, str]
+    cwd: str | None
+    pty: tuple[int, int] | None
+    timeout: float | None
+    stdout: bool
+    stderr: bool
+    window: int
+    FRAME, OP = REQUEST, "exec"
+    FIELDS = (("argv", _argv, _REQUIRED), ("env", _env, _REQUIRED), ("cwd", _cwd, _REQUIRED),
+              ("pty", _pty, _REQUIRED), ("timeout", _optional(_number(1e12)), _REQUIRED),
+              ("stdout", _bool, _REQUIRED), ("stderr", _bool, _REQUIRED), ("window", _window, _REQUIRED))
 
 
 class WriteFileRequest(Message):
     """Write ``path`` (made with ``mode``) from the bytes the host sends on channel 0."""
 
-    FIELDS = ("path", "mode")
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, path: Any, mode: Any) -> None:
-        self.stream = stream
-        self.path: str = _path("WriteFileRequest.path", path)
-        self.mode: int = _mode("WriteFileRequest.mode", mode)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "write_file", "path": self.path, "mode": self.mode}
+    __slots__ = ("mode", "path")
+    path: str
+    mode: int
+    FRAME, OP = REQUEST, "write_file"
+    FIELDS = (("path", _path, _REQUIRED), ("mode", _mode, _REQUIRED))
 
 
 class ReadFileRequest(Message):
     """Send the regular file ``path`` on channel 1, with ``window`` bytes of credit."""
 
-    FIELDS = ("path", "window")
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, path: Any, window: Any) -> None:
-        self.stream = stream
-        self.path: str = _path("ReadFileRequest.path", path)
-        self.window: int = _window("ReadFileRequest.window", window)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "read_file", "path": self.path, "window": self.window}
+    __slots__ = ("path", "window")
+    path: str
+    window: int
+    FRAME, OP = REQUEST, "read_file"
+    FIELDS = (("path", _path, _REQUIRED), ("window", _window, _REQUIRED))
 
 
 class MkdirRequest(Message):
     """``mkdir -p path``; ``mode`` for the last directory if it is made."""
 
-    FIELDS = ("path", "mode")
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, path: Any, mode: Any) -> None:
-        self.stream = stream
-        self.path: str = _path("MkdirRequest.path", path)
-        self.mode: int = _mode("MkdirRequest.mode", mode)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "mkdir", "path": self.path, "mode": self.mode}
+    __slots__ = ("mode", "path")
+    path: str
+    mode: int
+    FRAME, OP = REQUEST, "mkdir"
+    FIELDS = (("path", _path, _REQUIRED), ("mode", _mode, _REQUIRED))
 
 
 class EntropyRequest(Message):
     """Credit ``data`` to the guest's entropy pool and reseed its CRNG."""
 
-    FIELDS = ("data",)
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, data: Any) -> None:
-        self.stream = stream
-        if type(data) is not bytes:
-            raise _field_error("EntropyRequest.data", f"is a {type(data).__name__}, not bytes")
-        if len(data) > MAX_ENTROPY:
-            raise _field_error("EntropyRequest.data", f"has {len(data)} bytes, more than {MAX_ENTROPY}")
-        self.data: bytes = data
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "entropy", "data": self.data}
+    __slots__ = ("data",)
+    data: bytes
+    FRAME, OP = REQUEST, "entropy"
+    FIELDS = (("data", _entropy, _REQUIRED),)
 
 
 class ClockRequest(Message):
     """Set CLOCK_REALTIME to ``seconds`` since the epoch."""
 
-    FIELDS = ("seconds",)
-    __slots__ = FIELDS
-    FRAME = REQUEST
-
-    def __init__(self, stream: int, seconds: Any) -> None:
-        self.stream = stream
-        self.seconds: float = _float("ClockRequest.seconds", seconds, 0.0, 1e11)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "clock", "seconds": self.seconds}
+    __slots__ = ("seconds",)
+    seconds: float
+    FRAME, OP = REQUEST, "clock"
+    FIELDS = (("seconds", _number(1e11), _REQUIRED),)
 
 
 class OnlineRequest(Message):
     """Online hot-added CPUs and memory, and count what the guest then has."""
 
     __slots__ = ()
-    FRAME = REQUEST
-
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "online"}
+    FRAME, OP = REQUEST, "online"
 
 
 class StatusRequest(Message):
     """Ask for the guest's boot id on a stream (a PING frame is the usual liveness check)."""
 
     __slots__ = ()
-    FRAME = REQUEST
-
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "ping"}
+    FRAME, OP = REQUEST, "ping"
 
 
 class BadRequest(Message):
     """Guest role only: a REQUEST whose fields were wrong; answer it with an :class:`ErrorReply`."""
 
-    FIELDS = ("message",)
-    __slots__ = FIELDS
+    __slots__ = ("message",)
+    message: str
     FRAME = REQUEST
-
-    def __init__(self, stream: int, message: str) -> None:
-        self.stream = stream
-        self.message = message
+    FIELDS = (("message", _text, _REQUIRED),)
 
 
 class ExecReply(Message):
     """The process started as ``pid`` (0: it could not; END says why); ``window``: stdin credit."""
 
-    FIELDS = ("pid", "window")
-    __slots__ = FIELDS
+    __slots__ = ("pid", "window")
+    pid: int
+    window: int
     FRAME = REPLY
-
-    def __init__(self, stream: int, pid: Any, window: Any) -> None:
-        self.stream = stream
-        self.pid: int = _int("ExecReply.pid", pid, 0, MAX_PID)
-        self.window: int = _window("ExecReply.window", window)
+    FIELDS = (("pid", _ranged(0, MAX_PID), _REQUIRED), ("window", _window, _REQUIRED))
 
 
 class WriteFileReply(Message):
     """The file is open for writing; ``window``: credit for its bytes."""
 
-    FIELDS = ("window",)
-    __slots__ = FIELDS
+    __slots__ = ("window",)
+    window: int
     FRAME = REPLY
-
-    def __init__(self, stream: int, window: Any) -> None:
-        self.stream = stream
-        self.window: int = _window("WriteFileReply.window", window)
+    FIELDS = (("window", _window, _REQUIRED),)
 
 
 class ReadFileReply(Message):
     """The file is open: its permission bits and size (0 for most /proc files)."""
 
-    FIELDS = ("mode", "size")
-    __slots__ = FIELDS
+    __slots__ = ("mode", "size")
+    mode: int
+    size: int
     FRAME = REPLY
-
-    def __init__(self, stream: int, mode: Any, size: Any) -> None:
-        self.stream = stream
-        self.mode: int = _mode("ReadFileReply.mode", mode)
-        self.size: int = _int("ReadFileReply.size", size, 0, MAX_SIZE)
+    FIELDS = (("mode", _mode, _REQUIRED), ("size", _ranged(0, MAX_SIZE), _REQUIRED))
 
 
 class DoneReply(Message):
@@ -1081,91 +833,56 @@ class DoneReply(Message):
     __slots__ = ()
     FRAME = REPLY
 
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-
 
 class OnlineReply(Message):
     """What the guest has after onlining, and what it could not online."""
 
-    FIELDS = ("online_cpus", "mem_total_kib", "problems")
-    __slots__ = FIELDS
+    __slots__ = ("mem_total_kib", "online_cpus", "problems")
+    online_cpus: int
+    mem_total_kib: int
+    problems: list[str]
     FRAME = REPLY
-
-    def __init__(self, stream: int, online_cpus: Any, mem_total_kib: Any, problems: Any = ()) -> None:
-        self.stream = stream
-        self.online_cpus: int = _int("OnlineReply.online_cpus", online_cpus, 0, 1 << 20)
-        self.mem_total_kib: int = _int("OnlineReply.mem_total_kib", mem_total_kib, 0, 1 << 53)
-        if not isinstance(problems, (list, tuple)) or len(problems) > MAX_PROBLEMS:
-            raise _field_error("OnlineReply.problems", f"is not a list of at most {MAX_PROBLEMS} texts")
-        self.problems: list[str] = [_text("OnlineReply.problems", item, 1000) for item in problems]
-
-    @classmethod
-    def from_body(cls, stream: int, body: dict[str, Any]) -> Message:
-        return cls(stream, _get("OnlineReply", body, "online_cpus"),
-                   _get("OnlineReply", body, "mem_total_kib"), _get("OnlineReply", body, "problems", []))
+    FIELDS = (("online_cpus", _ranged(0, 1 << 20), _REQUIRED),
+              ("mem_total_kib", _ranged(0, 1 << 53), _REQUIRED), ("problems", _problems, []))
 
 
 class StatusReply(Message):
     """The answer to a :class:`StatusRequest`."""
 
-    FIELDS = ("boot_id",)
-    __slots__ = FIELDS
+    __slots__ = ("boot_id",)
+    boot_id: str
     FRAME = REPLY
-
-    def __init__(self, stream: int, boot_id: Any) -> None:
-        self.stream = stream
-        self.boot_id: str = _text("StatusReply.boot_id", boot_id, 256)
+    FIELDS = (("boot_id", lambda field, value: _text(field, value, 256), _REQUIRED),)
 
 
 class ErrorReply(Message):
     """The guest refused or failed a request: a one-line ``message`` and its ``errno`` (0: none)."""
 
-    FIELDS = ("message", "errno")
-    __slots__ = FIELDS
+    __slots__ = ("errno", "message")
+    message: str
+    errno: int
     FRAME = REPLY
-
-    def __init__(self, stream: int, message: Any, errno: Any = 0) -> None:
-        self.stream = stream
-        self.message: str = _text(f"{type(self).__name__}.error", message)
-        self.errno: int = _int(f"{type(self).__name__}.errno", errno, 0, MAX_ERRNO)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "errno": self.errno}
-
-    @classmethod
-    def from_body(cls, stream: int, body: dict[str, Any]) -> Message:
-        return cls(stream, body["error"], _get(cls.__name__, body, "errno", 0))
+    FIELDS = (("message", _text, _REQUIRED), ("errno", _errno, 0))
+    KEYS = {"message": "error"}
 
 
 class ProcessEnd(Message):
     """The process exited: ``returncode`` (negative: a signal), ``timed_out``: killed by its timeout."""
 
-    FIELDS = ("returncode", "timed_out")
-    __slots__ = FIELDS
+    __slots__ = ("returncode", "timed_out")
+    returncode: int
+    timed_out: bool
     FRAME = END
-
-    def __init__(self, stream: int, returncode: Any, timed_out: Any = False) -> None:
-        self.stream = stream
-        self.returncode: int = _int("ProcessEnd.returncode", returncode, -128, 255)
-        self.timed_out: bool = _bool("ProcessEnd.timed_out", timed_out)
-
-    @classmethod
-    def from_body(cls, stream: int, body: dict[str, Any]) -> Message:
-        return cls(stream, _get("ProcessEnd", body, "returncode"),
-                   _get("ProcessEnd", body, "timed_out", False))
+    FIELDS = (("returncode", _ranged(-128, 255), _REQUIRED), ("timed_out", _bool, False))
 
 
 class FileEnd(Message):
     """A file transfer is complete: ``size`` bytes."""
 
-    FIELDS = ("size",)
-    __slots__ = FIELDS
+    __slots__ = ("size",)
+    size: int
     FRAME = END
-
-    def __init__(self, stream: int, size: Any) -> None:
-        self.stream = stream
-        self.size: int = _int("FileEnd.size", size, 0, MAX_SIZE)
+    FIELDS = (("size", _ranged(0, MAX_SIZE), _REQUIRED),)
 
 
 class ErrorEnd(ErrorReply):
@@ -1178,40 +895,25 @@ class ErrorEnd(ErrorReply):
 class Signal(Message):
     """Send ``signal`` to the process group."""
 
-    FIELDS = ("signal",)
-    __slots__ = FIELDS
-    FRAME = CONTROL
-
-    def __init__(self, stream: int, signal: Any) -> None:
-        self.stream = stream
-        self.signal: int = _int("Signal.signal", signal, 1, 64)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "signal", "signal": self.signal}
+    __slots__ = ("signal",)
+    signal: int
+    FRAME, OP = CONTROL, "signal"
+    FIELDS = (("signal", _ranged(1, 64), _REQUIRED),)
 
 
 class Resize(Message):
     """Resize the process's pty."""
 
-    FIELDS = ("rows", "cols")
-    __slots__ = FIELDS
-    FRAME = CONTROL
-
-    def __init__(self, stream: int, rows: Any, cols: Any) -> None:
-        self.stream = stream
-        self.rows: int = _int("Resize.rows", rows, 0, MAX_TERMINAL)
-        self.cols: int = _int("Resize.cols", cols, 0, MAX_TERMINAL)
-
-    def body(self) -> dict[str, Any]:
-        return {"op": "resize", "rows": self.rows, "cols": self.cols}
+    __slots__ = ("cols", "rows")
+    rows: int
+    cols: int
+    FRAME, OP = CONTROL, "resize"
+    FIELDS = (("rows", _ranged(0, 0xFFFF), _REQUIRED), ("cols", _ranged(0, 0xFFFF), _REQUIRED))
 
 
-_REQUESTS: dict[str, type[Message]] = {
-    "exec": ExecRequest, "write_file": WriteFileRequest, "read_file": ReadFileRequest,
-    "mkdir": MkdirRequest, "entropy": EntropyRequest, "clock": ClockRequest,
-    "online": OnlineRequest, "ping": StatusRequest,
-}
-_CONTROLS: dict[str, type[Message]] = {"signal": Signal, "resize": Resize}
+_REQUESTS = {kind.OP: kind for kind in (ExecRequest, WriteFileRequest, ReadFileRequest, MkdirRequest,
+                                        EntropyRequest, ClockRequest, OnlineRequest, StatusRequest)}
+_CONTROLS = {kind.OP: kind for kind in (Signal, Resize)}
 
 
 # --- The state of a stream -----------------------------------------------------------------------
@@ -1846,3 +1548,239 @@ def _check_info(info: Any) -> dict[str, Any]:
 
 def printable_op(value: Any) -> str:
     return repr(value)[:100]
+
+
+# --- Legacy ---------------------------------------------------------------------------------------
+#
+# For the guest agent until it runs on Connection; delete with it.
+
+
+class _Message(Event):
+    __slots__ = ("body", "stream")
+
+    def __init__(self, stream: int, body: dict[str, Any]) -> None:
+        self.stream = stream
+        self.body = body
+
+
+class Request(_Message):
+    """Host to guest: open ``stream`` to do ``body["op"]``."""
+
+    __slots__ = ()
+
+
+class Reply(_Message):
+    """Guest to host: the first answer on a stream (``body["error"]`` if it failed)."""
+
+    __slots__ = ()
+
+
+class End(_Message):
+    """Guest to host: ``stream`` is finished (exit status, transfer size, or ``error``)."""
+
+    __slots__ = ()
+
+
+class Control(_Message):
+    """Host to guest: act on a running stream (send a signal, resize a pty)."""
+
+    __slots__ = ()
+
+
+def encode_request(stream: int, body: dict[str, Any]) -> bytes:
+    return _message(REQUEST, stream, body)
+
+
+def encode_reply(stream: int, body: dict[str, Any]) -> bytes:
+    return _message(REPLY, stream, body)
+
+
+def encode_end(stream: int, body: dict[str, Any]) -> bytes:
+    return _message(END, stream, body)
+
+
+def encode_control(stream: int, body: dict[str, Any]) -> bytes:
+    return _message(CONTROL, stream, body)
+
+
+class FrameReader:
+    """Legacy, for the guest agent until it runs on :class:`Connection`.
+
+    Bytes in, events out, for one connection; finds frame boundaries by itself.
+
+    It starts *hunting* (``hunting=True``): every byte before :data:`MAGIC` and
+    a well-formed HELLO is discarded (and counted in ``discarded``).
+    ``accept_hello(hello)`` may refuse a HELLO (the host refuses replies to a
+    nonce it did not send last), which is then skipped like garbage. Once
+    synchronised, every frame is decoded; garbage yields a :class:`Garbage`
+    event, in order among the others, and puts the reader back to hunting.
+
+    Two ways to feed it: :meth:`feed` with bytes (events then own their data),
+    or, to save copies, :meth:`get_buffer` to read straight into its buffer
+    followed by :meth:`buffer_filled` (DATA payloads are then views into that
+    buffer, valid until the reader is used again).
+
+    The buffer starts at ``capacity`` (room for two :data:`CHUNK` frames) and
+    grows, up to two of the largest frames, only if the peer sends bigger ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        hunting: bool = True,
+        accept_hello: Callable[[Hello], bool] | None = None,
+        capacity: int = 2 * (CHUNK + HEADER_SIZE + len(MAGIC)),
+    ) -> None:
+        self._buffer = bytearray(max(capacity, 2 * (MAX_HELLO + HEADER_SIZE + len(MAGIC))))
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._need = 0  # bytes the incomplete frame at _start needs in all
+        self.hunting = hunting
+        self.accept_hello = accept_hello
+        #: Bytes dropped while hunting.
+        self.discarded = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (an incomplete frame)."""
+        return self._end - self._start
+
+    def resync(self) -> None:
+        """Drop what is buffered and hunt for the next HELLO (a new connection)."""
+        self.discarded += self._end - self._start
+        self._start = self._end = 0
+        self.hunting = True
+
+    def rescan(self) -> list[Event]:
+        """Give up on the incomplete frame buffered and hunt for a HELLO inside it.
+
+        For a stream that stalled mid-frame: a host that left in the middle of
+        a frame, and a new host whose HELLO the old frame swallowed as payload.
+        """
+        if self.hunting or self._start == self._end:
+            return []
+        events: list[Event] = [self._garbage("an incomplete frame, then silence")]
+        return events + self.buffer_filled(0)
+
+    def get_buffer(self) -> memoryview:
+        """Free space to read into; then call :meth:`buffer_filled` with the count.
+
+        Invalidates the data of events from the previous call.
+        """
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._need > len(self._buffer) // 2:  # a frame bigger than we were ready for
+            size = self._end - self._start
+            buffer = bytearray(2 * self._need)
+            buffer[:size] = self._view[self._start:self._end]
+            self._buffer, self._view = buffer, memoryview(buffer)
+            self._start, self._end = 0, size
+        elif self._start and len(self._buffer) - self._end < len(self._buffer) // 2:
+            size = self._end - self._start
+            self._view[:size] = self._view[self._start:self._end]
+            self._start, self._end = 0, size
+        return self._view[self._end:]
+
+    def buffer_filled(self, count: int) -> list[Event]:
+        """``count`` bytes were written at the start of :meth:`get_buffer`'s view."""
+        if not 0 <= count <= len(self._buffer) - self._end:
+            raise ValueError("more bytes than the buffer had room for")
+        self._end += count
+        events: list[Event] = []
+        while True:
+            if self.hunting and not self._hunt():
+                return events
+            event = self._next_frame()
+            if event is None:
+                return events
+            events.append(event)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Decode ``data`` (any length); returned events own their bytes."""
+        events: list[Event] = []
+        view = memoryview(data).cast("B")
+        while True:
+            space = self.get_buffer()
+            count = min(len(space), len(view))
+            space[:count] = view[:count]
+            view = view[count:]
+            events.extend(_owned(event) for event in self.buffer_filled(count))
+            if not view:
+                return events
+
+    def _next_frame(self) -> Event | None:
+        """Decode the frame at the start of the buffer; None if it is incomplete."""
+        view = self._view
+        pos = self._start
+        available = self._end - pos
+        if available < HEADER_SIZE:
+            return None
+        first = view[pos]
+        if first == MAGIC[0]:  # a HELLO at a frame boundary: a new session on this connection
+            seen = min(available, len(MAGIC))
+            if view[pos:pos + seen] != MAGIC[:seen]:
+                return self._garbage("bytes that look like a HELLO but are not")
+            if available < len(MAGIC) + HEADER_SIZE:
+                return None
+            pos += len(MAGIC)
+        kind, channel, reserved, stream, length = HEADER.unpack_from(view, pos)
+        problem = check_header(kind, channel, reserved, stream, length)
+        if problem is None and (kind == HELLO) != (first == MAGIC[0]):
+            problem = "a HELLO without MAGIC" if kind == HELLO else "MAGIC before a non-HELLO frame"
+        if problem is not None:
+            return self._garbage(problem)
+        end = pos + HEADER_SIZE + length
+        if end > self._end:
+            self._need = end - self._start
+            return None
+        self._need = 0
+        try:
+            event = decode_frame(kind, channel, stream, view[pos + HEADER_SIZE:end])
+        except ProtocolError as error:
+            return self._garbage(f"{FRAME_NAMES[kind]} frame: {error}")
+        self._start = end
+        return event
+
+    def _garbage(self, problem: str) -> Garbage:
+        """Skip one byte and hunt again."""
+        self._need = 0
+        self._start += 1
+        self.discarded += 1
+        self.hunting = True
+        return Garbage("garbage from the peer: " + problem)
+
+    def _hunt(self) -> bool:
+        """Skip to a MAGIC followed by an acceptable HELLO; False if more bytes are needed."""
+        view = self._view
+        while True:
+            index = self._buffer.find(MAGIC, self._start, self._end)
+            if index < 0:
+                keep = min(len(MAGIC) - 1, self._end - self._start)  # maybe a MAGIC's start
+                self.discarded += self._end - self._start - keep
+                self._start = self._end - keep
+                return False
+            self.discarded += index - self._start
+            self._start = index
+            if self._end - index < len(MAGIC) + HEADER_SIZE:
+                return False
+            kind, channel, reserved, stream, length = HEADER.unpack_from(view, index + len(MAGIC))
+            if kind == HELLO and check_header(kind, channel, reserved, stream, length) is None:
+                end = index + len(MAGIC) + HEADER_SIZE + length
+                if end > self._end:
+                    return False
+                try:
+                    hello = decode_frame(kind, channel, stream, view[end - length:end])
+                except ProtocolError:
+                    hello = None
+                if isinstance(hello, Hello) and (self.accept_hello is None or self.accept_hello(hello)):
+                    self.hunting = False
+                    return True
+            self._start = index + 1
+            self.discarded += 1
+
+
+def _owned(event: Event) -> Event:
+    if isinstance(event, Data) and isinstance(event.data, memoryview):
+        return Data(event.stream, event.channel, bytes(event.data))
+    return event
