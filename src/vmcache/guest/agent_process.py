@@ -225,28 +225,27 @@ class ProcessStream(base.Stream):
         if self.timeout is not None:
             self.timer = self.session.loop.call_later(self.timeout, self._on_timeout)
         self.session.send(ap.ExecReply(self.id, self.pid, STDIN_WINDOW))
-        self._no_stderr()
+        self._end_unused_outputs()
         for output in self.outputs.values():
             output.update()
 
-    def _no_stderr(self) -> None:
-        """A pty has no stderr of its own: a stderr channel the host asked for ends at once."""
-        if self.pty is not None and self.session.conn.channel_state(self.id, ap.STDERR) is OPEN:
-            self.session.send(ap.Eof(self.id, ap.STDERR))
+    def _end_unused_outputs(self) -> None:
+        """An output channel the host opened that no pipe feeds (a pty has no stderr; a command that
+        could not start has no output at all) ends at once."""
+        for channel in (ap.STDOUT, ap.STDERR):
+            if channel not in self.outputs and self.session.conn.channel_state(self.id, channel) is OPEN:
+                self.session.send(ap.Eof(self.id, channel))
 
     def _spawn_failed(self, error: OSError) -> None:
         """Answer like a process that printed one line on stderr and exited 127 or 126."""
         status, line = spawn_failure_line(self.argv0, error)
         session = self.session
         session.send(ap.ExecReply(self.id, 0, STDIN_WINDOW))
-        self._no_stderr()
         channel = ap.STDOUT if self.pty is not None else ap.STDERR
         data = (line + ("\r\n" if self.pty is not None else "\n")).encode("utf-8", "replace")
         if len(data) <= session.credit(self.id, channel):
             session.send_data(self.id, channel, data)
-        for channel, wanted in ((ap.STDOUT, self.want_stdout), (ap.STDERR, self.want_stderr)):
-            if wanted:
-                session.send(ap.Eof(self.id, channel))
+        self._end_unused_outputs()
         self.returncode = status
         session.send(ap.ProcessEnd(self.id, status, False))
         self.finish()

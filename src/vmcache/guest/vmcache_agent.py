@@ -680,7 +680,6 @@ class Agent:
         self.system = System(args.sys_dir, args.proc_dir, args.random_device, not args.no_set_clock)
         self.children: dict[int, process.ProcessStream] = {}
         self.ports: dict[str, Port] = {}
-        self.sessions = 0
         self.exit_status: int | None = None
         self._setup_signals()
 
@@ -726,10 +725,6 @@ class Agent:
 
     # Ports.
 
-    def serve_ports(self) -> None:
-        self.scan_ports()
-        self._port_timer()
-
     def scan_ports(self) -> None:
         for entry in sorted(listdir(self.args.port_dir)):
             name = read_text(os.path.join(self.args.port_dir, entry, "name"))
@@ -752,10 +747,11 @@ class Agent:
             except Exception:
                 base.log_exception(f"checking port {port.name}")
 
-    def _port_timer(self) -> None:
+    def port_timer(self) -> None:
+        """Serve the ports there are now, and look again every PORT_RECHECK seconds."""
         self.scan_ports()  # ports may appear late (modules loading, hotplug)
         self.check_ports()
-        self.loop.call_later(PORT_RECHECK, self._port_timer)
+        self.loop.call_later(PORT_RECHECK, self.port_timer)
 
     # One socket.
 
@@ -829,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fd is not None:
         agent.serve_fd(args.fd)
     else:
-        agent.serve_ports()
+        agent.port_timer()
     while True:
         try:
             return agent.run()
