@@ -468,6 +468,31 @@ async def test_pty_command_not_found(conn: AgentConnection) -> None:
     assert output == b"vmcache: command not found in the guest: python4\r\n"
 
 
+@pytest.mark.parametrize("argv", [["sh", "-c", "exit 3"], ["python4"]], ids=["runs", "not found"])
+async def test_a_pty_process_asked_for_stderr_still_finishes(agent: Agent, argv: list[str]) -> None:
+    """A host may ask for stderr with a pty (which has none): the agent ends that channel at once,
+    so the stream finishes (END and every output's EOF) instead of staying open for ever."""
+    host = ap.Connection(ap.Role.HOST)
+    seen: list[ap.Event] = []
+
+    async def receive_until(done: Callable[[], bool]) -> None:
+        while not done():
+            host.receive_data(await agent.stream.receive_some())
+            while (event := host.next_event()) is not None:
+                seen.append(event)
+
+    with trio.fail_after(10):
+        await agent.stream.send_all(host.send(ap.Hello(bytes(16), {"protocol": ap.PROTOCOL_VERSION})))
+        await receive_until(lambda: any(isinstance(event, ap.Hello) for event in seen))
+        await agent.stream.send_all(host.send(ap.ExecRequest(
+            1, argv=argv, env={}, cwd=None, pty=(24, 80), timeout=None, stdout=True, stderr=True,
+            window=1 << 20)))
+        await receive_until(lambda: host.stream_state(1) is ap.StreamState.CLOSED)
+    assert ap.Eof(1, ap.STDERR) in seen and ap.Eof(1, ap.STDOUT) in seen
+    returncodes = [event.returncode for event in seen if isinstance(event, ap.ProcessEnd)]
+    assert returncodes == [3 if argv[0] == "sh" else 127]
+
+
 # --- Files ---------------------------------------------------------------------------------------
 
 
