@@ -71,8 +71,10 @@ class WriteFileStream(base.Stream):
             return
         fd, self.fd = self.fd, None
         try:
-            os.fchmod(fd, self.mode)
-            os.close(fd)
+            try:
+                os.fchmod(fd, self.mode)
+            finally:
+                os.close(fd)  # also when fchmod failed: PID 1 must not leak descriptors
             os.rename(self.temp, self.path)
         except OSError as error:
             self._fail(error)
