@@ -1,36 +1,22 @@
 """The host side of the guest agent: one :class:`AgentConnection` per virtio-serial port.
 
-A thin Trio driver on the sans-I/O :class:`vmcache.agent_protocol.Connection`,
-which holds every stream's state and credit, checks every field the guest
-sends (the guest is not trusted: root in it can replace the agent), and turns
-events into bytes and back. This module only moves bytes and wakes tasks.
+A thin Trio driver on the sans-I/O :class:`vmcache.agent_protocol.Connection`, which keeps
+every stream's state and credit and checks every field the guest sends (root in the guest can
+replace the agent); this module moves bytes and wakes tasks. ``async with
+AgentConnection.open(stream, timeout=...)`` owns a reader task (as trio-websocket's
+``open_websocket``). :meth:`AgentConnection.start` runs no task, for long-lived objects with no
+nursery (a VM, a guest port): it *pulls*, whichever task waits reads and dispatches, and a
+``_progress`` event, replaced after each read, wakes the other waiters; if the reading task is
+cancelled, another takes over. Sends are serialised by a lock, shielded (a frame is never cut
+in half) and bounded in time.
 
-Two ways to hold a connection. ``async with AgentConnection.open(stream,
-timeout=...) as conn`` owns a reader task in a nursery of its own (as
-trio-websocket's ``open_websocket``), which also keeps pinging while the block
-runs. :meth:`AgentConnection.start` returns a connection without a task, for
-long-lived objects (a VM, a guest port) with no nursery: it *pulls* instead,
-whichever task is waiting reads from the socket and dispatches; a
-``_progress`` event, replaced after each read, wakes the other waiters to
-recheck their condition. If the reading task is cancelled, another waiter takes
-over. Sends are serialised by a lock, and shielded (a frame is never cut in
-half) but bounded in time.
-
-Every buffer is bounded: a channel's output by the credit the host grants, a
-frame being read by the socket read size; ``run()`` and ``read_file()`` take
-``max_output`` / ``max_size`` (:data:`DEFAULT_MAX_OUTPUT`) and raise
-:class:`~vmcache.errors.GuestOutputLimitError` past it.
-
-Every wait is bounded: while a call waits and the agent has sent nothing for
-:data:`IDLE_PING` seconds, a PING goes out; no answer within
-:data:`PONG_TIMEOUT` more fails every call in flight. An EOF or a broken
-socket fails them at once. Everything raised is an :class:`AgentError` (or
-a subclass: :class:`AgentProtocolError` names the field a guest got wrong),
-except trio's own stream errors on a process's stdin/stdout
-(``BrokenResourceError`` when the process closed its stdin, as trio does) and
-:class:`GuestOutputLimitError`.
-
-The wire protocol is :mod:`vmcache.agent_protocol` (``docs/agent-protocol.md``).
+Every wait and buffer is bounded: while a call waits and the agent has sent nothing for
+:data:`IDLE_PING` s, a PING goes out, and no answer within :data:`PONG_TIMEOUT` more fails
+every call; an EOF or a broken socket fails them at once. Output is bounded by the credit the
+host grants; ``run()`` / ``read_file()`` by ``max_output`` / ``max_size``
+(:class:`GuestOutputLimitError`). Everything else raised is an :class:`AgentError`
+(:class:`AgentProtocolError` names the field a guest got wrong), except trio's own stream
+errors on a process's stdin/stdout (``BrokenResourceError`` once it closed its stdin).
 """
 
 from __future__ import annotations
@@ -119,10 +105,7 @@ class CompletedProcess:
 
 
 class _Stream:
-    """The host's record of one stream: the guest's answers, and output not yet taken.
-
-    Its state (open channels, credit) is the protocol Connection's, not kept here.
-    """
+    """The guest's answers on one stream, and output not yet taken (its state is the protocol's)."""
 
     __slots__ = ("chunks", "cut", "discard", "end", "forgotten", "id", "reply")
 
@@ -399,10 +382,6 @@ class AgentConnection:
         self._forget(stream)
         return reply
 
-    def _consumed(self, stream: _Stream, channel: int, count: int) -> bytes:
-        """The consumer took ``count`` bytes: a WINDOW frame to send, if one is due."""
-        return self._protocol.consumed(stream.id, channel, count)
-
     async def _take(self, stream: _Stream, channel: int, max_bytes: int | None) -> bytes:
         """Next bytes on an output channel (b"" at its end), granting credit back."""
         chunks = stream.chunks[channel]
@@ -419,7 +398,7 @@ class AgentConnection:
             chunk = chunk[:max_bytes]
         else:
             chunks.popleft()
-        frame = self._consumed(stream, channel, len(chunk))
+        frame = self._protocol.consumed(stream.id, channel, len(chunk))
         if frame:
             await self._send(frame)
         return chunk
@@ -550,11 +529,10 @@ class AgentConnection:
                         if total > max_output:
                             raise GuestOutputLimitError(
                                 f"guest command {_shown(process.args)} printed more than max_output="
-                                f"{max_output} bytes; it was killed. Read its output as a stream "
-                                "(open_process), send it to a file in the guest, or pass a larger "
-                                "max_output")
+                                f"{max_output} bytes and was killed: read its output as a stream "
+                                "(open_process) or pass a larger max_output")
                         collected[channel] += chunk
-                        frame = self._consumed(stream, channel, len(chunk))
+                        frame = self._protocol.consumed(stream.id, channel, len(chunk))
                         if frame:
                             await self._send(frame)
                 credit = protocol.send_credit(stream.id, ap.STDIN)
@@ -818,7 +796,7 @@ class _OutputStream(trio.abc.ReceiveStream):
         chunks = stream.chunks[self._channel]
         frames = b""
         while chunks:
-            frames += connection._consumed(stream, self._channel, len(chunks.popleft()))
+            frames += connection._protocol.consumed(stream.id, self._channel, len(chunks.popleft()))
         if frames and not stream.forgotten and connection._failure is None:
             with trio.CancelScope(shield=True):
                 try:

@@ -545,7 +545,8 @@ class ReceiveWindow:
 #: Field bounds.
 MAX_PID = (1 << 31) - 1
 MAX_PATH = 4096
-MAX_TEXT = 64 * 1024
+MAX_TEXT = 16 * 1024
+MAX_ENV_TEXT = 128 * 1024  # Linux's longest argument or variable
 MAX_ARGS = 64 * 1024
 MAX_ENTROPY = 4096
 MAX_PROBLEMS = 1024
@@ -553,7 +554,7 @@ MAX_SIZE = (1 << 63) - 1
 MAX_HELLO_FIELDS = 64
 #: Largest REPLY, END or ERROR payload a host takes: decoding a value costs time, and what the
 #: guest answers is small (a hostile guest must not stall the host's event loop with it).
-MAX_ANSWER = 256 * 1024
+MAX_ANSWER = 64 * 1024
 _ANSWERS = (REPLY, END, ERROR)
 
 
@@ -632,7 +633,7 @@ def _env(field: str, env: Any) -> dict[str, str]:
     for key, value in env.items():
         if not _text(field, key, nul=False) or "=" in key:
             raise _field_error(field, f"has a bad variable name {key[:100]!r}")
-        _text(f"{field}[{key[:100]!r}]", value, nul=False)
+        _text(f"{field}[{key[:100]!r}]", value, MAX_ENV_TEXT, nul=False)
     return env
 
 
@@ -661,7 +662,7 @@ def _entropy(field: str, value: Any) -> bytes:
 def _problems(field: str, value: Any) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_PROBLEMS:
         raise _field_error(field, f"is not a list of at most {MAX_PROBLEMS} texts")
-    return [_text(field, item, 1000) for item in value]
+    return [_text(field, item, 200) for item in value]
 
 
 _REQUIRED: Any = object()
