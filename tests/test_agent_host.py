@@ -386,6 +386,15 @@ async def test_sixteen_processes_at_once(conn: AgentConnection) -> None:
         assert results[index] == b"x" * 100000 + f"{index}\n".encode()
 
 
+async def test_an_output_that_ends_after_its_process_is_not_held_back(conn: AgentConnection) -> None:
+    """The EOF of an output that a background child kept open past the process's exit goes out at
+    once: it used to wait in the agent's send queue for the host's next frame (a ping, 1 s later)."""
+    for _ in range(3):
+        with trio.fail_after(0.8):
+            result = await conn.run(["sh", "-c", "sleep 0.1 & echo started"])
+        assert (result.returncode, result.stdout) == (0, b"started\n")
+
+
 async def test_uncaptured_output_goes_nowhere(conn: AgentConnection) -> None:
     with trio.fail_after(10):
         result = await conn.run(["sh", "-c", "head -c 3000000 /dev/zero; echo err >&2"], capture_stdout=False)

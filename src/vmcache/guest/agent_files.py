@@ -153,11 +153,9 @@ class ReadFileStream(base.Stream):
             session.send(ap.FileEnd(self.id, self.size))
             self.close()
             self.finish()
-            session.flush()
             return
         self.size += len(data)
         session.send_data(self.id, ap.STDOUT, data)
-        session.flush()
         self.schedule()
 
     def update(self) -> None:

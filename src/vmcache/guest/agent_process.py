@@ -107,7 +107,6 @@ class OutputPipe:
             self.process.check_finished()
             return
         self.session.send_data(self.process.id, self.channel, data)
-        self.session.flush()
         self.update()
 
     def close(self, send_eof: bool) -> None:
@@ -367,7 +366,6 @@ class ProcessStream(base.Stream):
         if self.stdin_fd is not None and self.pty is None:
             self._close_stdin()
         self.session.send(ap.ProcessEnd(self.id, returncode, self.timed_out))
-        self.session.flush()
         self.check_finished()
 
     def check_finished(self) -> None:

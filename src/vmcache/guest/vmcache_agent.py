@@ -352,7 +352,6 @@ class Session:
                 break
         if self.conn.buffered and not self.conn.hunting and self.stall_timer is None:
             self.stall_timer = self.loop.call_later(STALL_TIMEOUT, self._check_stall)
-        self.flush()
 
     def _check_stall(self) -> None:
         self.stall_timer = None
@@ -366,7 +365,6 @@ class Session:
         if garbage is not None:
             self.handle(garbage)
         self.handle_events()
-        self.flush()
 
     def handle_events(self) -> None:
         while self.alive:
@@ -485,8 +483,6 @@ class Session:
                 self.send(ap.ErrorReply(request.stream, INTERNAL_ERROR))
             else:
                 self.loop.call_soon(step)
-                return
-            self.flush()
 
         step()
 
@@ -505,6 +501,9 @@ class Session:
             self._queue(self.conn.send(event))
 
     def _queue(self, frame: bytes | memoryview) -> None:
+        """Whatever a handler or a timer queues goes out at the end of this loop turn."""
+        if not self.out:  # else a flush is due already, or waits for the port (POLLOUT)
+            self.loop.call_soon(self.flush)
         self.out.append(memoryview(frame))
         self.out_bytes += len(frame)
 
