@@ -476,7 +476,8 @@ class Session:
                 next(steps)
             except StopIteration as done:
                 cpus, memory, problems = done.value
-                problems = [problem[:1000] for problem in problems[:ap.MAX_PROBLEMS]]
+                # What fits in the host's limit on an answer (MAX_ANSWER): 100 lines of 200 characters.
+                problems = [problem[:200] for problem in problems[:100]]
                 self.send(ap.OnlineReply(request.stream, cpus, memory, problems))
             except Exception:
                 base.log_exception(f"{self.name}: stream {request.stream}")
