@@ -868,3 +868,10 @@ def test_the_host_refuses_answers_too_big_to_decode_quickly() -> None:
     host, _ = in_state(S.EXEC_REQUESTED)
     with pytest.raises(ap.RemoteProtocolError, match="REPLY frame of 65537 bytes"):
         events_of(host, ap.HEADER.pack(ap.REPLY, 0, 0, 1, ap.MAX_ANSWER + 1))
+
+
+def test_a_send_that_cannot_be_encoded_changes_no_state() -> None:
+    host, _ = connected()
+    with pytest.raises(ap.LocalProtocolError, match="limit"):
+        host.send(exec_request(argv=["x" * 100_000] * 11))  # over the 1 MiB frame
+    assert host.stream_state(1) is S.CLOSED and host.next_stream_id() == 1

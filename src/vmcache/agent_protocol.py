@@ -1176,8 +1176,9 @@ class Connection:
             self._transition(stream, event)
             return encode_reset(stream.id)
         assert isinstance(event, Message)
+        frame = _message(event.FRAME, stream.id, event.body())  # before the move: it may fail
         self._transition(stream, event)
-        return _message(event.FRAME, stream.id, event.body())
+        return frame
 
     def send_data_header(self, stream_id: int, channel: int, length: int) -> bytes:
         """The header of a DATA frame whose ``length`` bytes the caller writes after it (writev)."""
