@@ -24,7 +24,13 @@ import trio.testing
 from vmcache import agent as agent_module
 from vmcache import agent_protocol as ap
 from vmcache.agent import AgentConnection, GuestProcess, PtySize, guest_agent_files
-from vmcache.errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError
+from vmcache.errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOutputLimitError,
+    GuestProcessError,
+    GuestRequestError,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -380,6 +386,15 @@ async def test_sixteen_processes_at_once(conn: AgentConnection) -> None:
         assert results[index] == b"x" * 100000 + f"{index}\n".encode()
 
 
+async def test_an_output_that_ends_after_its_process_is_not_held_back(conn: AgentConnection) -> None:
+    """The EOF of an output that a background child kept open past the process's exit goes out at
+    once: it used to wait in the agent's send queue for the host's next frame (a ping, 1 s later)."""
+    for _ in range(3):
+        with trio.fail_after(0.8):
+            result = await conn.run(["sh", "-c", "sleep 0.1 & echo started"])
+        assert (result.returncode, result.stdout) == (0, b"started\n")
+
+
 async def test_uncaptured_output_goes_nowhere(conn: AgentConnection) -> None:
     with trio.fail_after(10):
         result = await conn.run(["sh", "-c", "head -c 3000000 /dev/zero; echo err >&2"], capture_stdout=False)
@@ -460,6 +475,31 @@ async def test_pty_command_not_found(conn: AgentConnection) -> None:
             output = await read_until(process.stdout, b"\n")
             assert await process.wait() == 127
     assert output == b"vmcache: command not found in the guest: python4\r\n"
+
+
+@pytest.mark.parametrize("argv", [["sh", "-c", "exit 3"], ["python4"]], ids=["runs", "not found"])
+async def test_a_pty_process_asked_for_stderr_still_finishes(agent: Agent, argv: list[str]) -> None:
+    """A host may ask for stderr with a pty (which has none): the agent ends that channel at once,
+    so the stream finishes (END and every output's EOF) instead of staying open for ever."""
+    host = ap.Connection(ap.Role.HOST)
+    seen: list[ap.Event] = []
+
+    async def receive_until(done: Callable[[], bool]) -> None:
+        while not done():
+            host.receive_data(await agent.stream.receive_some())
+            while (event := host.next_event()) is not None:
+                seen.append(event)
+
+    with trio.fail_after(10):
+        await agent.stream.send_all(host.send(ap.Hello(bytes(16), {"protocol": ap.PROTOCOL_VERSION})))
+        await receive_until(lambda: any(isinstance(event, ap.Hello) for event in seen))
+        await agent.stream.send_all(host.send(ap.ExecRequest(
+            1, argv=argv, env={}, cwd=None, pty=(24, 80), timeout=None, stdout=True, stderr=True,
+            window=1 << 20)))
+        await receive_until(lambda: host.stream_state(1) is ap.StreamState.CLOSED)
+    assert ap.Eof(1, ap.STDERR) in seen and ap.Eof(1, ap.STDOUT) in seen
+    returncodes = [event.returncode for event in seen if isinstance(event, ap.ProcessEnd)]
+    assert returncodes == [3 if argv[0] == "sh" else 127]
 
 
 # --- Files ---------------------------------------------------------------------------------------
@@ -562,7 +602,7 @@ async def test_the_host_buffers_at_most_its_window(conn: AgentConnection) -> Non
             await conn.ping()  # reading happens while someone waits
             await trio.sleep(0.3)
             await conn.ping()
-            buffered = sum(len(chunk) for chunk in process._stream.inbound[ap.STDOUT].chunks)
+            buffered = sum(len(chunk) for chunk in process._stream.chunks[ap.STDOUT])
             assert 0 < buffered <= agent_module.OUTPUT_WINDOW
             assert process.returncode is None
 
@@ -766,7 +806,7 @@ async def test_ports_are_found_by_name_and_served_at_once(agent_dir: Path, tmp_p
                 # The host end of vmcache.agent.0 goes away: its session ends, its process dies.
                 await user.close()
                 await wait_until(lambda: pid_gone(sleeper.pid))
-                sleeper._stream.end = {"returncode": -9}  # the connection is gone; let the block end
+                sleeper._stream.end = ap.ProcessEnd(sleeper._stream.id, -9)  # the connection is gone
             assert (await first.run(["echo", "still"])).stdout == b"still\n"
         assert b"org.qemu" not in log.read_bytes()
         assert process.poll() is None  # served ports keep the agent running
@@ -900,3 +940,139 @@ async def test_no_fd_leaks(conn: AgentConnection, agent: Agent, tmp_path: Path) 
             assert await conn.read_file(str(tmp_path / "f")) == b"data"
         await conn.ping()
         await wait_until(lambda: open_fds() == before)
+
+
+# --- Size limits and a hostile guest --------------------------------------------------------------
+
+
+async def test_run_stops_at_max_output_and_the_connection_stays_usable(conn: AgentConnection) -> None:
+    with trio.fail_after(20):
+        with pytest.raises(GuestOutputLimitError, match="more than max_output=1000000 bytes"):
+            await conn.run(["head", "-c", "3000000", "/dev/zero"], max_output=1_000_000)
+        result = await conn.run(["sh", "-c", "head -c 600000 /dev/zero; head -c 400000 /dev/zero >&2"],
+                                max_output=1_000_000)
+    assert (len(result.stdout or b""), len(result.stderr or b"")) == (600_000, 400_000)
+    assert agent_module.DEFAULT_MAX_OUTPUT == 64 * 1024 * 1024
+
+
+async def test_read_file_stops_at_max_size(conn: AgentConnection, tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 2_000_000)
+    with trio.fail_after(20):
+        with pytest.raises(GuestOutputLimitError, match="larger than max_size=1000000"):
+            await conn.read_file(str(tmp_path / "big"), max_size=1_000_000)
+        assert await conn.read_file(str(tmp_path / "big"), max_size=2_000_000) == b"x" * 2_000_000
+        with pytest.raises(GuestOutputLimitError):  # a file that says it is small and is not
+            await conn.read_file("/proc/self/smaps", max_size=1000)
+
+
+async def fake_agent(guest: trio.abc.Stream,
+                     answer: Callable[[ap.Connection, ap.Event], bytes | list[bytes]]) -> None:
+    """A guest agent that may lie: ``answer`` turns each event from the host into raw bytes
+    (or a list of pieces, each written on its own)."""
+    protocol = ap.Connection(ap.Role.GUEST)
+    while data := await guest.receive_some():
+        protocol.receive_data(data)
+        while (event := protocol.next_event()) is not None:
+            if isinstance(event, ap.Hello):
+                await guest.send_all(protocol.send(ap.Hello(event.nonce, {"protocol": 1, "boot_id": "b"})))
+            elif isinstance(event, ap.Ping):
+                await guest.send_all(protocol.send(ap.Pong(event.payload, "b")))
+            else:
+                pieces = answer(protocol, event)
+                for piece in pieces if isinstance(pieces, list) else [pieces]:
+                    await guest.send_all(piece)
+
+
+@pytest.mark.parametrize(("reply", "field"), [
+    ({"pid": "7", "window": 10}, "ExecReply.pid"),
+    ({"pid": 1 << 62, "window": 10}, "ExecReply.pid"),
+    ({"pid": 7, "window": -1}, "ExecReply.window"),
+    ({"pid": 7}, "ExecReply.window"),
+    ({"error": ["not", "text"]}, "ErrorReply.error"),
+    ({"error": "x", "errno": 1.5}, "ErrorReply.errno"),
+])
+async def test_a_malformed_reply_is_an_agent_protocol_error_naming_the_field(
+        reply: dict[str, object], field: str) -> None:
+    host, guest = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, lambda _, event: ap.encode_reply(event.stream, reply))
+        with trio.fail_after(5):
+            connection = await AgentConnection.start(host, timeout=5)
+            with pytest.raises(AgentProtocolError, match=field.replace(".", r"\.")):
+                await connection.run(["true"])
+            with pytest.raises(AgentProtocolError, match=field.replace(".", r"\.")):  # and it stays failed
+                await connection.ping()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_frames_for_unknown_streams_never_blocks_the_event_loop() -> None:
+    """1 MiB REPLY, END and DATA frames for streams the host never opened cost no decoding
+    (decoding this value takes a quarter of a second)."""
+    host, guest = trio.testing.memory_stream_pair()
+    junk = ap.pack_value({"x": [None] * (ap.MAX_PAYLOAD - 20)})
+    flood = [ap.HEADER.pack(kind, channel, 0, 1000 + kind, len(junk)) + junk
+             for kind, channel in ((ap.REPLY, 0), (ap.END, 0), (ap.DATA, 1))] * 10
+
+    def answer(protocol: ap.Connection, event: ap.Event) -> list[bytes]:
+        assert isinstance(event, ap.StatusRequest)
+        return [*flood, protocol.send(ap.StatusReply(event.stream, "b"))]
+
+    longest = 0.0
+
+    async def ticker() -> None:
+        nonlocal longest
+        while True:
+            before = time.monotonic()
+            await trio.lowlevel.checkpoint()
+            longest = max(longest, time.monotonic() - before)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, answer)
+        with trio.fail_after(20):
+            connection = await AgentConnection.start(host, timeout=5)
+            nursery.start_soon(ticker)
+            for _ in range(3):
+                stream, reply = await connection._request(ap.StatusRequest(0), ap.StatusReply)
+                connection._forget(stream)
+                assert reply.boot_id == "b"
+        nursery.cancel_scope.cancel()
+    assert longest < 0.05, f"the event loop was blocked for {longest * 1000:.0f} ms"
+
+
+async def test_open_owns_a_reader_task_that_pings() -> None:
+    host, guest = trio.testing.memory_stream_pair()
+    pings = 0
+
+    async def counting_agent() -> None:
+        nonlocal pings
+        protocol = ap.Connection(ap.Role.GUEST)
+        while data := await guest.receive_some():
+            protocol.receive_data(data)
+            while (event := protocol.next_event()) is not None:
+                if isinstance(event, ap.Hello):
+                    hello = ap.Hello(event.nonce, {"protocol": 1, "boot_id": "b"})
+                    await guest.send_all(protocol.send(hello))
+                elif isinstance(event, ap.Ping):
+                    pings += 1
+                    await guest.send_all(protocol.send(ap.Pong(event.payload, "b")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(counting_agent)
+        with trio.fail_after(10):
+            async with AgentConnection.open(host, timeout=5) as connection:
+                await trio.sleep(2.5)  # nobody calls: the reader task keeps the agent checked
+                assert pings >= 2
+                assert await connection.ping() == "b"
+            with pytest.raises(AgentError, match="closed"):
+                await connection.ping()
+        nursery.cancel_scope.cancel()
+
+
+async def test_open_passes_the_blocks_own_error_unwrapped() -> None:
+    host, guest = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, lambda _, event: b"")
+        with trio.fail_after(10), pytest.raises(KeyError):
+            async with AgentConnection.open(host, timeout=5):
+                raise KeyError("mine")
+        nursery.cancel_scope.cancel()

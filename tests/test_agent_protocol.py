@@ -14,15 +14,15 @@ import pytest
 from vmcache import agent_protocol as ap
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "vmcache"
-GUEST_FILES = [SRC / "agent_protocol.py", SRC / "guest" / "vmcache_agent.py"]
+GUEST_FILES = [SRC / "agent_protocol.py", *sorted((SRC / "guest").glob("*.py"))]
 
 #: What Debian's python3-minimal ships besides builtins (checked against the package's file list),
 #: plus modules the guest imports only under TYPE_CHECKING or only optionally.
 MINIMAL_STDLIB = {
-    "__future__", "argparse", "collections", "errno", "fcntl", "heapq", "os", "select", "signal",
+    "__future__", "argparse", "collections", "enum", "errno", "fcntl", "heapq", "os", "select", "signal",
     "stat", "struct", "subprocess", "sys", "time", "traceback", "typing",
 }
-OPTIONAL_IMPORTS = {"ctypes", "vmcache", "agent_protocol"}
+OPTIONAL_IMPORTS = {"ctypes", "vmcache", *(path.stem for path in GUEST_FILES)}
 
 @pytest.fixture(autouse=True)
 def no_leaked_qemu() -> Iterator[None]:
@@ -76,7 +76,7 @@ def test_protocol_module_imports_nothing_from_vmcache() -> None:
     tree = ast.parse((SRC / "agent_protocol.py").read_text())
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert modules <= {"__future__", "struct", "typing"}
+    assert modules <= {"__future__", "enum", "struct", "typing"}
 
 
 def test_the_magic_is_not_in_the_source() -> None:
@@ -375,3 +375,503 @@ def test_a_sender_that_respects_credit_never_overruns_a_slow_receiver() -> None:
             credit.grant(increment)
     assert sent == received == 10_000_000
     assert buffered_max <= window.size
+
+
+# --- Connection: the typed, stateful protocol, both roles ----------------------------------------
+
+S = ap.StreamState
+HOST, GUEST = ap.Role.HOST, ap.Role.GUEST
+
+
+def events_of(connection: ap.Connection, data: bytes) -> list[ap.Event]:
+    connection.receive_data(data)
+    events = []
+    while (event := connection.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def connected() -> tuple[ap.Connection, ap.Connection]:
+    """A host and a guest Connection after the handshake (and stale bytes before it)."""
+    host, guest = ap.Connection(HOST), ap.Connection(GUEST)
+    assert events_of(guest, b"stale" + host.send(ap.Hello(NONCE, {"protocol": 1}))) == [
+        ap.Hello(NONCE, {"protocol": 1})]
+    info = {"protocol": 1, "boot_id": "b", "port": "vmcache.agent.0"}
+    assert events_of(host, guest.send(ap.Hello(NONCE, info))) == [ap.Hello(NONCE, info)]
+    assert not host.hunting and not guest.hunting
+    return host, guest
+
+
+def deliver(sender: ap.Connection, receiver: ap.Connection, *events: ap.Event) -> list[ap.Event]:
+    """Send ``events`` one end to the other; what the receiver got."""
+    return events_of(receiver, b"".join(sender.send(event) for event in events))
+
+
+def exec_request(stream: int = 1, **fields: object) -> ap.ExecRequest:
+    values: dict[str, object] = {"argv": ["cat", b"-"], "env": {"A": "1"}, "cwd": None, "pty": None,
+                                 "timeout": None, "stdout": True, "stderr": True, "window": 1000}
+    values.update(fields)
+    return ap.ExecRequest(stream, **values)
+
+
+#: How to bring a stream (id 1) to each state: the events the host and the guest send.
+PATHS: dict[ap.StreamState, list[ap.Event]] = {
+    S.EXEC_REQUESTED: [exec_request()],
+    S.WRITE_REQUESTED: [ap.WriteFileRequest(1, "/f", 0o644)],
+    S.READ_REQUESTED: [ap.ReadFileRequest(1, "/f", 1000)],
+    S.CALL_REQUESTED: [ap.MkdirRequest(1, "/d", 0o755)],
+    S.ONLINE_REQUESTED: [ap.OnlineRequest(1)],
+    S.STATUS_REQUESTED: [ap.StatusRequest(1)],
+    S.RUNNING: [exec_request(), ap.ExecReply(1, 42, 1000)],
+    S.WRITING: [ap.WriteFileRequest(1, "/f", 0o644), ap.WriteFileReply(1, 1000)],
+    S.READING: [ap.ReadFileRequest(1, "/f", 1000), ap.ReadFileReply(1, 0o600, 3)],
+    S.ENDED: [exec_request(), ap.ExecReply(1, 42, 1000), ap.ProcessEnd(1, 0)],
+}
+
+
+def in_state(state: ap.StreamState) -> tuple[ap.Connection, ap.Connection]:
+    host, guest = connected()
+    for event in PATHS[state]:
+        sender, receiver = (host, guest) if type(event) in ap.SENDS[HOST] else (guest, host)
+        assert deliver(sender, receiver, event) == [event]
+    assert host.stream_state(1) is state and guest.stream_state(1) is state
+    return host, guest
+
+
+#: One of each event a role sends on stream 1 ("stop": the guest's EOF on stdin).
+HOST_SENDS: dict[str, ap.Event] = {
+    "signal": ap.Signal(1, 15), "resize": ap.Resize(1, 30, 100), "data0": ap.Data(1, 0, b"in"),
+    "eof0": ap.Eof(1, 0), "window1": ap.WindowUpdate(1, 1, 10), "reset": ap.Reset(1),
+}
+GUEST_SENDS: dict[str, ap.Event] = {
+    "exec_reply": ap.ExecReply(1, 7, 100), "write_reply": ap.WriteFileReply(1, 100),
+    "read_reply": ap.ReadFileReply(1, 0o644, 9), "done_reply": ap.DoneReply(1),
+    "online_reply": ap.OnlineReply(1, 2, 1024, ["memory9"]), "status_reply": ap.StatusReply(1, "b"),
+    "error_reply": ap.ErrorReply(1, "refused", 13), "process_end": ap.ProcessEnd(1, -9, True),
+    "file_end": ap.FileEnd(1, 9), "error_end": ap.ErrorEnd(1, "failed", 5), "data1": ap.Data(1, 1, b"out"),
+    "eof1": ap.Eof(1, 1), "stop0": ap.Eof(1, 0), "window0": ap.WindowUpdate(1, 0, 10),
+}
+_REQUESTED_GUEST = {"error_reply"}
+#: What each role may send in each state: written out here, apart from the module's table.
+ALLOWED: dict[ap.StreamState, tuple[set[str], set[str]]] = {
+    S.EXEC_REQUESTED: ({"eof0", "reset"}, {"exec_reply"} | _REQUESTED_GUEST),
+    S.WRITE_REQUESTED: ({"reset"}, {"write_reply"} | _REQUESTED_GUEST),
+    S.READ_REQUESTED: ({"reset"}, {"read_reply"} | _REQUESTED_GUEST),
+    S.CALL_REQUESTED: ({"reset"}, {"done_reply"} | _REQUESTED_GUEST),
+    S.ONLINE_REQUESTED: ({"reset"}, {"online_reply"} | _REQUESTED_GUEST),
+    S.STATUS_REQUESTED: ({"reset"}, {"status_reply"} | _REQUESTED_GUEST),
+    S.RUNNING: ({"signal", "resize", "data0", "eof0", "window1", "reset"},
+                {"process_end", "error_end", "data1", "eof1", "stop0", "window0"}),
+    S.WRITING: ({"data0", "eof0", "reset"}, {"file_end", "error_end", "window0", "stop0"}),
+    S.READING: ({"window1", "reset"}, {"file_end", "error_end", "data1", "eof1"}),
+    S.ENDED: ({"signal", "resize", "data0", "eof0", "window1", "reset"},
+              {"data1", "eof1", "stop0", "window0"}),
+}
+
+
+def raw(event: ap.Event) -> bytes:
+    """``event``'s frame, encoded without any connection's checks."""
+    if isinstance(event, ap.Message):
+        return ap._message(event.FRAME, event.stream, event.body())
+    if isinstance(event, ap.Data):
+        return ap.encode_data(event.stream, event.channel, event.data)
+    if isinstance(event, ap.Eof):
+        return ap.encode_eof(event.stream, event.channel)
+    if isinstance(event, ap.WindowUpdate):
+        return ap.encode_window(event.stream, event.channel, event.increment)
+    assert isinstance(event, ap.Reset)
+    return ap.encode_reset(event.stream)
+
+
+CASES = [(state, role, name) for state in ALLOWED
+         for role, sends in ((HOST, HOST_SENDS), (GUEST, GUEST_SENDS)) for name in sends]
+
+
+@pytest.mark.parametrize(("state", "role", "name"), CASES, ids=lambda value: getattr(value, "name", value))
+def test_every_event_in_every_state_is_sent_and_received_only_if_allowed(
+        state: ap.StreamState, role: ap.Role, name: str) -> None:
+    host, guest = in_state(state)
+    sender, receiver = (host, guest) if role is HOST else (guest, host)
+    event = (HOST_SENDS if role is HOST else GUEST_SENDS)[name]
+    allowed = name in ALLOWED[state][0 if role is HOST else 1]
+    if allowed:
+        assert events_of(receiver, sender.send(event)) == [event]
+        return
+    with pytest.raises(ap.LocalProtocolError):
+        sender.send(event)
+    assert sender.stream_state(1) is state  # a refused send changes nothing
+    if role is GUEST:
+        try:
+            received = events_of(host, raw(event))
+        except ap.RemoteProtocolError:
+            return
+        # A REPLY or END says nothing of its kind: the host reads it as its stream's kind, or fails.
+        assert len(received) == 1 and type(received[0]) is not type(event)
+    else:
+        received = events_of(guest, raw(event))
+        assert len(received) == 1 and isinstance(received[0], ap.Garbage)
+        assert guest.hunting
+
+
+def test_the_table_is_what_the_test_allows() -> None:
+    """Every stream move in TRANSITIONS shows up in ALLOWED (or is a request or the drain)."""
+    names = {type(event): name for name, event in {**HOST_SENDS, **GUEST_SENDS}.items() if name != "stop0"}
+    for (state, kind), _new in ap.TRANSITIONS.items():
+        if not isinstance(state, ap.StreamState) or state not in ALLOWED or kind not in names:
+            continue
+        allowed = ALLOWED[state][0] | ALLOWED[state][1]
+        assert any(type({**HOST_SENDS, **GUEST_SENDS}[name]) is kind for name in allowed), (state, kind)
+
+
+@pytest.mark.parametrize("request_event", [
+    exec_request(), ap.WriteFileRequest(1, "/a", 0o600), ap.ReadFileRequest(1, "/a", 5),
+    ap.MkdirRequest(1, "/a/b", 0o700), ap.EntropyRequest(1, b"\0" * 64), ap.ClockRequest(1, 1.5e9),
+    ap.OnlineRequest(1), ap.StatusRequest(1),
+    exec_request(pty=(24, 80), timeout=2.5, cwd="/tmp", stderr=False, env={}),
+], ids=lambda event: type(event).__name__)
+def test_every_request_round_trips_and_an_error_reply_closes_it(request_event: ap.Message) -> None:
+    host, guest = connected()
+    assert deliver(host, guest, request_event) == [request_event]
+    assert deliver(guest, host, ap.ErrorReply(1, "no", 2)) == [ap.ErrorReply(1, "no", 2)]
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+
+
+@pytest.mark.parametrize(("request_event", "reply"), [
+    (ap.MkdirRequest(1, "/d", 0o755), ap.DoneReply(1)),
+    (ap.EntropyRequest(1, b"x"), ap.DoneReply(1)),
+    (ap.ClockRequest(1, 5), ap.DoneReply(1)),
+    (ap.OnlineRequest(1), ap.OnlineReply(1, 4, 1 << 20, [])),
+    (ap.StatusRequest(1), ap.StatusReply(1, "boot")),
+])
+def test_calls_close_with_their_reply(request_event: ap.Message, reply: ap.Message) -> None:
+    host, guest = connected()
+    deliver(host, guest, request_event)
+    assert deliver(guest, host, reply) == [reply]
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+
+
+def test_a_process_stream_from_start_to_finish_with_credit() -> None:
+    host, guest = connected()
+    deliver(host, guest, exec_request(window=8))
+    deliver(guest, host, ap.ExecReply(1, 42, 4))
+    assert host.send_credit(1, 0) == 4 and guest.send_credit(1, 1) == 8 and guest.send_credit(1, 2) == 8
+    with pytest.raises(ap.LocalProtocolError, match="credit"):
+        host.send(ap.Data(1, 0, b"12345"))
+    assert deliver(host, guest, ap.Data(1, 0, b"1234")) == [ap.Data(1, 0, b"1234")]
+    assert host.send_credit(1, 0) == 0
+    window = guest.consumed(1, 0, 4)
+    assert events_of(host, window) == [ap.WindowUpdate(1, 0, 4)] and host.send_credit(1, 0) == 4
+    assert deliver(guest, host, ap.Data(1, 1, b"12345678")) == [ap.Data(1, 1, b"12345678")]
+    assert guest.send_credit(1, 1) == 0
+    with pytest.raises(ap.RemoteProtocolError, match="credit"):  # a guest that ignores credit
+        events_of(host, raw(ap.Data(1, 1, b"9")))
+
+
+def test_a_process_ends_once_every_output_is_done() -> None:
+    host, guest = connected()
+    deliver(host, guest, exec_request(), ap.Eof(1, 0))  # stdin EOF with the request, as run() does
+    deliver(guest, host, ap.ExecReply(1, 42, 100), ap.Eof(1, 0), ap.Eof(1, 2), ap.ProcessEnd(1, 3))
+    assert host.stream_state(1) is S.ENDED and guest.stream_state(1) is S.ENDED
+    assert host.channel_state(1, 0) is ap.ChannelState.DONE
+    assert deliver(host, guest, ap.Signal(1, 2)) == [ap.Signal(1, 2)]  # a late signal is harmless
+    deliver(guest, host, ap.Data(1, 1, b"late"), ap.Eof(1, 1))
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+    with pytest.raises(ap.LocalProtocolError, match="not open"):
+        host.send(ap.Signal(1, 9))
+
+
+def test_stdin_the_guest_stopped_reading_is_dropped_on_arrival() -> None:
+    host, guest = in_state(S.RUNNING)
+    in_flight = host.send(ap.Data(1, 0, b"typed"))
+    deliver(guest, host, ap.Eof(1, 0))
+    assert host.channel_state(1, 0) is ap.ChannelState.UNREAD and host.send_credit(1, 0) == 0
+    assert events_of(guest, in_flight) == []
+    with pytest.raises(ap.LocalProtocolError):
+        guest.send(ap.Eof(1, 0))  # it stopped already
+    assert deliver(host, guest, ap.Eof(1, 0)) == [ap.Eof(1, 0)]
+    assert deliver(guest, host, ap.Eof(1, 0)) == [ap.Eof(1, 0)]  # crossing EOFs are harmless
+    with pytest.raises(ap.LocalProtocolError):
+        host.send(ap.Eof(1, 1))  # the host is no stdout's sender, nor stops reading it
+
+
+def test_a_reset_stream_skips_what_the_guest_had_in_flight() -> None:
+    host, guest = in_state(S.RUNNING)
+    in_flight = guest.send(ap.Data(1, 1, b"x" * 500)) + guest.send(ap.ProcessEnd(1, 0))
+    assert deliver(host, guest, ap.Reset(1)) == [ap.Reset(1)]
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+    assert events_of(host, in_flight) == []
+    assert host.buffered == 0
+
+
+def test_frames_for_unknown_streams_are_skipped_by_length_unread_in_bounded_memory() -> None:
+    host, _ = connected()
+    junk = b"\xff" * ap.MAX_PAYLOAD  # not a value at all: decoding it would fail
+    for kind in (ap.REPLY, ap.END, ap.DATA, ap.EOF, ap.WINDOW):
+        length = {ap.EOF: 0, ap.WINDOW: 4}.get(kind, ap.MAX_PAYLOAD)
+        host.receive_data(ap.HEADER.pack(kind, 1 if kind == ap.DATA else 0, 0, 77, length))
+        assert host.next_event() is None
+        for start in range(0, length, 65536):
+            host.receive_data(junk[start:min(start + 65536, length)])
+            assert host.next_event() is None
+            assert host.buffered == 0
+    assert events_of(host, ap.encode_pong(b"p", "b")) == [ap.Pong(b"p", "b")]
+
+
+def test_host_data_comes_out_as_it_arrives() -> None:
+    host, guest = in_state(S.RUNNING)
+    frame = guest.send(ap.Data(1, 1, bytes(range(200)) * 4))
+    assert events_of(host, frame[:112]) == [ap.Data(1, 1, bytes(range(100)))]
+    assert host.buffered == 0
+    assert events_of(host, frame[112:]) == [ap.Data(1, 1, (bytes(range(200)) * 4)[100:])]
+
+
+def test_guest_data_comes_whole() -> None:
+    host, guest = in_state(S.RUNNING)
+    frame = host.send(ap.Data(1, 0, b"abc" * 100))
+    assert events_of(guest, frame[:100]) == []
+    assert events_of(guest, frame[100:]) == [ap.Data(1, 0, b"abc" * 100)]
+
+
+def test_consumed_grants_in_batches_and_not_after_eof() -> None:
+    host, guest = in_state(S.READING)
+    deliver(guest, host, ap.Data(1, 1, b"x" * 300))
+    assert host.consumed(1, 1, 200) == b""  # a quarter of the 1000-byte window is 250
+    assert events_of(guest, host.consumed(1, 1, 100)) == [ap.WindowUpdate(1, 1, 300)]
+    deliver(guest, host, ap.Data(1, 1, b"y" * 300), ap.Eof(1, 1))
+    assert host.consumed(1, 1, 300) == b""  # the sender is done: no grant
+    assert host.consumed(99, 1, 10) == b""
+
+
+def test_roles_refuse_each_others_events() -> None:
+    host, guest = connected()
+    for event in GUEST_SENDS.values():
+        if type(event) not in (ap.Data, ap.Eof, ap.WindowUpdate):
+            with pytest.raises(ap.LocalProtocolError, match="host does not send"):
+                host.send(event)
+    for event in [exec_request(), ap.Signal(1, 9), ap.Reset(1), ap.Ping(b"p"), ap.StatusRequest(1)]:
+        with pytest.raises(ap.LocalProtocolError, match="guest does not send"):
+            guest.send(event)
+    with pytest.raises(ap.LocalProtocolError, match="host does not send"):
+        host.send(ap.Pong(b"p", "b"))
+    with pytest.raises(ap.LocalProtocolError):
+        guest.send(ap.Ping(b"p"))
+
+
+@pytest.mark.parametrize("frame", [
+    ap.encode_request(1, {"op": "ping"}), ap.encode_control(1, {"op": "signal", "signal": 9}),
+    ap.encode_ping(b"p"), ap.encode_reset(1),
+], ids=["REQUEST", "CONTROL", "PING", "RESET"])
+def test_the_host_refuses_host_frames_from_the_guest(frame: bytes) -> None:
+    host, guest = connected()
+    deliver(host, guest, exec_request())
+    with pytest.raises(ap.RemoteProtocolError):
+        events_of(host, frame)
+    with pytest.raises(ap.RemoteProtocolError):  # and stays broken
+        host.next_event()
+
+
+@pytest.mark.parametrize("frame", [
+    ap.encode_reply(1, {}), ap.encode_end(1, {"size": 1}), ap.encode_pong(b"p", "b"), ap.encode_error("e"),
+    ap.encode_request(1, {"op": "ping"}),  # an id already used
+], ids=["REPLY", "END", "PONG", "ERROR", "REQUEST again"])
+def test_the_guest_treats_guest_frames_from_the_host_as_garbage(frame: bytes) -> None:
+    host, guest = connected()
+    deliver(host, guest, ap.StatusRequest(1))
+    assert guest.stream_state(1) is S.STATUS_REQUESTED
+    events = events_of(guest, frame)
+    assert len(events) == 1 and isinstance(events[0], ap.Garbage) and guest.hunting
+    # The next HELLO is a new session: stream ids start again.
+    assert deliver(host, guest, ap.Hello(NONCE, {"protocol": 1}), ap.StatusRequest(1)) == [
+        ap.Hello(NONCE, {"protocol": 1}), ap.StatusRequest(1)]
+
+
+def test_stream_ids_only_go_up() -> None:
+    host, guest = connected()
+    deliver(host, guest, ap.StatusRequest(3))
+    assert host.next_stream_id() == 4
+    with pytest.raises(ap.LocalProtocolError, match="not new"):
+        host.send(ap.StatusRequest(2))
+    assert isinstance(events_of(guest, ap.encode_request(2, {"op": "ping"}))[0], ap.Garbage)
+
+
+def test_the_host_hunts_for_the_answer_to_its_latest_hello() -> None:
+    host, guest = ap.Connection(HOST), ap.Connection(GUEST)
+    old, new = bytes(16), bytes(range(1, 17))
+    host.send(ap.Hello(old, {"protocol": 1}))
+    host.send(ap.Hello(new, {"protocol": 1}))
+    data = b"junk" + guest.send(ap.Hello(old, {"protocol": 1})) + ap.encode_reply(3, {})[:5]
+    data += guest.send(ap.Hello(new, {"protocol": 1, "boot_id": "b"}))
+    assert events_of(host, data) == [ap.Hello(new, {"protocol": 1, "boot_id": "b"})]
+    assert host.discarded > 0
+    assert events_of(host, guest.send(ap.Hello(old, {"protocol": 1}))) == []  # a late stale answer
+
+
+def test_a_guest_hello_starts_a_new_session() -> None:
+    host, guest = in_state(S.RUNNING)
+    assert deliver(host, guest, ap.Hello(NONCE, {"protocol": 1})) == [ap.Hello(NONCE, {"protocol": 1})]
+    assert guest.stream_state(1) is S.CLOSED and host.stream_state(1) is S.CLOSED
+
+
+def test_the_guest_resyncs_after_garbage_and_rescans_a_stalled_frame() -> None:
+    host, guest = connected()
+    events = events_of(guest, b"\x00" * 20)
+    assert isinstance(events[0], ap.Garbage) and guest.hunting
+    deliver(host, guest, ap.Hello(NONCE, {"protocol": 1}))
+    deliver(guest, host, ap.Hello(NONCE, {"protocol": 1}))
+    deliver(host, guest, exec_request())
+    deliver(guest, host, ap.ExecReply(1, 1, 1000))
+    half = host.send(ap.Data(1, 0, b"z" * 500))[:100]
+    second = ap.Connection(HOST)  # a new host, after the first left mid-frame
+    assert events_of(guest, half + second.send(ap.Hello(NONCE, {"protocol": 1}))) == []
+    event = guest.rescan()
+    assert isinstance(event, ap.Garbage)
+    assert events_of(guest, b"") == [ap.Hello(NONCE, {"protocol": 1})]
+    assert guest.rescan() is None
+
+
+def test_ping_and_pong() -> None:
+    host, guest = connected()
+    assert deliver(host, guest, ap.Ping(b"12345678")) == [ap.Ping(b"12345678")]
+    assert deliver(guest, host, ap.Pong(b"12345678", "boot")) == [ap.Pong(b"12345678", "boot")]
+    assert deliver(guest, host, ap.ErrorNotice("x" * 5000)) == [ap.ErrorNotice("x" * 1000)]
+    with pytest.raises(ap.LocalProtocolError):
+        host.send(ap.Ping(b"x" * 257))
+
+
+EXEC: dict[str, object] = {"op": "exec", "argv": ["a"], "env": {}, "cwd": None, "pty": None,
+                           "timeout": None, "stdout": True, "stderr": True, "window": 1}
+BAD_REQUESTS = [
+    ({**EXEC, "argv": []}, "ExecRequest.argv"),
+    ({**EXEC, "argv": ["a\0b"]}, "ExecRequest.argv"),
+    ({**EXEC, "argv": [3]}, "ExecRequest.argv"),
+    ({**EXEC, "argv": "ls"}, "ExecRequest.argv"),
+    ({**EXEC, "env": {"A=B": "c"}}, "ExecRequest.env"),
+    ({**EXEC, "env": {"": "c"}}, "ExecRequest.env"),
+    ({**EXEC, "env": {"A": 1}}, "ExecRequest.env"),
+    ({**EXEC, "env": []}, "ExecRequest.env"),
+    ({**EXEC, "cwd": ""}, "ExecRequest.cwd"),
+    ({**EXEC, "cwd": 5}, "ExecRequest.cwd"),
+    ({**EXEC, "pty": [1]}, "ExecRequest.pty"),
+    ({**EXEC, "pty": [1, 1 << 20]}, "ExecRequest.pty"),
+    ({**EXEC, "timeout": float("nan")}, "ExecRequest.timeout"),
+    ({**EXEC, "timeout": -1}, "ExecRequest.timeout"),
+    ({**EXEC, "stdout": 1}, "ExecRequest.stdout"),
+    ({**EXEC, "stderr": None}, "ExecRequest.stderr"),
+    ({**EXEC, "window": 0}, "ExecRequest.window"),
+    ({key: value for key, value in EXEC.items() if key != "window"}, "ExecRequest.window"),
+    ({"op": "write_file", "path": "relative", "mode": 0}, "WriteFileRequest.path"),
+    ({"op": "write_file", "path": "/a", "mode": 0o17777}, "WriteFileRequest.mode"),
+    ({"op": "read_file", "path": "/a\0", "window": 1}, "ReadFileRequest.path"),
+    ({"op": "read_file", "path": "/a", "window": 1 << 40}, "ReadFileRequest.window"),
+    ({"op": "mkdir", "path": b"/a", "mode": 1}, "MkdirRequest.path"),
+    ({"op": "entropy", "data": b"x" * 4097}, "EntropyRequest.data"),
+    ({"op": "entropy", "data": "text"}, "EntropyRequest.data"),
+    ({"op": "clock", "seconds": "now"}, "ClockRequest.seconds"),
+    ({"op": "clock", "seconds": float("inf")}, "ClockRequest.seconds"),
+    ({"op": "reboot"}, "unknown request"),
+    ({"argv": ["a"]}, "unknown request"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_REQUESTS, ids=[field for _, field in BAD_REQUESTS])
+def test_a_malformed_request_is_a_bad_request_naming_its_field(body: dict[str, object], field: str) -> None:
+    _, guest = connected()
+    [event] = events_of(guest, ap.encode_request(1, body))
+    assert isinstance(event, ap.BadRequest) and field in event.message
+    assert guest.stream_state(1) is S.BAD_REQUESTED
+    assert events_of(guest, ap.encode_eof(1, 0) + ap.encode_reset(1)) == []  # the host's follow-ups
+    guest.send(ap.ErrorReply(1, event.message))
+    assert guest.stream_state(1) is S.CLOSED
+
+
+BAD_ANSWERS: list[tuple[ap.StreamState, bytes, str]] = [
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"pid": "7", "window": 1}), "ExecReply.pid"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"pid": 1 << 40, "window": 1}), "ExecReply.pid"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"pid": True, "window": 1}), "ExecReply.pid"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"window": 1}), "ExecReply.pid"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"pid": 1, "window": 0}), "ExecReply.window"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"error": 5}), "ErrorReply.error"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"error": "x", "errno": -1}), "ErrorReply.errno"),
+    (S.EXEC_REQUESTED, ap.encode_reply(1, {"error": "x" * 17000}), "ErrorReply.error"),
+    (S.WRITE_REQUESTED, ap.encode_reply(1, {"window": 1.5}), "WriteFileReply.window"),
+    (S.READ_REQUESTED, ap.encode_reply(1, {"mode": 1 << 20, "size": 0}), "ReadFileReply.mode"),
+    (S.READ_REQUESTED, ap.encode_reply(1, {"mode": 0, "size": -1}), "ReadFileReply.size"),
+    (S.ONLINE_REQUESTED, ap.encode_reply(1, {"online_cpus": -1, "mem_total_kib": 0}),
+     "OnlineReply.online_cpus"),
+    (S.ONLINE_REQUESTED, ap.encode_reply(1, {"online_cpus": 1, "mem_total_kib": "x"}),
+     "OnlineReply.mem_total_kib"),
+    (S.ONLINE_REQUESTED, ap.encode_reply(1, {"online_cpus": 1, "mem_total_kib": 1, "problems": [1]}),
+     "OnlineReply.problems"),
+    (S.ONLINE_REQUESTED, ap.encode_reply(1, {"online_cpus": 1, "mem_total_kib": 1, "problems": "x"}),
+     "OnlineReply.problems"),
+    (S.STATUS_REQUESTED, ap.encode_reply(1, {"boot_id": b"x"}), "StatusReply.boot_id"),
+    (S.CALL_REQUESTED, ap.encode_reply(1, []), "dictionary"),  # type: ignore[arg-type]
+    (S.RUNNING, ap.encode_end(1, {"returncode": 300}), "ProcessEnd.returncode"),
+    (S.RUNNING, ap.encode_end(1, {"returncode": 0, "timed_out": 1}), "ProcessEnd.timed_out"),
+    (S.RUNNING, ap.encode_end(1, {"error": None}), "ErrorEnd.error"),
+    (S.READING, ap.encode_end(1, {"size": "big"}), "FileEnd.size"),
+    (S.RUNNING, b"\xa7" + bytes(30), "HELLO"),
+    (S.RUNNING, ap.HEADER.pack(ap.END, 0, 0, 1, 3) + b"i\x00\x00", "truncated"),
+    (S.RUNNING, ap.HEADER.pack(ap.DATA, 0, 0, 1, 1) + b"x", "no channel 0"),
+    (S.RUNNING, ap.HEADER.pack(ap.DATA, 1, 0, 1, ap.MAX_PAYLOAD + 1), "limit"),
+    (S.RUNNING, ap.HEADER.pack(ap.WINDOW, 0, 0, 1, 4) + bytes(4), "WINDOW increment"),
+    (S.RUNNING, ap.encode_window(1, 0, ap.MAX_WINDOW), "window"),
+    (S.RUNNING, ap.encode_pong(b"x" * 300, "b"), "PONG"),
+    (S.RUNNING, ap.encode_pong(b"x", "b" * 300), "PONG boot id"),
+]
+
+
+@pytest.mark.parametrize(("state", "frame", "field"), BAD_ANSWERS, ids=[field for _, _, field in BAD_ANSWERS])
+def test_a_malformed_answer_is_a_remote_protocol_error_naming_its_field(
+        state: ap.StreamState, frame: bytes, field: str) -> None:
+    host, _ = in_state(state)
+    with pytest.raises(ap.RemoteProtocolError, match=field.replace(".", r"\.")):
+        events_of(host, frame)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"op": "signal", "signal": 0}, "Signal.signal"), ({"op": "signal"}, "Signal.signal"),
+    ({"op": "resize", "rows": -1, "cols": 1}, "Resize.rows"), ({"op": "resize", "rows": 1}, "Resize.cols"),
+    ({"op": "stop"}, "unknown CONTROL"),
+])
+def test_a_malformed_control_is_garbage_naming_its_field(body: dict[str, object], field: str) -> None:
+    _, guest = in_state(S.RUNNING)
+    [event] = events_of(guest, ap.encode_control(1, body))
+    assert isinstance(event, ap.Garbage) and field in event.message
+
+
+def test_events_refuse_bad_fields_when_built() -> None:
+    with pytest.raises(ap.ProtocolError, match=r"ExecRequest\.argv") as caught:
+        exec_request(argv=["a\0"])
+    assert caught.value.field == "ExecRequest.argv"
+    with pytest.raises(ap.ProtocolError, match=r"HELLO\.protocol"):
+        ap.Connection(HOST).send(ap.Hello(NONCE, {}))
+
+
+def test_random_bytes_never_raise_anything_but_protocol_errors() -> None:
+    rng = random.Random(17)
+    for _ in range(300):
+        host, guest = in_state(S.RUNNING)
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))
+        frame = raw(GUEST_SENDS[rng.choice(list(GUEST_SENDS))])
+        position = rng.randrange(len(frame))
+        mutated = frame[:position] + bytes([rng.getrandbits(8)]) + frame[position + 1:]
+        for chunk in (data, mutated):
+            try:
+                events_of(host, chunk)
+            except ap.RemoteProtocolError:
+                pass
+            events_of(guest, chunk)  # the guest never raises: garbage is an event
+
+
+def test_the_host_refuses_answers_too_big_to_decode_quickly() -> None:
+    host, _ = in_state(S.EXEC_REQUESTED)
+    with pytest.raises(ap.RemoteProtocolError, match="REPLY frame of 65537 bytes"):
+        events_of(host, ap.HEADER.pack(ap.REPLY, 0, 0, 1, ap.MAX_ANSWER + 1))
+
+
+def test_a_send_that_cannot_be_encoded_changes_no_state() -> None:
+    host, _ = connected()
+    with pytest.raises(ap.LocalProtocolError, match="limit"):
+        host.send(exec_request(argv=["x" * 100_000] * 11))  # over the 1 MiB frame
+    assert host.stream_state(1) is S.CLOSED and host.next_stream_id() == 1

@@ -1,27 +1,27 @@
 """The host side of the guest agent: one :class:`AgentConnection` per virtio-serial port.
 
-The connection runs no background task: users call ``await vm.run([...])`` on
-long-lived objects without a nursery of their own. Instead it *pulls*:
-whichever task is waiting for something reads from the socket and dispatches
-the frames to per-stream buffers; a ``_progress`` event, replaced after each
-read, wakes the other waiters to recheck their condition. If the reading task
-is cancelled, another waiter takes over. Sends are serialised by a lock, and
-shielded (a frame is never cut in half) but bounded in time.
+A thin Trio driver on the sans-I/O :class:`vmcache.agent_protocol.Connection`, which keeps
+every stream's state and credit and checks every field the guest sends (root in the guest can
+replace the agent); this module moves bytes and wakes tasks. ``async with
+AgentConnection.open(stream, timeout=...)`` owns a reader task (as trio-websocket's
+``open_websocket``). :meth:`AgentConnection.start` runs no task, for long-lived objects with no
+nursery (a VM, a guest port): it *pulls*, whichever task waits reads and dispatches, and a
+``_progress`` event, replaced after each read, wakes the other waiters; if the reading task is
+cancelled, another takes over. Sends are serialised by a lock, shielded (a frame is never cut
+in half) and bounded in time.
 
-Every wait is bounded: while a call waits and the agent has sent nothing for
-:data:`IDLE_PING` seconds, a PING goes out; no answer within
-:data:`PONG_TIMEOUT` more fails every call in flight. An EOF or a broken
-socket fails them at once. Everything raised is an :class:`AgentError` (or
-a subclass), except trio's own stream errors on a process's stdin/stdout
-(``BrokenResourceError`` when the process closed its stdin, as trio does).
-
-The wire protocol is :mod:`vmcache.agent_protocol` (``docs/agent-protocol.md``).
+Every wait and buffer is bounded: while a call waits and the agent has sent nothing for
+:data:`IDLE_PING` s, a PING goes out, and no answer within :data:`PONG_TIMEOUT` more fails
+every call; an EOF or a broken socket fails them at once. Output is bounded by the credit the
+host grants; ``run()`` / ``read_file()`` by ``max_output`` / ``max_size``
+(:class:`GuestOutputLimitError`). Everything else raised is an :class:`AgentError`
+(:class:`AgentProtocolError` names the field a guest got wrong), except trio's own stream
+errors on a process's stdin/stdout (``BrokenResourceError`` once it closed its stdin).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -30,13 +30,20 @@ from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from . import agent_protocol as ap
-from .errors import AgentError, AgentProtocolError, GuestProcessError, GuestRequestError, printable
+from .errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOutputLimitError,
+    GuestProcessError,
+    GuestRequestError,
+    printable,
+)
 
 log = logging.getLogger("vmcache.agent")
 
@@ -55,6 +62,10 @@ HELLO_RETRY_MAX = 4.0
 RECEIVE_SIZE = 1 << 20
 #: Credit granted to the guest per output channel.
 OUTPUT_WINDOW = ap.DEFAULT_WINDOW
+#: What ``run()`` collects (stdout and stderr together) and ``read_file()`` reads, by default.
+DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+
+_M = TypeVar("_M", bound=ap.Message)
 
 
 @attrs.frozen
@@ -93,47 +104,37 @@ class CompletedProcess:
             raise GuestProcessError(self.args, self.returncode, self.stdout, self.stderr, self.timed_out)
 
 
-class _Inbound:
-    """Bytes the guest sent on one channel, waiting for their consumer."""
-
-    __slots__ = ("chunks", "discard", "eof", "window")
-
-    def __init__(self, window: int) -> None:
-        self.chunks: deque[bytes] = deque()
-        self.window = ap.ReceiveWindow(window)
-        self.eof = False
-        self.discard = False
-
-
 class _Stream:
-    """The host's record of one stream: the guest's answers as they arrive."""
+    """The guest's answers on one stream, and output not yet taken (its state is the protocol's)."""
 
-    def __init__(self, stream_id: int, inbound: Sequence[int]) -> None:
+    __slots__ = ("chunks", "cut", "discard", "end", "forgotten", "id", "reply")
+
+    def __init__(self, stream_id: int, channels: Sequence[int] = ()) -> None:
         self.id = stream_id
-        self.reply: dict[str, Any] | None = None
-        self.end: dict[str, Any] | None = None
-        self.inbound = {channel: _Inbound(OUTPUT_WINDOW) for channel in inbound}
-        self.credit: ap.SendCredit | None = None  # for channel 0, once the reply came
-        self.stdin_broken = False  # the guest said EOF on channel 0: nobody reads it
+        self.reply: ap.Message | None = None
+        self.end: ap.Message | None = None
+        self.chunks: dict[int, deque[bytes]] = {channel: deque() for channel in channels}
+        self.discard: set[int] = set()  # channels whose reader left: data is acknowledged and dropped
+        self.cut: set[int] = set()  # channels still open when the host gave up the stream
         self.forgotten = False
 
 
 class AgentConnection:
     """One session with the guest agent over one ``trio.abc.Stream`` (a port's socket).
 
-    Make one with :meth:`start`. Many calls may run at once from many tasks
-    (processes, transfers): each is a stream of the protocol.
+    Make one with :meth:`open` (a context manager owning a reader task) or
+    :meth:`start`. Many calls may run at once from many tasks (processes,
+    transfers): each is a stream of the protocol.
     """
 
-    def __init__(self, stream: trio.abc.Stream, reader: ap.FrameReader, hello: ap.Hello) -> None:
+    def __init__(self, stream: trio.abc.Stream, protocol: ap.Connection, hello: ap.Hello) -> None:
         self._stream = stream
-        self._reader = reader
+        self._protocol = protocol
         #: The guest kernel's boot id, and what the agent said about itself.
         self.boot_id: str = printable(str(hello.info.get("boot_id", "")))
-        self.agent_version: str = str(hello.info.get("agent_version", ""))
+        self.agent_version: str = printable(str(hello.info.get("agent_version", "")))
         self.info: dict[str, Any] = dict(hello.info)
         self._streams: dict[int, _Stream] = {}
-        self._next_id = 1
         self._send_lock = trio.Lock()
         self._progress = trio.Event()
         self._reading_task: trio.lowlevel.Task | None = None  # the task reading for everyone
@@ -155,34 +156,43 @@ class AgentConnection:
         repeated (with a new nonce) while no answer comes, in case the agent
         was still reading an old client's half-sent frame.
         """
-        nonce = [b""]
-        reader = ap.FrameReader(hunting=True, accept_hello=lambda hello: hello.nonce == nonce[0])
-        hello: ap.Hello | None = None
-        leftover: list[ap.Event] = []
+        protocol = ap.Connection(ap.Role.HOST)
+        hello: ap.Event | None = None
         with trio.move_on_after(timeout):
             retry = HELLO_RETRY_FIRST
             while hello is None:
-                nonce[0] = os.urandom(ap.NONCE_SIZE)
-                await _send_or_fail(stream, ap.encode_hello(nonce[0], {"protocol": ap.PROTOCOL_VERSION}))
+                await _send_or_fail(stream, protocol.send(
+                    ap.Hello(os.urandom(ap.NONCE_SIZE), {"protocol": ap.PROTOCOL_VERSION})))
                 with trio.move_on_after(retry):
                     while hello is None:
-                        data = await _receive_or_fail(stream)
-                        events = reader.feed(data)
-                        for index, event in enumerate(events):
-                            if isinstance(event, ap.Hello):
-                                hello, leftover = event, events[index + 1:]
-                                break
+                        protocol.receive_data(await _receive_or_fail(stream))
+                        try:
+                            hello = protocol.next_event()  # nothing comes before the answer
+                        except ap.ProtocolError as error:
+                            raise AgentProtocolError(_broke(error)) from None
                 retry = min(retry * 2, HELLO_RETRY_MAX)
-        if hello is None:
+        if not isinstance(hello, ap.Hello):
             raise AgentError(f"the guest agent did not answer HELLO within {timeout:g} s")
         if hello.info.get("protocol") != ap.PROTOCOL_VERSION:
             raise AgentProtocolError(
                 f"the guest agent speaks protocol {hello.info.get('protocol')!r}, "
                 f"vmcache speaks {ap.PROTOCOL_VERSION}: rebuild the guest image")
-        connection = cls(stream, reader, hello)
-        for event in leftover:
-            connection._dispatch(event)
+        connection = cls(stream, protocol, hello)
+        connection._drain()
         return connection
+
+    @classmethod
+    def open(cls, stream: trio.abc.Stream, *, timeout: float) -> AbstractAsyncContextManager[AgentConnection]:
+        """``async with AgentConnection.open(stream, timeout=t) as conn``: :meth:`start`, then a
+        reader task of the connection's own until the block ends, which closes the connection."""
+        return _Opened(cls, stream, timeout)
+
+    async def _reader(self) -> None:
+        """Read for everyone until the connection fails or closes (the task :meth:`open` owns)."""
+        try:
+            await self._wait_for(lambda: self._failure is not None)
+        except AgentError:
+            pass
 
     # --- The pull machinery -----------------------------------------------------------------------
 
@@ -238,8 +248,8 @@ class AgentConnection:
                 return
             self._last_receive = trio.current_time()
             self._ping_sent = None
-            for event in self._reader.feed(data):
-                self._dispatch(event)
+            self._protocol.receive_data(data)
+            self._drain()
             if self._pending_frames:
                 frames, self._pending_frames = self._pending_frames, []
                 await self._send(b"".join(frames))
@@ -252,73 +262,49 @@ class AgentConnection:
         if self._ping_sent is None:
             self._ping_payload = os.urandom(8)
             self._ping_sent = trio.current_time()
-            await self._send(ap.encode_ping(self._ping_payload))
+            await self._send(self._encode(ap.Ping(self._ping_payload)))
         elif trio.current_time() >= self._ping_sent + PONG_TIMEOUT:
             self._fail(AgentError, f"the guest agent stopped answering (no reply to a ping within "
                                    f"{IDLE_PING + PONG_TIMEOUT:g} s)")
 
-    def _dispatch(self, event: ap.Event) -> None:
+    def _drain(self) -> None:
+        """Dispatch every event the protocol has; a broken rule fails the connection."""
         try:
-            self._dispatch_event(event)
+            while (event := self._protocol.next_event()) is not None:
+                self._dispatch(event)
         except ap.ProtocolError as error:
-            self._fail(AgentProtocolError, f"the guest agent broke the protocol: {error}")
+            self._fail(AgentProtocolError, _broke(error))
 
-    def _dispatch_event(self, event: ap.Event) -> None:
+    def _dispatch(self, event: ap.Event) -> None:
         if isinstance(event, ap.Data):
             stream = self._streams.get(event.stream)
-            inbound = stream.inbound.get(event.channel) if stream is not None else None
-            if inbound is None:
-                return  # a stream we gave up on
-            inbound.window.received(len(event.data))
-            if inbound.discard:
-                self._consumed(event.stream, event.channel, inbound, len(event.data))
+            if stream is None or event.channel in stream.discard:
+                frame = self._protocol.consumed(event.stream, event.channel, len(event.data))
+                if frame:
+                    self._pending_frames.append(frame)
             else:
-                inbound.chunks.append(bytes(event.data))
-        elif isinstance(event, ap.Eof):
-            stream = self._streams.get(event.stream)
-            if stream is None:
-                return
-            if event.channel == ap.STDIN:
-                stream.stdin_broken = True
-            elif event.channel in stream.inbound:
-                stream.inbound[event.channel].eof = True
-        elif isinstance(event, ap.WindowUpdate):
-            stream = self._streams.get(event.stream)
-            if stream is not None and stream.credit is not None and event.channel == ap.STDIN:
-                stream.credit.grant(event.increment)
-        elif isinstance(event, ap.Reply):
+                stream.chunks[event.channel].append(event.data)  # type: ignore[arg-type]
+        elif isinstance(event, ap.Message):  # a REPLY or an END, checked and typed
             stream = self._streams.get(event.stream)
             if stream is not None:
-                stream.reply = event.body
-                window = event.body.get("window")
-                if isinstance(window, int) and 0 < window <= ap.MAX_WINDOW:
-                    stream.credit = ap.SendCredit(window)
-        elif isinstance(event, ap.End):
-            stream = self._streams.get(event.stream)
-            if stream is not None:
-                stream.end = event.body
+                if event.FRAME == ap.REPLY:
+                    stream.reply = event
+                else:
+                    stream.end = event
         elif isinstance(event, ap.Pong):
             if event.payload in self._pongs:
                 self._pongs[event.payload] = printable(event.boot_id)
-        elif isinstance(event, ap.Hello):
-            pass  # an answer to an earlier HELLO of ours
         elif isinstance(event, ap.ErrorNotice):
             self._fail(AgentProtocolError, f"the guest agent received garbage and dropped the session: "
                                            f"{printable(event.message)}")
-        elif isinstance(event, ap.Garbage):
-            self._fail(AgentProtocolError, f"the guest agent sent {printable(event.message)}")
-        else:
-            self._fail(AgentProtocolError, f"the guest agent sent {type(event).__name__}, a host's frame")
+        # Eof and WindowUpdate: the protocol keeps channel states and credit; waiters recheck.
 
-    def _consumed(self, stream_id: int, channel: int, inbound: _Inbound, count: int) -> bytes:
-        """The consumer took ``count`` bytes; returns a WINDOW frame to send, if one is due."""
-        increment = inbound.window.consumed(count)
-        if not increment:
-            return b""
-        frame = ap.encode_window(stream_id, channel, increment)
-        if inbound.discard:
-            self._pending_frames.append(frame)
-        return frame
+    def _encode(self, event: ap.Event) -> bytes:
+        """``event``'s bytes; an event the protocol refuses is an AgentError (our bug, or a race)."""
+        try:
+            return self._protocol.send(event)
+        except ap.ProtocolError as error:
+            raise AgentError(f"vmcache cannot send that to the guest agent: {error}") from None
 
     async def _send(self, data: bytes) -> None:
         """Write whole frames: shielded (never half a frame) and bounded by SEND_TIMEOUT."""
@@ -337,19 +323,32 @@ class AgentConnection:
 
     # --- Streams ----------------------------------------------------------------------------------
 
-    async def _request(
-        self, body: dict[str, Any], inbound: Sequence[int] = (), *, close_stdin: bool = False,
-    ) -> tuple[_Stream, dict[str, Any]]:
-        """Open a stream with a REQUEST; return it and the guest's REPLY (GuestRequestError if refused).
+    def _done(self, stream: _Stream, channel: int) -> bool:
+        """The guest sent EOF on an output channel (or the stream is finished)."""
+        return self._protocol.channel_state(stream.id, channel) is ap.ChannelState.DONE
+
+    def _finished(self, stream: _Stream) -> bool:
+        """The guest is done with a stream: ended, and every output at EOF (or it failed)."""
+        return stream.end is not None and self._protocol.stream_state(stream.id) is ap.StreamState.CLOSED
+
+    def _stdin_ready(self, stream: _Stream) -> bool:
+        """Channel 0 of ``stream`` can take bytes now, or never will."""
+        protocol = self._protocol
+        return (stream.end is not None or stream.forgotten or protocol.send_credit(stream.id, ap.STDIN) > 0
+                or protocol.channel_state(stream.id, ap.STDIN) is not ap.ChannelState.OPEN)
+
+    async def _request(self, request: ap.Message, reply_kind: type[_M], channels: Sequence[int] = (),
+                       *, close_stdin: bool = False) -> tuple[_Stream, _M]:
+        """Open a stream with ``request``; return it and the guest's reply (GuestRequestError if refused).
 
         ``close_stdin`` sends the stdin EOF in the same write (a command run with no input).
         """
-        stream = _Stream(self._next_id, inbound)
-        self._next_id += 1
+        request.stream = self._protocol.next_stream_id()
+        frames = self._encode(request)
+        stream = _Stream(request.stream, channels)
         self._streams[stream.id] = stream
-        frames = ap.encode_request(stream.id, body)
         if close_stdin:
-            frames += ap.encode_eof(stream.id, ap.STDIN)
+            frames += self._encode(ap.Eof(stream.id, ap.STDIN))
         try:
             await self._send(frames)
             await self._wait_for(lambda: stream.reply is not None)
@@ -357,19 +356,20 @@ class AgentConnection:
             await self._abandon(stream)
             raise
         reply = stream.reply
-        assert reply is not None
-        if "error" in reply:
+        if isinstance(reply, ap.ErrorReply):
             self._forget(stream)
-            raise GuestRequestError(printable(str(reply["error"])), reply.get("errno") or None)
+            raise GuestRequestError(printable(reply.message), reply.errno or None)
+        assert isinstance(reply, reply_kind)  # the protocol reads a reply as its request's kind
         return stream, reply
 
     async def _abandon(self, stream: _Stream) -> None:
         """Tell the guest to drop a stream we give up on (kill its process); shielded, bounded."""
+        stream.cut = {channel for channel in stream.chunks if not self._done(stream, channel)}
         self._forget(stream)
-        if self._failure is None:
+        if self._failure is None and self._protocol.stream_state(stream.id) is not ap.StreamState.CLOSED:
             with trio.CancelScope(shield=True):
                 try:
-                    await self._send(ap.encode_reset(stream.id))
+                    await self._send(self._encode(ap.Reset(stream.id)))
                 except AgentError:
                     pass
 
@@ -377,29 +377,29 @@ class AgentConnection:
         stream.forgotten = True
         self._streams.pop(stream.id, None)
 
-    async def _call(self, body: dict[str, Any]) -> dict[str, Any]:
-        stream, reply = await self._request(body)
+    async def _call(self, request: ap.Message, reply_kind: type[_M]) -> _M:
+        stream, reply = await self._request(request, reply_kind)
         self._forget(stream)
         return reply
 
     async def _take(self, stream: _Stream, channel: int, max_bytes: int | None) -> bytes:
         """Next bytes on an output channel (b"" at its end), granting credit back."""
-        inbound = stream.inbound[channel]
-        await self._wait_for(lambda: bool(inbound.chunks) or inbound.eof or stream.forgotten
-                             or (stream.end is not None and "error" in stream.end))
-        if not inbound.chunks:
+        chunks = stream.chunks[channel]
+        await self._wait_for(lambda: bool(chunks) or self._done(stream, channel)
+                             or isinstance(stream.end, ap.ErrorEnd))
+        if not chunks:
             _raise_stream_error(stream)
-            if stream.forgotten and not inbound.eof:
+            if channel in stream.cut:
                 raise trio.ClosedResourceError("the guest stream was closed")
             return b""
-        chunk = inbound.chunks[0]
+        chunk = chunks[0]
         if max_bytes is not None and max_bytes < len(chunk):
-            inbound.chunks[0] = chunk[max_bytes:]
+            chunks[0] = chunk[max_bytes:]
             chunk = chunk[:max_bytes]
         else:
-            inbound.chunks.popleft()
-        frame = self._consumed(stream.id, channel, inbound, len(chunk))
-        if frame and not stream.forgotten:
+            chunks.popleft()
+        frame = self._protocol.consumed(stream.id, channel, len(chunk))
+        if frame:
             await self._send(frame)
         return chunk
 
@@ -407,13 +407,13 @@ class AgentConnection:
         """Send ``data`` on channel 0 as the guest's credit allows."""
         view = memoryview(data).cast("B")
         while view:
-            await self._wait_for(lambda: _stdin_ready(stream))
+            await self._wait_for(lambda: self._stdin_ready(stream))
             _raise_stream_error(stream)
-            if stream.stdin_broken or stream.end is not None or stream.forgotten or stream.credit is None:
+            credit = self._protocol.send_credit(stream.id, ap.STDIN)
+            if stream.end is not None or stream.forgotten or not credit:
                 raise trio.BrokenResourceError("the guest process does not read its stdin any more")
-            count = min(len(view), stream.credit.available, ap.CHUNK)
-            stream.credit.take(count)
-            await self._send(ap.encode_data_header(stream.id, ap.STDIN, count) + view[:count])
+            count = min(len(view), credit, ap.CHUNK)
+            await self._send(self._protocol.send_data_header(stream.id, ap.STDIN, count) + view[:count])
             view = view[count:]
 
     # --- Requests ---------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ class AgentConnection:
         payload = os.urandom(8)
         self._pongs[payload] = None
         try:
-            await self._send(ap.encode_ping(payload))
+            await self._send(self._encode(ap.Ping(payload)))
             await self._wait_for(lambda: self._pongs[payload] is not None)
             return self._pongs[payload] or ""
         finally:
@@ -431,24 +431,24 @@ class AgentConnection:
 
     async def add_entropy(self, data: bytes | None = None) -> None:
         """Credit host randomness (64 fresh bytes by default) to the guest's pool and reseed its CRNG."""
-        await self._call({"op": "entropy", "data": os.urandom(64) if data is None else bytes(data)})
+        entropy = os.urandom(64) if data is None else bytes(data)
+        await self._call(_build(ap.EntropyRequest, entropy), ap.DoneReply)
 
     async def set_clock(self, unix_seconds: float | None = None) -> None:
         """Set the guest's clock (CLOCK_REALTIME), to the host's by default."""
         seconds = time.time() if unix_seconds is None else float(unix_seconds)
-        await self._call({"op": "clock", "seconds": seconds})
+        await self._call(_build(ap.ClockRequest, seconds), ap.DoneReply)
 
     async def online_resources(self) -> GuestResources:
         """Online hot-added CPUs and memory; return what the guest then sees."""
-        reply = await self._call({"op": "online"})
-        for problem in reply.get("problems", []):
-            log.warning("the guest could not online %s", problem)
-        return GuestResources(online_cpus=int(reply.get("online_cpus", 0)),
-                              mem_total_kib=int(reply.get("mem_total_kib", 0)))
+        reply = await self._call(ap.OnlineRequest(0), ap.OnlineReply)
+        for problem in reply.problems:
+            log.warning("the guest could not online %s", printable(problem))
+        return GuestResources(online_cpus=reply.online_cpus, mem_total_kib=reply.mem_total_kib)
 
     async def mkdir(self, path: str, *, mode: int = 0o755) -> None:
         """``mkdir -p`` in the guest; ``mode`` applies to the last directory if it is made."""
-        await self._call({"op": "mkdir", "path": _absolute(path), "mode": mode})
+        await self._call(_build(ap.MkdirRequest, path, mode & 0o7777), ap.DoneReply)
 
     # --- Processes --------------------------------------------------------------------------------
 
@@ -473,15 +473,18 @@ class AgentConnection:
         ``capture_stderr``, that output goes to /dev/null in the guest.
         """
         args = list(argv)
-        body = _exec_body(args, env, cwd, pty, timeout, capture_stdout, capture_stderr)
-        return _ProcessContext(self, args, body)
+        request = _build(
+            ap.ExecRequest, args, dict(env or {}), cwd, (pty.rows, pty.cols) if pty is not None else None,
+            timeout, capture_stdout or pty is not None,  # a pty's output must be read anyway
+            capture_stderr and pty is None, OUTPUT_WINDOW)
+        return _ProcessContext(self, args, request)
 
-    async def _start_process(self, args: list[str | bytes], body: dict[str, Any],
+    async def _start_process(self, args: list[str | bytes], request: ap.ExecRequest,
                              close_stdin: bool = False) -> GuestProcess:
-        wanted = ((ap.STDOUT, body["stdout"]), (ap.STDERR, body["stderr"]))
-        inbound = [channel for channel, want in wanted if want]
-        stream, reply = await self._request(body, inbound, close_stdin=close_stdin)
-        return GuestProcess(self, stream, args, int(reply.get("pid", 0)), stdin_closed=close_stdin)
+        channels = [channel for channel, wanted in ((ap.STDOUT, request.stdout), (ap.STDERR, request.stderr))
+                    if wanted]
+        stream, reply = await self._request(request, ap.ExecReply, channels, close_stdin=close_stdin)
+        return GuestProcess(self, stream, args, reply.pid, stdin_closed=close_stdin)
 
     async def run(
         self,
@@ -494,54 +497,63 @@ class AgentConnection:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CompletedProcess:
         """Run ``argv`` to its end, like :func:`trio.run_process`; feeds ``stdin``, collects output.
 
         Output not captured goes to /dev/null in the guest (``stdout``/``stderr``
         are then None). ``check=True`` raises :class:`GuestProcessError` for a
-        non-zero status. Cancelling kills the guest process.
+        non-zero status. Cancelling kills the guest process. More than
+        ``max_output`` bytes of stdout and stderr together (64 MiB by default)
+        kills it and raises :class:`GuestOutputLimitError`: read such output
+        as a stream with :meth:`open_process`.
         """
         context = self.open_process(argv, env=env, cwd=cwd, timeout=timeout,
                                     capture_stdout=capture_stdout, capture_stderr=capture_stderr)
         assert isinstance(context, _ProcessContext)
         context.close_stdin = not stdin
+        protocol = self._protocol
         async with context as process:
             stream = process._stream
-            collected = {channel: bytearray() for channel in stream.inbound}
+            collected = {channel: bytearray() for channel in stream.chunks}
+            total = 0
             pending = memoryview(stdin).cast("B")
             stdin_open = bool(stdin)
             # One task does it all (no nursery, so no exception groups): drain output,
             # feed stdin as credit comes, until the exit and every output's EOF.
             while True:
-                for channel, inbound in stream.inbound.items():
-                    while inbound.chunks:
-                        chunk = inbound.chunks.popleft()
+                for channel, chunks in stream.chunks.items():
+                    while chunks:
+                        chunk = chunks.popleft()
+                        total += len(chunk)
+                        if total > max_output:
+                            raise GuestOutputLimitError(
+                                f"guest command {_shown(process.args)} printed more than max_output="
+                                f"{max_output} bytes and was killed: read its output as a stream "
+                                "(open_process) or pass a larger max_output")
                         collected[channel] += chunk
-                        frame = self._consumed(stream.id, channel, inbound, len(chunk))
+                        frame = self._protocol.consumed(stream.id, channel, len(chunk))
                         if frame:
                             await self._send(frame)
-                if stdin_open and (stream.stdin_broken or stream.end is not None):
+                credit = protocol.send_credit(stream.id, ap.STDIN)
+                if stdin_open and (stream.end is not None or
+                                   protocol.channel_state(stream.id, ap.STDIN) is not ap.ChannelState.OPEN):
                     stdin_open = False
-                elif stdin_open and pending and stream.credit is not None and stream.credit.available > 0:
-                    count = min(len(pending), stream.credit.available, ap.CHUNK)
-                    stream.credit.take(count)
-                    await self._send(ap.encode_data_header(stream.id, ap.STDIN, count) + pending[:count])
+                elif stdin_open and pending and credit > 0:
+                    count = min(len(pending), credit, ap.CHUNK)
+                    await self._send(protocol.send_data_header(stream.id, ap.STDIN, count) + pending[:count])
                     pending = pending[count:]
                     continue
                 elif stdin_open and not pending:
                     stdin_open = False
-                    await self._send(ap.encode_eof(stream.id, ap.STDIN))
+                    await self._send(self._encode(ap.Eof(stream.id, ap.STDIN)))
                     continue
-                if _finished(stream):
+                if self._finished(stream):
                     break
 
                 def progress(stdin_open: bool = stdin_open) -> bool:
-                    if any(inbound.chunks for inbound in stream.inbound.values()):
-                        return True
-                    if stdin_open and (stream.stdin_broken or stream.end is not None or (
-                            stream.credit is not None and stream.credit.available > 0)):
-                        return True
-                    return _finished(stream)
+                    return (any(stream.chunks.values()) or (stdin_open and self._stdin_ready(stream))
+                            or self._finished(stream))
 
                 await self._wait_for(progress)
             _raise_stream_error(stream)
@@ -572,30 +584,43 @@ class AgentConnection:
         end, so the file never exists half-written under its name. ``data``
         is bytes, a stream, or an async iterable of bytes, of any size.
         """
-        stream, _ = await self._request({"op": "write_file", "path": _absolute(path), "mode": mode})
+        request = _build(ap.WriteFileRequest, path, mode & 0o7777)
+        stream, _ = await self._request(request, ap.WriteFileReply)
         try:
             async for chunk in _chunks(data):
                 await self._give(stream, chunk)
-            await self._send(ap.encode_eof(stream.id, ap.STDIN))
+            if self._protocol.channel_state(stream.id, ap.STDIN) is ap.ChannelState.OPEN:
+                await self._send(self._encode(ap.Eof(stream.id, ap.STDIN)))
             await self._wait_for(lambda: stream.end is not None)
         except BaseException:
             await self._abandon(stream)
             raise
         self._forget(stream)
         _raise_stream_error(stream)
-        assert stream.end is not None
-        return int(stream.end.get("size", 0))
+        assert isinstance(stream.end, ap.FileEnd)
+        return stream.end.size
 
     def open_file(self, path: str) -> AbstractAsyncContextManager[GuestFile]:
         """Read a guest file as a stream: ``async with conn.open_file(p) as f: await f.receive_some()``."""
-        return _FileContext(self, _absolute(path))
+        return _FileContext(self, _build(ap.ReadFileRequest, path, OUTPUT_WINDOW))
 
-    async def read_file(self, path: str) -> bytes:
-        """A whole guest file's bytes."""
+    async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
+        """A whole guest file's bytes; more than ``max_size`` (64 MiB by default) raises
+        :class:`GuestOutputLimitError`: read such a file as a stream with :meth:`open_file`."""
         async with self.open_file(path) as file:
             chunks = []
-            while chunk := await file.receive_some():
-                chunks.append(chunk)
+            total = file.size
+            if total <= max_size:
+                total = 0
+                while chunk := await file.receive_some():
+                    total += len(chunk)
+                    if total > max_size:
+                        break
+                    chunks.append(chunk)
+            if total > max_size:
+                raise GuestOutputLimitError(
+                    f"the guest file {path} is larger than max_size={max_size} bytes: read it as a "
+                    "stream (open_file), or pass a larger max_size")
         return b"".join(chunks)
 
     # --- Closing ----------------------------------------------------------------------------------
@@ -604,6 +629,37 @@ class AgentConnection:
         """Close the connection; the guest ends the session (and kills its processes)."""
         self._fail(AgentError, "the connection to the guest agent was closed")
         await self._stream.aclose()
+
+
+class _Opened(AbstractAsyncContextManager[AgentConnection]):
+    """:meth:`AgentConnection.open`: a nursery for the reader task, for as long as the block runs.
+
+    The reader never raises, so the block's own exception comes out as it is, not in a group.
+    """
+
+    def __init__(self, kind: type[AgentConnection], stream: trio.abc.Stream, timeout: float) -> None:
+        self._kind, self._stream, self._timeout = kind, stream, timeout
+        self._nursery_manager = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+        self._connection: AgentConnection | None = None
+
+    async def __aenter__(self) -> AgentConnection:
+        self._nursery = await self._nursery_manager.__aenter__()
+        try:
+            self._connection = await self._kind.start(self._stream, timeout=self._timeout)
+        except BaseException:
+            await self._nursery_manager.__aexit__(None, None, None)  # nothing runs in it yet
+            raise
+        self._nursery.start_soon(self._connection._reader)
+        return self._connection
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        assert self._connection is not None and self._nursery is not None
+        with trio.CancelScope(shield=True):
+            await self._connection.aclose()
+        self._nursery.cancel_scope.cancel()
+        await self._nursery_manager.__aexit__(None, None, None)
 
 
 class GuestProcess:
@@ -626,23 +682,23 @@ class GuestProcess:
         self.pid = pid
         self.stdin: trio.abc.SendStream | None = _StdinStream(connection, stream, closed=stdin_closed)
         self.stdout: trio.abc.ReceiveStream | None = (
-            _OutputStream(connection, stream, ap.STDOUT) if ap.STDOUT in stream.inbound else None)
+            _OutputStream(connection, stream, ap.STDOUT) if ap.STDOUT in stream.chunks else None)
         self.stderr: trio.abc.ReceiveStream | None = (
-            _OutputStream(connection, stream, ap.STDERR) if ap.STDERR in stream.inbound else None)
+            _OutputStream(connection, stream, ap.STDERR) if ap.STDERR in stream.chunks else None)
 
     @property
     def returncode(self) -> int | None:
         end = self._stream.end
         if end is None:
             return None
-        if "error" in end:
-            return -signal.SIGKILL
-        return int(end.get("returncode", -1))
+        if isinstance(end, ap.ProcessEnd):
+            return end.returncode
+        return -signal.SIGKILL  # the agent gave up on it
 
     @property
     def timed_out(self) -> bool:
         """The guest killed the process because its timeout passed."""
-        return bool(self._stream.end and self._stream.end.get("timed_out"))
+        return isinstance(self._stream.end, ap.ProcessEnd) and self._stream.end.timed_out
 
     async def wait(self) -> int:
         """Wait for the process to exit; returns its returncode."""
@@ -654,18 +710,21 @@ class GuestProcess:
 
     async def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the process's group (it has a session of its own)."""
-        if self.returncode is None and not self._stream.forgotten:
-            frame = ap.encode_control(self._stream.id, {"op": "signal", "signal": int(sig)})
-            await self._connection._send(frame)
+        await self._control(_build(ap.Signal, int(sig)))
 
     async def kill(self) -> None:
         await self.send_signal(signal.SIGKILL)
 
     async def resize(self, rows: int, cols: int) -> None:
         """Resize the pty (the process gets SIGWINCH); no effect without one."""
-        if self.returncode is None and not self._stream.forgotten:
-            await self._connection._send(
-                ap.encode_control(self._stream.id, {"op": "resize", "rows": int(rows), "cols": int(cols)}))
+        await self._control(_build(ap.Resize, int(rows), int(cols)))
+
+    async def _control(self, control: ap.Message) -> None:
+        connection, stream = self._connection, self._stream
+        control.stream = stream.id
+        if self.returncode is None and not stream.forgotten and (
+                connection._protocol.stream_state(stream.id) is ap.StreamState.RUNNING):
+            await connection._send(connection._encode(control))
 
     async def aclose(self) -> None:
         """Kill the process if it still runs and wait for it: shielded, at most KILL_TIMEOUT s."""
@@ -678,25 +737,25 @@ class GuestProcess:
                         await self.wait()
                 except AgentError:
                     pass  # the connection is gone: the guest ends the session, killing the process
-            if self._stream.end is None or any(not inbound.eof for inbound in self._stream.inbound.values()):
-                await connection._abandon(self._stream)
-            else:
+            if connection._finished(self._stream):
                 connection._forget(self._stream)
+            else:
+                await connection._abandon(self._stream)
 
     def __repr__(self) -> str:
         return f"<GuestProcess pid={self.pid} args={self.args!r} returncode={self.returncode}>"
 
 
 class _ProcessContext(AbstractAsyncContextManager[GuestProcess]):
-    def __init__(self, connection: AgentConnection, args: list[str | bytes], body: dict[str, Any]) -> None:
+    def __init__(self, connection: AgentConnection, args: list[str | bytes], request: ap.ExecRequest) -> None:
         self._connection = connection
         self._args = args
-        self._body = body
+        self._request = request
         self._process: GuestProcess | None = None
         self.close_stdin = False
 
     async def __aenter__(self) -> GuestProcess:
-        self._process = await self._connection._start_process(self._args, self._body, self.close_stdin)
+        self._process = await self._connection._start_process(self._args, self._request, self.close_stdin)
         return self._process
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
@@ -732,14 +791,13 @@ class _OutputStream(trio.abc.ReceiveStream):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        inbound = self._stream.inbound[self._channel]
-        inbound.discard = True
-        connection = self._connection
+        stream, connection = self._stream, self._connection
+        stream.discard.add(self._channel)
+        chunks = stream.chunks[self._channel]
         frames = b""
-        while inbound.chunks:
-            count = len(inbound.chunks.popleft())
-            frames += connection._consumed(self._stream.id, self._channel, inbound, count)
-        if frames and not self._stream.forgotten and connection._failure is None:
+        while chunks:
+            frames += connection._protocol.consumed(stream.id, self._channel, len(chunks.popleft()))
+        if frames and not stream.forgotten and connection._failure is None:
             with trio.CancelScope(shield=True):
                 try:
                     await connection._send(frames)
@@ -770,18 +828,19 @@ class _StdinStream(trio.abc.SendStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         stream = self._stream
-        await self._connection._wait_for(lambda: _stdin_ready(stream))
+        await self._connection._wait_for(lambda: self._connection._stdin_ready(stream))
 
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        stream = self._stream
-        if not (stream.stdin_broken or stream.end is not None or stream.forgotten):
+        stream, connection = self._stream, self._connection
+        if not stream.forgotten and stream.end is None and (
+                connection._protocol.channel_state(stream.id, ap.STDIN) is ap.ChannelState.OPEN):
             with trio.CancelScope(shield=True):
                 try:
-                    await self._connection._send(ap.encode_eof(stream.id, ap.STDIN))
+                    await connection._send(connection._encode(ap.Eof(stream.id, ap.STDIN)))
                 except AgentError:
                     pass
         await trio.lowlevel.checkpoint()
@@ -821,15 +880,14 @@ class GuestFile(trio.abc.ReceiveStream):
 
 
 class _FileContext(AbstractAsyncContextManager[GuestFile]):
-    def __init__(self, connection: AgentConnection, path: str) -> None:
+    def __init__(self, connection: AgentConnection, request: ap.ReadFileRequest) -> None:
         self._connection = connection
-        self._path = path
+        self._request = request
         self._file: GuestFile | None = None
 
     async def __aenter__(self) -> GuestFile:
-        stream, reply = await self._connection._request(
-            {"op": "read_file", "path": self._path, "window": OUTPUT_WINDOW}, [ap.STDOUT])
-        self._file = GuestFile(self._connection, stream, int(reply.get("mode", 0)), int(reply.get("size", 0)))
+        stream, reply = await self._connection._request(self._request, ap.ReadFileReply, [ap.STDOUT])
+        self._file = GuestFile(self._connection, stream, reply.mode, reply.size)
         return self._file
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
@@ -838,55 +896,27 @@ class _FileContext(AbstractAsyncContextManager[GuestFile]):
             await self._file.aclose()
 
 
-def _finished(stream: _Stream) -> bool:
-    """The guest is done with a process stream: exited and every output at EOF, or failed."""
-    end = stream.end
-    return end is not None and ("error" in end or all(inbound.eof for inbound in stream.inbound.values()))
-
-
 def _raise_stream_error(stream: _Stream) -> None:
     """A stream the agent gave up on (an internal error there) is an error here."""
-    if stream.end is not None and "error" in stream.end:
-        raise GuestRequestError(printable(str(stream.end["error"])), stream.end.get("errno") or None)
+    if isinstance(stream.end, ap.ErrorEnd):
+        raise GuestRequestError(printable(stream.end.message), stream.end.errno or None)
 
 
-def _stdin_ready(stream: _Stream) -> bool:
-    """Channel 0 of ``stream`` can take bytes now, or never will."""
-    return (stream.stdin_broken or stream.end is not None or stream.forgotten
-            or (stream.credit is not None and stream.credit.available > 0))
+def _build(kind: type[_M], *fields: Any) -> _M:
+    """A request or control (its stream id set when sent); a bad argument is an AgentError."""
+    try:
+        return kind(0, *fields)
+    except ap.ProtocolError as error:
+        raise AgentError(f"cannot ask that of the guest: {error}") from None
 
 
-def _absolute(path: str) -> str:
-    if not path.startswith("/") or "\0" in path:
-        raise AgentError(f"a guest path must be absolute (and without NUL): {path!r}")
-    return path
+def _broke(error: ap.ProtocolError) -> str:
+    return f"the guest agent broke the protocol: {printable(str(error))}"
 
 
-def _exec_body(args: list[str | bytes], env: Mapping[str, str] | None, cwd: str | None, pty: PtySize | None,
-               timeout: float | None, capture_stdout: bool, capture_stderr: bool) -> dict[str, Any]:
-    if not args:
-        raise AgentError("argv must name a command")
-    for arg in args:
-        if (b"\0" if isinstance(arg, bytes) else "\0") in arg:  # type: ignore[operator]
-            raise AgentError(f"a command argument cannot contain a NUL byte: {arg!r}")
-    for key, value in (env or {}).items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise AgentError(f"bad environment variable for the guest: {key!r}")
-    if cwd is not None and ("\0" in cwd or not cwd):
-        raise AgentError(f"bad working directory for the guest: {cwd!r}")
-    if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
-        raise AgentError(f"bad timeout: {timeout!r}")
-    return {
-        "op": "exec",
-        "argv": args,
-        "env": dict(env or {}),
-        "cwd": cwd,
-        "pty": [pty.rows, pty.cols] if pty is not None else None,
-        "timeout": float(timeout) if timeout is not None else None,
-        "stdout": capture_stdout or pty is not None,  # a pty's output must be read anyway
-        "stderr": capture_stderr and pty is None,
-        "window": OUTPUT_WINDOW,
-    }
+def _shown(args: Sequence[str | bytes]) -> str:
+    return printable(" ".join(arg if isinstance(arg, str) else arg.decode("utf-8", "replace")
+                              for arg in args)[:200])
 
 
 async def _chunks(
@@ -929,10 +959,13 @@ def guest_agent_files() -> dict[str, bytes]:
     """The files a guest image carries side by side (e.g. in ``/run/vmcache/agent/``).
 
     Start the agent with ``/usr/bin/python3 -E -s <dir>/vmcache_agent.py --init``
-    as PID 1; it imports ``agent_protocol`` from its own directory.
+    as PID 1; it imports its modules and ``agent_protocol`` from its own directory.
     """
     here = Path(__file__).parent
     return {
         "vmcache_agent.py": (here / "guest" / "vmcache_agent.py").read_bytes(),
+        "agent_base.py": (here / "guest" / "agent_base.py").read_bytes(),
+        "agent_process.py": (here / "guest" / "agent_process.py").read_bytes(),
+        "agent_files.py": (here / "guest" / "agent_files.py").read_bytes(),
         "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
     }

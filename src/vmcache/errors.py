@@ -125,6 +125,12 @@ class GuestRequestError(AgentError):
         self.errno = errno
 
 
+class GuestOutputLimitError(VMError):
+    """A guest command printed, or a guest file held, more than the call's limit (``max_output``
+    of ``run()``, ``max_size`` of ``read_file()``; 64 MiB by default): the command was killed, the
+    read stopped. Read it as a stream (``open_process()``, ``open_file()``) or pass a larger limit."""
+
+
 class GuestProcessError(VmcacheError):
     """A command run with ``check=True`` exited with a non-zero status (or was killed).
 

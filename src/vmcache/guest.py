@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 
 from ._unix import connect_when_ready
-from .agent import AgentConnection, CompletedProcess, GuestFile, GuestProcess, PtySize
+from .agent import DEFAULT_MAX_OUTPUT, AgentConnection, CompletedProcess, GuestFile, GuestProcess, PtySize
 from .backoff import Backoff
 from .console import CONSOLE_LOG, read_console
 from .console import telling_console_line as telling
@@ -205,18 +205,21 @@ class GuestAPI:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CompletedProcess:
         """Run ``argv`` in the guest to its end, like :func:`trio.run_process` (no shell).
 
         ``returncode`` is negative for a signal (-9: SIGKILL); a command that does not
         exist is 127 with one line on its stderr. ``check=True`` raises
         :class:`~vmcache.errors.GuestProcessError` for a non-zero status; ``timeout``
-        makes the guest kill it. Cancelling kills the guest process.
+        makes the guest kill it. Cancelling kills the guest process. Output past
+        ``max_output`` bytes (stdout and stderr together, 64 MiB by default) kills it and
+        raises :class:`~vmcache.errors.GuestOutputLimitError`: stream it with :meth:`open_process`.
         """
         async with self._explained() as connection:
             return await connection.run(argv, stdin=stdin, capture_stdout=capture_stdout,
                                         capture_stderr=capture_stderr, check=check, env=env,
-                                        cwd=cwd, timeout=timeout)
+                                        cwd=cwd, timeout=timeout, max_output=max_output)
 
     @asynccontextmanager
     async def open_process(
@@ -250,10 +253,11 @@ class GuestAPI:
         async with self._explained() as connection:
             return await connection.write_file(path, data, mode=mode)
 
-    async def read_file(self, path: str) -> bytes:
-        """A whole guest file's bytes."""
+    async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
+        """A whole guest file's bytes; past ``max_size`` (64 MiB by default)
+        :class:`~vmcache.errors.GuestOutputLimitError`: stream it with :meth:`open_file`."""
         async with self._explained() as connection:
-            return await connection.read_file(path)
+            return await connection.read_file(path, max_size=max_size)
 
     @asynccontextmanager
     async def open_file(self, path: str) -> AsyncIterator[GuestFile]:

@@ -54,6 +54,9 @@ AGENT_DIR = "vmcache/agent"
 #: (file name in the initramfs, the vmcache package resource it comes from)
 AGENT_FILES = (
     ("vmcache_agent.py", ("guest", "vmcache_agent.py")),
+    ("agent_base.py", ("guest", "agent_base.py")),
+    ("agent_process.py", ("guest", "agent_process.py")),
+    ("agent_files.py", ("guest", "agent_files.py")),
     ("agent_protocol.py", ("agent_protocol.py",)),
 )
 
