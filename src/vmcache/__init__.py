@@ -136,7 +136,6 @@ _WHERE = {
 }
 
 
-
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
