@@ -28,16 +28,12 @@ from google.protobuf.empty_pb2 import Empty
 from ._proto import cache_pb2
 from .errors import (
     CacheError,
-    FailedPreconditionError,
-    HandleError,
     HandOutAbortedError,
     LeaseLostError,
-    PermissionDeniedError,
     VmcacheError,
-    VMGoneError,
     raise_unwrapped,
 )
-from .handle import VMHandle
+from .handle import STOP_VM_WAIT, VMHandle, request_stop
 from .process import PidfdProcess
 from .rpc.client import Call, Channel, open_channel
 from .wire import (
@@ -56,7 +52,6 @@ QUIT_WAIT = 60.0
 CLAIM_WAIT = 10.0
 RELEASE_WAIT = 20.0
 #: How long the daemon may take to stop a VM for StopVM (its own bound is 15 s).
-STOP_VM_WAIT = 20.0
 #: Offers of a VM that died before the claim are retried this many times.
 TAKE_ATTEMPTS = 3
 
@@ -201,10 +196,7 @@ class CacheClient:
         """Have the daemon stop a VM it handed out (``StopVM``; it checks we own the VM and
         that the handle's pid, start time and run directory are the VM's). True if it was
         still running; :class:`UnknownVMError` if the daemon does not hold it."""
-        reply = await self._channel.unary("StopVM", cache_pb2.StopVMRequest(
-            vm_id=handle.id, pid=handle.pid, start_time=max(0, handle.start_time), run_dir=handle.run_dir,
-        ), cache_pb2.StopVMReply, timeout)
-        return bool(reply.was_running)
+        return await request_stop(self._channel, handle, timeout)
 
     # ------------------------------------------------------------ the rest
 
@@ -239,25 +231,6 @@ async def _expect_end(call: Call) -> None:
     with trio.fail_after(RELEASE_WAIT):
         while await call.receive() is not None:
             pass
-
-
-async def stop_via_daemon(endpoint: Path, handle: VMHandle) -> bool:
-    """``VMHandle.stop`` for a VM a daemon handed out: True once the daemon stopped it;
-    False if the daemon cannot (it does not answer, does not know the VM, or is too old for
-    StopVM): the caller then stops the VM itself, with every check of its own. A refusal
-    (not our VM, an edited handle) is raised: nothing is to be touched then."""
-    try:
-        async with connect(endpoint) as cache:
-            was_running = await cache.stop_vm(handle)
-    except PermissionDeniedError:
-        raise
-    except FailedPreconditionError as error:
-        raise HandleError(error.detail) from None
-    except CacheError:
-        return False  # no daemon, not its VM, UNIMPLEMENTED, a broken connection: ours to do
-    if not was_running:
-        raise VMGoneError(f"VM {handle.id} is not running (already stopped, or it died)")
-    return True
 
 
 @asynccontextmanager

@@ -17,17 +17,30 @@ import attrs
 import cattrs
 import trio
 
+from ._proto import cache_pb2
 from ._unix import connect_when_ready
 from .cgroup import manager as cgroup_manager
-from .errors import HandleError, VmcacheError, VMGoneError
+from .errors import (
+    CacheError,
+    FailedPreconditionError,
+    HandleError,
+    PermissionDeniedError,
+    VmcacheError,
+    VMGoneError,
+)
 from .guest import Guest, GuestAPI
 from .identity import open_verified
 from .paths import default_run_dir, vm_run_dir
 from .process import PidfdProcess, ProcessLike, stop_process
 from .qmp import QMPClient
+from .rpc.client import Channel, open_channel
 
 CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 3.0
+#: How long the daemon gets to stop a VM it handed out (``StopVM``).
+STOP_VM_WAIT = 20.0
+#: The gRPC service (from the proto, as :data:`vmcache.wire.SERVICE`).
+SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
 async def quit_via_qmp(qmp_socket: Path) -> None:
@@ -212,13 +225,10 @@ class VMHandle(GuestAPI):
         if vm_run_dir(Path("/"), self.id) is None:
             raise HandleError(f"not a VM handle of ours: the id {self.id[:40]!r} is not a vmcache VM id")
         await self.disconnect()
-        if self.endpoint and run_root is None:
-            # The daemon finds the VM by its id alone, and checks the rest against its own
-            # records; our run root need not be its (a user's is not a root daemon's).
-            from .client import stop_via_daemon
-
-            if await stop_via_daemon(Path(self.endpoint), self):
-                return
+        # A daemon finds the VM by its id alone, and checks the rest against its own
+        # records; our run root need not be its (a user's is not a root daemon's).
+        if self.endpoint and run_root is None and await _stop_via_daemon(Path(self.endpoint), self):
+            return
         run_dir = self.run_dir_path(run_root)
         process = self._process(run_root)
         if process is None:
@@ -253,3 +263,34 @@ def _remove_tree(path: Path) -> None:
 
 
 _CONVERTER = cattrs.Converter()
+
+
+async def request_stop(channel: Channel, handle: VMHandle, timeout: float = STOP_VM_WAIT) -> bool:
+    """Ask the daemon on ``channel`` to stop the VM it handed out (``StopVM``; it checks
+    that we own the VM and that the handle's pid, start time and run directory are the
+    VM's). True if it was still running."""
+    reply = await channel.unary("StopVM", cache_pb2.StopVMRequest(
+        vm_id=handle.id, pid=handle.pid, start_time=max(0, handle.start_time), run_dir=handle.run_dir,
+    ), cache_pb2.StopVMReply, timeout)
+    return bool(reply.was_running)
+
+
+async def _stop_via_daemon(endpoint: Path, handle: VMHandle) -> bool:
+    """``VMHandle.stop`` for a VM a daemon handed out: True once the daemon stopped it;
+    False if the daemon cannot (it does not answer, does not know the VM, or is too old for
+    StopVM): the caller then stops the VM itself, with every check of its own. A refusal
+    (not our VM, an edited handle) is raised: nothing is to be touched then. Spoken here
+    rather than through :class:`~vmcache.client.CacheClient`, which hands out handles and
+    so imports this module."""
+    try:
+        async with open_channel(endpoint, SERVICE) as channel:
+            was_running = await request_stop(channel, handle)
+    except PermissionDeniedError:
+        raise
+    except FailedPreconditionError as error:
+        raise HandleError(error.detail) from None
+    except CacheError:
+        return False  # no daemon, not its VM, UNIMPLEMENTED, a broken connection: ours to do
+    if not was_running:
+        raise VMGoneError(f"VM {handle.id} is not running (already stopped, or it died)")
+    return True

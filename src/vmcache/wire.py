@@ -16,7 +16,7 @@ from .errors import CacheError
 from .handle import VMHandle
 from .lifecycle import Phase
 
-SERVICE = "cache.CacheService"
+SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
 @attrs.frozen
