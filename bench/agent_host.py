@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from vmcache.agent import AgentConnection, guest_agent_files
+from vmcache.agent_client import AgentConnection, guest_agent_files
 
 
 async def measure(size: int, python: str, agent_dir: Path) -> dict[str, float]:

@@ -21,9 +21,9 @@ import pytest
 import trio
 import trio.testing
 
-from vmcache import agent as agent_module
+from vmcache import agent_client as agent_module
 from vmcache import agent_protocol as ap
-from vmcache.agent import AgentConnection, GuestProcess, PtySize, guest_agent_files
+from vmcache.agent_client import AgentConnection, GuestProcess, PtySize, guest_agent_files
 from vmcache.errors import (
     AgentError,
     AgentProtocolError,

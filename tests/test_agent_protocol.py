@@ -14,7 +14,7 @@ import pytest
 from vmcache import agent_protocol as ap
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "vmcache"
-GUEST_FILES = [SRC / "agent_protocol.py", *sorted((SRC / "guest").glob("*.py"))]
+GUEST_FILES = [SRC / "agent_protocol.py", *sorted((SRC / "in_guest").glob("*.py"))]
 
 #: What Debian's python3-minimal ships besides builtins (checked against the package's file list),
 #: plus modules the guest imports only under TYPE_CHECKING or only optionally.

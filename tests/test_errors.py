@@ -25,7 +25,7 @@ from vmcache.errors import (
     raise_unwrapped,
     unwrap_group,
 )
-from vmcache.guest import GuestAPI
+from vmcache.guest_api import GuestAPI
 from vmcache.rpc.status import TABLE, Row, error_for, status_for
 from vmcache.rpc.transport import Code, RpcStatus
 

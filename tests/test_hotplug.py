@@ -12,7 +12,7 @@ import pytest
 import trio
 from conftest import write_config
 
-from vmcache.agent import GuestResources
+from vmcache.agent_client import GuestResources
 from vmcache.config import VMSpec, load_config, resolve_spec
 from vmcache.errors import ResizeError, SizeLimitError
 from vmcache.hotplug import _pending, _shortfall, grow, target_size

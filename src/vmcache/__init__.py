@@ -20,7 +20,7 @@ TYPE_CHECKING = False  # not typing's: ``import typing`` costs time the command 
 if TYPE_CHECKING:
     from typing import Any
 
-    from .agent import CompletedProcess, GuestProcess, PtySize
+    from .agent_client import CompletedProcess, GuestProcess, PtySize
     from .client import CacheClient, VMSize, connect
     from .config import Config, load_config, resolve_spec
     from .errors import (
@@ -126,7 +126,7 @@ __all__ = [
 
 _WHERE = {
     "CacheClient": "client", "connect": "client", "VMSize": "client",
-    "CompletedProcess": "agent", "GuestProcess": "agent", "PtySize": "agent",
+    "CompletedProcess": "agent_client", "GuestProcess": "agent_client", "PtySize": "agent_client",
     "Config": "config", "load_config": "config", "resolve_spec": "config",
     **{name: "errors" for name in __all__ if name.endswith("Error")},  # every class of errors.py
     "VMHandle": "handle",

@@ -81,7 +81,7 @@ class RotatingLog:
 
     Rotation copies ``path`` into ``path.1`` and truncates ``path`` (no renames), so that
     both files keep their inodes for the VM's life: a reader that opened them (a
-    :class:`~vmcache.guest.Guest`, whose VM's run directory may be removed before it reads
+    :class:`~vmcache.guest_api.Guest`, whose VM's run directory may be removed before it reads
     why the VM died) goes on seeing the newest bytes. Writes that fail (a full file
     system) are dropped: the console is a diagnostic, never a reason to fail.
     """

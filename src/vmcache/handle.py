@@ -28,7 +28,7 @@ from .errors import (
     VmcacheError,
     VMGoneError,
 )
-from .guest import Guest, GuestAPI
+from .guest_api import Guest, GuestAPI
 from .identity import open_verified
 from .paths import default_run_dir, vm_run_dir
 from .process import PidfdProcess, ProcessLike, stop_process
@@ -79,7 +79,7 @@ class VMHandle(GuestAPI):
 
     ``str(handle)`` / :meth:`to_json` is the JSON that ``vmcache get`` prints;
     :meth:`from_json` reads it back. ``async with handle:`` stops the VM on the
-    way out. Processes and files: the methods of :class:`~vmcache.guest.GuestAPI`.
+    way out. Processes and files: the methods of :class:`~vmcache.guest_api.GuestAPI`.
     """
 
     id: str

@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from .agent import AgentConnection, GuestResources
+from .agent_client import AgentConnection, GuestResources
 from .backoff import Backoff
 from .config import MEMORY_HOTPLUG_STEP_MIB, VMSpec
 from .errors import QMPError, ResizeError, SizeLimitError, VMGoneError

@@ -31,7 +31,7 @@ import trio
 
 from ._unix import connect_when_ready
 from .accel import AccelChooser
-from .agent import AgentConnection
+from .agent_client import AgentConnection
 from .cgroup import Cgroup, remove_when_empty
 from .config import VMSpec
 from .console import (
@@ -42,7 +42,7 @@ from .console import (
 )
 from .console import telling_console_line as telling_console_line
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
-from .guest import (
+from .guest_api import (
     CONTROL_PORT,
     CONTROL_SOCKET,
     USER_PORTS,
@@ -250,7 +250,7 @@ class VM(GuestAPI):
     """A QEMU VM this process started and supervises. Made by :func:`launch_vm`.
 
     Its owner runs processes and moves files with the methods of
-    :class:`~vmcache.guest.GuestAPI` (``run``, ``open_process``, ``write_file``, ...),
+    :class:`~vmcache.guest_api.GuestAPI` (``run``, ``open_process``, ``write_file``, ...),
     over a user port; the supervisor's own pings, clock and entropy go over the
     control port (:attr:`agent`).
     """

@@ -24,9 +24,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
-from .agent import GuestProcess, PtySize
+from .agent_client import GuestProcess, PtySize
 from .errors import raise_unwrapped
-from .guest import GuestAPI
+from .guest_api import GuestAPI
 
 CHUNK = 1 << 20
 

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .errors import InvalidRequestError
-from .guest import GuestAPI
+from .guest_api import GuestAPI
 
 CHUNK = 1 << 20
 

@@ -4,7 +4,7 @@
 
 - ``vmlinuz``: the kernel (see :mod:`.kernel` for where it comes from);
 - ``initramfs.cpio.gz``: a static busybox, the modules the guest loads (in
-  dependency order), ``/init`` (``vmcache/guest/init``) and the agent's files
+  dependency order), ``/init`` (``vmcache/in_guest/init``) and the agent's files
   under ``/vmcache/agent/``. The agent travels here, not in the root image, so
   that any image with python3 >= 3.9 works and a new agent needs no new image;
 - the root filesystem image (:mod:`.rootfs`), attached read-only to every VM;
@@ -53,10 +53,10 @@ MANIFEST_FORMAT = 2
 AGENT_DIR = "vmcache/agent"
 #: (file name in the initramfs, the vmcache package resource it comes from)
 AGENT_FILES = (
-    ("vmcache_agent.py", ("guest", "vmcache_agent.py")),
-    ("agent_base.py", ("guest", "agent_base.py")),
-    ("agent_process.py", ("guest", "agent_process.py")),
-    ("agent_files.py", ("guest", "agent_files.py")),
+    ("vmcache_agent.py", ("in_guest", "vmcache_agent.py")),
+    ("agent_base.py", ("in_guest", "agent_base.py")),
+    ("agent_process.py", ("in_guest", "agent_process.py")),
+    ("agent_files.py", ("in_guest", "agent_files.py")),
     ("agent_protocol.py", ("agent_protocol.py",)),
 )
 
@@ -125,7 +125,7 @@ def initramfs_entries(
         "run", "sbin", "sys", "tmp", "vmcache", AGENT_DIR,
     )]
     entries.append(char_device("dev/console", 5, 1))
-    entries.append(regular_file("init", _package_file("guest", "init"), 0o755))
+    entries.append(regular_file("init", _package_file("in_guest", "init"), 0o755))
     entries.append(regular_file("bin/busybox", busybox, 0o755))
     entries.extend(
         symlink(f"bin/{applet}", "busybox") for applet in applets if applet != "busybox"

@@ -963,9 +963,9 @@ def guest_agent_files() -> dict[str, bytes]:
     """
     here = Path(__file__).parent
     return {
-        "vmcache_agent.py": (here / "guest" / "vmcache_agent.py").read_bytes(),
-        "agent_base.py": (here / "guest" / "agent_base.py").read_bytes(),
-        "agent_process.py": (here / "guest" / "agent_process.py").read_bytes(),
-        "agent_files.py": (here / "guest" / "agent_files.py").read_bytes(),
+        "vmcache_agent.py": (here / "in_guest" / "vmcache_agent.py").read_bytes(),
+        "agent_base.py": (here / "in_guest" / "agent_base.py").read_bytes(),
+        "agent_process.py": (here / "in_guest" / "agent_process.py").read_bytes(),
+        "agent_files.py": (here / "in_guest" / "agent_files.py").read_bytes(),
         "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
     }

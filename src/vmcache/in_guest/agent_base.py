@@ -8,7 +8,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vmcache.guest.vmcache_agent import Session
+    from vmcache.in_guest.vmcache_agent import Session
 
 AGENT_VERSION = "2.0.0"
 

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from vmcache import agent_protocol as ap
-    from vmcache.guest import agent_base as base
-    from vmcache.guest import agent_files as files
-    from vmcache.guest import agent_process as process
+    from vmcache.in_guest import agent_base as base
+    from vmcache.in_guest import agent_files as files
+    from vmcache.in_guest import agent_process as process
 else:
     try:
         import agent_protocol as ap

@@ -29,7 +29,14 @@ from pathlib import Path
 import trio
 
 from ._unix import connect_when_ready
-from .agent import DEFAULT_MAX_OUTPUT, AgentConnection, CompletedProcess, GuestFile, GuestProcess, PtySize
+from .agent_client import (
+    DEFAULT_MAX_OUTPUT,
+    AgentConnection,
+    CompletedProcess,
+    GuestFile,
+    GuestProcess,
+    PtySize,
+)
 from .backoff import Backoff
 from .console import CONSOLE_LOG, read_console
 from .console import telling_console_line as telling

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vmcache import agent_protocol as ap
-    from vmcache.guest import agent_base as base
-    from vmcache.guest.vmcache_agent import Session
+    from vmcache.in_guest import agent_base as base
+    from vmcache.in_guest.vmcache_agent import Session
 else:
     import agent_base as base
     import agent_protocol as ap
