@@ -16,7 +16,8 @@ from vmcache.agent_client import GuestResources
 from vmcache.config import VMSpec, load_config, resolve_spec
 from vmcache.errors import ResizeError, SizeLimitError
 from vmcache.hotplug import _pending, _shortfall, grow, target_size
-from vmcache.qemu import MEMORY_HOTPLUG_PARAMS, VM, boot_vm, qemu_argv
+from vmcache.qemu import VM, boot_vm
+from vmcache.qemu_argv import MEMORY_HOTPLUG_PARAMS, qemu_argv
 from vmcache.snapshot import SnapshotManager
 
 GROW_TIMEOUT = 30.0

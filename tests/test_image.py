@@ -64,7 +64,8 @@ from vmcache.image.rootfs import (
     validate_packages,
 )
 from vmcache.paths import default_data_dir
-from vmcache.qemu import boot_vm, launch_vm, qemu_argv
+from vmcache.qemu import boot_vm, launch_vm
+from vmcache.qemu_argv import qemu_argv
 
 NO_PYTHON_LINE = ("vmcache-init: the root image no-python.squashfs has no /usr/bin/python3 "
                   "(vmcache needs python3 >= 3.9 in the image)")

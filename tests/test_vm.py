@@ -14,10 +14,12 @@ from conftest import VMCACHE, pid_alive, qemu_pids, write_config
 
 from vmcache.config import VMSpec, load_config, resolve_spec
 from vmcache.errors import AgentError, BootError, ConfigError
+from vmcache.hugepages import no_huge_pages_for_children
 from vmcache.image.build import AGENT_DIR
 from vmcache.image.cpio import directory, gzip_deterministic, regular_file, write_cpio
 from vmcache.lifecycle import Phase
-from vmcache.qemu import _no_huge_pages_for_children, boot_vm, launch_vm, qemu_argv
+from vmcache.qemu import boot_vm, launch_vm
+from vmcache.qemu_argv import qemu_argv
 
 pytestmark = pytest.mark.qemu
 
@@ -250,8 +252,8 @@ def test_starting_qemus_leaves_this_process_its_huge_pages() -> None:
                     if line.startswith("THP_enabled:"))
 
     assert this_process().endswith("1")
-    with _no_huge_pages_for_children:
-        with _no_huge_pages_for_children:
+    with no_huge_pages_for_children:
+        with no_huge_pages_for_children:
             assert this_process().endswith("0")
         assert this_process().endswith("0"), "one start is still in progress"
     assert this_process().endswith("1")

@@ -2,7 +2,7 @@
 
 A VM starts with headroom (``default_maxvcpus``, ``default_maxmemory``: QEMU's
 ``-smp N,maxcpus=M`` and ``-m SIZE,slots=K,maxmem=MAX``, see
-:func:`vmcache.qemu.size_args`). :func:`grow` then:
+:func:`vmcache.qemu_argv.size_args`). :func:`grow` then:
 
 1. plugs the missing vCPUs in (QMP ``query-hotpluggable-cpus``, then ``device_add`` of
    each free slot with the driver and properties QEMU reports) and the missing memory
@@ -22,7 +22,7 @@ snapshot size here, but a DIMM needs no guest driver (ACPI memory hot-plug is bu
 the kernel; virtio-mem needs ``virtio_mem.ko``), and QEMU reports when the guest has
 processed it, which virtio-mem does not. The price: memory grows in 128 MiB steps
 (:data:`vmcache.config.MEMORY_HOTPLUG_STEP_MIB`; a request is rounded up) and at most
-:data:`vmcache.qemu.MEMORY_SLOTS` times per VM.
+:data:`vmcache.qemu_argv.MEMORY_SLOTS` times per VM.
 
 One grow at a time per VM. Nothing is ever unplugged: VMs only grow.
 """
@@ -40,7 +40,8 @@ from .backoff import Backoff
 from .config import MEMORY_HOTPLUG_STEP_MIB, VMSpec
 from .errors import QMPError, ResizeError, SizeLimitError, VMGoneError
 from .lifecycle import USABLE
-from .qemu import MEMORY_SLOTS, VM
+from .qemu import VM
+from .qemu_argv import MEMORY_SLOTS
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.hotplug")

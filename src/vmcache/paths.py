@@ -17,6 +17,7 @@ holds one private directory per VM.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -95,3 +96,28 @@ def vm_run_dir(run_root: Path, vm_id: str) -> Path | None:
     if not VM_ID_PATTERN.fullmatch(vm_id):
         return None
     return run_root / f"vm-{vm_id}"
+
+
+def make_private_dir(path: Path, *, enforce: bool = True) -> None:
+    """Create ``path`` (and parents) with mode 0700; a ConfigError if it is a symlink or
+    belongs to someone else (we would put our VMs or records into their directory).
+
+    With ``enforce`` an existing directory is set to 0700 too; without, its mode is left
+    as it is (the run root may be 0710 for a socket group, o+x for the jail).
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            owner = os.fstat(fd).st_uid
+            if owner != os.geteuid():
+                raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
+                                  f"(uid {os.geteuid()}): remove it or choose another run directory")
+            if enforce:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"{path} is not a directory (a symlink?): remove it") from None
+        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None

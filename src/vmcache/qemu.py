@@ -14,7 +14,6 @@ never through a shell.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -35,7 +34,6 @@ from .agent_client import AgentConnection
 from .cgroup import Cgroup, remove_when_empty
 from .config import VMSpec
 from .console import (
-    console_args,
     console_tail,
     limit_qemu_output,
     start_drain,
@@ -43,28 +41,26 @@ from .console import (
 from .console import telling_console_line as telling_console_line
 from .errors import BootError, ConfigError, VmcacheError, VMGoneError
 from .guest_api import (
-    CONTROL_PORT,
     CONTROL_SOCKET,
     USER_PORTS,
     Guest,
     GuestAPI,
-    user_port_name,
     user_socket,
 )
 from .handle import VMHandle
+from .hugepages import no_huge_pages_for_children
 from .identity import write_identity
 from .jail import JailedProcess, limits, pick_uid, prepare_run_dir, start_jailed
 from .lifecycle import CACHED, USABLE, Phase, VMLife
+from .paths import make_private_dir
 from .process import TERM_GRACE, ProcessLike, stop_process
 from .procfs import process_start_time, process_state
+from .qemu_argv import qemu_argv
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
 
 log = logging.getLogger("vmcache.qemu")
 
-BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
-#: The root image is the VM's only virtio-blk disk, so the guest sees it as /dev/vda.
-ROOT_DEVICE_PARAM = "vmcache.root=/dev/vda"
 SOCKET_PATH_MAX = 107
 #: The longest name of a socket we put in a VM's run directory (see vmcache.snapshot).
 LONGEST_SOCKET_NAME = "incoming.sock"
@@ -76,43 +72,6 @@ CONSOLE_DRAIN_WAIT = 0.5
 
 T = TypeVar("T")
 
-_PR_SET_THP_DISABLE = 41
-_PR_GET_THP_DISABLE = 42
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _NoHugePagesForChildren:
-    """QEMU runs without transparent huge pages: QEMU asks for them on guest RAM
-    (MADV_HUGEPAGE), so each guest page touched would make 2 MiB resident. The guest sees
-    4 KiB pages either way.
-
-    The flag (PR_SET_THP_DISABLE) belongs to a process, is inherited by its children and
-    survives exec. Setting it in the child (``preexec_fn``) forces Python to fork instead
-    of vfork, several times slower per QEMU started, holding up the event loop and the
-    hand-outs behind it. So it is set on this process while QEMUs are being started, and
-    put back as it was once the last start in progress is done. (Numbers: the README,
-    "Measured choices in the code".)
-    """
-
-    def __init__(self) -> None:
-        self._starting = 0
-        self._was_disabled = False
-
-    def __enter__(self) -> None:
-        if self._starting == 0:
-            self._was_disabled = _libc.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1
-            _libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        self._starting += 1
-
-    def __exit__(self, *_exc: object) -> None:
-        self._starting -= 1
-        if self._starting == 0 and not self._was_disabled:
-            _libc.prctl(_PR_SET_THP_DISABLE, 0, 0, 0, 0)
-
-
-_no_huge_pages_for_children = _NoHugePagesForChildren()
-
-
 class Registry(Protocol):
     """Where a daemon records the VMs it is responsible for (see vmcache.state)."""
 
@@ -121,120 +80,6 @@ class Registry(Protocol):
     def write(self, life: VMLife) -> None: ...
 
     def remove(self, vm_id: str) -> None: ...
-
-
-def _escape(value: str) -> str:
-    """Escape a value for a QEMU ``-chardev``/``-device`` option list (comma doubled)."""
-    return value.replace(",", ",,")
-
-
-def _image_name(path: Path) -> str:
-    """The root image's name for the guest's messages: one kernel command line word."""
-    return "".join(char if char.isprintable() and not char.isspace() else "_" for char in path.name)
-
-
-def _port_args(chardev: str, path: Path, name: str) -> list[str]:
-    """A virtio-serial port named ``name`` in the guest, a Unix socket at ``path`` on the host."""
-    return ["-chardev", f"socket,id={chardev},path={_escape(str(path))},server=on,wait=off",
-            "-device", f"virtserialport,chardev={chardev},name={name}"]
-
-
-#: DIMM slots of a VM with memory headroom: each grow plugs one DIMM (Kata's default, 10).
-MEMORY_SLOTS = 10
-#: Kernel parameters of a VM with memory headroom (see vmcache.hotplug).
-#: memhp_default_state=online: the guest kernel onlines a hot-added DIMM itself, in its ACPI
-#: handler, before it reports the DIMM done (_OST): in ZONE_NORMAL, usable by the kernel too
-#: (online_movable would leave the kernel only the boot memory for its own allocations,
-#: the hot-added memory's struct pages included; VMs here never shrink, so movability buys
-#: nothing). swiotlb=noforce: a guest whose memory may reach above 4 GiB otherwise reserves a
-#: 64 MiB bounce buffer for 32-bit DMA (see the README, "Measured choices in the code"); its
-#: only devices are virtio, which do not use it.
-MEMORY_HOTPLUG_PARAMS = "memhp_default_state=online swiotlb=noforce"
-#: The option ROM that ``-kernel`` adds (q35 has fw_cfg DMA): a restored VM, which loads no
-#: kernel, names it itself so that its RAM blocks are the template's.
-LINUX_BOOT_ROM = "linuxboot_dma.bin"
-#: The id of the guest RAM's backend object when it lives in a file (VMSpec.memory_fd).
-MEMORY_BACKEND_ID = "vmcache-ram"
-
-
-def size_args(spec: VMSpec) -> list[str]:
-    """``-m`` and ``-smp`` with the spec's headroom (identical for a template and its restores)."""
-    memory = str(spec.memory_mib)
-    if spec.max_memory_mib > spec.memory_mib:
-        memory += f",slots={MEMORY_SLOTS},maxmem={spec.max_memory_mib}M"
-    cpus = str(spec.vcpus)
-    if spec.max_vcpus > spec.vcpus:
-        cpus += f",maxcpus={spec.max_vcpus}"
-    return ["-m", memory, "-smp", cpus]
-
-
-def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
-    """The QEMU command line for one VM (pure: tested without QEMU)."""
-    hotplug_params = MEMORY_HOTPLUG_PARAMS if spec.max_memory_mib > spec.memory_mib else ""
-    root_params = ""
-    root_drive: list[str] = []
-    if spec.rootfs is not None:
-        # The root image: read-only, so every VM shares it through the host's page cache.
-        root_params = f"{ROOT_DEVICE_PARAM} vmcache.image={_image_name(spec.rootfs)}"
-        root_drive = [
-            "-drive", f"file={_escape(str(spec.rootfs))},if=none,id=rootfs,format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=rootfs",
-        ]
-    params = " ".join(part for part in (BASE_KERNEL_PARAMS, root_params, hotplug_params,
-                                        spec.kernel_params) if part)
-    accel_option = "kvm" if accel == "kvm" else "tcg"
-    if accel_option == "tcg" and spec.tb_size_mib:
-        accel_option += f",tb-size={spec.tb_size_mib}"
-    sandbox = ["-sandbox", spec.sandbox] if spec.sandbox else []
-    machine = spec.machine_type
-    memory_backend: list[str] = []
-    if spec.memory_fd is not None:
-        machine += f",memory-backend={MEMORY_BACKEND_ID}"
-        share = "on" if spec.memory_file_shared else "off"
-        memory_backend = ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
-                          f"mem-path=/proc/self/fd/{spec.memory_fd},share={share}"]
-    if spec.restored:
-        boot = ["-option-rom", LINUX_BOOT_ROM]
-    else:
-        boot = ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", params]
-    return [
-        str(spec.qemu),
-        "-name", name,
-        "-nodefaults",
-        "-no-user-config",
-        "-display", "none",
-        "-machine", machine,
-        "-accel", accel_option,
-        "-cpu", "host" if accel == "kvm" else "max",
-        *size_args(spec),
-        *boot,
-        "-no-reboot",
-        *console_args(run_dir),
-        "-chardev", f"socket,id=qmp,path={_escape(str(run_dir / 'qmp.sock'))},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
-        "-device", "virtio-serial-pci,id=vmcache-serial",
-        *_port_args("control", run_dir / CONTROL_SOCKET, CONTROL_PORT),
-        *(arg for index in range(USER_PORTS)
-          for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
-        "-device", "virtio-rng-pci",
-        *root_drive,
-        *memory_backend,
-        *sandbox,
-    ]
-
-
-def make_private_dir(path: Path, *, enforce: bool = True) -> None:
-    """Create ``path`` (and parents) with mode 0700, or fail with a clear error.
-
-    With ``enforce`` an existing directory is set to 0700 too; without, it is left
-    as it is (the run root may be 0710 for a socket group).
-    """
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if enforce:
-            os.chmod(path, 0o700)
-    except OSError as error:
-        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
 
 def write_pidfile(run_dir: Path, pid: int) -> None:
@@ -525,7 +370,7 @@ async def start_vm(
         argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}"), *extra_args]
         try:
             # A local file in the directory we just made: no need to leave the event loop.
-            with open(run_dir / "qemu.log", "wb") as qemu_log, _no_huge_pages_for_children:  # noqa: ASYNC230
+            with open(run_dir / "qemu.log", "wb") as qemu_log, no_huge_pages_for_children:  # noqa: ASYNC230
                 if spec.jail is not None:
                     vm.uid = pick_uid(spec.jail, spec.run_root)
                     prepare_run_dir(run_dir, vm.uid)

@@ -64,10 +64,11 @@ from .jail import check_jail_paths, describe_confinement
 from .ledger import HandedOut, Ledger
 from .lifecycle import EventKind, Phase, StopReason
 from .notify import Notifier
+from .paths import make_private_dir
 from .placement import Placement, place
 from .pool import EventHub, Lease, VMPool, total_stats
 from .process import ProcessLike
-from .qemu import VM, boot_vm, kvm_probe_file, make_private_dir
+from .qemu import VM, boot_vm, kvm_probe_file
 from .rpc.endpoint import bind_unix_socket
 from .rpc.server import CallGone, Method, RpcCall, RpcServer, server_streaming, unary, unary_with_peer
 from .security import PeerCredentials, PeerPolicy, raise_open_file_limit, resolve_group

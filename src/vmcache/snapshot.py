@@ -50,13 +50,13 @@ import trio
 from .backoff import Backoff
 from .config import VMSpec
 from .errors import VMError
+from .paths import make_private_dir
 from .qemu import (
     VM,
     Registry,
     boot_vm,
     connect_control,
     connect_monitor,
-    make_private_dir,
     start_agent,
     start_vm,
 )

@@ -22,7 +22,6 @@ signalled after checking it is still that QEMU (start time and command line).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -41,7 +40,7 @@ from .cgroup import manager as cgroup_manager
 from .errors import ConfigError, VmcacheError
 from .handle import VMHandle
 from .lifecycle import Phase, VMLife
-from .paths import vm_run_dir
+from .paths import make_private_dir, vm_run_dir
 from .process import open_vm_process, stop_process
 from .procfs import find_vm_process, jail_pids, process_start_time
 
@@ -98,26 +97,6 @@ def _stored(life: VMLife) -> dict[str, Any]:
 
 
 _CONVERTER = cattrs.Converter(forbid_extra_keys=True)
-
-
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) and make it 0700; a ConfigError if it is a symlink or
-    belongs to someone else (we would write our records into their directory)."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            owner = os.fstat(fd).st_uid
-            if owner != os.geteuid():
-                raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
-                                  f"(uid {os.geteuid()}): remove it or choose another run directory")
-            os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ConfigError(f"{path} is not a directory (a symlink?): remove it") from None
-        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
 
 
 class VMRegistry:
