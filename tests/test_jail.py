@@ -162,6 +162,7 @@ def assert_confined(pid: int, run_dir: Path) -> dict[str, str]:
     return fields
 
 
+@pytest.mark.qemu
 async def test_a_booted_vm_is_confined_and_leaves_nothing(tmp_path: Path, run_dir: Path,
                                                          guest_image: Path) -> None:
     config = write_config(tmp_path / "c.toml", default_maxmemory=512)
@@ -186,6 +187,7 @@ async def test_a_booted_vm_is_confined_and_leaves_nothing(tmp_path: Path, run_di
     assert not Path(f"/sys/fs/cgroup/memory/vmcache/vm-{vm_id}").exists(), "its cgroup went with it"
 
 
+@pytest.mark.qemu
 async def test_a_kernel_the_vm_uid_cannot_reach_is_one_line(tmp_path: Path, run_dir: Path,
                                                            guest_image: Path) -> None:
     hidden = tmp_path / "hidden"
@@ -203,6 +205,7 @@ async def test_a_kernel_the_vm_uid_cannot_reach_is_one_line(tmp_path: Path, run_
     assert qemu_pids() == before
 
 
+@pytest.mark.qemu
 def test_every_daemon_vm_is_confined_and_the_purge_kills_them_all(tmp_path: Path, run_dir: Path,
                                                                   guest_image: Path) -> None:
     """Cached VMs and snapshot clones alike; SIGINT kills every one; handed-out ones live on."""
@@ -233,6 +236,7 @@ def test_every_daemon_vm_is_confined_and_the_purge_kills_them_all(tmp_path: Path
     assert qemu_pids() == before
 
 
+@pytest.mark.qemu
 def test_an_ordinary_user_gets_every_confinement_but_its_own_uid_and_cgroups(
         tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
     """A process of an ordinary user (uid 65534 here) boots a VM: QEMU runs as that user, in
@@ -274,6 +278,7 @@ def test_an_ordinary_user_gets_every_confinement_but_its_own_uid_and_cgroups(
         shutil.rmtree(user_root, ignore_errors=True)
 
 
+@pytest.mark.qemu
 def test_run_direct_is_confined_too(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
     """``vmcache run --direct`` (no daemon) confines its QEMU the same way; Ctrl-C ends it."""
     before = qemu_pids()
@@ -347,6 +352,7 @@ def test_a_run_directory_the_vm_uids_cannot_reach_stops_the_daemon_at_start(tmp_
     assert len(lines) == 1 and f"{hidden} is not searchable by others (chmod o+x {hidden}" in lines[0], lines
 
 
+@pytest.mark.qemu
 async def test_a_boot_cancelled_at_any_moment_of_the_jails_set_up_leaves_nothing(
         tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
     """Cancelled every millisecond through bubblewrap's set-up, the cgroup, the gate and
