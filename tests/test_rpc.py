@@ -389,7 +389,7 @@ async def test_a_reset_already_on_the_socket_stops_a_hand_out_reply(tmp_path: Pa
                 for event in client.receive_data(chunk):
                     if isinstance(event, h2.events.DataReceived | h2.events.ResponseReceived):
                         seen.append((event.stream_id, type(event).__name__))
-                    done = done or isinstance(event, h2.events.StreamEnded) and event.stream_id == 3
+                    done = done or (isinstance(event, h2.events.StreamEnded) and event.stream_id == 3)
                 await stream.send_all(client.data_to_send())
             await stream.aclose()
         nursery.cancel_scope.cancel()
