@@ -6,12 +6,16 @@ Run by ``nox -s chaos`` (and so by scripts/test and CI). Each round starts one
 client, a real process: ``vmcache run`` (a lease), ``vmcache get`` (a claim, the VM
 stopped later with ``vmcache stop``), a library lease (``lease_vm`` in a Python
 script), or Kata's ``GetBaseVM`` through grpcio; and, at a random moment, sends it
-SIGKILL, SIGTERM or SIGINT, or lets it finish. Now and then a cached VM is killed or
+SIGKILL, SIGTERM or SIGINT, or lets it finish. Kata's clients come with a deadline of
+60 s, or a short one (5-200 ms: a hand-out racing the client's giving up, the reply must
+then not be written and the VM stays cached). Now and then a cached VM is killed or
 SIGSTOPped, and a few times the daemon itself is SIGKILLed and started again.
 
 At the end every QEMU process must be accounted for: cached, or claimed by a client
 that got its handle (then stopped), or, for Kata's GetBaseVM (which has no
-acknowledgement), claimed in the daemon's ledger. Nothing may be lost or leaked:
+acknowledgement), claimed in the daemon's ledger: a reply written but never read, by a
+client killed or out of time just after it was written (counted). Nothing
+may be lost or leaked:
 QEMU processes, the daemon's file descriptors, run directories; and no output of
 any process may hold a traceback. Exits non-zero if anything does.
 """
@@ -84,7 +88,7 @@ try:
     import cache_pb2_grpc
     from google.protobuf.empty_pb2 import Empty
     with grpc.insecure_channel("unix://" + sys.argv[1]) as channel:
-        vm = cache_pb2_grpc.CacheServiceStub(channel).GetBaseVM(Empty(), timeout=60)
+        vm = cache_pb2_grpc.CacheServiceStub(channel).GetBaseVM(Empty(), timeout=float(sys.argv[3]))
         print(json.dumps(json.loads(vm.hypervisor)["vmcache"]), flush=True)
 except KeyboardInterrupt:
     sys.exit(130)
@@ -121,6 +125,9 @@ class Chaos:
         self.daemon_logs: list[Path] = []
         self.handles: list[str] = []  # claimed VMs a client printed: stopped at the end
         self.kata_handles: list[str] = []
+        #: Kata clients ended by a signal before they printed a VM: each may have had its
+        #: reply written and never read (Kata's GetBaseVM has no claim).
+        self.kata_killed = 0
         self.outcomes: Counter[str] = Counter()
         self.problems: list[str] = []
         self.stubs = work / "stubs"
@@ -182,10 +189,11 @@ class Chaos:
             return [vmcache_command, "get", "--endpoint", endpoint]
         if kind == "lease":
             return [sys.executable, "-c", LEASE_SCRIPT, endpoint]
-        return [sys.executable, "-c", KATA_SCRIPT, endpoint, str(self.stubs)]
+        timeout = 60.0 if kind == "kata" else self.rng.uniform(0.005, 0.2)
+        return [sys.executable, "-c", KATA_SCRIPT, endpoint, str(self.stubs), f"{timeout:.3f}"]
 
     async def one_round(self, index: int) -> None:
-        kind = self.rng.choice(["run", "get", "lease", "kata"])
+        kind = self.rng.choice(["run", "get", "lease", "kata", "kata-short"])
         action = self.rng.choice(["finish", "SIGKILL", "SIGTERM", "SIGINT"])
         delay = self.rng.uniform(EARLIEST_SIGNAL, 2.5)
         process = await trio.lowlevel.open_process(
@@ -224,8 +232,12 @@ class Chaos:
                 self.problems.append(f"round {index} ({kind}, {action}): exit {status}, stderr {stderr!r}")
         if kind == "get" and stdout.strip():
             self.handles.append(stdout.strip().splitlines()[0])
-        if kind == "kata" and stdout.strip():
+        if kind.startswith("kata") and stdout.strip():
             self.kata_handles.append(stdout.strip().splitlines()[0])
+        elif kind.startswith("kata") and status != 0 and action != "finish":
+            self.kata_killed += 1
+        if kind == "kata-short" and status in (0, 1):
+            self.outcomes["kata-short: " + ("got a VM" if stdout.strip() else stderr.strip()[-40:])] += 1
 
     # ------------------------------------------------------------ the whole run
 
@@ -322,6 +334,9 @@ class Chaos:
             "handed_out_claimed_by_get": len(self.handles),
             "handed_out_by_kata_getbasevm": len(self.kata_handles),
             "kata_replies_never_read": len(kata_unread),
+            # Unread replies more than the Kata clients a signal ended: VMs handed out to a
+            # client out of time (a reply written in the last moment and read too late).
+            "kata_replies_unread_by_clients_not_killed": max(0, len(kata_unread) - self.kata_killed),
             "stopped_at_the_end": stopped,
             "lost_vms": len(unaccounted),
             "leases_left_running": len(leases_left),

@@ -9,6 +9,7 @@ caller's own exception comes out of ``connect`` as itself.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -336,3 +337,95 @@ async def test_a_calls_time_counts_from_the_bytes_read_not_from_the_handler(
                 await channel.unary("Status", Empty(), Empty, timeout=5)
         nursery.cancel_scope.cancel()
     assert seen and seen[0] >= 0.2
+
+
+def _request(client: h2.connection.H2Connection, stream_id: int, method: str) -> None:
+    client.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"),
+                                    (":path", f"/{SERVICE}/{method}"), (":authority", "localhost"),
+                                    ("te", "trailers"), ("content-type", "application/grpc+proto")])
+    client.send_data(stream_id, struct.pack(">?I", False, 0), end_stream=True)
+
+
+async def test_a_reset_already_on_the_socket_stops_a_hand_out_reply(tmp_path: Path) -> None:
+    """Kata's hand-out has no acknowledgement: a reply written after the client's RST_STREAM
+    arrived gives a VM to nobody. The reset is on the socket, not yet read, when the handler
+    replies: the reply must not go out, and the handler must know (it keeps the VM)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    _request(client, 1, "GetBaseVM")
+    outcome: list[str] = []
+    stream: trio.SocketStream | None = None
+
+    async def hand_out(call: RpcCall[ProtoMessage]) -> None:
+        await call.receive_one()
+        assert stream is not None
+        client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        # The client gives up, and its reset reaches our socket, just as the VM is ready:
+        # no yield between this write and the reply, so our reader has not seen it yet.
+        os.write(stream.socket.fileno(), client.data_to_send())
+        try:
+            await call.reply(cache_pb2.GrpcVM(id="vm-1"))
+        except (rpc_server.CallGone, trio.Cancelled):  # the reset cancels the handler, or is seen
+            outcome.append("kept")
+            raise
+        outcome.append("handed out")
+
+    server = RpcServer(SERVICE, {"GetBaseVM": Method(Empty, hand_out),
+                                 "Status": Method(Empty, unary(Recorder().status))})
+    path = tmp_path / "s.sock"
+    seen: list[tuple[int, str]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, bind_unix_socket(path))
+        with trio.fail_after(10):
+            stream = await trio.open_unix_socket(str(path))
+            await stream.send_all(client.data_to_send())
+            while not outcome:
+                await trio.sleep(0.01)
+            _request(client, 3, "Status")  # frames are in order: once this one ends, all are in
+            await stream.send_all(client.data_to_send())
+            done = False
+            while not done and (chunk := await stream.receive_some(65536)):
+                for event in client.receive_data(chunk):
+                    if isinstance(event, h2.events.DataReceived | h2.events.ResponseReceived):
+                        seen.append((event.stream_id, type(event).__name__))
+                    done = done or (isinstance(event, h2.events.StreamEnded) and event.stream_id == 3)
+                await stream.send_all(client.data_to_send())
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert outcome == ["kept"]
+    assert [stream_id for stream_id, _ in seen] == [3, 3]  # Status answered; nothing on stream 1
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """A clock that runs in real time (sockets, fail_after) and that a test can jump."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_a_hand_out_reply_is_not_written_once_the_deadline_has_passed(
+    tmp_path: Path, clock: trio.testing.MockClock,
+) -> None:
+    """The VM is ready when the client's deadline has (all but) passed, and Trio has not yet
+    cancelled the handler: the reply must not be written; the client learns DEADLINE_EXCEEDED."""
+    outcome: list[str] = []
+
+    async def hand_out(call: RpcCall[ProtoMessage]) -> None:
+        await call.receive_one()
+        # The VM's resume took the client's whole deadline, but for under REPLY_MARGIN.
+        clock.jump(call.deadline - trio.current_time() - rpc_server.REPLY_MARGIN / 2)
+        try:
+            await call.reply(cache_pb2.GrpcVM(id="vm-1"))
+        except rpc_server.CallGone:
+            outcome.append("kept")
+            raise
+        outcome.append("handed out")
+
+    server = RpcServer(SERVICE, {"GetBaseVM": Method(Empty, hand_out)})
+    path = tmp_path / "s.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, bind_unix_socket(path))
+        async with open_channel(path, SERVICE) as channel:
+            with trio.fail_after(10), pytest.raises(DeadlineExceededError):
+                await channel.unary("GetBaseVM", Empty(), cache_pb2.GrpcVM, timeout=5)
+        nursery.cancel_scope.cancel()
+    assert outcome == ["kept"]

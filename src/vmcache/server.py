@@ -327,14 +327,27 @@ class CacheDaemon:
         )
 
     async def _get_base_vm(self, call: RpcCall[ProtoMessage]) -> None:
-        """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket."""
+        """Kata's hand-out: the VM changes owner once the reply's bytes are written to the socket.
+
+        Kata's rpc has no acknowledgement (TakeVM's claim), so the reply is written only while
+        the client still waits for it (no reset from it, its deadline not passed): otherwise
+        the VM would go to nobody. A reply not written leaves the VM in the cache: its handle
+        was never seen."""
         await call.receive_one()
         uid = call.peer.uid
         with self._hand_out_to(uid):
             lease = await self._lease_from(self.pool)
             written = False
             try:
-                await _write_in_time(call, grpc_vm(lease.handle), last=True)  # one write, trailers too
+                try:
+                    with trio.fail_after(CLAIM_TIMEOUT):
+                        await call.reply(grpc_vm(lease.handle))  # one write, trailers too
+                except trio.TooSlowError:
+                    raise CallGone("the client does not read its replies") from None
+                except CallGone as error:
+                    log.info("VM %s stays in the cache: its reply was not written (%s)",
+                             lease.handle.id, error)
+                    raise
                 written = True
                 self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
             finally:

@@ -35,7 +35,15 @@ from ..backoff import Backoff
 from ..errors import BadRequestError, VmcacheError, unwrap_group
 from ..security import PeerCredentials, peer_credentials
 from .status import status_for
-from .transport import CallResetError, Code, Connection, RpcStatus, ServerCall, TransportError
+from .transport import (
+    CallExpiredError,
+    CallResetError,
+    Code,
+    Connection,
+    RpcStatus,
+    ServerCall,
+    TransportError,
+)
 
 log = logging.getLogger("vmcache.rpc")
 
@@ -47,6 +55,9 @@ HANDSHAKE_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0
 #: How long a refused peer gets PERMISSION_DENIED answers, after its first one, before we hang up.
 REFUSED_GRACE = 1.0
+#: A reply that gives something away (a VM) is not written when less than this is left of the
+#: client's deadline: its clock started before ours, and it must still read the reply in time.
+REPLY_MARGIN = 0.005
 #: A refused peer that asks nothing within this many seconds is hung up on.
 REFUSED_FIRST_CALL_TIMEOUT = HANDSHAKE_TIMEOUT
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -57,6 +68,10 @@ OK = RpcStatus(Code.OK)
 
 class CallGone(Exception):
     """The client reset the call or went away: what we send cannot reach it."""
+
+
+class CallExpired(CallGone):
+    """The client's deadline passed before the reply could be written: it no longer waits."""
 
 
 class RpcCall(Generic[RequestT]):
@@ -71,6 +86,8 @@ class RpcCall(Generic[RequestT]):
         self.timeout = call.timeout
         #: trio.current_time() when the request's bytes were read (before they were parsed).
         self.arrived_at = call.arrived_at
+        #: trio.current_time() when the client gives up: ``timeout`` after ``arrived_at``.
+        self.deadline = call.deadline
         self.finished = False
 
     @property
@@ -103,6 +120,20 @@ class RpcCall(Generic[RequestT]):
         """Send one message; ``last``: :meth:`finish` comes next and may write both at once."""
         try:
             await self._call.send(message.SerializeToString(), last=last)
+        except TransportError as error:
+            raise CallGone(str(error)) from None
+
+    async def reply(self, message: ProtoMessage) -> None:
+        """A unary call's response and OK status in one write, only while the client still
+        waits for it (see :meth:`ServerCall.reply`): its reset or its deadline (less than
+        ``REPLY_MARGIN`` s away) raises :class:`CallGone` (:class:`CallExpired`), and then
+        nothing of the reply was written. For a reply that gives something away (a VM)."""
+        self.finished = True
+        try:
+            await self._call.reply(message.SerializeToString(), margin=REPLY_MARGIN)
+        except CallExpiredError as error:
+            self.finished = False  # the client is told DEADLINE_EXCEEDED
+            raise CallExpired(str(error)) from None
         except TransportError as error:
             raise CallGone(str(error)) from None
 
@@ -348,13 +379,16 @@ class RpcServer:
             return
         rpc_call = RpcCall(call, method.request_type, peer)
         status: RpcStatus | None = None
-        with trio.move_on_after(call.timeout if call.timeout > 0 else math.inf) as deadline:
+        # The client's time counts from its request's bytes read, not from this task's start.
+        with trio.move_on_at(call.deadline if call.timeout > 0 else math.inf) as deadline:
             try:
                 await method.handler(rpc_call)
             except VmcacheError as error:
                 status = status_for(error)
             except CallResetError:
                 raise CallGone("the client reset the call") from None
+            except CallExpired:
+                status = RpcStatus(Code.DEADLINE_EXCEEDED, "deadline passed")
             except CallGone:
                 raise
             except Exception as error:  # a bug: answer INTERNAL, keep serving, log it

@@ -11,6 +11,10 @@ layer and drives it with Trio itself:
   runs :meth:`Connection.receive_loop`; writes go out under one lock, so that when
   :meth:`flush` returns every frame queued before it is in the kernel's socket
   buffer. That is what "the reply was written" means for a hand-out.
+* :meth:`ServerCall.reply` writes a unary call's one response only while the client
+  still waits for it: before its deadline (``grpc-timeout``, counted from the bytes
+  read) and with no RST_STREAM from it, the frames already on the socket read first.
+  A hand-out whose reply is refused keeps its VM.
 * A call is a :class:`ServerCall` or a :class:`ClientCall`: messages in both
   directions (unary, server-streaming and bidirectional rpcs alike), a status at the
   end, and a reset (RST_STREAM) from the peer cancels the server's handler through
@@ -28,8 +32,11 @@ from __future__ import annotations
 
 import datetime
 import enum
+import fcntl
 import math
+import os
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +103,10 @@ class TransportError(Exception):
 
 class CallResetError(TransportError):
     """The peer reset this call (RST_STREAM), or the connection ended under it."""
+
+
+class CallExpiredError(TransportError):
+    """The call's deadline (the client's ``grpc-timeout``) passed: the client no longer waits."""
 
 
 def _code(value: int) -> Code:
@@ -242,6 +253,9 @@ class ServerCall(_Call):
         #: trio.current_time() when the bytes carrying the request's headers were read: a
         #: server's own time for the call counts from here, its HTTP/2 parse included.
         self.arrived_at: float = connection.last_activity
+        #: When the client gives up (trio time): ``timeout`` after the bytes were read. The
+        #: client's clock started before it sent them, so its deadline comes a little sooner.
+        self.deadline: float = self.arrived_at + self.timeout
         #: Cancelled when the client resets the call or the connection ends.
         self.cancel_scope = trio.CancelScope()
         self._started = False
@@ -287,6 +301,55 @@ class ServerCall(_Call):
             connection.reset_call(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
         self._forget()
         await connection.flush()
+
+    async def reply(self, data: bytes, *, margin: float = 0.0) -> None:
+        """Write the call's one response message and an OK status, in one write, but only
+        while the client still waits for it: more than ``margin`` s before its deadline,
+        not reset. What already arrived on the connection is read first, so that a reset
+        the client sent before this write began is seen.
+
+        Returns once the reply is in the socket buffer. Raises :class:`CallResetError`
+        (reset, or the connection ended) or :class:`CallExpiredError` (the deadline is
+        less than ``margin`` away) when it is not wanted any more: then nothing of it was
+        written, and the caller still holds whatever the reply would have given away.
+        """
+        if self._started or self._local_done:
+            raise TransportError(f"call {self.stream_id}: reply() is the whole response")
+        framed = struct.pack(">?I", False, len(data)) + data
+        connection = self._connection
+        while True:
+            await connection.read_pending()
+            self._check_wanted(margin)
+            if len(framed) > connection._window_for(self.stream_id):
+                await connection._window_changed_wait()  # a client that reads nothing: the caller's bound
+                continue
+            async with connection._send_lock:
+                # From these checks to the write nothing may yield: what they saw must still
+                # hold when the bytes go (a send that does not block does not yield).
+                if connection.pending_input():
+                    continue  # more arrived while we waited for the lock: read it first
+                self._check_wanted(margin)
+                if trio.current_effective_deadline() <= trio.current_time():
+                    await trio.lowlevel.checkpoint()  # cancelled (a deadline not yet processed)
+                    continue
+                self._started = self._local_done = True
+                connection._protocol_call(
+                    lambda: connection._protocol.start_response(self.stream_id, "+proto"))
+                connection._send_data(self.stream_id, framed)
+                connection._protocol_call(
+                    lambda: connection._protocol.end_response(self.stream_id, Status(Code.OK.value, "")))
+                if not self.remote_done:
+                    connection.reset_call(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                self._forget()
+                await connection._write_queued()
+                return
+
+    def _check_wanted(self, margin: float) -> None:
+        if self.reset or self._connection._broken is not None:
+            raise CallResetError(f"call {self.stream_id} was reset before its reply was written")
+        if trio.current_time() >= self.deadline - margin:
+            raise CallExpiredError(f"call {self.stream_id}: the client's deadline has passed "
+                                   f"(or is under {margin * 1000:g} ms away)")
 
     def abandon(self) -> None:
         """The handler is gone without finishing: reset the call so the client knows."""
@@ -352,6 +415,9 @@ class Connection:
         self._broken: str | None = None
         #: trio.current_time() of the last byte received, for idle timeouts.
         self.last_activity = trio.current_time()
+        #: Bytes read and dispatched so far, and an event set after each read is dispatched.
+        self._bytes_read = 0
+        self._read_done = trio.Event()
         #: Set once the peer's first frames (its preface and SETTINGS) arrived.
         self.handshaken = trio.Event()
         self.goaway = False
@@ -381,20 +447,47 @@ class Connection:
         before can be known to have been written).
         """
         async with self._send_lock:
-            if self._broken is not None:
-                raise TransportError(self._broken)
-            data = self._protocol.data_to_send()
-            if not data:
-                return
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                self._break(f"the connection broke while writing: {error!r}")
-                raise TransportError(self._broken or "broken") from None
-            except trio.Cancelled:
-                # Part of a frame may be out: nothing after it can be trusted.
-                self._break("a write was cancelled half-way")
-                raise
+            await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        """:meth:`flush`'s work, the send lock held. Until the first byte goes out it does
+        not yield (unless cancelled): a caller's checks just before it still hold."""
+        if self._broken is not None:
+            raise TransportError(self._broken)
+        data = self._protocol.data_to_send()
+        if not data:
+            return
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            self._break(f"the connection broke while writing: {error!r}")
+            raise TransportError(self._broken or "broken") from None
+        except trio.Cancelled:
+            # Part of a frame may be out: nothing after it can be trusted.
+            self._break("a write was cancelled half-way")
+            raise
+
+    def pending_input(self) -> int:
+        """Bytes that arrived on the socket and are not read yet (0 for a stream that is not a
+        socket: nothing to tell)."""
+        if not isinstance(self._stream, trio.SocketStream) or self._broken is not None:
+            return 0
+        buffer = bytearray(4)
+        try:
+            fcntl.ioctl(self._stream.socket.fileno(), termios.FIONREAD, buffer)
+        except OSError:
+            return 0
+        count: int = struct.unpack("=i", buffer)[0]
+        return count
+
+    async def read_pending(self) -> None:
+        """Return once what had arrived on the socket when called is read and dispatched (a
+        reset among it has reached its call), or the connection ended. The reader is
+        :meth:`receive_loop`; the caller bounds the wait (a reader held up by a peer that
+        does not read its replies)."""
+        target = self._bytes_read + self.pending_input()
+        while self._bytes_read < target and self._broken is None:
+            await self._read_done.wait()
 
     def request_flush(self) -> None:
         """Have :meth:`flush_loop` write what is queued (for callers that cannot await)."""
@@ -450,6 +543,7 @@ class Connection:
         self._calls.clear()
         self._window_changed.set()
         self._flush_wanted.set()
+        self._read_done.set()
 
     # ------------------------------------------------------------ reading
 
@@ -467,7 +561,7 @@ class Connection:
         try:
             while True:
                 try:
-                    data = await self._stream.receive_some(READ_SIZE)
+                    data = await self._read()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                     raise TransportError(f"the connection broke: {error!r}") from None
                 if not data:
@@ -480,9 +574,26 @@ class Connection:
                 self.handshaken.set()
                 for event in events:
                     self._dispatch(event, on_request)
+                self._bytes_read += len(data)
+                self._read_done.set()
+                self._read_done = trio.Event()
                 await self.flush()
         finally:
             self._break(self._broken or "the connection closed")
+
+    async def _read(self) -> bytes:
+        """The peer's next bytes (b"" at its end). From a socket they are read right after the
+        wait, with no yield between the read and their dispatch: what :meth:`pending_input`
+        counts plus what was dispatched is then all that has arrived."""
+        if not isinstance(self._stream, trio.SocketStream):
+            return bytes(await self._stream.receive_some(READ_SIZE))
+        sock = self._stream.socket
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), READ_SIZE)
+            except BlockingIOError:
+                continue
 
     def _dispatch(self, event: object, on_request: Callable[[ServerCall], None] | None) -> None:
         if isinstance(event, WindowUpdated):
