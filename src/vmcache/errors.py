@@ -211,6 +211,11 @@ class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
 
 
+class LocalOutputError(VmcacheError):
+    """A guest command's output could not be written here (a full disk, a terminal that went
+    away); the command was stopped. The message names the stream and the system's reason."""
+
+
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception a nursery wrapped, Cancelled aside; else ``group`` itself.
 

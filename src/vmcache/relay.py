@@ -10,25 +10,43 @@ N ended it, as a shell reports it.
 
 Local reads and writes go through worker threads: stdin and stdout may be
 terminals, pipes or regular files, and none of them may block the event loop.
+Output is queued (bounded) between the guest and the local write, so the guest's
+next bytes arrive while the last ones are written, and what is queued is written
+in one ``writev``; a pipe on stdout is enlarged, so its reader and we take turns
+less often on a busy machine.
+
+Keys typed before the guest process runs are kept for it, as ssh and docker
+keep them: with ``-t`` the terminal stops echoing before anything else is done
+(the guest's terminal echoes instead), and it is made raw without discarding
+its pending input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import select
 import signal
+import stat
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
 
 from .agent import GuestProcess, PtySize
-from .errors import AgentError, unwrap_group
+from .errors import AgentError, LocalOutputError, unwrap_group
 from .guest import GuestAPI
 
 CHUNK = 1 << 20
+#: Output chunks queued for the local write (each at most CHUNK; the guest's are 256 KiB).
+OUTPUT_QUEUE = 16
+#: At most this much queued output goes into one local write.
+WRITE_BATCH = 4 << 20
+#: A pipe on stdout or stderr is grown to this (Linux's default limit for unprivileged users).
+PIPE_SIZE = 1 << 20
 
 
 @attrs.frozen
@@ -60,44 +78,90 @@ def _terminal_size() -> PtySize:
 
 
 @contextlib.contextmanager
-def raw_terminal(fd: int) -> Iterator[None]:
-    """Put terminal ``fd`` in raw mode for the block (if it is a terminal); always restore it."""
+def raw_terminal(fd: int) -> Iterator[Callable[[], None]]:
+    """Terminal ``fd`` without echo for the block, and raw once the function it gives is
+    called; always restored. Nothing typed is ever discarded (no ``TCSAFLUSH``): keys
+    typed before the guest process runs wait in the terminal for it, unechoed (the guest's
+    terminal echoes them). Until raw, Ctrl-C still interrupts (connecting may take a while).
+    Not a terminal: nothing is done."""
     if not os.isatty(fd):
-        yield
+        yield lambda: None
         return
     import termios
     import tty
 
     saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)  # bytes as typed
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
     try:
-        tty.setraw(fd)
-        yield
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        yield lambda: tty.setraw(fd, termios.TCSANOW)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, chunks: list[bytes | bytearray]) -> None:
+    """Write ``chunks`` whole, in as few system calls as the file takes; a descriptor that
+    someone made non-blocking (a terminal or pipe shared with another program) is waited on."""
+    views = [memoryview(chunk) for chunk in chunks]
+    while views:
+        try:
+            written = os.writev(fd, views)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
+
+
+def _grow_pipe(fd: int) -> None:
+    """Enlarge a pipe we write into (fewer turns between its reader and us); else nothing."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over the user's pipe quota, or not ours to change: the default size works
 
 
 async def _copy_out(stream: trio.abc.ReceiveStream, fd: int) -> None:
     """Guest output to a local fd until EOF; a reader that went away (``| head``) only
     means the rest is read and dropped, so the process is not blocked by us."""
+    _grow_pipe(fd)
+    send, receive = trio.open_memory_channel[bytes | bytearray](OUTPUT_QUEUE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_out, receive, fd)
+        async with send:
+            while chunk := await stream.receive_some(CHUNK):
+                await send.send(chunk)
+
+
+async def _write_out(receive: trio.MemoryReceiveChannel[bytes | bytearray], fd: int) -> None:
+    """Write what :func:`_copy_out` queues, all that is queued in one write, in a thread."""
     writable = True
-    while chunk := await stream.receive_some(CHUNK):
-        if not writable:
-            continue
-        try:
-            await trio.to_thread.run_sync(_write_all, fd, chunk)
-        except BrokenPipeError:
-            writable = False
-        except OSError as error:
-            if error.errno != errno.EPIPE:
-                raise
-            writable = False
+    async with receive:
+        async for chunk in receive:
+            batch, size = [chunk], len(chunk)
+            while size < WRITE_BATCH:
+                try:
+                    chunk = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                batch.append(chunk)
+                size += len(chunk)
+            if not writable:
+                continue
+            try:
+                await trio.to_thread.run_sync(_write_all, fd, batch)
+            except OSError as error:
+                if error.errno != errno.EPIPE:
+                    name = {1: "stdout", 2: "stderr"}.get(fd, f"file descriptor {fd}")
+                    raise LocalOutputError(f"cannot write the command's {name} here: "
+                                           f"{error.strerror or error}") from None
+                writable = False
 
 
 async def _copy_in(fd: int, stdin: trio.abc.SendStream) -> None:
@@ -127,10 +191,11 @@ async def _forward_interrupts(process: GuestProcess) -> None:
 async def relay_process(vm: GuestAPI, request: ProcessRequest, *, forward_sigint: bool) -> int:
     """Run ``request`` in the guest with this terminal attached; its shell-style exit status."""
     pty = _terminal_size() if request.tty else None
-    async with vm.open_process(request.argv, env=request.env or None, cwd=request.cwd, pty=pty,
-                               timeout=request.timeout) as process:
-        assert process.stdout is not None and process.stdin is not None
-        with raw_terminal(sys.stdin.fileno()) if request.tty else contextlib.nullcontext():
+    with raw_terminal(sys.stdin.fileno()) if request.tty else contextlib.nullcontext(lambda: None) as raw:
+        async with vm.open_process(request.argv, env=request.env or None, cwd=request.cwd, pty=pty,
+                                   timeout=request.timeout) as process:
+            assert process.stdout is not None and process.stdin is not None
+            raw()
             returncode = await _attach(process, request, forward_sigint=forward_sigint)
     return shell_status(returncode)
 
