@@ -17,7 +17,8 @@ Asserted, as a user of the host library would see it:
 
 * nothing but :class:`AgentError` (and subclasses) escapes a host call; the
   process streams may also raise trio's ``BrokenResourceError`` /
-  ``ClosedResourceError`` (their documented contract, as :class:`trio.Process`);
+  ``ClosedResourceError`` (their documented contract, as :class:`trio.Process`),
+  and run() / read_file() their documented size-limit error;
 * what the calls return has the documented types (ints, bytes, str);
 * the event loop never runs one host task step for longer than
   :data:`MAX_STEP` (measured as the thread's CPU time of the step, because on a
@@ -51,6 +52,7 @@ from typing import Any
 import pytest
 import trio
 
+import vmcache.errors
 from vmcache.agent import AgentConnection, CompletedProcess, GuestResources, PtySize
 from vmcache.errors import AgentError, GuestRequestError
 
@@ -620,6 +622,11 @@ class Findings:
 
 
 ALLOWED_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+#: What run() and read_file() raise past their documented size limit (issue 17 asks for one),
+#: where this vmcache has it: an allowed outcome of those two calls, and of them only.
+OUTPUT_LIMIT_ERRORS: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(vmcache.errors, "GuestOutputLimitError", None),)
+    if isinstance(error, type) and issubclass(error, Exception))
 
 
 def check(condition: bool, what: str) -> None:
@@ -640,6 +647,10 @@ class Host:
         """Run one host call; True if the connection looks alive afterwards."""
         try:
             await call()
+        except OUTPUT_LIMIT_ERRORS as error:
+            if name not in ("run", "read_file"):
+                self.record(name, error)
+            self.findings.outcomes[f"{name}: {type(error).__name__}"] += 1
         except AgentError as error:
             self.findings.outcomes[f"{name}: {type(error).__name__}"] += 1
             if isinstance(error, GuestRequestError) and not (error.errno is None or type(error.errno) is int):
