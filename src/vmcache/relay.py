@@ -10,11 +10,6 @@ N ended it, as a shell reports it.
 
 Local reads and writes go through worker threads: stdin and stdout may be
 terminals, pipes or regular files, and none of them may block the event loop.
-Output is queued (bounded) between the guest and the local write, so the guest's
-next bytes arrive while the last ones are written, and what is queued is written
-in one ``writev``; a pipe on stdout is enlarged, so its reader and we take turns
-less often on a busy machine.
-
 Keys typed before the guest process runs are kept for it, as ssh and docker
 keep them: with ``-t`` the terminal stops echoing before anything else is done
 (the guest's terminal echoes instead), and it is made raw without discarding
@@ -25,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import select
 import signal
-import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -41,12 +34,6 @@ from .errors import AgentError, LocalOutputError, unwrap_group
 from .guest import GuestAPI
 
 CHUNK = 1 << 20
-#: Output chunks queued for the local write (each at most CHUNK; the guest's are 256 KiB).
-OUTPUT_QUEUE = 16
-#: At most this much queued output goes into one local write.
-WRITE_BATCH = 4 << 20
-#: A pipe on stdout or stderr is grown to this (Linux's default limit for unprivileged users).
-PIPE_SIZE = 1 << 20
 
 
 @attrs.frozen
@@ -102,66 +89,35 @@ def raw_terminal(fd: int) -> Iterator[Callable[[], None]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _write_all(fd: int, chunks: list[bytes | bytearray]) -> None:
-    """Write ``chunks`` whole, in as few system calls as the file takes; a descriptor that
-    someone made non-blocking (a terminal or pipe shared with another program) is waited on."""
-    views = [memoryview(chunk) for chunk in chunks]
-    while views:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """Write ``data`` whole; a descriptor that someone made non-blocking (a terminal or pipe
+    shared with another program) is waited on, not an error."""
+    view = memoryview(data)
+    while view:
         try:
-            written = os.writev(fd, views)
+            written = os.write(fd, view)
         except BlockingIOError:
             select.select([], [fd], [])
             continue
-        while views and written >= len(views[0]):
-            written -= len(views.pop(0))
-        if written:
-            views[0] = views[0][written:]
-
-
-def _grow_pipe(fd: int) -> None:
-    """Enlarge a pipe we write into (fewer turns between its reader and us); else nothing."""
-    try:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over the user's pipe quota, or not ours to change: the default size works
+        view = view[written:]
 
 
 async def _copy_out(stream: trio.abc.ReceiveStream, fd: int) -> None:
     """Guest output to a local fd until EOF; a reader that went away (``| head``) only
-    means the rest is read and dropped, so the process is not blocked by us."""
-    _grow_pipe(fd)
-    send, receive = trio.open_memory_channel[bytes | bytearray](OUTPUT_QUEUE)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_write_out, receive, fd)
-        async with send:
-            while chunk := await stream.receive_some(CHUNK):
-                await send.send(chunk)
-
-
-async def _write_out(receive: trio.MemoryReceiveChannel[bytes | bytearray], fd: int) -> None:
-    """Write what :func:`_copy_out` queues, all that is queued in one write, in a thread."""
+    means the rest is read and dropped, so the process is not blocked by us. Any other
+    failure to write here (a full disk) stops the command with a :class:`LocalOutputError`."""
     writable = True
-    async with receive:
-        async for chunk in receive:
-            batch, size = [chunk], len(chunk)
-            while size < WRITE_BATCH:
-                try:
-                    chunk = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                batch.append(chunk)
-                size += len(chunk)
-            if not writable:
-                continue
-            try:
-                await trio.to_thread.run_sync(_write_all, fd, batch)
-            except OSError as error:
-                if error.errno != errno.EPIPE:
-                    name = {1: "stdout", 2: "stderr"}.get(fd, f"file descriptor {fd}")
-                    raise LocalOutputError(f"cannot write the command's {name} here: "
-                                           f"{error.strerror or error}") from None
-                writable = False
+    while chunk := await stream.receive_some(CHUNK):
+        if not writable:
+            continue
+        try:
+            await trio.to_thread.run_sync(_write_all, fd, chunk)
+        except OSError as error:
+            if error.errno != errno.EPIPE:
+                name = {1: "stdout", 2: "stderr"}.get(fd, f"file descriptor {fd}")
+                raise LocalOutputError(f"cannot write the command's {name} here: "
+                                       f"{error.strerror or error}") from None
+            writable = False
 
 
 async def _copy_in(fd: int, stdin: trio.abc.SendStream) -> None:
