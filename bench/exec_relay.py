@@ -13,13 +13,14 @@ Starts a daemon (this tree's code) with a cache of one VM, takes it with
 and, for reference, the same output read through the library in this process
 (``open_process`` + ``stdout.receive_some``). MB/s are SIZE over the whole
 command's wall time (start-up included, as a user sees it). The VM and the
-daemon are stopped at the end.
+daemon are stopped at the end, and the work directory removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -125,6 +126,7 @@ def main() -> None:
             subprocess.run([*command, "stop", str(handle_file)], env=env, timeout=120, check=False)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"`vmcache exec` relaying {args.size_mb} MB of stdout, medians of {args.runs} runs "
           f"(before: {trees['before']}, after: {trees['after']})")
     print(f"{'':34}{'before':>12}{'after':>12}")
