@@ -194,6 +194,21 @@ def test_cp_fifty_megabytes_in_and_out(held: Held, tmp_path: Path) -> None:
     assert missing.returncode != 0 and missing.stderr.count(b"\n") == 1
 
 
+
+def test_cp_to_stdout_into_a_reader_that_stops_ends_quietly(held: Held) -> None:
+    """`vmcache cp HANDLE:PATH - | head -c 10`: the reader leaving is no error, as for cat
+    (status 128 + SIGPIPE, nothing on stderr)."""
+    assert held.cli("exec", str(held.handle_file), "--", "sh", "-c",
+                    "head -c 30000000 /dev/zero > /tmp/big").returncode == 0
+    process = subprocess.Popen([*VMCACHE, "cp", f"{held.handle_file}:/tmp/big", "-"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=held.env)
+    assert process.stdout is not None and process.stderr is not None
+    assert len(process.stdout.read(10)) == 10
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
+    assert stderr == b""
+
 def test_cp_out_of_the_guest_makes_no_setuid_file_and_applies_the_umask(held: Held, tmp_path: Path) -> None:
     """A hostile guest's setuid (setgid, sticky) file is copied as a plain file, like cp
     without -p, with the user's umask applied."""
@@ -242,6 +257,42 @@ def test_an_interactive_shell_on_a_pty(held: Held) -> None:
             process.wait()
         os.close(master)
 
+
+
+def test_keys_typed_before_the_guest_shell_starts_are_kept(held: Held) -> None:
+    """Type-ahead, as ssh and docker exec keep it: a line typed before vmcache started and
+    one typed while it connects both reach the guest's shell (they used to be echoed here,
+    then discarded when the terminal was made raw)."""
+    master, slave = pty.openpty()
+    os.write(master, b"echo typed-$((6*7))\n")
+    process = subprocess.Popen([*VMCACHE, "exec", "-it", str(held.handle_file), "--", "sh"],
+                               stdin=slave, stdout=slave, stderr=slave, env=held.env,
+                               start_new_session=True)
+    os.close(slave)
+    os.write(master, b"echo early-$((5*5))\n")
+    seen = b""
+
+    def expect(needle: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while needle not in seen:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {needle!r} within {timeout} s: typed keys lost; got {seen[-500:]!r}"
+            try:
+                seen += os.read(master, 65536)
+            except OSError:  # EIO: every slave end closed, vmcache exited
+                raise AssertionError(f"vmcache exited before {needle!r}: {seen[-500:]!r}") from None
+
+    try:
+        expect(b"typed-42")
+        expect(b"early-25")
+        os.write(master, b"exit 4\n")
+        assert process.wait(timeout=60) == 4
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
 
 async def test_a_guest_killed_mid_call_fails_the_call_at_once(held: Held, tmp_path: Path) -> None:
     """The kernel panics under a running call (sysrq c): the call fails within 2 s, quoting it."""

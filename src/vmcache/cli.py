@@ -441,6 +441,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
     try:
         where, size = run_async(copy)
+    except BrokenPipeError:  # `cp HANDLE:PATH - | head`: the reader has what it wanted; end as cat does
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except OSError as error:
         _fail(f"cp: {error.filename or ''}: {error.strerror}", 1)
     if args.verbose:

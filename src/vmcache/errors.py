@@ -257,6 +257,11 @@ class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
 
 
+class LocalOutputError(VmcacheError):
+    """A guest command's output could not be written here (a full disk, a terminal that went
+    away); the command was stopped. The message names the stream and the system's reason."""
+
+
 class LifecycleError(VmcacheError):
     """A VM was moved to a phase its lifecycle does not allow from where it is (see
     vmcache.lifecycle): a bug in vmcache, caught at the move; report it with the log."""

@@ -10,6 +10,10 @@ N ended it, as a shell reports it.
 
 Local reads and writes go through worker threads: stdin and stdout may be
 terminals, pipes or regular files, and none of them may block the event loop.
+Keys typed before the guest process runs are kept for it, as ssh and docker
+keep them: with ``-t`` the terminal stops echoing before anything else is done
+(the guest's terminal echoes instead), and it is made raw without discarding
+its pending input.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
 
 from .agent_client import GuestProcess, PtySize
-from .errors import raise_unwrapped
+from .errors import LocalOutputError, raise_unwrapped
 from .guest_api import GuestAPI
 
 CHUNK = 1 << 20
@@ -60,43 +65,58 @@ def _terminal_size() -> PtySize:
 
 
 @contextlib.contextmanager
-def raw_terminal(fd: int) -> Iterator[None]:
-    """Put terminal ``fd`` in raw mode for the block (if it is a terminal); always restore it."""
+def raw_terminal(fd: int) -> Iterator[Callable[[], None]]:
+    """Terminal ``fd`` without echo for the block, and raw once the function it gives is
+    called; always restored. Nothing typed is ever discarded (no ``TCSAFLUSH``): keys
+    typed before the guest process runs wait in the terminal for it, unechoed (the guest's
+    terminal echoes them). Until raw, Ctrl-C still interrupts (connecting may take a while).
+    Not a terminal: nothing is done."""
     if not os.isatty(fd):
-        yield
+        yield lambda: None
         return
     import termios
     import tty
 
     saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)  # bytes as typed
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
     try:
-        tty.setraw(fd)
-        yield
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        yield lambda: tty.setraw(fd, termios.TCSANOW)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """Write ``data`` whole; a descriptor that someone made non-blocking (a terminal or pipe
+    shared with another program) is waited on, not an error."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
         view = view[written:]
 
 
 async def _copy_out(stream: trio.abc.ReceiveStream, fd: int) -> None:
     """Guest output to a local fd until EOF; a reader that went away (``| head``) only
-    means the rest is read and dropped, so the process is not blocked by us."""
+    means the rest is read and dropped, so the process is not blocked by us. Any other
+    failure to write here (a full disk) stops the command with a :class:`LocalOutputError`."""
     writable = True
     while chunk := await stream.receive_some(CHUNK):
         if not writable:
             continue
         try:
             await trio.to_thread.run_sync(_write_all, fd, chunk)
-        except BrokenPipeError:
-            writable = False
         except OSError as error:
             if error.errno != errno.EPIPE:
-                raise
+                name = {1: "stdout", 2: "stderr"}.get(fd, f"file descriptor {fd}")
+                raise LocalOutputError(f"cannot write the command's {name} here: "
+                                       f"{error.strerror or error}") from None
             writable = False
 
 
@@ -127,10 +147,11 @@ async def _forward_interrupts(process: GuestProcess) -> None:
 async def relay_process(vm: GuestAPI, request: ProcessRequest, *, forward_sigint: bool) -> int:
     """Run ``request`` in the guest with this terminal attached; its shell-style exit status."""
     pty = _terminal_size() if request.tty else None
-    async with vm.open_process(request.argv, env=request.env or None, cwd=request.cwd, pty=pty,
-                               timeout=request.timeout) as process:
-        assert process.stdout is not None and process.stdin is not None
-        with raw_terminal(sys.stdin.fileno()) if request.tty else contextlib.nullcontext():
+    with raw_terminal(sys.stdin.fileno()) if request.tty else contextlib.nullcontext(lambda: None) as raw:
+        async with vm.open_process(request.argv, env=request.env or None, cwd=request.cwd, pty=pty,
+                                   timeout=request.timeout) as process:
+            assert process.stdout is not None and process.stdin is not None
+            raw()
             returncode = await _attach(process, request, forward_sigint=forward_sigint)
     return shell_status(returncode)
 
