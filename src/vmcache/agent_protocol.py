@@ -404,18 +404,13 @@ def _decode_body(kind: int, payload: memoryview) -> dict[str, Any]:
 
 
 def decode_frame(kind: int, channel: int, stream: int, payload: memoryview) -> Event:
-    """One frame as an event (the header was checked by :func:`check_header`)."""
-    if kind == DATA:
-        return Data(stream, channel, payload)
-    if kind == EOF:
-        return Eof(stream, channel)
+    """A HELLO, WINDOW, PING, PONG or ERROR frame as an event (its header checked by
+    :func:`check_header`); the :class:`Connection` decodes the others itself, by stream state."""
     if kind == WINDOW:
         (increment,) = _U32.unpack_from(payload)
         if not 0 < increment <= MAX_WINDOW:
             raise ProtocolError(f"a WINDOW increment of {increment}")
         return WindowUpdate(stream, channel, increment)
-    if kind == RESET:
-        return Reset(stream)
     if kind == PING:
         return Ping(bytes(payload))
     if kind == PONG:
@@ -431,7 +426,7 @@ def decode_frame(kind: int, channel: int, stream: int, payload: memoryview) -> E
         if not isinstance(info, dict):
             raise ProtocolError("a malformed HELLO")
         return Hello(bytes(payload[:NONCE_SIZE]), info)
-    raise ProtocolError(f"unknown frame type {kind}")
+    raise ProtocolError(f"{FRAME_NAMES.get(kind, kind)} frames are not decoded here")
 
 
 def check_header(kind: int, channel: int, reserved: int, stream: int, length: int) -> str | None:
@@ -1373,18 +1368,13 @@ class Connection:
                 raise ProtocolError("a guest does not send RESET")
             event = Reset(stream_id)
         else:
-            body = unpack_value(payload)
-            if not isinstance(body, dict):
-                raise ProtocolError(f"a {FRAME_NAMES[kind]} frame does not carry a dictionary")
-            event = self._decode_message(kind, stream, body)
+            event = self._decode_message(kind, stream, _decode_body(kind, memoryview(payload)))
         self._transition(stream, event)
         return event
 
     def _decode_request(self, stream_id: int, payload: bytes) -> Message:
         try:
-            body = unpack_value(payload)
-            if not isinstance(body, dict):
-                raise ProtocolError("a REQUEST does not carry a dictionary")
+            body = _decode_body(REQUEST, memoryview(payload))
             kind = _REQUESTS.get(body.get("op"))  # type: ignore[arg-type]
             if kind is None:
                 raise ProtocolError(f"unknown request {printable_op(body.get('op'))}")
