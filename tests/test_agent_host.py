@@ -207,11 +207,12 @@ async def test_protocol_version_mismatch_is_reported() -> None:
     host, guest = trio.testing.memory_stream_pair()
 
     async def old_agent() -> None:
-        reader = ap.FrameReader()
+        protocol = ap.Connection(ap.Role.GUEST)
         while True:
-            for event in reader.feed(await guest.receive_some()):
+            protocol.receive_data(await guest.receive_some())
+            while (event := protocol.next_event()) is not None:
                 if isinstance(event, ap.Hello):
-                    await guest.send_all(ap.encode_hello(event.nonce, {"protocol": 99}))
+                    await guest.send_all(protocol.send(ap.Hello(event.nonce, {"protocol": 99})))
                     return
 
     async with trio.open_nursery() as nursery:
@@ -650,20 +651,22 @@ async def test_liveness_pings_in_virtual_time(autojump_clock: trio.testing.MockC
 
     async def fake_agent(answer_pings: bool) -> None:
         nonlocal pings
-        reader = ap.FrameReader()
+        protocol = ap.Connection(ap.Role.GUEST)
         while True:
             data = await guest.receive_some()
             if not data:
                 return
-            for event in reader.feed(data):
+            protocol.receive_data(data)
+            while (event := protocol.next_event()) is not None:
                 if isinstance(event, ap.Hello):
-                    await guest.send_all(ap.encode_hello(event.nonce, {"protocol": 1, "boot_id": "b"}))
-                elif isinstance(event, ap.Request):
-                    await guest.send_all(ap.encode_reply(event.stream, {"pid": 7, "window": 10}))
+                    info = {"protocol": 1, "boot_id": "b"}
+                    await guest.send_all(protocol.send(ap.Hello(event.nonce, info)))
+                elif isinstance(event, ap.ExecRequest):
+                    await guest.send_all(protocol.send(ap.ExecReply(event.stream, 7, 10)))
                 elif isinstance(event, ap.Ping):
                     pings += 1
                     if answer_pings:
-                        await guest.send_all(ap.encode_pong(event.payload, "b"))
+                        await guest.send_all(protocol.send(ap.Pong(event.payload, "b")))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fake_agent, True)
@@ -896,15 +899,17 @@ async def test_a_stream_the_agent_gave_up_on_fails_the_call() -> None:
     host, guest = trio.testing.memory_stream_pair()
 
     async def failing_agent() -> None:
-        reader = ap.FrameReader()
+        protocol = ap.Connection(ap.Role.GUEST)
         while data := await guest.receive_some():
-            for event in reader.feed(data):
+            protocol.receive_data(data)
+            while (event := protocol.next_event()) is not None:
                 if isinstance(event, ap.Hello):
-                    await guest.send_all(ap.encode_hello(event.nonce, {"protocol": 1, "boot_id": "b"}))
-                elif isinstance(event, ap.Request):
-                    failure = {"error": "internal error in the guest agent"}
-                    await guest.send_all(ap.encode_reply(event.stream, {"pid": 7, "window": 10})
-                                         + ap.encode_end(event.stream, failure))
+                    info = {"protocol": 1, "boot_id": "b"}
+                    await guest.send_all(protocol.send(ap.Hello(event.nonce, info)))
+                elif isinstance(event, ap.ExecRequest):
+                    failure = ap.ErrorEnd(event.stream, "internal error in the guest agent")
+                    await guest.send_all(protocol.send(ap.ExecReply(event.stream, 7, 10))
+                                         + protocol.send(failure))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(failing_agent)
@@ -995,7 +1000,7 @@ async def test_a_malformed_reply_is_an_agent_protocol_error_naming_the_field(
         reply: dict[str, object], field: str) -> None:
     host, guest = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_agent, guest, lambda _, event: ap.encode_reply(event.stream, reply))
+        nursery.start_soon(fake_agent, guest, lambda _, event: ap._message(ap.REPLY, event.stream, reply))
         with trio.fail_after(5):
             connection = await AgentConnection.start(host, timeout=5)
             with pytest.raises(AgentProtocolError, match=field.replace(".", r"\.")):

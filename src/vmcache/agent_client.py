@@ -26,8 +26,8 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -477,14 +477,19 @@ class AgentConnection:
             ap.ExecRequest, args, dict(env or {}), cwd, (pty.rows, pty.cols) if pty is not None else None,
             timeout, capture_stdout or pty is not None,  # a pty's output must be read anyway
             capture_stderr and pty is None, OUTPUT_WINDOW)
-        return _ProcessContext(self, args, request)
+        return self._process(args, request)
 
-    async def _start_process(self, args: list[str | bytes], request: ap.ExecRequest,
-                             close_stdin: bool = False) -> GuestProcess:
+    @asynccontextmanager
+    async def _process(self, args: list[str | bytes], request: ap.ExecRequest,
+                       close_stdin: bool = False) -> AsyncIterator[GuestProcess]:
         channels = [channel for channel, wanted in ((ap.STDOUT, request.stdout), (ap.STDERR, request.stderr))
                     if wanted]
         stream, reply = await self._request(request, ap.ExecReply, channels, close_stdin=close_stdin)
-        return GuestProcess(self, stream, args, reply.pid, stdin_closed=close_stdin)
+        process = GuestProcess(self, stream, args, reply.pid, stdin_closed=close_stdin)
+        try:
+            yield process
+        finally:
+            await process.aclose()
 
     async def run(
         self,
@@ -508,12 +513,11 @@ class AgentConnection:
         kills it and raises :class:`GuestOutputLimitError`: read such output
         as a stream with :meth:`open_process`.
         """
-        context = self.open_process(argv, env=env, cwd=cwd, timeout=timeout,
-                                    capture_stdout=capture_stdout, capture_stderr=capture_stderr)
-        assert isinstance(context, _ProcessContext)
-        context.close_stdin = not stdin
+        args = list(argv)
+        request = _build(ap.ExecRequest, args, dict(env or {}), cwd, None, timeout, capture_stdout,
+                         capture_stderr, OUTPUT_WINDOW)
         protocol = self._protocol
-        async with context as process:
+        async with self._process(args, request, close_stdin=not stdin) as process:
             stream = process._stream
             collected = {channel: bytearray() for channel in stream.chunks}
             total = 0
@@ -602,7 +606,16 @@ class AgentConnection:
 
     def open_file(self, path: str) -> AbstractAsyncContextManager[GuestFile]:
         """Read a guest file as a stream: ``async with conn.open_file(p) as f: await f.receive_some()``."""
-        return _FileContext(self, _build(ap.ReadFileRequest, path, OUTPUT_WINDOW))
+        return self._open_file(_build(ap.ReadFileRequest, path, OUTPUT_WINDOW))
+
+    @asynccontextmanager
+    async def _open_file(self, request: ap.ReadFileRequest) -> AsyncIterator[GuestFile]:
+        stream, reply = await self._request(request, ap.ReadFileReply, [ap.STDOUT])
+        file = GuestFile(self, stream, reply.mode, reply.size)
+        try:
+            yield file
+        finally:
+            await file.aclose()
 
     async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
         """A whole guest file's bytes; more than ``max_size`` (64 MiB by default) raises
@@ -746,24 +759,6 @@ class GuestProcess:
         return f"<GuestProcess pid={self.pid} args={self.args!r} returncode={self.returncode}>"
 
 
-class _ProcessContext(AbstractAsyncContextManager[GuestProcess]):
-    def __init__(self, connection: AgentConnection, args: list[str | bytes], request: ap.ExecRequest) -> None:
-        self._connection = connection
-        self._args = args
-        self._request = request
-        self._process: GuestProcess | None = None
-        self.close_stdin = False
-
-    async def __aenter__(self) -> GuestProcess:
-        self._process = await self._connection._start_process(self._args, self._request, self.close_stdin)
-        return self._process
-
-    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        if self._process is not None:
-            await self._process.aclose()
-
-
 class _OutputStream(trio.abc.ReceiveStream):
     """A guest process's stdout or stderr."""
 
@@ -877,23 +872,6 @@ class GuestFile(trio.abc.ReceiveStream):
         else:
             self._connection._forget(stream)
             await trio.lowlevel.checkpoint()
-
-
-class _FileContext(AbstractAsyncContextManager[GuestFile]):
-    def __init__(self, connection: AgentConnection, request: ap.ReadFileRequest) -> None:
-        self._connection = connection
-        self._request = request
-        self._file: GuestFile | None = None
-
-    async def __aenter__(self) -> GuestFile:
-        stream, reply = await self._connection._request(self._request, ap.ReadFileReply, [ap.STDOUT])
-        self._file = GuestFile(self._connection, stream, reply.mode, reply.size)
-        return self._file
-
-    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        if self._file is not None:
-            await self._file.aclose()
 
 
 def _raise_stream_error(stream: _Stream) -> None:

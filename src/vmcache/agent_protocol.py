@@ -29,8 +29,6 @@ The wire format (``docs/agent-protocol.md`` has the full description):
 :class:`Connection` (one per session end, ``Role.HOST`` or ``Role.GUEST``)
 turns events into bytes and bytes into events, keeps each stream's state in
 one table (:data:`TRANSITIONS`) and the credit of each channel. It does no I/O.
-The legacy section at the end (``FrameReader``, untyped messages) serves the
-old guest agent until it runs on the Connection.
 """
 
 from __future__ import annotations
@@ -253,8 +251,7 @@ class Hello(Event):
 
 
 class Data(Event):
-    """Bytes on a channel. From :meth:`FrameReader.buffer_filled`, ``data`` is a
-    memoryview into the reader's buffer, valid until the reader is used again."""
+    """Bytes on a channel (a sender may pass a memoryview, to save a copy)."""
 
     __slots__ = ("channel", "data", "stream")
 
@@ -407,26 +404,13 @@ def _decode_body(kind: int, payload: memoryview) -> dict[str, Any]:
 
 
 def decode_frame(kind: int, channel: int, stream: int, payload: memoryview) -> Event:
-    """One frame as an event (the header was checked by :func:`check_header`)."""
-    if kind == DATA:
-        return Data(stream, channel, payload)
-    if kind == EOF:
-        return Eof(stream, channel)
+    """A HELLO, WINDOW, PING, PONG or ERROR frame as an event (its header checked by
+    :func:`check_header`); the :class:`Connection` decodes the others itself, by stream state."""
     if kind == WINDOW:
         (increment,) = _U32.unpack_from(payload)
         if not 0 < increment <= MAX_WINDOW:
             raise ProtocolError(f"a WINDOW increment of {increment}")
         return WindowUpdate(stream, channel, increment)
-    if kind == REQUEST:
-        return Request(stream, _decode_body(kind, payload))
-    if kind == REPLY:
-        return Reply(stream, _decode_body(kind, payload))
-    if kind == END:
-        return End(stream, _decode_body(kind, payload))
-    if kind == CONTROL:
-        return Control(stream, _decode_body(kind, payload))
-    if kind == RESET:
-        return Reset(stream)
     if kind == PING:
         return Ping(bytes(payload))
     if kind == PONG:
@@ -442,7 +426,7 @@ def decode_frame(kind: int, channel: int, stream: int, payload: memoryview) -> E
         if not isinstance(info, dict):
             raise ProtocolError("a malformed HELLO")
         return Hello(bytes(payload[:NONCE_SIZE]), info)
-    raise ProtocolError(f"unknown frame type {kind}")
+    raise ProtocolError(f"{FRAME_NAMES.get(kind, kind)} frames are not decoded here")
 
 
 def check_header(kind: int, channel: int, reserved: int, stream: int, length: int) -> str | None:
@@ -1384,18 +1368,13 @@ class Connection:
                 raise ProtocolError("a guest does not send RESET")
             event = Reset(stream_id)
         else:
-            body = unpack_value(payload)
-            if not isinstance(body, dict):
-                raise ProtocolError(f"a {FRAME_NAMES[kind]} frame does not carry a dictionary")
-            event = self._decode_message(kind, stream, body)
+            event = self._decode_message(kind, stream, _decode_body(kind, memoryview(payload)))
         self._transition(stream, event)
         return event
 
     def _decode_request(self, stream_id: int, payload: bytes) -> Message:
         try:
-            body = unpack_value(payload)
-            if not isinstance(body, dict):
-                raise ProtocolError("a REQUEST does not carry a dictionary")
+            body = _decode_body(REQUEST, memoryview(payload))
             kind = _REQUESTS.get(body.get("op"))  # type: ignore[arg-type]
             if kind is None:
                 raise ProtocolError(f"unknown request {printable_op(body.get('op'))}")
@@ -1550,239 +1529,3 @@ def _check_info(info: Any) -> dict[str, Any]:
 
 def printable_op(value: Any) -> str:
     return repr(value)[:100]
-
-
-# --- Legacy ---------------------------------------------------------------------------------------
-#
-# For the guest agent until it runs on Connection; delete with it.
-
-
-class _Message(Event):
-    __slots__ = ("body", "stream")
-
-    def __init__(self, stream: int, body: dict[str, Any]) -> None:
-        self.stream = stream
-        self.body = body
-
-
-class Request(_Message):
-    """Host to guest: open ``stream`` to do ``body["op"]``."""
-
-    __slots__ = ()
-
-
-class Reply(_Message):
-    """Guest to host: the first answer on a stream (``body["error"]`` if it failed)."""
-
-    __slots__ = ()
-
-
-class End(_Message):
-    """Guest to host: ``stream`` is finished (exit status, transfer size, or ``error``)."""
-
-    __slots__ = ()
-
-
-class Control(_Message):
-    """Host to guest: act on a running stream (send a signal, resize a pty)."""
-
-    __slots__ = ()
-
-
-def encode_request(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(REQUEST, stream, body)
-
-
-def encode_reply(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(REPLY, stream, body)
-
-
-def encode_end(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(END, stream, body)
-
-
-def encode_control(stream: int, body: dict[str, Any]) -> bytes:
-    return _message(CONTROL, stream, body)
-
-
-class FrameReader:
-    """Legacy, for the guest agent until it runs on :class:`Connection`.
-
-    Bytes in, events out, for one connection; finds frame boundaries by itself.
-
-    It starts *hunting* (``hunting=True``): every byte before :data:`MAGIC` and
-    a well-formed HELLO is discarded (and counted in ``discarded``).
-    ``accept_hello(hello)`` may refuse a HELLO (the host refuses replies to a
-    nonce it did not send last), which is then skipped like garbage. Once
-    synchronised, every frame is decoded; garbage yields a :class:`Garbage`
-    event, in order among the others, and puts the reader back to hunting.
-
-    Two ways to feed it: :meth:`feed` with bytes (events then own their data),
-    or, to save copies, :meth:`get_buffer` to read straight into its buffer
-    followed by :meth:`buffer_filled` (DATA payloads are then views into that
-    buffer, valid until the reader is used again).
-
-    The buffer starts at ``capacity`` (room for two :data:`CHUNK` frames) and
-    grows, up to two of the largest frames, only if the peer sends bigger ones.
-    """
-
-    def __init__(
-        self,
-        *,
-        hunting: bool = True,
-        accept_hello: Callable[[Hello], bool] | None = None,
-        capacity: int = 2 * (CHUNK + HEADER_SIZE + len(MAGIC)),
-    ) -> None:
-        self._buffer = bytearray(max(capacity, 2 * (MAX_HELLO + HEADER_SIZE + len(MAGIC))))
-        self._view = memoryview(self._buffer)
-        self._start = 0
-        self._end = 0
-        self._need = 0  # bytes the incomplete frame at _start needs in all
-        self.hunting = hunting
-        self.accept_hello = accept_hello
-        #: Bytes dropped while hunting.
-        self.discarded = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet decoded (an incomplete frame)."""
-        return self._end - self._start
-
-    def resync(self) -> None:
-        """Drop what is buffered and hunt for the next HELLO (a new connection)."""
-        self.discarded += self._end - self._start
-        self._start = self._end = 0
-        self.hunting = True
-
-    def rescan(self) -> list[Event]:
-        """Give up on the incomplete frame buffered and hunt for a HELLO inside it.
-
-        For a stream that stalled mid-frame: a host that left in the middle of
-        a frame, and a new host whose HELLO the old frame swallowed as payload.
-        """
-        if self.hunting or self._start == self._end:
-            return []
-        events: list[Event] = [self._garbage("an incomplete frame, then silence")]
-        return events + self.buffer_filled(0)
-
-    def get_buffer(self) -> memoryview:
-        """Free space to read into; then call :meth:`buffer_filled` with the count.
-
-        Invalidates the data of events from the previous call.
-        """
-        if self._start == self._end:
-            self._start = self._end = 0
-        if self._need > len(self._buffer) // 2:  # a frame bigger than we were ready for
-            size = self._end - self._start
-            buffer = bytearray(2 * self._need)
-            buffer[:size] = self._view[self._start:self._end]
-            self._buffer, self._view = buffer, memoryview(buffer)
-            self._start, self._end = 0, size
-        elif self._start and len(self._buffer) - self._end < len(self._buffer) // 2:
-            size = self._end - self._start
-            self._view[:size] = self._view[self._start:self._end]
-            self._start, self._end = 0, size
-        return self._view[self._end:]
-
-    def buffer_filled(self, count: int) -> list[Event]:
-        """``count`` bytes were written at the start of :meth:`get_buffer`'s view."""
-        if not 0 <= count <= len(self._buffer) - self._end:
-            raise ValueError("more bytes than the buffer had room for")
-        self._end += count
-        events: list[Event] = []
-        while True:
-            if self.hunting and not self._hunt():
-                return events
-            event = self._next_frame()
-            if event is None:
-                return events
-            events.append(event)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Decode ``data`` (any length); returned events own their bytes."""
-        events: list[Event] = []
-        view = memoryview(data).cast("B")
-        while True:
-            space = self.get_buffer()
-            count = min(len(space), len(view))
-            space[:count] = view[:count]
-            view = view[count:]
-            events.extend(_owned(event) for event in self.buffer_filled(count))
-            if not view:
-                return events
-
-    def _next_frame(self) -> Event | None:
-        """Decode the frame at the start of the buffer; None if it is incomplete."""
-        view = self._view
-        pos = self._start
-        available = self._end - pos
-        if available < HEADER_SIZE:
-            return None
-        first = view[pos]
-        if first == MAGIC[0]:  # a HELLO at a frame boundary: a new session on this connection
-            seen = min(available, len(MAGIC))
-            if view[pos:pos + seen] != MAGIC[:seen]:
-                return self._garbage("bytes that look like a HELLO but are not")
-            if available < len(MAGIC) + HEADER_SIZE:
-                return None
-            pos += len(MAGIC)
-        kind, channel, reserved, stream, length = HEADER.unpack_from(view, pos)
-        problem = check_header(kind, channel, reserved, stream, length)
-        if problem is None and (kind == HELLO) != (first == MAGIC[0]):
-            problem = "a HELLO without MAGIC" if kind == HELLO else "MAGIC before a non-HELLO frame"
-        if problem is not None:
-            return self._garbage(problem)
-        end = pos + HEADER_SIZE + length
-        if end > self._end:
-            self._need = end - self._start
-            return None
-        self._need = 0
-        try:
-            event = decode_frame(kind, channel, stream, view[pos + HEADER_SIZE:end])
-        except ProtocolError as error:
-            return self._garbage(f"{FRAME_NAMES[kind]} frame: {error}")
-        self._start = end
-        return event
-
-    def _garbage(self, problem: str) -> Garbage:
-        """Skip one byte and hunt again."""
-        self._need = 0
-        self._start += 1
-        self.discarded += 1
-        self.hunting = True
-        return Garbage("garbage from the peer: " + problem)
-
-    def _hunt(self) -> bool:
-        """Skip to a MAGIC followed by an acceptable HELLO; False if more bytes are needed."""
-        view = self._view
-        while True:
-            index = self._buffer.find(MAGIC, self._start, self._end)
-            if index < 0:
-                keep = min(len(MAGIC) - 1, self._end - self._start)  # maybe a MAGIC's start
-                self.discarded += self._end - self._start - keep
-                self._start = self._end - keep
-                return False
-            self.discarded += index - self._start
-            self._start = index
-            if self._end - index < len(MAGIC) + HEADER_SIZE:
-                return False
-            kind, channel, reserved, stream, length = HEADER.unpack_from(view, index + len(MAGIC))
-            if kind == HELLO and check_header(kind, channel, reserved, stream, length) is None:
-                end = index + len(MAGIC) + HEADER_SIZE + length
-                if end > self._end:
-                    return False
-                try:
-                    hello = decode_frame(kind, channel, stream, view[end - length:end])
-                except ProtocolError:
-                    hello = None
-                if isinstance(hello, Hello) and (self.accept_hello is None or self.accept_hello(hello)):
-                    self.hunting = False
-                    return True
-            self._start = index + 1
-            self.discarded += 1
-
-
-def _owned(event: Event) -> Event:
-    if isinstance(event, Data) and isinstance(event.data, memoryview):
-        return Data(event.stream, event.channel, bytes(event.data))
-    return event
