@@ -63,7 +63,9 @@ RECEIVE_SIZE = 1 << 20
 #: Credit granted to the guest per output channel.
 OUTPUT_WINDOW = ap.DEFAULT_WINDOW
 #: What ``run()`` collects (stdout and stderr together) and ``read_file()`` reads, by default.
-DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+#: The result is copied into one ``bytes`` in one step of the event loop, so this also bounds
+#: how long a guest that prints without end can hold the loop (bench/README.md: copy times).
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 
 _M = TypeVar("_M", bound=ap.Message)
 
@@ -509,7 +511,7 @@ class AgentConnection:
         Output not captured goes to /dev/null in the guest (``stdout``/``stderr``
         are then None). ``check=True`` raises :class:`GuestProcessError` for a
         non-zero status. Cancelling kills the guest process. More than
-        ``max_output`` bytes of stdout and stderr together (64 MiB by default)
+        ``max_output`` bytes of stdout and stderr together (16 MiB by default)
         kills it and raises :class:`GuestOutputLimitError`: read such output
         as a stream with :meth:`open_process`.
         """
@@ -618,7 +620,7 @@ class AgentConnection:
             await file.aclose()
 
     async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
-        """A whole guest file's bytes; more than ``max_size`` (64 MiB by default) raises
+        """A whole guest file's bytes; more than ``max_size`` (16 MiB by default) raises
         :class:`GuestOutputLimitError`: read such a file as a stream with :meth:`open_file`."""
         async with self.open_file(path) as file:
             chunks = []

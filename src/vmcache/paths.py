@@ -107,17 +107,22 @@ def make_private_dir(path: Path, *, enforce: bool = True) -> None:
     """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            owner = os.fstat(fd).st_uid
-            if owner != os.geteuid():
-                raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
-                                  f"(uid {os.geteuid()}): remove it or choose another run directory")
-            if enforce:
-                os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             raise ConfigError(f"{path} is not a directory (a symlink?): remove it") from None
-        raise ConfigError(f"cannot create directory {path}: {error.strerror}") from None
+        raise ConfigError(f"cannot open directory {path}: {error.strerror}") from None
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
+                              f"(uid {os.geteuid()}): remove it or choose another run directory")
+        if enforce:
+            os.fchmod(fd, 0o700)
+    except OSError as error:
+        raise ConfigError(f"cannot make directory {path} private: {error.strerror}") from None
+    finally:
+        os.close(fd)
