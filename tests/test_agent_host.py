@@ -957,7 +957,7 @@ async def test_run_stops_at_max_output_and_the_connection_stays_usable(conn: Age
         result = await conn.run(["sh", "-c", "head -c 600000 /dev/zero; head -c 400000 /dev/zero >&2"],
                                 max_output=1_000_000)
     assert (len(result.stdout or b""), len(result.stderr or b"")) == (600_000, 400_000)
-    assert agent_module.DEFAULT_MAX_OUTPUT == 16 * 1024 * 1024
+    assert agent_module.DEFAULT_MAX_OUTPUT == 64 * 1024 * 1024
 
 
 async def test_read_file_stops_at_max_size(conn: AgentConnection, tmp_path: Path) -> None:

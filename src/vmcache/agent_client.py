@@ -63,9 +63,9 @@ RECEIVE_SIZE = 1 << 20
 #: Credit granted to the guest per output channel.
 OUTPUT_WINDOW = ap.DEFAULT_WINDOW
 #: What ``run()`` collects (stdout and stderr together) and ``read_file()`` reads, by default.
-#: The result is copied into one ``bytes`` in one step of the event loop, so this also bounds
-#: how long a guest that prints without end can hold the loop (bench/README.md: copy times).
-DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+#: A result at least this big is joined off the event loop (see :func:`_joined`).
+JOIN_IN_THREAD = 4 * 1024 * 1024
 
 _M = TypeVar("_M", bound=ap.Message)
 
@@ -511,7 +511,7 @@ class AgentConnection:
         Output not captured goes to /dev/null in the guest (``stdout``/``stderr``
         are then None). ``check=True`` raises :class:`GuestProcessError` for a
         non-zero status. Cancelling kills the guest process. More than
-        ``max_output`` bytes of stdout and stderr together (16 MiB by default)
+        ``max_output`` bytes of stdout and stderr together (64 MiB by default)
         kills it and raises :class:`GuestOutputLimitError`: read such output
         as a stream with :meth:`open_process`.
         """
@@ -521,7 +521,7 @@ class AgentConnection:
         protocol = self._protocol
         async with self._process(args, request, close_stdin=not stdin) as process:
             stream = process._stream
-            collected = {channel: bytearray() for channel in stream.chunks}
+            collected: dict[int, list[bytes]] = {channel: [] for channel in stream.chunks}
             total = 0
             pending = memoryview(stdin).cast("B")
             stdin_open = bool(stdin)
@@ -537,7 +537,7 @@ class AgentConnection:
                                 f"guest command {_shown(process.args)} printed more than max_output="
                                 f"{max_output} bytes and was killed: read its output as a stream "
                                 "(open_process) or pass a larger max_output")
-                        collected[channel] += chunk
+                        collected[channel].append(bytes(chunk))
                         frame = self._protocol.consumed(stream.id, channel, len(chunk))
                         if frame:
                             await self._send(frame)
@@ -567,8 +567,8 @@ class AgentConnection:
             assert returncode is not None
         result = CompletedProcess(
             args=list(argv), returncode=returncode,
-            stdout=bytes(collected[ap.STDOUT]) if ap.STDOUT in collected else None,
-            stderr=bytes(collected[ap.STDERR]) if ap.STDERR in collected else None,
+            stdout=await _joined(collected[ap.STDOUT]) if ap.STDOUT in collected else None,
+            stderr=await _joined(collected[ap.STDERR]) if ap.STDERR in collected else None,
             timed_out=process.timed_out,
         )
         if check:
@@ -620,7 +620,7 @@ class AgentConnection:
             await file.aclose()
 
     async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
-        """A whole guest file's bytes; more than ``max_size`` (16 MiB by default) raises
+        """A whole guest file's bytes; more than ``max_size`` (64 MiB by default) raises
         :class:`GuestOutputLimitError`: read such a file as a stream with :meth:`open_file`."""
         async with self.open_file(path) as file:
             chunks = []
@@ -636,7 +636,7 @@ class AgentConnection:
                 raise GuestOutputLimitError(
                     f"the guest file {path} is larger than max_size={max_size} bytes: read it as a "
                     "stream (open_file), or pass a larger max_size")
-        return b"".join(chunks)
+        return await _joined(chunks)
 
     # --- Closing ----------------------------------------------------------------------------------
 
@@ -892,6 +892,15 @@ def _build(kind: type[_M], *fields: Any) -> _M:
 
 def _broke(error: ap.ProtocolError) -> str:
     return f"the guest agent broke the protocol: {printable(str(error))}"
+
+
+async def _joined(chunks: list[bytes]) -> bytes:
+    """The chunks as one ``bytes``. A large result is joined in a worker thread: copying tens
+    of MiB takes tens of ms (bench/README.md), and ``bytes.join`` lets go of the GIL while it
+    copies that much, so the event loop goes on meanwhile."""
+    if sum(map(len, chunks)) < JOIN_IN_THREAD:
+        return b"".join(chunks)
+    return await trio.to_thread.run_sync(b"".join, chunks)
 
 
 def _shown(args: Sequence[str | bytes]) -> str:

@@ -127,7 +127,7 @@ class GuestRequestError(AgentError):
 
 class GuestOutputLimitError(VMError):
     """A guest command printed, or a guest file held, more than the call's limit (``max_output``
-    of ``run()``, ``max_size`` of ``read_file()``; 16 MiB by default): the command was killed, the
+    of ``run()``, ``max_size`` of ``read_file()``; 64 MiB by default): the command was killed, the
     read stopped. Read it as a stream (``open_process()``, ``open_file()``) or pass a larger limit."""
 
 

@@ -220,7 +220,7 @@ class GuestAPI:
         exist is 127 with one line on its stderr. ``check=True`` raises
         :class:`~vmcache.errors.GuestProcessError` for a non-zero status; ``timeout``
         makes the guest kill it. Cancelling kills the guest process. Output past
-        ``max_output`` bytes (stdout and stderr together, 16 MiB by default) kills it and
+        ``max_output`` bytes (stdout and stderr together, 64 MiB by default) kills it and
         raises :class:`~vmcache.errors.GuestOutputLimitError`: stream it with :meth:`open_process`.
         """
         async with self._explained() as connection:
@@ -261,7 +261,7 @@ class GuestAPI:
             return await connection.write_file(path, data, mode=mode)
 
     async def read_file(self, path: str, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
-        """A whole guest file's bytes; past ``max_size`` (16 MiB by default)
+        """A whole guest file's bytes; past ``max_size`` (64 MiB by default)
         :class:`~vmcache.errors.GuestOutputLimitError`: stream it with :meth:`open_file`."""
         async with self._explained() as connection:
             return await connection.read_file(path, max_size=max_size)
