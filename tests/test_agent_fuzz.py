@@ -2,7 +2,7 @@
 
 Root in the guest can replace the agent, so the host must survive anything a
 guest sends. A fake agent, in this process, speaks to
-:class:`vmcache.agent.AgentConnection` over a real socket pair and, session after
+:class:`vmcache.agent_client.AgentConnection` over a real socket pair and, session after
 session, sends random frames, mutated valid frames (bit flips, truncations,
 wrong lengths, reserved bits, bad channels), replies whose every field has a
 wrong type or an out-of-range value, frames for streams never opened or

@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from conftest import VMCACHE, wait_until, write_config
 from vmcache.config import load_config, resolve_spec
 from vmcache.errors import BootError, ConfigError, ImageError
 from vmcache.image import ROOTFS_FILE, ROOTFS_TYPE, build_image, pack_directory, read_manifest
-from vmcache.image.build import AGENT_DIR, initramfs_entries
+from vmcache.image.build import AGENT_DIR, AGENT_FILES, initramfs_entries
 from vmcache.image.cpio import (
     S_IFCHR,
     S_IFDIR,
@@ -467,6 +468,9 @@ def test_own_initrd_without_image_must_carry_python_and_agent(tmp_path: Path, gu
         symlink("bin", "usr/bin"), directory("usr"), directory("usr/bin"),
         symlink("usr/bin/python3", "python3.11"), regular_file("usr/bin/python3.11", b"ELF", 0o755),
         regular_file(f"{AGENT_DIR}/vmcache_agent.py", b"agent"),
+        regular_file(f"{AGENT_DIR}/agent_base.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_process.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_files.py", b""),
     ], compress="zstd")
     with pytest.raises(ConfigError, match=f"it has no /{AGENT_DIR}/agent_protocol.py \\(from "):
         resolve_spec(load_config(write_config(tmp_path / "b.toml", kernel=kernel, initrd=str(half))))
@@ -474,6 +478,9 @@ def test_own_initrd_without_image_must_carry_python_and_agent(tmp_path: Path, gu
         regular_file("usr/bin/python3", b"ELF", 0o755),
         regular_file(f"{AGENT_DIR}/vmcache_agent.py", b"agent"),
         regular_file(f"{AGENT_DIR}/agent_protocol.py", b"proto"),
+        regular_file(f"{AGENT_DIR}/agent_base.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_process.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_files.py", b""),
     ], compress="none")
     spec = resolve_spec(load_config(write_config(tmp_path / "c.toml", kernel=kernel, initrd=str(full))))
     assert spec.rootfs is None
@@ -616,3 +623,11 @@ def test_build_directory_with_mounts_inside_is_not_removed(tmp_path: Path) -> No
     prune_tree(scratch / "tree", ["usr/*", "var/log/*"])
     _remove_scratch(scratch)
     assert not scratch.exists()
+
+
+def test_the_initramfs_init_copies_every_agent_file() -> None:
+    """/init copies the agent's files into the new root by a list of its own: it must be the
+    image's list, or the guest agent fails at import after switch_root."""
+    init = resources.files("vmcache").joinpath("in_guest", "init").read_text()
+    listed = next(line for line in init.splitlines() if line.startswith("AGENT_FILES="))
+    assert sorted(listed.split("=", 1)[1].strip('"').split()) == sorted(name for name, _ in AGENT_FILES)

@@ -28,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -45,7 +44,7 @@ from .errors import (
     printable,
 )
 
-log = logging.getLogger("vmcache.agent")
+log = logging.getLogger("vmcache.agent_client")
 
 #: A call that has heard nothing from the agent for this long sends a PING ...
 IDLE_PING = 1.0
@@ -950,11 +949,6 @@ def guest_agent_files() -> dict[str, bytes]:
     Start the agent with ``/usr/bin/python3 -E -s <dir>/vmcache_agent.py --init``
     as PID 1; it imports its modules and ``agent_protocol`` from its own directory.
     """
-    here = Path(__file__).parent
-    return {
-        "vmcache_agent.py": (here / "in_guest" / "vmcache_agent.py").read_bytes(),
-        "agent_base.py": (here / "in_guest" / "agent_base.py").read_bytes(),
-        "agent_process.py": (here / "in_guest" / "agent_process.py").read_bytes(),
-        "agent_files.py": (here / "in_guest" / "agent_files.py").read_bytes(),
-        "agent_protocol.py": (here / "agent_protocol.py").read_bytes(),
-    }
+    from .image.build import agent_files  # the one list of them: the image's
+
+    return dict(agent_files())

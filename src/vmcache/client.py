@@ -51,7 +51,6 @@ QUIT_WAIT = 60.0
 #: How long the daemon may take to confirm a claim, and to stop a released lease's VM.
 CLAIM_WAIT = 10.0
 RELEASE_WAIT = 20.0
-#: How long the daemon may take to stop a VM for StopVM (its own bound is 15 s).
 #: Offers of a VM that died before the claim are retried this many times.
 TAKE_ATTEMPTS = 3
 

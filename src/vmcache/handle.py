@@ -37,7 +37,7 @@ from .rpc.client import Channel, open_channel
 
 CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 3.0
-#: How long the daemon gets to stop a VM it handed out (``StopVM``).
+#: How long the daemon gets to stop a VM it handed out (``StopVM``; its own bound is 15 s).
 STOP_VM_WAIT = 20.0
 #: The gRPC service (from the proto, as :data:`vmcache.wire.SERVICE`).
 SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name

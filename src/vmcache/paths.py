@@ -99,11 +99,12 @@ def vm_run_dir(run_root: Path, vm_id: str) -> Path | None:
 
 
 def make_private_dir(path: Path, *, enforce: bool = True) -> None:
-    """Create ``path`` (and parents) with mode 0700; a ConfigError if it is a symlink or
-    belongs to someone else (we would put our VMs or records into their directory).
+    """Create ``path`` (and parents) with mode 0700; a ConfigError if it is a symlink.
 
-    With ``enforce`` an existing directory is set to 0700 too; without, its mode is left
-    as it is (the run root may be 0710 for a socket group, o+x for the jail).
+    With ``enforce`` an existing directory is set to 0700 too, and one that belongs to
+    someone else is refused (we would put our records or VMs into their directory); without,
+    it is left as it is (a run root a library user shares, 0710 for a socket group, o+x for
+    the jail).
     """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def make_private_dir(path: Path, *, enforce: bool = True) -> None:
         raise ConfigError(f"cannot open directory {path}: {error.strerror}") from None
     try:
         owner = os.fstat(fd).st_uid
-        if owner != os.geteuid():
+        if enforce and owner != os.geteuid():
             raise ConfigError(f"directory {path} belongs to uid {owner}, not to us "
                               f"(uid {os.geteuid()}): remove it or choose another run directory")
         if enforce:

@@ -483,8 +483,7 @@ class VMPool:
             await waiter.event.wait()
         except BaseException:
             if waiter.entry is not None:  # a VM arrived as we were cancelled: pass it on
-                waiter.entry.life.move(Phase.READY)
-                self._offer(waiter.entry, front=True)
+                self.offer_again(waiter.entry)
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
@@ -516,8 +515,7 @@ class VMPool:
                 entry.done.set()  # its slot stops it
                 continue
             except BaseException:
-                entry.life.move(Phase.READY)
-                self._offer(entry, front=True)
+                self.offer_again(entry)
                 raise
             return Lease(self, entry)
 
@@ -567,9 +565,11 @@ class VMPool:
         entry.done.set()
 
     def offer_again(self, entry: _Entry) -> None:
-        """A reserved VM was not handed out: back in line, first, for the next client."""
-        entry.life.move(Phase.READY)
-        if entry.vm.alive:
+        """A reserved VM was not handed out: back in line, first, for the next client. One that
+        died or began to stop meanwhile (its phase moved on) is left to its slot."""
+        if entry.life.phase is Phase.RESERVED:
+            entry.life.move(Phase.READY)
+        if entry.life.phase is Phase.READY and entry.vm.alive:
             self._offer(entry, front=True)
         else:
             entry.done.set()

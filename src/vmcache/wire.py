@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from ._proto import cache_pb2
-from .errors import CacheError
+from .errors import CacheError, printable
 from .handle import VMHandle
 from .lifecycle import Phase
 
@@ -70,7 +70,9 @@ class HandedOutVMStatus:
     pid: int
     owner_uid: int
     handed_at: float
-    state: Phase  # offered, leased, claimed (stopping while it is being stopped)
+    #: offered, leased, claimed (stopping while it is being stopped); a newer daemon's phase
+    #: this client does not know stays the daemon's word, so Status keeps working.
+    state: Phase | str
     expires_at: float = 0.0  # Unix time; 0 = no TTL
     cpu: int = 0
     memory: int = 0
@@ -188,7 +190,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
         confinement=status.confinement,
         handed_out_vms=[
             cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
-                                      handed_at=vm.handed_at, state=vm.state.value,
+                                      handed_at=vm.handed_at, state=str(vm.state),
                                       expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory,
                                       accel=vm.accel)
             for vm in status.handed_out_vms
@@ -238,9 +240,8 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
     )
 
 
-def _phase(text: str) -> Phase:
+def _phase(text: str) -> Phase | str:
     try:
         return Phase(text)
     except ValueError:
-        raise CacheError(f"the daemon reports a VM phase this client does not know ({text[:40]!r}): "
-                         "upgrade vmcache on this side") from None
+        return printable(text[:40])

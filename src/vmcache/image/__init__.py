@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .build import (
     AGENT_DIR,
+    AGENT_FILES,
     INITRD_FILE,
     KERNEL_FILE,
     MANIFEST_FILE,
@@ -22,6 +23,7 @@ from .rootfs import ROOTFS_FILE, ROOTFS_TYPE, pack_directory
 
 __all__ = [
     "AGENT_DIR",
+    "AGENT_FILES",
     "INITRD_FILE",
     "KERNEL_FILE",
     "MANIFEST_FILE",

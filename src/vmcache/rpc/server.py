@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ..backoff import Backoff
-from ..errors import BadRequestError, VmcacheError, unwrap_group
+from ..errors import BadRequestError, LifecycleError, VmcacheError, unwrap_group
 from ..security import PeerCredentials, peer_credentials
 from .status import status_for
 from .transport import (
@@ -383,6 +383,9 @@ class RpcServer:
         with trio.move_on_at(call.deadline if call.timeout > 0 else math.inf) as deadline:
             try:
                 await method.handler(rpc_call)
+            except LifecycleError as error:  # a VM moved where it may not go: a bug of ours
+                log.exception("%s failed", call.method)
+                status = RpcStatus(Code.INTERNAL, f"a bug in vmcache: {error}")
             except VmcacheError as error:
                 status = status_for(error)
             except CallResetError:
