@@ -1081,3 +1081,39 @@ async def test_open_passes_the_blocks_own_error_unwrapped() -> None:
             async with AgentConnection.open(host, timeout=5):
                 raise KeyError("mine")
         nursery.cancel_scope.cancel()
+
+
+class _StuckClose(trio.abc.Stream):
+    """A stream whose aclose never returns by itself (a wrapper of someone else's)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_closing_is_bounded_even_in_a_shielded_cleanup(autojump_clock: trio.testing.MockClock) -> None:
+    """Holders close their agent connection in shielded cleanups: a stream whose aclose hangs
+    must not hang them."""
+    host, guest = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, lambda _, event: b"")
+        connection = await AgentConnection.start(_StuckClose(host), timeout=5)
+        started = trio.current_time()
+        with trio.CancelScope(shield=True), trio.fail_after(agent_module.CLOSE_TIMEOUT + 1):
+            await connection.aclose()
+        assert trio.current_time() - started == pytest.approx(agent_module.CLOSE_TIMEOUT)
+        with pytest.raises(AgentError, match="closed"):
+            await connection.ping()
+        nursery.cancel_scope.cancel()

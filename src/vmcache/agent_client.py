@@ -57,6 +57,8 @@ KILL_TIMEOUT = 5.0
 #: HELLO is sent again (new nonce) after this long without a reply, doubling up to the max.
 HELLO_RETRY_FIRST = 0.5
 HELLO_RETRY_MAX = 4.0
+#: How long closing the stream to the agent may take (a Unix socket closes at once).
+CLOSE_TIMEOUT = 5.0
 #: Read size from the socket.
 RECEIVE_SIZE = 1 << 20
 #: Credit granted to the guest per output channel.
@@ -642,7 +644,10 @@ class AgentConnection:
     async def aclose(self) -> None:
         """Close the connection; the guest ends the session (and kills its processes)."""
         self._fail(AgentError, "the connection to the guest agent was closed")
-        await self._stream.aclose()
+        # Callers close in shielded cleanups: bounded here, whatever stream we were given (a
+        # trio stream whose aclose is cancelled is closed all the same).
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._stream.aclose()
 
 
 class _Opened(AbstractAsyncContextManager[AgentConnection]):
