@@ -23,7 +23,13 @@ Asserted, as a user of the host library would see it:
 * the event loop never runs one host task step for longer than
   :data:`MAX_STEP` (measured as the thread's CPU time of the step, because on a
   shared machine wall time also counts the time the OS gave to other processes;
-  the wall-time maximum is reported beside it);
+  the wall-time maximum is reported beside it). One step in the run may take up
+  to :data:`NOISE_MARGIN` times it: in one CI run of the whole suite a single step
+  measured 52.7 ms where every local run of the same code stayed under 27 ms
+  (the machine is a shared VM); a host bug of the kind this test is for (decoding a
+  hostile frame whole, copying an endless output) blocks every time its frame
+  comes, and for 150-400 ms on the code before issue 17. The collector's share
+  of each slow step is reported, to tell a garbage collection from host code;
 * the process's peak RSS grows by at most :data:`MEMORY_BOUND` over the run.
 
 The frames are built from the documented layout (docs/agent-protocol.md), not
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import os
 import random
@@ -60,6 +67,8 @@ from vmcache.errors import AgentError, GuestRequestError
 DURATION = float(os.environ.get("VMCACHE_FUZZ_SECONDS", "60"))
 #: The longest a single step of a host task may run (CPU time of the thread).
 MAX_STEP = 0.050
+#: The one step a run may lose to the machine's noise may take up to this many MAX_STEPs.
+NOISE_MARGIN = 2.0
 #: How much the process's peak RSS may grow over the run. The host legitimately
 #: holds one window (4 MiB) per output channel of each open stream, and run()
 #: its size-limited output; the fake agent offers run() up to ENDLESS bytes.
@@ -588,12 +597,26 @@ class StepTimer(trio.abc.Instrument):
     def __init__(self) -> None:
         self.started: tuple[float, float] | None = None
         self.max_cpu = 0.0
+        self.over: list[str] = []  # the steps longer than MAX_STEP, described
         self.max_wall = 0.0
-        self.slowest = ""
         self.context: Callable[[], str] = lambda: ""
+        self.gc_time = 0.0  # the collector's CPU time so far
+        self.gc_max = 0.0  # its longest collection
+        self._gc_started = 0.0
+        self._step_gc = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A :data:`gc.callbacks` hook: add up the collector's CPU time."""
+        if phase == "start":
+            self._gc_started = time.thread_time()
+        else:
+            spent = time.thread_time() - self._gc_started
+            self.gc_time += spent
+            self.gc_max = max(self.gc_max, spent)
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.started = (time.thread_time(), time.perf_counter())
+        self._step_gc = self.gc_time
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         if "FakeAgent" in task.name or self.started is None:
@@ -601,10 +624,11 @@ class StepTimer(trio.abc.Instrument):
         cpu = time.thread_time() - self.started[0]
         wall = time.perf_counter() - self.started[1]
         self.max_wall = max(self.max_wall, wall)
-        if cpu > self.max_cpu:
-            self.max_cpu = cpu
-            self.slowest = (f"{cpu * 1000:.1f} ms CPU in task {task.name}; "
-                            f"the fake agent had sent: {self.context()}")
+        if cpu > MAX_STEP:
+            self.over.append(f"{cpu * 1000:.1f} ms CPU in task {task.name} "
+                             f"({(self.gc_time - self._step_gc) * 1000:.1f} ms of it garbage collection); "
+                             f"the fake agent had sent: {self.context()}")
+        self.max_cpu = max(self.max_cpu, cpu)
 
 
 class Violation(Exception):
@@ -827,6 +851,7 @@ async def test_a_hostile_agent_gets_nothing_but_agent_errors() -> None:
     stats: Counter[str] = Counter()
     baseline = rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
+    gc.callbacks.append(timer.on_gc)
     trio.lowlevel.add_instrument(timer)
     sessions = 0
     started = time.monotonic()
@@ -837,19 +862,21 @@ async def test_a_hostile_agent_gets_nothing_but_agent_errors() -> None:
                 await session(random.Random(rng.getrandbits(64)), findings, timer, stats, f"#{sessions}")
     finally:
         trio.lowlevel.remove_instrument(timer)
+        gc.callbacks.remove(timer.on_gc)
     growth = rss("VmHWM") - baseline
     summary = (
         f"seed {seed} ({replay}): {sessions} sessions in {time.monotonic() - started:.0f} s; "
         f"longest host step {timer.max_cpu * 1000:.1f} ms CPU (bound {MAX_STEP * 1000:.0f}), "
-        f"{timer.max_wall * 1000:.1f} ms wall; "
+        f"{timer.max_wall * 1000:.1f} ms wall; longest garbage collection {timer.gc_max * 1000:.1f} ms; "
         f"peak RSS grew {growth >> 20} MiB (bound {MEMORY_BOUND >> 20})\n"
         f"host calls: {dict(sorted(findings.outcomes.items()))}\nfake agent: {dict(sorted(stats.items()))}")
     print(summary)
     problems = []
     for key, (count, detail) in findings.violations.items():
         problems.append(f"--- {count} x {key}\n{detail}")
-    if timer.max_cpu > MAX_STEP:
-        problems.append(f"--- the event loop was blocked: {timer.slowest}")
+    if len(timer.over) > 1 or timer.max_cpu > MAX_STEP * NOISE_MARGIN:
+        slow = "\n".join(timer.over[:10])
+        problems.append(f"--- the event loop was blocked; steps over the bound:\n{slow}")
     if growth > MEMORY_BOUND:
         problems.append(f"--- memory: the peak RSS grew by {growth >> 20} MiB")
     assert not problems, f"{summary}\n" + "\n".join(problems[:12]) + f"\n{replay}"
