@@ -74,7 +74,7 @@ PEEK_TIMEOUT = 5.0
 #: Bound on connecting to the destination from the host.
 CONNECT_TIMEOUT = 10.0
 #: Size of one read in the splice (each direction holds at most one such buffer).
-SPLICE_BUFFER = 64 * 1024
+SPLICE_BUFFER = 128 * 1024
 #: Connections one VM may have open through the proxy at once.
 MAX_CONNECTIONS = 256
 #: Bound on tearing down: restoring the drop-all ruleset.
