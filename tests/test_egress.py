@@ -7,6 +7,7 @@ those namespaces and on the host's loopback; no real DNS is ever asked.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 from netns_pair import (
     VM_MAC,
     FakePolicy,
@@ -35,13 +37,16 @@ from vmcache.dns_host import (
     FORMERR,
     NOERROR,
     NXDOMAIN,
+    SERVFAIL,
     DnsResponder,
     MalformedQuery,
     ResolvedAddresses,
     parse_query,
 )
 from vmcache.egress import (
+    EgressProxy,
     Sniffed,
+    _RefusalLog,
     drop_all_ruleset,
     enforce,
     open_counts,
@@ -116,7 +121,8 @@ def pair() -> Iterator[Pair]:
 
 def resolver() -> FakeResolver:
     return FakeResolver({"allowed.test": ["127.0.0.2"], "other.test": ["127.0.0.3"],
-                         "evil.test": ["127.0.0.5"]})
+                         "evil.test": ["127.0.0.5"], "third.test": ["127.0.0.7"],
+                         "shared.test": ["127.0.0.2"]})
 
 
 # --------------------------------------------------------------------------- pure units
@@ -187,6 +193,54 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff(b"GE").kind is Sniffed.MORE
     assert sniff(b"SSH-2.0-x\r\n").kind is Sniffed.OTHER
     assert sniff(b"\x00\x01binary").kind is Sniffed.OTHER
+
+
+async def test_a_hung_host_resolver_is_servfail_in_bounded_time(autojump_clock: trio.abc.Clock) -> None:
+    async def hang(name: str) -> list[IPv4]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    dns = DnsResponder(FakePolicy(names={"allowed.test": None}), IPv4("10.0.2.2"), resolver=hang,
+                       resolve_timeout=5)
+    start = trio.current_time()
+    reply = await dns.answer(dns_query("allowed.test"))
+    assert reply is not None and dns_answer(reply) == (SERVFAIL, [])
+    assert trio.current_time() - start == pytest.approx(5)
+    assert len(dns.resolved) == 0
+
+
+async def test_peek_is_bounded_in_time_and_bytes(autojump_clock: trio.abc.Clock) -> None:
+    proxy = EgressProxy(FakePolicy(), ResolvedAddresses(), peek_timeout=5)
+
+    async def peek(data: bytes, *, close: bool = False) -> tuple[bytes, Sniffed, float]:
+        send, receive = trio.testing.memory_stream_pair()
+        await send.send_all(data)
+        if close:
+            await send.aclose()
+        start = trio.current_time()
+        got, found = await proxy._peek(receive)
+        return got, found.kind, round(trio.current_time() - start, 6)
+
+    assert await peek(b"") == (b"", Sniffed.OTHER, 5.0)  # a server-speaks-first protocol
+    hello = client_hello("allowed.test")
+    assert (await peek(hello[:50]))[1:] == (Sniffed.MORE, 5.0)  # incomplete: refused
+    assert (await peek(hello))[1:] == (Sniffed.TLS, 0.0)
+    endless = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 40_000
+    got, kind, elapsed = await peek(endless)
+    assert len(got) == 16 * 1024 and kind is Sniffed.MORE and elapsed < 5
+
+
+async def test_refusal_lines_are_rate_limited(autojump_clock: trio.abc.Clock,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    refusals = _RefusalLog("vm-1", burst=3, interval=10)
+    with caplog.at_level(logging.INFO, logger="vmcache.egress"):
+        for _ in range(100):
+            refusals.refused("127.0.0.9:1", "no allowed rule")
+        await trio.sleep(10)
+        refusals.refused("127.0.0.9:1", "no allowed rule")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and refusals.total == 101
+    assert "97 more refused before this" in lines[-1]
 
 
 def test_rulesets_are_what_nft_loads() -> None:
@@ -389,7 +443,8 @@ async def test_proxy_lets_through_the_allowlist_and_nothing_else(pair: Pair) -> 
         p = {label: server.port for label, server in servers.items()}
 
         policy = FakePolicy(
-            names={"allowed.test": frozenset({p["allowed"]}), "other.test": frozenset({p["other"]})},
+            names={"allowed.test": frozenset({p["allowed"]}), "other.test": frozenset({p["other"]}),
+                   "third.test": frozenset({p["allowed"]}), "shared.test": frozenset({p["other"]})},
             cidrs=[(ipaddress.IPv4Network("127.0.0.4/32"), p["cidr"])],
             internal=frozenset({p["internal"]}),
         )
@@ -410,6 +465,10 @@ async def test_proxy_lets_through_the_allowlist_and_nothing_else(pair: Pair) -> 
             ("another name's Host", "127.0.0.2", p["allowed"], http_get("other.test"), "allowed"),
             ("another name's SNI", "127.0.0.2", p["allowed"], hello("other.test"), "allowed"),
             ("a disallowed SNI", "127.0.0.2", p["allowed"], hello("evil.test"), "allowed"),
+            ("a name allowed on this port that resolved elsewhere", "127.0.0.2", p["allowed"],
+             http_get("third.test"), "allowed"),
+            ("a name of this address allowed on another port", "127.0.0.2", p["allowed"],
+             hello("shared.test"), "allowed"),
             ("absolute URI of another", "127.0.0.2", p["allowed"],
              http_get(None, f"http://other.test:{p['allowed']}/"), "allowed"),
             ("never resolved here", "127.0.0.6", p["unresolved"], http_get("allowed.test"), "unresolved"),
@@ -423,6 +482,8 @@ async def test_proxy_lets_through_the_allowlist_and_nothing_else(pair: Pair) -> 
                                peek_timeout=2) as enf:
                 reply = await guest_dns(pair, dns_query("allowed.test"))
                 assert reply is not None and dns_answer(reply) == (NOERROR, ["127.0.0.2"])
+                for name in ("third.test", "shared.test"):
+                    assert await guest_dns(pair, dns_query(name)) is not None
                 for what, ip, port, payload, label in cases:
                     if isinstance(pol, Permissive) and ip.startswith("10.0.2."):
                         continue  # not a destination at all, even for the control

@@ -524,7 +524,7 @@ class EgressProxy:
                 return None, data, f"{found.kind.value} names {found.name!r}, which did not resolve here"
         return (str(ip), port), data, ""
 
-    async def _peek(self, stream: trio.SocketStream) -> tuple[bytes, Sniff]:
+    async def _peek(self, stream: trio.abc.ReceiveStream) -> tuple[bytes, Sniff]:
         data = b""
         found = Sniff(Sniffed.MORE)
         with trio.move_on_after(self.peek_timeout):
