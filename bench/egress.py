@@ -91,6 +91,27 @@ async def run_client(argv: list[str], netns: str | None) -> dict[str, float]:
     return result
 
 
+async def veth_baseline(vm: str, guest: str, common: list[str]) -> dict[str, float]:
+    """The same client against a server in the vm namespace itself: the veth's own cost."""
+    await trio.run_process(["ip", "-n", vm, "addr", "add", "10.0.2.2/24", "dev", "tap0"])
+    await trio.run_process(["ip", "-n", vm, "link", "set", "tap0", "up"])
+    port_file = f"/tmp/vmcache-test-egress-bench-veth-{os.getpid()}"
+    server = subprocess.Popen(["ip", "netns", "exec", vm, sys.executable, __file__, "--role", "server",
+                               "--port-file", port_file, "--bind", "10.0.2.2"])
+    try:
+        for _ in range(100):
+            if Path(port_file).exists() and Path(port_file).read_text():
+                break
+            await trio.sleep(0.05)
+        port = Path(port_file).read_text()
+        return await run_client(["--ip", "10.0.2.2", "--port", port, "--host", "x", *common], guest)
+    finally:
+        server.kill()
+        server.wait()
+        Path(port_file).unlink(missing_ok=True)
+        await trio.run_process(["ip", "-n", vm, "addr", "flush", "dev", "tap0"])
+
+
 async def main(args: argparse.Namespace) -> None:
     port_file = f"/tmp/vmcache-test-egress-bench-{os.getpid()}"
     server = subprocess.Popen([sys.executable, __file__, "--role", "server", "--port-file", port_file])
@@ -104,6 +125,7 @@ async def main(args: argparse.Namespace) -> None:
         common = ["--connections", str(args.connections), "--size", str(size)]
         direct = await run_client(["--ip", "127.0.0.1", "--port", str(port), "--host", "x", *common], None)
         with netns_pair(f"vmcache-test-egbench{os.getpid()}") as pair:
+            veth = await veth_baseline(pair.vm_name, pair.guest_name, common)
             policy = FakePolicy(names={"allowed.test": frozenset({port})}, internal=frozenset({port}))
             resolver = FakeResolver({"allowed.test": ["127.0.0.1"]})
             async with enforce(pair.vm, policy, resolver=resolver, loopback_targets=True) as enf:
@@ -113,11 +135,12 @@ async def main(args: argparse.Namespace) -> None:
                 named = await run_client(["--ip", "127.0.0.1", "--port", str(port),
                                           "--host", "allowed.test", *common], pair.guest_name)
         rows = [("direct, host to loopback (no proxy)", direct),
+                ("guest -> server in the vm netns (veth, no proxy)", veth),
                 ("guest -> host.vmcache.internal via proxy", internal),
                 ("guest -> allowed name via proxy (Host peek)", named)]
-        print(f"{'path':48} {'setup p50 ms':>13} {'setup p90 ms':>13} {'MB/s':>8}")
+        print(f"{'path':50} {'setup p50 ms':>13} {'setup p90 ms':>13} {'MB/s':>8}")
         for label, row in rows:
-            print(f"{label:48} {row['setup_median_ms']:13.3f} {row['setup_p90_ms']:13.3f} "
+            print(f"{label:50} {row['setup_median_ms']:13.3f} {row['setup_p90_ms']:13.3f} "
                   f"{row.get('mb_per_s', 0):8.0f}")
         print(f"({args.connections} connections each; {args.megabytes} MB download)")
     finally:
@@ -132,13 +155,14 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--port-file", default="")
+    parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--ip", default="")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--host", default="")
     parser.add_argument("--size", type=int, default=0)
     ns = parser.parse_args()
     if ns.role == "server":
-        serve("127.0.0.1", ns.port_file)
+        serve(ns.bind, ns.port_file)
     elif ns.role == "client":
         client(ns.ip, ns.port, ns.host, ns.connections, ns.size)
     else:

@@ -479,8 +479,7 @@ class EgressProxy:
                     _reset(stream)
                     return
                 try:
-                    with trio.fail_after(self.connect_timeout):
-                        upstream = await trio.open_tcp_stream(target[0], target[1])
+                    upstream = await _connect(target, self.connect_timeout)
                 except (OSError, trio.TooSlowError) as exc:
                     log.info("network: could not connect to %s for a guest: %s", dest, exc or "timeout")
                     _reset(stream)
@@ -539,6 +538,19 @@ class EgressProxy:
         if not data:
             return data, Sniff(Sniffed.OTHER)  # nothing sent: a server-speaks-first protocol
         return data, found  # MORE: a TLS or HTTP start that did not complete in time or in bounds
+
+
+async def _connect(target: tuple[str, int], timeout: float) -> trio.SocketStream:
+    """A TCP connection from the daemon's (the host's) namespace to the numeric ``target``: one
+    socket, no resolution and no happy-eyeballs machinery (the address is already chosen)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(timeout):
+            await sock.connect(target)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def _splice(a: trio.SocketStream, b: trio.SocketStream) -> None:
