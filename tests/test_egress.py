@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import struct
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -538,7 +539,7 @@ async def test_connections_per_vm_are_capped_and_all_closed_on_exit(pair: Pair) 
         policy = FakePolicy(internal=frozenset({port}))
         assert open_counts() == {"enforcements": 0, "sockets": 0, "connections": 0}
         with trio.fail_after(30):
-            async with enforce(pair.vm, policy, max_connections=2) as enf:
+            async with enforce(pair.vm.fd, policy, max_connections=2) as enf:  # a bare fd works too
                 assert open_counts()["sockets"] == 2
                 first = await guest_connect(pair, "10.0.2.2", port)
                 second = await guest_connect(pair, "10.0.2.2", port)
@@ -604,3 +605,28 @@ async def test_enforce_fails_with_a_clear_error(pair: Pair) -> None:
 
 
 
+
+
+@needs_root
+async def test_a_process_namespace_like_qemus_and_its_process_dying() -> None:
+    """The namespace given as /proc/PID/ns/net of a process (as QEMU's is): enforcement starts
+    there, and ends cleanly even when the process died meanwhile (we hold the namespace)."""
+    proc = subprocess.Popen(["unshare", "--net", "--", "sleep", "600"])
+    try:
+        path = f"/proc/{proc.pid}/ns/net"
+        with trio.fail_after(10):
+            while os.stat(path).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                await trio.sleep(0.01)
+            pid = str(proc.pid)
+            await trio.run_process(["ip", "link", "add", "tap0", "netns", pid, "type", "veth", "peer",
+                                    "name", "tap0p", "netns", pid])
+            await prepare(path)
+            async with enforce(path, FakePolicy(internal=None)) as enf:
+                assert f"redirect to :{enf.proxy_port}" in await list_nft(enf.netns)
+                proc.kill()
+                proc.wait()
+            assert open_counts() == {"enforcements": 0, "sockets": 0, "connections": 0}
+            assert enf.netns.closed
+    finally:
+        proc.kill()
+        proc.wait()
