@@ -192,6 +192,15 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff(http_get("allowed.test", "http://other.test/")).kind is Sniffed.BAD
     assert sniff(http_get(None, "http://other.test/")).name == "other.test"
     assert sniff(b"GE").kind is Sniffed.MORE
+    assert sniff(b"GET /x HT").kind is Sniffed.MORE
+    # what a lenient server would read as a request for other.test is a request for other.test
+    assert sniff(b"get / http/1.1\r\nhost: other.test\r\n\r\n").name == "other.test"
+    assert sniff(b"\r\n\r\nGET / HTTP/1.1\r\nHost: other.test\r\n\r\n").name == "other.test"
+    assert sniff(b"GET / HTTP/1.1\r\nX: y\nHost: other.test\r\n\r\n").kind is Sniffed.BAD
+    assert sniff(b"GET / HTTP/1.1\r\nHost: a\r\n x\r\n\r\n").kind is Sniffed.BAD
+    assert sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").kind is Sniffed.BAD
+    assert sniff(b"SET key value\r\n").kind is Sniffed.OTHER  # a line protocol is not HTTP
+    assert sniff(b"PING").kind is Sniffed.MORE and sniff(b"PING\r\n").kind is Sniffed.OTHER
     assert sniff(b"SSH-2.0-x\r\n").kind is Sniffed.OTHER
     assert sniff(b"\x00\x01binary").kind is Sniffed.OTHER
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import trio
-import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +291,7 @@ class DnsResponder:
                     data, peer = await sock.recvfrom(MAX_QUERY + 1)
                 except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: keep going
                     log.debug("DNS: recvfrom: %s", exc)
-                    await trio.lowlevel.checkpoint()
+                    await trio.sleep(0.01)  # not a busy loop if the error persists
                     continue
                 try:
                     self._inflight.acquire_nowait()

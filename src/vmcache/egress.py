@@ -285,29 +285,40 @@ def _clean_name(raw: bytes) -> str:
     return text.lower().rstrip(".")
 
 
-_METHOD_MAX = 16
+#: The longest request line we wait for before deciding the connection is not HTTP.
+_LINE_MAX = 8192
 
 
 def _sniff_http(data: bytes) -> Sniff:
-    space = data.find(b" ", 0, _METHOD_MAX + 1)
-    if space < 0:
-        head = data[:_METHOD_MAX + 1]
-        if len(head) <= _METHOD_MAX and head.isalpha() and head.isupper():
-            return Sniff(Sniffed.MORE)  # could still be a method
+    """HTTP/1.x is recognised by its request line (``TOKEN SP TARGET SP HTTP/1.x``, any case, after
+    any empty lines a lenient server would skip); anything whose first line is not that is
+    another protocol. Heads a lenient server could read differently from us (bare CR or LF,
+    folded or space-padded header names, two Hosts, an absolute URI naming another host, another
+    HTTP version) are refused rather than guessed at."""
+    body = data.lstrip(b"\r\n")
+    if not body:
+        return Sniff(Sniffed.MORE if len(data) < _LINE_MAX else Sniffed.OTHER)
+    newline = body.find(b"\n")
+    if newline < 0:
+        if len(body) >= _LINE_MAX or not _could_be_request_line(body):
+            return Sniff(Sniffed.OTHER)
+        return Sniff(Sniffed.MORE)
+    first = body[:newline].rstrip(b"\r")
+    parts = first.split(b" ")
+    if len(parts) != 3 or not parts[2].upper().startswith(b"HTTP/") or not parts[0].isalpha():
         return Sniff(Sniffed.OTHER)
-    method = data[:space]
-    if not (method.isalpha() and method.isupper()):
-        return Sniff(Sniffed.OTHER)
-    end = data.find(b"\r\n\r\n")
+    if not parts[2].upper().startswith(b"HTTP/1."):
+        return Sniff(Sniffed.BAD)  # HTTP/2 prior knowledge and the like: cannot see the authority
+    end = body.find(b"\r\n\r\n")
     if end < 0:
         return Sniff(Sniffed.MORE)
+    head = body[:end]
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n") \
+            or b"\0" in head:
+        return Sniff(Sniffed.BAD)
     try:
-        head_text = data[:end].decode("latin-1")
-        lines = head_text.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return Sniff(Sniffed.BAD)
-        target = parts[1]
+        lines = head.decode("latin-1").split("\r\n")
+        target = lines[0].split(" ")[1]
         uri_host: str | None = None
         if "://" in target:
             authority = target.split("://", 1)[1].split("/", 1)[0]
@@ -326,6 +337,17 @@ def _sniff_http(data: bytes) -> Sniff:
         return Sniff(Sniffed.HTTP, uri_host or host)
     except ValueError:
         return Sniff(Sniffed.BAD)
+
+
+def _could_be_request_line(partial: bytes) -> bool:
+    """``partial`` (no newline yet) could still become an HTTP request line."""
+    method, space, rest = partial.partition(b" ")
+    if not space:
+        return len(method) <= 32 and (not method or method.isalpha())
+    if not method.isalpha():
+        return False
+    _target, space, version = rest.partition(b" ")
+    return not space or b"HTTP/"[:len(version)] == version[:5].upper()
 
 
 def _host_of(authority: str) -> str:
