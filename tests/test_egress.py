@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -251,6 +252,24 @@ async def test_refusal_lines_are_rate_limited(autojump_clock: trio.abc.Clock,
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4 and refusals.total == 101
     assert "97 more refused before this" in lines[-1]
+
+
+def test_parsers_survive_garbage() -> None:
+    """Whatever a guest sends, the DNS parser raises only MalformedQuery and the sniffer only
+    classifies: no other exception, no loop."""
+    rng = random.Random(18)
+    hello = client_hello("allowed.test")
+    seeds = [dns_query("allowed.test"), hello, http_get("allowed.test")]
+    for _ in range(3000):
+        seed = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 8)):
+            seed[rng.randrange(len(seed))] = rng.randrange(256)
+        data = bytes(seed[:rng.randrange(len(seed) + 1)])
+        try:
+            parse_query(data)
+        except MalformedQuery:
+            pass
+        assert sniff(data).kind in Sniffed
 
 
 def test_rulesets_are_what_nft_loads() -> None:
