@@ -67,6 +67,12 @@ class VMError(VmcacheError):
     """Something went wrong with one QEMU VM."""
 
 
+class NetworkSetupError(VMError):
+    """The guest network of a VM could not be set up or torn down (its namespace, ruleset or
+    sockets): the VM is not handed out with a network. The message quotes the failing step;
+    check that nftables, iproute2 and util-linux are installed and the daemon runs as root."""
+
+
 class BootError(VMError):
     """A VM did not become ready. The message quotes the guest's last console lines."""
 
