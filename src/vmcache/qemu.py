@@ -58,6 +58,7 @@ from .procfs import process_start_time, process_state
 from .qemu_argv import qemu_argv
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
+from .vm_nic import check_nic
 
 log = logging.getLogger("vmcache.qemu")
 
@@ -356,6 +357,7 @@ async def start_vm(
     ``become_ready`` (a cold boot's wait for READY, or a snapshot restore) returns the
     guest's boot id. QEMU exiting meanwhile is a BootError quoting the console.
     """
+    check_nic(spec)  # before anything exists: a NIC this daemon cannot make is a ConfigError
     spec = await usable_spec(spec)
     vm_id = secrets.token_hex(6)
     run_dir = spec.run_root / f"vm-{vm_id}"

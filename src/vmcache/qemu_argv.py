@@ -7,6 +7,7 @@ from pathlib import Path
 from .config import VMSpec
 from .console import console_args
 from .guest_api import CONTROL_PORT, CONTROL_SOCKET, USER_PORTS, user_port_name, user_socket
+from .vm_nic import qemu_nic_args
 
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
 #: The root image is the VM's only virtio-blk disk, so the guest sees it as /dev/vda.
@@ -108,6 +109,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
           for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
         "-device", "virtio-rng-pci",
         *root_drive,
+        *(qemu_nic_args() if spec.nic else ()),
         *memory_backend,
         *sandbox,
     ]
