@@ -30,10 +30,11 @@ from vmcache.vm_nic import (
     GUEST_MAC,
     HOLD_TABLE,
     TAP_NAME,
+    attach_tap,
     check_nic,
     configure_guest,
     lift_hold,
-    make_tap,
+    open_tap,
 )
 
 CLONE_NEWNET = 0x40000000
@@ -81,12 +82,16 @@ def test_no_nic_is_todays_argv_and_a_nic_is_a_tap_by_name(tmp_path: Path, run_di
     plain = spec_for(tmp_path, run_dir, nic=False)
     argv = qemu_argv(plain, run_dir / "vm-x", "tcg", "n")
     assert not any("netdev" in arg or "virtio-net" in arg for arg in argv)
-    with_nic = qemu_argv(attrs.evolve(plain, nic=True), run_dir / "vm-x", "tcg", "n")
+    assert qemu_argv(plain, run_dir / "vm-x", "tcg", "n", tap_fd=9) == argv, "the switch decides"
+    with_nic = qemu_argv(attrs.evolve(plain, nic=True), run_dir / "vm-x", "tcg", "n", tap_fd=9)
     extra = [arg for arg in with_nic if arg not in argv]
-    assert extra == ["-netdev", "tap,id=vmcache-net,ifname=tap0,script=no,downscript=no",
+    assert extra == ["-netdev", "tap,id=vmcache-net,fd=9",
                      f"virtio-net-pci,netdev=vmcache-net,id=vmcache-nic,mac={GUEST_MAC}"]
-    restored = qemu_argv(attrs.evolve(plain, nic=True, restored=True), run_dir / "vm-x", "tcg", "n")
+    restored = qemu_argv(attrs.evolve(plain, nic=True, restored=True), run_dir / "vm-x", "tcg", "n",
+                         tap_fd=9)
     assert "-netdev" in restored, "a snapshot clone has the template's NIC"
+    with pytest.raises(ValueError):
+        qemu_argv(attrs.evolve(plain, nic=True), run_dir / "vm-x", "tcg", "n")
 
 
 async def test_a_nic_changes_the_snapshot_key_and_no_nic_keeps_it(tmp_path: Path, run_dir: Path) -> None:
@@ -133,14 +138,20 @@ async def namespace_process() -> AsyncIterator[int]:
             await process.wait()
 
 
-async def test_the_tap_is_made_in_the_namespace_owned_by_the_vm_uid_behind_a_drop_all() -> None:
+async def test_the_tap_is_moved_into_the_namespace_behind_a_drop_all_and_dies_with_its_fd() -> None:
     links = host_links()
     async with namespace_process() as pid:
         with trio.fail_after(30):
-            await make_tap(pid, 61234)
+            tap = await open_tap()
+            try:
+                assert TAP_NAME not in host_links(), "made in a holding namespace, not the host's"
+                await attach_tap(tap, pid)
+            finally:
+                fd = os.dup(tap.fd)  # as QEMU keeps it
+                tap.close()
         details = in_netns(pid, "ip", "-d", "link", "show", TAP_NAME)
-        assert "tun type tap" in details and "user 61234 group 61234" in details
-        assert "state DOWN" in details or "NO-CARRIER" in details, "no one attached yet"
+        assert "tun type tap" in details and "vnet_hdr on persist off" in details
+        assert "UP" in details
         assert f"inet {GATEWAY_ADDRESS}/24" in in_netns(pid, "ip", "-4", "addr", "show", TAP_NAME)
         assert in_netns(pid, "ip", "-6", "addr", "show", TAP_NAME).strip() == "", "no IPv6 at all"
         ruleset = in_netns(pid, "nft", "list", "ruleset")
@@ -150,18 +161,29 @@ async def test_the_tap_is_made_in_the_namespace_owned_by_the_vm_uid_behind_a_dro
         with trio.fail_after(30):
             await lift_hold(pid)
         assert HOLD_TABLE not in in_netns(pid, "nft", "list", "ruleset")
+        os.close(fd)
+        assert TAP_NAME not in in_netns(pid, "ip", "-o", "link"), "gone with its last descriptor"
     assert host_links() == links
 
 
-async def test_a_tap_that_cannot_be_made_is_a_boot_error() -> None:
+async def test_a_tap_that_cannot_be_attached_is_a_boot_error() -> None:
     async with namespace_process() as pid:
         with trio.fail_after(30):
-            await make_tap(pid, 61234)
-            with pytest.raises(BootError, match="ip -batch"):
-                await make_tap(pid, 61234)  # tap0 exists already
-    with pytest.raises(BootError, match="failed"):
-        with trio.fail_after(30):
-            await make_tap(pid, 61234)  # its namespace is gone
+            first, second = await open_tap(), await open_tap()
+            try:
+                await attach_tap(first, pid)
+                with pytest.raises(BootError, match="ip link"):
+                    await attach_tap(second, pid)  # a tap0 is there already
+            finally:
+                first.close()
+                second.close()
+    with trio.fail_after(30):
+        tap = await open_tap()
+        try:
+            with pytest.raises(BootError, match="failed"):
+                await attach_tap(tap, pid)  # its namespace is gone
+        finally:
+            tap.close()
 
 
 @attrs.define

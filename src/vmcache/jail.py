@@ -55,7 +55,7 @@ from .config import JailConfig, VMSpec
 from .console import QEMU_LOG_CAP
 from .errors import BootError, ConfigError
 from .process import PidfdProcess
-from .vm_nic import TUN_DEVICE, make_tap
+from .vm_nic import Tap, attach_tap
 
 log = logging.getLogger("vmcache.jail")
 
@@ -295,12 +295,12 @@ def check_reachable(path: Path) -> None:
 
 async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid: int,
                        argv: Sequence[str], output: IO[bytes], *, cgroup_limits: Limits,
-                       ) -> tuple[JailedProcess, Cgroup | None]:
+                       tap: Tap | None = None) -> tuple[JailedProcess, Cgroup | None]:
     """Start ``argv`` (QEMU's command line) in its jail, in its cgroup, and return it.
 
-    On any failure nothing is left running (the sandbox is killed before QEMU ran). With
-    ``spec.nic``, the jail shows QEMU /dev/net/tun, and its tap is made in its network
-    namespace at the gate (vmcache.vm_nic).
+    On any failure nothing is left running (the sandbox is killed before QEMU ran). A
+    ``tap`` (vmcache.vm_nic; its descriptor named in ``argv``) is passed to QEMU and moved
+    into its network namespace at the gate.
     """
     links, system_dirs = _links_and_dirs()
     with ExitStack() as stack:
@@ -314,8 +314,6 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         check_reachable(run_dir)
         binds.append((_open_path(run_dir, stack, directory=True), str(run_dir), True))
         devices = ["/dev/kvm"] if accel == "kvm" else []
-        if spec.nic:
-            devices.append(TUN_DEVICE)
         info_read, info_write = os.pipe2(os.O_CLOEXEC)
         gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
         info = trio.lowlevel.FdStream(info_read)
@@ -331,6 +329,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         passed = [info_write, gate_read, *(fd for fd, _, _ in binds)]
         if spec.memory_fd is not None:
             passed.append(spec.memory_fd)
+        if tap is not None:
+            passed.append(tap.fd)
         try:
             monitor = await trio.lowlevel.open_process(
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
@@ -351,8 +351,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
             qemu_pid = await _child_pid(info)
         jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
-        if spec.nic:
-            await make_tap(qemu_pid, uid)  # in QEMU's network namespace, dropping all
+        if tap is not None:
+            await attach_tap(tap, qemu_pid)  # into QEMU's network namespace, dropping all
         await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup
     except BaseException as error:
         # The gate would end the sandbox at EOF anyway; kill it first, so it is gone for sure.

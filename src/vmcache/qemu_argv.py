@@ -59,8 +59,12 @@ def size_args(spec: VMSpec) -> list[str]:
     return ["-m", memory, "-smp", cpus]
 
 
-def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
-    """The QEMU command line for one VM (pure: tested without QEMU)."""
+def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str, *,
+              tap_fd: int | None = None) -> list[str]:
+    """The QEMU command line for one VM (pure: tested without QEMU); a VM with a NIC
+    (``spec.nic``) needs the descriptor of its tap, ``tap_fd`` (vmcache.vm_nic)."""
+    if spec.nic and tap_fd is None:
+        raise ValueError("a VM with a NIC needs the descriptor of its tap")
     hotplug_params = MEMORY_HOTPLUG_PARAMS if spec.max_memory_mib > spec.memory_mib else ""
     root_params = ""
     root_drive: list[str] = []
@@ -109,7 +113,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
           for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
         "-device", "virtio-rng-pci",
         *root_drive,
-        *(qemu_nic_args() if spec.nic else ()),
+        *(qemu_nic_args(tap_fd) if spec.nic and tap_fd is not None else ()),
         *memory_backend,
         *sandbox,
     ]

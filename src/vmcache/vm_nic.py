@@ -1,17 +1,27 @@
 """A VM's NIC: a virtio-net device whose backend is a tap in QEMU's own network namespace.
 
-A VM whose pool may ever grant network (``VMSpec.nic``) boots with one NIC. Its backend,
-``tap0``, is made by the daemon (root) inside the network namespace that bubblewrap gave
-QEMU (reached as ``/proc/PID/ns/net``), while the jail's gate still holds QEMU back
-(vmcache.jail): QEMU, unprivileged, only opens it by name through /dev/net/tun, which the
-jail shows it; the tap is owned by the VM's uid, so that is all it needs. That namespace
-has no other interface than lo and no route anywhere: nothing the guest sends is ever
-routed off it. Until hand-out an nftables ruleset of our own (:data:`HOLD_TABLE`, in the
-``inet`` and ``arp`` families) drops every packet, so a guest reaches nothing, not even
+A VM whose pool may ever grant network (``VMSpec.nic``) boots with one NIC. Its backend is
+a tap, ``tap0``, that the daemon (root) makes and QEMU, unprivileged, never opens itself:
+
+1. before the jail starts, :func:`open_tap` opens /dev/net/tun in a worker thread that has
+   entered a new, empty network namespace of its own (a holding namespace, kept alive only
+   by the tap's descriptor), so the tap never appears in the host's namespace, not for an
+   instant; the descriptor is passed to QEMU (``-netdev tap,fd=N``), so QEMU needs no
+   /dev/net/tun (often root-only) and no privilege at all;
+2. while the jail's gate still holds QEMU back (vmcache.jail), :func:`attach_tap`, in the
+   network namespace that bubblewrap gave QEMU (``/proc/PID/ns/net``), installs a drop-all
+   ruleset, turns IPv6 off, moves the tap in from its holding namespace, gives it the
+   gateway's address and brings it up; then the daemon closes its copies.
+
+That namespace has no other interface than lo and no route anywhere: nothing the guest
+sends is ever routed off it. Until hand-out the drop-all ruleset (:data:`HOLD_TABLE`, in
+the ``inet`` and ``arp`` families) drops every packet, so a guest reaches nothing, not even
 the gateway address; what is allowed at hand-out replaces it (:func:`lift_hold`).
 
-Nothing is global on the host: the tap and the rulesets live in that namespace and die
-with it, when QEMU (its last process) exits, however the VM ends.
+Nothing is global on the host: the tap is not persistent (it exists while QEMU holds its
+descriptor) and lives, with the rulesets, in QEMU's namespace, which dies when QEMU, its
+last process, exits, however the VM ends; a tap is never handed back to the host's
+namespace when its namespace dies.
 
 At hand-out the guest's interface is configured through the agent, with no protocol of
 its own: :func:`configure_guest` runs a short python3 script in the guest (ioctls; the
@@ -22,7 +32,10 @@ The guest is not trusted: of what it answers, only success or failure counts.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import struct
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -49,8 +62,12 @@ DEVICE_ID = "vmcache-nic"
 #: Name of the drop-all ruleset's tables (inet and arp) that hold the guest's network
 #: closed until hand-out.
 HOLD_TABLE = "vmcache_hold"
-#: The tun/tap control device the jail shows QEMU.
+#: The tun/tap control device (opened by the daemon only: QEMU is given the tap's descriptor).
 TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 #: How long one host command setting up the namespace (ip, sysctl, nft) may take.
 COMMAND_TIMEOUT = 5.0
 #: How long configuring the guest's interface may take (python3's start under TCG included).
@@ -137,25 +154,78 @@ def check_nic(spec: VMSpec) -> None:
             "QEMU has no network namespace of its own to hold the VM's NIC")
 
 
-def qemu_nic_args() -> list[str]:
-    """QEMU's arguments for the NIC (pure): the tap by name (made beforehand, so no script),
-    and a virtio-net device with :data:`GUEST_MAC`."""
-    return ["-netdev", f"tap,id={NETDEV_ID},ifname={TAP_NAME},script=no,downscript=no",
+def qemu_nic_args(tap_fd: int) -> list[str]:
+    """QEMU's arguments for the NIC (pure): the tap as the descriptor ``tap_fd`` (see
+    :func:`open_tap`), and a virtio-net device with :data:`GUEST_MAC`."""
+    return ["-netdev", f"tap,id={NETDEV_ID},fd={tap_fd}",
             "-device", f"virtio-net-pci,netdev={NETDEV_ID},id={DEVICE_ID},mac={GUEST_MAC}"]
 
 
-def _namespace(pid: int) -> str:
-    return f"/proc/{pid}/ns/net"
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
-async def _in_namespace(pid: int, command: Sequence[str], stdin: bytes = b"") -> None:
-    """Run ``command`` in ``pid``'s network namespace (nsenter), bounded; a BootError
-    quoting its output if it fails."""
-    argv = ["nsenter", f"--net={_namespace(pid)}", "--", *command]
+class Tap:
+    """A tap made by :func:`open_tap`: its descriptor (for QEMU) and its holding namespace's."""
+
+    def __init__(self, fd: int, holding_netns: int) -> None:
+        self.fd = fd
+        self.holding_netns = holding_netns
+
+    def close(self) -> None:
+        """Close our descriptors (QEMU keeps its own copy of the tap's); idempotent."""
+        for fd in (self.fd, self.holding_netns):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.holding_netns = -1
+
+
+def _open_tap() -> Tap:
+    """In this (worker) thread: enter a new network namespace, make :data:`TAP_NAME` there
+    (not persistent: it lasts while a descriptor of it is open), and come back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    fds: list[int] = []
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise BootError(f"cannot make a network namespace for the VM's tap: {os.strerror(error)}")
+        try:
+            fds.append(os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+            request = struct.pack("16sH22x", TAP_NAME.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fds[0], TUNSETIFF, request)
+            fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        finally:
+            try:
+                _setns(own)
+            except OSError:
+                os.abort()  # a thread of the daemon left in another namespace: never go on
+        tap = Tap(fds[0], fds[1])
+        fds = []
+        return tap
+    except OSError as error:
+        raise BootError(f"cannot make the VM's tap ({TUN_DEVICE}): {error.strerror or error}") from None
+    finally:
+        for fd in (own, *fds):
+            os.close(fd)
+
+
+async def open_tap() -> Tap:
+    """A new tap, in a holding namespace of its own, for :func:`attach_tap` (a BootError if
+    it cannot be made). The caller closes it once QEMU has its copy."""
+    return await trio.to_thread.run_sync(_open_tap)
+
+
+async def _in_namespace(pid: int, command: Sequence[str], stdin: bytes = b"", *,
+                        netns: str | None = None, pass_fds: Sequence[int] = ()) -> None:
+    """Run ``command`` in ``pid``'s network namespace (or the one at path ``netns``) with
+    nsenter, bounded; a BootError quoting its output if it fails."""
+    argv = ["nsenter", f"--net={netns or f'/proc/{pid}/ns/net'}", "--", *command]
     try:
         with trio.fail_after(COMMAND_TIMEOUT):
             done = await trio.run_process(argv, stdin=stdin, capture_stdout=True,
-                                          capture_stderr=True, check=False)
+                                          capture_stderr=True, check=False, pass_fds=pass_fds)
     except trio.TooSlowError:
         raise BootError(f"{' '.join(command[:2])} in QEMU's network namespace took more than "
                         f"{COMMAND_TIMEOUT:g} s") from None
@@ -168,17 +238,18 @@ async def _in_namespace(pid: int, command: Sequence[str], stdin: bytes = b"") ->
                         f"(status {done.returncode}): {output[:QUOTED_OUTPUT]}")
 
 
-async def make_tap(pid: int, uid: int) -> None:
-    """In the network namespace of ``pid`` (QEMU held at its gate): the drop-all ruleset,
-    IPv6 off, then ``tap0`` owned by ``uid`` (and its gid, the same) with the gateway's
-    address, up. The ruleset comes first, so not one packet is ever let through; a
-    BootError if any step fails (the caller then ends the sandbox, and the namespace with it)."""
+async def attach_tap(tap: Tap, pid: int) -> None:
+    """Into the network namespace of ``pid`` (QEMU held at its gate): the drop-all ruleset,
+    IPv6 off, then ``tap`` moved in from its holding namespace, with the gateway's address,
+    up. The ruleset comes first, so not one packet is ever let through; a BootError if any
+    step fails (the caller then ends the sandbox, and the namespace with it)."""
     await _in_namespace(pid, ["nft", "-f", "-"], HOLD_RULESET.encode())
-    # default before the tap exists, so the tap never has an IPv6 address at all
+    # the defaults before the tap comes in, so it never has an IPv6 address at all
     await _in_namespace(pid, ["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1",
                               "net.ipv6.conf.all.disable_ipv6=1"])
-    batch = (f"tuntap add dev {TAP_NAME} mode tap user {uid} group {uid}\n"
-             f"addr add {GATEWAY_ADDRESS}/{PREFIX_LENGTH} dev {TAP_NAME}\n"
+    await _in_namespace(pid, ["ip", "link", "set", "dev", TAP_NAME, "netns", str(pid)],
+                        netns=f"/proc/self/fd/{tap.holding_netns}", pass_fds=[tap.holding_netns])
+    batch = (f"addr add {GATEWAY_ADDRESS}/{PREFIX_LENGTH} dev {TAP_NAME}\n"
              f"link set {TAP_NAME} up\n")
     await _in_namespace(pid, ["ip", "-batch", "-"], batch.encode())
 
