@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,8 +28,11 @@ from vmcache.qemu_argv import qemu_argv
 from vmcache.snapshot import SnapshotManager, snapshot_key
 from vmcache.vm_nic import (
     GATEWAY_ADDRESS,
+    GUEST_ADDRESS,
     GUEST_MAC,
+    GUEST_SCRIPT,
     HOLD_TABLE,
+    PREFIX_LENGTH,
     TAP_NAME,
     attach_tap,
     check_nic,
@@ -212,6 +216,38 @@ async def test_configure_guest_trusts_only_the_guests_status(autojump_clock: tri
     assert "\n" not in str(failed.value)
     with pytest.raises(NetworkSetupError, match="within"):
         await configure_guest(FakeGuest(None))
+
+
+SCRIPT_SANDBOX = """
+set -e
+mount -t sysfs none /sys
+mount -t tmpfs none /etc
+ip tuntap add eth7 mode tap
+ip link set eth7 address "$1"
+ip tuntap add other mode tap
+shift
+"$@"
+ip -4 -o addr show eth7
+ip -6 -o addr show eth7
+ip -o addr show other
+ip route
+cat /etc/resolv.conf
+"""
+
+
+def test_the_guest_script_configures_the_interface_with_our_mac_only() -> None:
+    """The script configure_guest runs, on this kernel, in a network and a mount namespace
+    of its own (a tmpfs /etc): the interface found by its MAC, its address, the default
+    route, the nameserver; the other interface untouched."""
+    argv = ["unshare", "--net", "--mount", "--", "sh", "-c", SCRIPT_SANDBOX, "sandbox", GUEST_MAC,
+            sys.executable, "-I", "-c", GUEST_SCRIPT, GUEST_MAC, GUEST_ADDRESS, str(PREFIX_LENGTH),
+            GATEWAY_ADDRESS]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    lines = out.splitlines()
+    assert f"inet {GUEST_ADDRESS}/24" in lines[0] and "eth7" in lines[0]
+    assert [line for line in lines if " inet" in line] == [lines[0]], "no IPv6, the other untouched"
+    assert f"default via {GATEWAY_ADDRESS} dev eth7" in out
+    assert out.endswith(f"nameserver {GATEWAY_ADDRESS}\n")
 
 
 # --------------------------------------------------------------------------- real QEMU
