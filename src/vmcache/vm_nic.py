@@ -238,20 +238,26 @@ async def _in_namespace(pid: int, command: Sequence[str], stdin: bytes = b"", *,
                         f"(status {done.returncode}): {output[:QUOTED_OUTPUT]}")
 
 
+#: Run by ``sh -e`` in QEMU's network namespace once the tap is there, the drop-all ruleset on
+#: its standard input: the ruleset, IPv6 off (``all`` reaches the tap, there already, and
+#: comes before the tap is up: it never has an IPv6 address), the gateway's address, up.
+ATTACH_SCRIPT = (
+    "nft -f -; "
+    "sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1; "
+    f"ip addr add {GATEWAY_ADDRESS}/{PREFIX_LENGTH} dev {TAP_NAME}; "
+    f"ip link set {TAP_NAME} up"
+)
+
+
 async def attach_tap(tap: Tap, pid: int) -> None:
-    """Into the network namespace of ``pid`` (QEMU held at its gate): the drop-all ruleset,
-    IPv6 off, then ``tap`` moved in from its holding namespace, with the gateway's address,
-    up. The ruleset comes first, so not one packet is ever let through; a BootError if any
-    step fails (the caller then ends the sandbox, and the namespace with it)."""
-    await _in_namespace(pid, ["nft", "-f", "-"], HOLD_RULESET.encode())
-    # the defaults before the tap comes in, so it never has an IPv6 address at all
-    await _in_namespace(pid, ["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1",
-                              "net.ipv6.conf.all.disable_ipv6=1"])
+    """Into the network namespace of ``pid`` (QEMU held at its gate): ``tap`` moved in from
+    its holding namespace, the drop-all ruleset, IPv6 off, the gateway's address, up (two
+    commands: the gate holds QEMU meanwhile). Not one packet can pass before the ruleset:
+    QEMU does not run yet and the tap is down. A BootError if any step fails (the caller
+    then ends the sandbox, and its namespace with it)."""
     await _in_namespace(pid, ["ip", "link", "set", "dev", TAP_NAME, "netns", str(pid)],
                         netns=f"/proc/self/fd/{tap.holding_netns}", pass_fds=[tap.holding_netns])
-    batch = (f"addr add {GATEWAY_ADDRESS}/{PREFIX_LENGTH} dev {TAP_NAME}\n"
-             f"link set {TAP_NAME} up\n")
-    await _in_namespace(pid, ["ip", "-batch", "-"], batch.encode())
+    await _in_namespace(pid, ["sh", "-ec", ATTACH_SCRIPT], HOLD_RULESET.encode())
 
 
 async def lift_hold(pid: int) -> None:
