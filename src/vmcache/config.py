@@ -303,6 +303,9 @@ class VMSpec:
     #: A QEMU that cannot apply ``sandbox`` (built without seccomp) is refused
     #: (``jail.allow_no_seccomp`` turns this off).
     require_sandbox: bool = False
+    #: Boot with a virtio-net NIC on a tap in QEMU's own network namespace (vmcache.vm_nic),
+    #: for a pool that may grant network; off: no NIC at all.
+    nic: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.max_vcpus < self.vcpus or self.max_memory_mib < self.memory_mib:

@@ -131,6 +131,11 @@ class GuestRequestError(AgentError):
         self.errno = errno
 
 
+class NetworkSetupError(VMError):
+    """A VM's network could not be set up at hand-out (its guest did not configure its NIC):
+    the VM is not usable with network and is discarded; ask for another."""
+
+
 class GuestOutputLimitError(VMError):
     """A guest command printed, or a guest file held, more than the call's limit (``max_output``
     of ``run()``, ``max_size`` of ``read_file()``; 64 MiB by default): the command was killed, the

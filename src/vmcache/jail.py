@@ -55,6 +55,7 @@ from .config import JailConfig, VMSpec
 from .console import QEMU_LOG_CAP
 from .errors import BootError, ConfigError
 from .process import PidfdProcess
+from .vm_nic import Tap, attach_tap
 
 log = logging.getLogger("vmcache.jail")
 
@@ -294,10 +295,12 @@ def check_reachable(path: Path) -> None:
 
 async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid: int,
                        argv: Sequence[str], output: IO[bytes], *, cgroup_limits: Limits,
-                       ) -> tuple[JailedProcess, Cgroup | None]:
+                       tap: Tap | None = None) -> tuple[JailedProcess, Cgroup | None]:
     """Start ``argv`` (QEMU's command line) in its jail, in its cgroup, and return it.
 
-    On any failure nothing is left running (the sandbox is killed before QEMU ran).
+    On any failure nothing is left running (the sandbox is killed before QEMU ran). A
+    ``tap`` (vmcache.vm_nic; its descriptor named in ``argv``) is passed to QEMU and moved
+    into its network namespace at the gate.
     """
     links, system_dirs = _links_and_dirs()
     with ExitStack() as stack:
@@ -326,6 +329,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
         passed = [info_write, gate_read, *(fd for fd, _, _ in binds)]
         if spec.memory_fd is not None:
             passed.append(spec.memory_fd)
+        if tap is not None:
+            passed.append(tap.fd)
         try:
             monitor = await trio.lowlevel.open_process(
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
@@ -346,6 +351,8 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
             qemu_pid = await _child_pid(info)
         jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
+        if tap is not None:
+            await attach_tap(tap, qemu_pid)  # into QEMU's network namespace, dropping all
         await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup
     except BaseException as error:
         # The gate would end the sandbox at EOF anyway; kill it first, so it is gone for sure.

@@ -58,6 +58,7 @@ from .procfs import process_start_time, process_state
 from .qemu_argv import qemu_argv
 from .qemu_binary import usable_spec
 from .qmp import QMPClient
+from .vm_nic import Tap, check_nic, open_tap
 
 log = logging.getLogger("vmcache.qemu")
 
@@ -356,6 +357,7 @@ async def start_vm(
     ``become_ready`` (a cold boot's wait for READY, or a snapshot restore) returns the
     guest's boot id. QEMU exiting meanwhile is a BootError quoting the console.
     """
+    check_nic(spec)  # before anything exists: a NIC this daemon cannot make is a ConfigError
     spec = await usable_spec(spec)
     vm_id = secrets.token_hex(6)
     run_dir = spec.run_root / f"vm-{vm_id}"
@@ -365,18 +367,26 @@ async def start_vm(
     # Recorded before anything exists: a crash at any instant leaves a trace.
     life = registry.add(vm_id) if registry is not None else None
     vm = VM(spec, vm_id, run_dir, accel, registry, life)
+    tap: Tap | None = None
     try:
         make_private_dir(run_dir)
-        argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}"), *extra_args]
+        if spec.nic:
+            tap = await open_tap()
+        argv = [*qemu_argv(spec, run_dir, accel, f"vmcache-{vm_id}",
+                           tap_fd=tap.fd if tap is not None else None), *extra_args]
         try:
             # A local file in the directory we just made: no need to leave the event loop.
             with open(run_dir / "qemu.log", "wb") as qemu_log, no_huge_pages_for_children:  # noqa: ASYNC230
                 if spec.jail is not None:
                     vm.uid = pick_uid(spec.jail, spec.run_root)
                     prepare_run_dir(run_dir, vm.uid)
-                    vm.process, vm.cgroup = await start_jailed(
-                        spec, vm_id, run_dir, accel, vm.uid, argv, qemu_log,
-                        cgroup_limits=limits(spec, accel))
+                    try:
+                        vm.process, vm.cgroup = await start_jailed(
+                            spec, vm_id, run_dir, accel, vm.uid, argv, qemu_log,
+                            cgroup_limits=limits(spec, accel), tap=tap)
+                    finally:
+                        if tap is not None:
+                            tap.close()  # QEMU has its own copy, or is gone
                 else:
                     vm.process = await trio.lowlevel.open_process(
                         argv,
@@ -411,6 +421,9 @@ async def start_vm(
     except BaseException:
         await vm.stop()
         raise
+    finally:
+        if tap is not None:
+            tap.close()
     vm.life.move(Phase.READY)
     vm.boot_seconds = time.monotonic() - vm.started_at
     return vm

@@ -7,6 +7,7 @@ from pathlib import Path
 from .config import VMSpec
 from .console import console_args
 from .guest_api import CONTROL_PORT, CONTROL_SOCKET, USER_PORTS, user_port_name, user_socket
+from .vm_nic import qemu_nic_args
 
 BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
 #: The root image is the VM's only virtio-blk disk, so the guest sees it as /dev/vda.
@@ -58,8 +59,12 @@ def size_args(spec: VMSpec) -> list[str]:
     return ["-m", memory, "-smp", cpus]
 
 
-def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
-    """The QEMU command line for one VM (pure: tested without QEMU)."""
+def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str, *,
+              tap_fd: int | None = None) -> list[str]:
+    """The QEMU command line for one VM (pure: tested without QEMU); a VM with a NIC
+    (``spec.nic``) needs the descriptor of its tap, ``tap_fd`` (vmcache.vm_nic)."""
+    if spec.nic and tap_fd is None:
+        raise ValueError("a VM with a NIC needs the descriptor of its tap")
     hotplug_params = MEMORY_HOTPLUG_PARAMS if spec.max_memory_mib > spec.memory_mib else ""
     root_params = ""
     root_drive: list[str] = []
@@ -108,6 +113,7 @@ def qemu_argv(spec: VMSpec, run_dir: Path, accel: str, name: str) -> list[str]:
           for arg in _port_args(f"agent{index}", user_socket(run_dir, index), user_port_name(index))),
         "-device", "virtio-rng-pci",
         *root_drive,
+        *(qemu_nic_args(tap_fd) if spec.nic and tap_fd is not None else ()),
         *memory_backend,
         *sandbox,
     ]

@@ -114,6 +114,8 @@ async def snapshot_key(spec: VMSpec, accel: str) -> str:
         "kernel_params": spec.kernel_params,
         "sandbox": spec.sandbox,
         "tb_size": spec.tb_size_mib,
+        # Only when on, so that the key of a VM without a NIC is what it always was.
+        **({"nic": True} if spec.nic else {}),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -49,9 +49,10 @@ REQUIRED_MODULES = (
     "overlay",
 )
 
-#: Modules loaded when the kernel has them: host entropy (virtio-rng) and memory
-#: hot-plug (virtio-mem, for a later issue).
-OPTIONAL_MODULES = ("virtio_rng", "virtio_mem")
+#: Modules loaded when the kernel has them: host entropy (virtio-rng), memory
+#: hot-plug (virtio-mem, for a later issue) and the NIC of a VM that may be granted
+#: network (virtio-net; its dependencies net_failover and failover come from modules.dep).
+OPTIONAL_MODULES = ("virtio_rng", "virtio_mem", "virtio_net")
 
 
 @dataclass(frozen=True)
