@@ -69,8 +69,9 @@ class VMError(VmcacheError):
 
 class NetworkSetupError(VMError):
     """The guest network of a VM could not be set up or torn down (its namespace, ruleset or
-    sockets): the VM is not handed out with a network. The message quotes the failing step;
-    check that nftables, iproute2 and util-linux are installed and the daemon runs as root."""
+    sockets, or the guest did not configure its NIC): the VM is not handed out with a network
+    and is discarded; ask for another. The message quotes the failing step; check that
+    nftables, iproute2 and util-linux are installed and the daemon runs as root."""
 
 
 class BootError(VMError):
@@ -129,11 +130,6 @@ class GuestRequestError(AgentError):
         super().__init__(message)
         #: The guest's errno, when the failure was a system call's.
         self.errno = errno
-
-
-class NetworkSetupError(VMError):
-    """A VM's network could not be set up at hand-out (its guest did not configure its NIC):
-    the VM is not usable with network and is discarded; ask for another."""
 
 
 class GuestOutputLimitError(VMError):
