@@ -507,6 +507,11 @@ class CacheDaemon:
                 log.info("%s; offering the next one", error)
                 if applied:
                     await self._network.release(lease.vm.id)
+            except BaseException:
+                if applied:  # not handed out: its network goes (fails closed)
+                    with trio.CancelScope(shield=True):
+                        await self._network.release(lease.vm.id)
+                raise
 
     async def _boot_cold(self, placement: Placement,
                          policy: NetworkPolicy | None = None) -> tuple[VMHandle, ProcessLike]:
