@@ -185,9 +185,9 @@ def test_a_pool_that_can_grant_network_needs_a_root_daemon_and_the_jail(tmp_path
 
 def test_each_pools_vm_spec_says_whether_it_needs_a_nic(tmp_path: Path) -> None:
     daemon = CacheDaemon(config(tmp_path, POOLS), spec(tmp_path))
-    assert {name: pool.spec.needs_nic for name, pool in daemon.pools.items()} == {
+    assert {name: pool.spec.nic for name, pool in daemon.pools.items()} == {
         "default": True, "open": True, "closed": False, "same": True}
-    assert not CacheDaemon(config(tmp_path, ""), spec(tmp_path)).pool.spec.needs_nic
+    assert not CacheDaemon(config(tmp_path, ""), spec(tmp_path)).pool.spec.nic
 
 
 # ---------------------------------------------------------------- the ceiling
@@ -253,7 +253,7 @@ async def take(daemon: CacheDaemon, needs_nic: bool, policy: NetworkPolicy,
                booter: FakeBooter) -> VMHandle | BaseException:
     """A hand-out from a one-VM pool of fake VMs (with a NIC or not): the handle, or what it
     raised; the pool runs on a while after, to replace what it lost."""
-    pool = VMPool(attrs.evolve(daemon.spec, needs_nic=needs_nic), 1, boot=booter)  # type: ignore[arg-type]
+    pool = VMPool(attrs.evolve(daemon.spec, nic=needs_nic), 1, boot=booter)  # type: ignore[arg-type]
     placement = Placement(pool="default", vcpus=1, memory_mib=256)
     outcome: VMHandle | BaseException
     async with trio.open_nursery() as nursery:

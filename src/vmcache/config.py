@@ -367,8 +367,9 @@ class VMSpec:
     #: A QEMU that cannot apply ``sandbox`` (built without seccomp) is refused
     #: (``jail.allow_no_seccomp`` turns this off).
     require_sandbox: bool = False
-    #: Boot with a NIC: the pool's network config can grant network (NetworkConfig.needs_nic).
-    needs_nic: bool = attrs.field(default=False, kw_only=True)
+    #: Boot with a virtio-net NIC on a tap in QEMU's own network namespace (vmcache.vm_nic),
+    #: for a pool that may grant network; off: no NIC at all.
+    nic: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.max_vcpus < self.vcpus or self.max_memory_mib < self.memory_mib:
@@ -571,7 +572,7 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         max_memory_mib=max_memory_mib(qemu),
         jail=_jail(config),
         require_sandbox=not config.jail.allow_no_seccomp,
-        needs_nic=config.network.needs_nic,
+        nic=config.network.needs_nic,
     )
 
 

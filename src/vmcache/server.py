@@ -130,7 +130,7 @@ class CacheDaemon:
         self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
         for shape in self.shapes:
             spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib,
-                                         needs_nic=shape.network.needs_nic)
+                                         nic=shape.network.needs_nic)
             boot_for_pool = self._fill_boot
             if shape.boot_mode == "snapshot":
                 manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
@@ -529,7 +529,7 @@ class CacheDaemon:
                 with trio.CancelScope(shield=True):
                     await vm.stop()
                 raise
-        if spec.needs_nic and policy is not None:
+        if spec.nic and policy is not None:
             try:
                 await self._network.apply(vm, policy)
             except BaseException:
@@ -573,7 +573,7 @@ class CacheDaemon:
     async def _apply_network(self, pool: VMPool, lease: Lease, policy: NetworkPolicy) -> bool:
         """Apply ``policy`` to a VM set aside, if its pool's VMs have a NIC (True then). A VM
         the applier fails on is discarded (its slot replaces it), never handed out."""
-        if not pool.spec.needs_nic:
+        if not pool.spec.nic:
             return False
         try:
             await self._network.apply(lease.vm, policy)
