@@ -71,6 +71,10 @@ class Recorder:
         self.applied: list[tuple[str, NetworkPolicy]] = []
         self.released: list[str] = []
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
     def check(self, policy: NetworkPolicy) -> None:
         self.checked.append(policy)
 

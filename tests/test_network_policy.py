@@ -7,6 +7,7 @@ import ipaddress
 import json
 
 import pytest
+import trio
 
 import vmcache
 from vmcache.errors import DaemonError, NetworkPolicyError
@@ -313,3 +314,9 @@ async def test_the_default_applier_never_leaves_a_policy_unenforced() -> None:
         applier.check(restricted)
     with pytest.raises(DaemonError, match="not enforced in this build"):
         await applier.apply(None, restricted)  # type: ignore[arg-type]
+
+
+async def test_the_default_applier_runs_until_cancelled() -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(UnenforcedNetwork().run)
+        nursery.cancel_scope.cancel()

@@ -2,7 +2,8 @@
 
 Pure data and matching, no I/O: the config ([network], [pools.NAME.network]), the wire
 (TakeAsk.network), the handle and the state files carry a :class:`NetworkPolicy`; the
-daemon's egress proxy and DNS responder ask it what a guest may reach.
+daemon's egress proxy and DNS responder ask it what a guest may reach. At the end, the
+hook the daemon enforces a policy through at hand-out (:class:`NetworkApplier`).
 
 An allowlist entry (:class:`AllowEntry`) is one of::
 
@@ -30,6 +31,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 from .errors import DaemonError, NetworkPolicyError
 
@@ -347,8 +350,13 @@ class NetworkApplier(Protocol):
     * :meth:`apply` on the VM while it is still set aside, before its handle goes out;
       if it raises, the VM is discarded (stopped and replaced), never handed out;
     * :meth:`release` once a VM that went through :meth:`apply` is gone (stopped, died,
-      or discarded), whatever ended it. It must not raise, and must be bounded.
+      or discarded), whatever ended it, and for every handed-out VM the ledger forgets (an
+      id it never applied to is a no-op). It must not raise, and must be bounded;
+    * :meth:`run` for the daemon's life, started before the first hand-out: the applier's
+      own tasks (a VM's proxy and DNS responder) live in it, and die with the daemon.
     """
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
 
     def check(self, policy: NetworkPolicy) -> None: ...
 
@@ -360,6 +368,10 @@ class NetworkApplier(Protocol):
 class UnenforcedNetwork:
     """The applier of a build without enforcement: mode none passes, ``restricted`` is
     refused, so that a policy is never silently left unenforced."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
 
     def check(self, policy: NetworkPolicy) -> None:
         if policy.is_restricted:

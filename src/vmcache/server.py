@@ -190,6 +190,7 @@ class CacheDaemon:
                 log.warning("killed %d VMs a previous daemon on %s left behind", killed, self.endpoint)
             self.accel.announce_at_start(self.spec.qemu)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._network.run)
                 await nursery.start(self.ledger.run, claimed)
                 nursery.start_soon(self._report_progress, self._watch_all())
                 await nursery.start(self._fill)
