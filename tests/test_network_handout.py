@@ -412,3 +412,47 @@ def test_bad_network_options_are_one_line_and_exit_2(tmp_path: Path, args: list[
     done = subprocess.run([*VMCACHE, *command], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+class OfferOnly:
+    """A TakeVM call whose daemon offers one VM (a handle saying ``network``) and records
+    what the client sends."""
+
+    def __init__(self, network: NetworkPolicy) -> None:
+        self.sent: list[cache_pb2.TakeRequest] = []
+        self.handle = VMHandle(id="0123456789ab", pid=1, start_time=1, qmp_socket="q", agent_socket="a",
+                               console_log="c", run_dir="r", cpu=1, memory=256, network=network)
+
+    async def send(self, message: cache_pb2.TakeRequest) -> None:
+        self.sent.append(message)
+
+    async def receive(self) -> cache_pb2.TakeReply:
+        from vmcache.wire import grpc_vm
+        if len(self.sent) == 1:
+            return cache_pb2.TakeReply(offer=grpc_vm(self.handle))
+        return cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(vm_id=self.handle.id))
+
+
+async def test_the_client_never_claims_a_vm_offered_with_another_policy() -> None:
+    """A daemon older than network policies ignores TakeAsk.network: its VM is not claimed
+    (so the daemon stops it), and the caller hears why."""
+    from vmcache.client import ANY_SIZE, CacheClient
+    from vmcache.errors import CacheError
+
+    client = CacheClient(channel=type("C", (), {"endpoint": "/x.sock"})())
+    asked = R("restricted", ["pypi.org:443"])
+    call = OfferOnly(NetworkPolicy.none())
+    with pytest.raises(CacheError, match=r"asked for network restricted: pypi.org:443, the daemon offered "
+                                         r"VM 0123456789ab with none \(a daemon too old"):
+        await client._take(call, 10, None, ANY_SIZE, lease=False, network=asked)  # type: ignore[arg-type]
+    assert [message.WhichOneof("step") for message in call.sent] == ["ask"]
+    assert policy_from_message(call.sent[0].ask.network) == asked
+    # The policy asked for is the one offered: claimed.
+    call = OfferOnly(asked)
+    handle = await client._take(call, 10, None, ANY_SIZE, lease=False, network=asked)  # type: ignore[arg-type]
+    assert handle.network == asked
+    assert [message.WhichOneof("step") for message in call.sent] == ["ask", "claim"]
+    # Nothing asked: the ask carries no network field (the pool's default applies).
+    call = OfferOnly(NetworkPolicy.none())
+    await client._take(call, 10, None, ANY_SIZE, lease=False)  # type: ignore[arg-type]
+    assert not call.sent[0].ask.HasField("network")
