@@ -13,6 +13,7 @@ Library use (the caller's nursery supervises; cancelling it purges the cache)::
 Task tree::
 
     CacheDaemon.run       nursery
+    ├── network           the NetworkApplier's own tasks (a VM's egress proxy, its DNS)
     ├── ledger            one watcher per handed-out VM (reap, TTL, stop on request)
     ├── snapshots         (boot_mode = "snapshot") the template snapshot
     ├── pool              one task per cache slot
