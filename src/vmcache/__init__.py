@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         LeaseLostError,
         LifecycleError,
         LocalOutputError,
+        NetworkPolicyError,
         NetworkSetupError,
         NoSuchVMError,
         NotAllowedError,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
         WaitExpiredError,
     )
     from .handle import VMHandle
+    from .network_policy import AllowEntry, NetworkMode, NetworkPolicy
     from .qemu import VM, launch_vm
     from .server import serve
     from .wire import CacheEvent, CacheStatus
@@ -74,6 +76,7 @@ __all__ = [
     "VM",
     "AgentError",
     "AgentProtocolError",
+    "AllowEntry",
     "BadRequestError",
     "BootError",
     "CacheClient",
@@ -101,6 +104,9 @@ __all__ = [
     "LeaseLostError",
     "LifecycleError",
     "LocalOutputError",
+    "NetworkMode",
+    "NetworkPolicy",
+    "NetworkPolicyError",
     "NetworkSetupError",
     "NoSuchVMError",
     "NoVMAvailableError",
@@ -134,6 +140,8 @@ _WHERE = {
     "Config": "config", "load_config": "config", "resolve_spec": "config",
     **{name: "errors" for name in __all__ if name.endswith("Error")},  # every class of errors.py
     "VMHandle": "handle",
+    "AllowEntry": "network_policy", "NetworkMode": "network_policy",
+    "NetworkPolicy": "network_policy",
     "VM": "qemu", "launch_vm": "qemu",
     "serve": "server",
     "CacheEvent": "wire", "CacheStatus": "wire",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 if TYPE_CHECKING:
     from .client import VMSize
     from .handle import VMHandle
+    from .network_policy import NetworkPolicy
     from .relay import ProcessRequest
     from .wire import CacheStatus
 
@@ -147,6 +148,22 @@ def _size(args: argparse.Namespace) -> VMSize:
     return VMSize(args.cpus or 0, args.memory or 0, args.pool or "")
 
 
+def _network(args: argparse.Namespace) -> NetworkPolicy | None:
+    """``--network``, ``--allow``: the VM's network policy (None: the pool's default). An
+    ``--allow`` without ``--network`` means restricted."""
+    from .errors import NetworkPolicyError
+    from .network_policy import NetworkPolicy
+
+    allow: list[str] = getattr(args, "allow", None) or []
+    mode: str | None = getattr(args, "network", None)
+    if mode is None and not allow:
+        return None
+    try:
+        return NetworkPolicy.parse(mode or "restricted", allow)
+    except NetworkPolicyError as error:
+        _fail(f"--allow: {error}" if mode != "none" else f"--network none: {error}", 2)
+
+
 def _ttl(args: argparse.Namespace) -> float | None:
     ttl: float | None = getattr(args, "ttl", None)
     if ttl is not None and not 0 < ttl <= 30 * 24 * 3600:
@@ -227,8 +244,12 @@ def cmd_run(args: argparse.Namespace) -> NoReturn:
     from .relay import relay_process
 
     request = _process_request(args)
+    network = _network(args)
     if args.direct:
         from .config import load_config, resolve_spec
+
+        if network is not None and network.is_restricted:
+            _fail("--network restricted is enforced by the daemon: not with --direct", 2)
         from .qemu import launch_vm
 
         spec = resolve_spec(load_config(args.config))
@@ -247,13 +268,14 @@ def cmd_run(args: argparse.Namespace) -> NoReturn:
     async def warm() -> int:
         async with connect(endpoint) as cache:
             if args.keep:
-                vm = await cache.get_vm(timeout=args.wait, ttl=ttl, size=_size(args))
+                vm = await cache.get_vm(timeout=args.wait, ttl=ttl, size=_size(args), network=network)
                 _keep(vm.to_json(), args.handle_file)
                 try:
                     return await relay_process(vm, request, forward_sigint=False)
                 finally:
                     await vm.disconnect()
-            async with cache.lease_vm(timeout=args.wait, ttl=ttl, size=_size(args)) as vm:
+            async with cache.lease_vm(timeout=args.wait, ttl=ttl, size=_size(args),
+                                      network=network) as vm:
                 try:
                     return await relay_process(vm, request, forward_sigint=False)
                 finally:
@@ -289,6 +311,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     endpoint = _endpoint(args)
     ttl = _ttl(args)
+    network = _network(args)
 
     def print_handle(handle: VMHandle) -> None:
         # Out before the claim: a VM is never claimed by a client that could not pass it on.
@@ -296,7 +319,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     async def get() -> None:
         async with connect(endpoint) as cache:
-            await cache.get_vm(timeout=args.timeout, ttl=ttl, size=_size(args), on_offer=print_handle)
+            await cache.get_vm(timeout=args.timeout, ttl=ttl, size=_size(args), on_offer=print_handle,
+                               network=network)
 
     run_async(get)
     return 0
@@ -335,8 +359,9 @@ def status_lines(status: CacheStatus) -> list[str]:
     for vm in status.handed_out_vms:
         ttl = f", TTL ends in {max(0.0, vm.expires_at - now):.0f} s" if vm.expires_at else ""
         accel = f", {vm.accel}" if vm.accel else ""
+        network = vm.network.describe() if not isinstance(vm.network, str) else printable(vm.network)
         lines.append(f"Handed out: VM {vm.id} pid = {vm.pid} {vm.state} by uid {vm.owner_uid} "
-                     f"{now - vm.handed_at:.0f} s ago{ttl}{accel}")
+                     f"{now - vm.handed_at:.0f} s ago{ttl}{accel}, network {network}")
     return lines
 
 
@@ -467,6 +492,13 @@ def _size_options(parser: argparse.ArgumentParser) -> None:
                         help="memory the VM must have, in MiB (grown in steps of 128 MiB)")
     parser.add_argument("--pool", metavar="NAME",
                         help="the pool to take it from (default: the closest shape to the size)")
+    parser.add_argument("--network", choices=["none", "restricted"],
+                        help="the VM's network: none, or restricted to --allow (default: the "
+                        "pool's [network]; beyond its permit the daemon refuses)")
+    parser.add_argument("--allow", action="append", metavar="ENTRY",
+                        help="with --network restricted (implied): what the VM may reach: "
+                        "HOST:PORT, HOST, *.DOMAIN[:PORT], CIDR[:PORT], "
+                        "host.vmcache.internal:PORT (repeatable)")
 
 
 def _process_options(parser: argparse.ArgumentParser) -> None:

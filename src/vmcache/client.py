@@ -34,6 +34,7 @@ from .errors import (
     raise_unwrapped,
 )
 from .handle import STOP_VM_WAIT, VMHandle, request_stop
+from .network_policy import NetworkPolicy
 from .process import PidfdProcess
 from .rpc.client import Call, Channel, open_channel
 from .wire import (
@@ -42,6 +43,7 @@ from .wire import (
     CacheStatus,
     event_from_message,
     handle_from_grpc_vm,
+    policy_message,
     status_from_message,
 )
 
@@ -77,7 +79,7 @@ class CacheClient:
 
     async def get_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *, ttl: float | None = None,
                      size: VMSize = ANY_SIZE, on_offer: Callable[[VMHandle], None] | None = None,
-                     ) -> VMHandle:
+                     network: NetworkPolicy | None = None) -> VMHandle:
         """Take a ready VM; it is yours from now on: stop it, or it runs on (for ``ttl``
         seconds at most, if given: then the daemon stops it).
 
@@ -85,23 +87,27 @@ class CacheClient:
         memory and/or a pool (the VM is grown to the size before the hand-out).
         ``on_offer`` sees the VM before it is claimed (the CLI prints the handle there,
         so that a VM is never claimed by a client that could not pass it on).
+        ``network``: the VM's network policy (None: its pool's default); one beyond what the
+        daemon permits is :class:`PermissionDeniedError`. ``handle.network`` says what it got.
         """
-        async with self._taken(timeout, ttl, size, lease=False, on_offer=on_offer) as (call, handle):
+        async with self._taken(timeout, ttl, size, lease=False, on_offer=on_offer,
+                               network=network) as (call, handle):
             await _expect_end(call)
             return handle
 
     @asynccontextmanager
     async def lease_vm(self, timeout: float = DEFAULT_GET_TIMEOUT, *, ttl: float | None = None,
-                       size: VMSize = ANY_SIZE) -> AsyncIterator[VMHandle]:
+                       size: VMSize = ANY_SIZE, network: NetworkPolicy | None = None,
+                       ) -> AsyncIterator[VMHandle]:
         """A VM for the block's duration, bound to this client's life.
 
         When the block ends (by return, error or cancellation) the daemon stops the VM;
         if this process dies first, by any path (SIGKILL included), its connection closes
         and the daemon stops the VM then. If the VM ends first (it died, its ``ttl``
         passed, the daemon went away), the block is cancelled and :class:`LeaseLostError`
-        says why.
+        says why. ``network``: as for :meth:`get_vm`.
         """
-        async with self._taken(timeout, ttl, size, lease=True) as (call, handle):
+        async with self._taken(timeout, ttl, size, lease=True, network=network) as (call, handle):
             lost: list[str] = []
             try:
                 async with trio.open_nursery() as nursery:
@@ -131,12 +137,13 @@ class CacheClient:
     @asynccontextmanager
     async def _taken(self, timeout: float, ttl: float | None, size: VMSize, *, lease: bool,
                      on_offer: Callable[[VMHandle], None] | None = None,
-                     ) -> AsyncIterator[tuple[Call, VMHandle]]:
+                     network: NetworkPolicy | None = None) -> AsyncIterator[tuple[Call, VMHandle]]:
         """A TakeVM call with a claimed VM; a VM that died before its claim is asked for again."""
         for attempt in range(TAKE_ATTEMPTS):
             async with self._channel.open_call("TakeVM", cache_pb2.TakeReply) as call:
                 try:
-                    handle = await self._take(call, timeout, ttl, size, lease=lease, on_offer=on_offer)
+                    handle = await self._take(call, timeout, ttl, size, lease=lease, on_offer=on_offer,
+                                              network=network)
                 except HandOutAbortedError:
                     if attempt == TAKE_ATTEMPTS - 1:
                         raise
@@ -145,16 +152,25 @@ class CacheClient:
                 return
 
     async def _take(self, call: Call, timeout: float, ttl: float | None, size: VMSize, *, lease: bool,
-                    on_offer: Callable[[VMHandle], None] | None = None) -> VMHandle:
+                    on_offer: Callable[[VMHandle], None] | None = None,
+                    network: NetworkPolicy | None = None) -> VMHandle:
         """Ask, receive the offer, claim, and wait for the daemon to confirm."""
         with trio.fail_after(timeout + CLAIM_WAIT):
-            await call.send(cache_pb2.TakeRequest(ask=cache_pb2.TakeAsk(
-                wait_seconds=timeout, ttl_seconds=ttl or 0.0, lease=lease, cpu=size.vcpus,
-                memory=size.memory_mib, pool=size.pool)))
+            ask = cache_pb2.TakeAsk(wait_seconds=timeout, ttl_seconds=ttl or 0.0, lease=lease,
+                                    cpu=size.vcpus, memory=size.memory_mib, pool=size.pool)
+            if network is not None:
+                ask.network.CopyFrom(policy_message(network))
+            await call.send(cache_pb2.TakeRequest(ask=ask))
             offer = await call.receive()
             if offer is None or offer.WhichOneof("step") != "offer":
                 raise CacheError("TakeVM: the daemon sent no offer")
             handle = self._ours(handle_from_grpc_vm(offer.offer))  # type: ignore[attr-defined]
+            if network is not None and handle.network != network:
+                # Not claimed: the daemon stops it. A daemon older than network policies
+                # hands out VMs without a network whatever was asked.
+                raise CacheError(f"TakeVM: asked for network {network.describe()}, the daemon offered "
+                                 f"VM {handle.id} with {handle.network.describe()} (a daemon too old "
+                                 "for network policies?); it was not claimed")
             if on_offer is not None:
                 on_offer(handle)
             await call.send(cache_pb2.TakeRequest(claim=cache_pb2.TakeClaim(vm_id=handle.id)))

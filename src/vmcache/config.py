@@ -24,6 +24,11 @@ Example (every key optional; these are the defaults)::
     kvm_probe_timeout = 10.0     # with accel "auto": how long a KVM guest may take
     require_hardware_accel = false  # true: never boot or hand out a TCG VM
 
+    [network]                    # per pool too: [pools.NAME.network] (replaces this one whole)
+    mode = "none"                # "none" (no NIC) or "restricted" (the allowlist, host-enforced)
+    allow = []                   # what a VM may reach when a request names no policy
+    permit = allow               # the ceiling a request's own policy must stay within
+
     [image]                      # what `vmcache image build --config FILE` builds
     packages = []                # Debian packages added to the default root image
     mirror = ""                  # Debian mirror; "" = the host apt's, else deb.debian.org
@@ -45,9 +50,10 @@ from typing import Any
 import attrs
 import cattrs
 
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, NetworkPolicyError
 from .image import AGENT_DIR, AGENT_FILES, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, image_id, read_manifest
 from .image.cpio import S_IFREG, read_initrd, resolve_path
+from .network_policy import AllowEntry, NetworkMode, NetworkPolicy, parse_entries
 from .paths import default_endpoint, default_image_dir, default_run_dir
 
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -199,6 +205,57 @@ class HypervisorConfig:
     qemu: QemuConfig = attrs.Factory(QemuConfig)
 
 
+def _allow_entries(_instance: object, attribute: attrs.Attribute[Any],
+                   value: tuple[str, ...] | None) -> None:
+    for text in value or ():
+        try:
+            AllowEntry.parse(text)
+        except NetworkPolicyError as error:
+            raise _RangeError(attribute, str(error).replace("network allow entry ", "entry ", 1)) from None
+
+
+@attrs.frozen
+class NetworkConfig:
+    """``[network]`` (and ``[pools.NAME.network]``): a pool's VMs' network (see
+    :mod:`vmcache.network_policy`). ``mode`` and ``allow`` are the policy a request gets when
+    it names none; ``permit`` is the ceiling a request's own policy must stay within
+    (unset: the same as ``allow``). A pool that can ever grant network (:attr:`needs_nic`)
+    boots its VMs with a NIC, which only a root daemon can give them."""
+
+    mode: str = attrs.field(default="none", validator=_one_of(*NetworkMode))
+    allow: tuple[str, ...] = attrs.field(default=(), validator=_allow_entries)
+    #: None (not set in the file): the same as ``allow``.
+    permit: tuple[str, ...] | None = attrs.field(default=None, validator=_allow_entries)
+
+    def __attrs_post_init__(self) -> None:
+        fields = attrs.fields(NetworkConfig)
+        if self.mode == NetworkMode.NONE and self.allow:
+            raise _RangeError(fields.allow, "needs mode = \"restricted\": with mode \"none\" a "
+                                            "VM has no network (entries a request may ask for go "
+                                            "in permit)")
+        beyond = self.policy.beyond(self.ceiling)
+        if beyond:
+            raise _RangeError(fields.allow, f"entry {str(beyond[0])!r} is beyond permit: add it to "
+                                            "permit (or drop it from allow)")
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        """What a request that names no policy gets."""
+        return NetworkPolicy.parse(self.mode, self.allow)
+
+    @property
+    def ceiling(self) -> tuple[AllowEntry, ...]:
+        """``permit`` parsed (``allow``'s entries when it is not set)."""
+        return parse_entries(self.allow if self.permit is None else self.permit)
+
+    @property
+    def needs_nic(self) -> bool:
+        """Whether this pool's VMs can ever be granted network (mode restricted, or a request
+        may ask for it): they boot with a NIC (which drops everything until a restricted
+        policy is applied at hand-out)."""
+        return self.mode == NetworkMode.RESTRICTED or bool(self.ceiling)
+
+
 #: What a pool's name may look like (it appears in logs, Status and the command line).
 POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 DEFAULT_POOL = "default"
@@ -212,6 +269,10 @@ class PoolConfig:
     vcpus: int = attrs.field(default=1, validator=_at_least(1))
     memory: int = attrs.field(default=256, validator=_at_least(64))
     boot_mode: str = attrs.field(default="boot", validator=_one_of("boot", "snapshot"))
+    #: ``[pools.NAME.network]``; None: the top ``[network]``. Given, it replaces that one
+    #: whole (its unset keys take their defaults, not the top table's): what a pool's
+    #: table says is all the network its VMs can get.
+    network: NetworkConfig | None = None
 
 
 @attrs.frozen
@@ -223,6 +284,7 @@ class PoolShape:
     memory_mib: int
     size: int
     boot_mode: str
+    network: NetworkConfig = attrs.Factory(NetworkConfig)
 
 
 def _pool_names(_instance: object, attribute: attrs.Attribute[Any], value: dict[str, PoolConfig]) -> None:
@@ -240,6 +302,7 @@ class Config:
     hypervisor: HypervisorConfig = attrs.Factory(HypervisorConfig)
     image: ImageConfig = attrs.Factory(ImageConfig)
     jail: JailConfig = attrs.Factory(JailConfig)
+    network: NetworkConfig = attrs.Factory(NetworkConfig)
     pools: dict[str, PoolConfig] = attrs.field(factory=dict, validator=_pool_names)
     source: str = ""
 
@@ -254,8 +317,9 @@ class Config:
     def pool_shapes(self) -> list[PoolShape]:
         """Every pool the daemon keeps: the default one first, then the named ones by name."""
         shapes = [PoolShape(DEFAULT_POOL, self.qemu.default_vcpus, self.qemu.default_memory,
-                            self.factory.vm_cache_number, self.factory.boot_mode)]
-        shapes += [PoolShape(name, pool.vcpus, pool.memory, pool.vm_cache_number, pool.boot_mode)
+                            self.factory.vm_cache_number, self.factory.boot_mode, self.network)]
+        shapes += [PoolShape(name, pool.vcpus, pool.memory, pool.vm_cache_number, pool.boot_mode,
+                             pool.network if pool.network is not None else self.network)
                    for name, pool in sorted(self.pools.items())]
         return shapes
 
@@ -337,6 +401,12 @@ def _converter() -> cattrs.Converter:
             raise TypeError(f"must be a string, not {value!r}")
         return value
 
+    def strict_strings(value: Any, _type: type) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple):  # a lone string is not a list of one
+            raise TypeError(f"must be a list of strings, not {value!r}"[:200])
+        return tuple(strict_str(item, str) for item in value)
+
+    converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], strict_strings)
     converter.register_structure_hook(int, strict_int)
     converter.register_structure_hook(float, strict_float)
     converter.register_structure_hook(str, strict_str)
@@ -420,12 +490,18 @@ def render_toml(config: Config) -> str:
     """The effective config as TOML, every key with its value (defaults filled in)."""
     lines = []
     sections: list[tuple[str, Any]] = [("factory", config.factory), ("hypervisor.qemu", config.qemu),
-                                       ("image", config.image), ("jail", config.jail)]
-    sections += [(f"pools.{name}", pool) for name, pool in sorted(config.pools.items())]
+                                       ("image", config.image), ("jail", config.jail),
+                                       ("network", config.network)]
+    for pool_name, pool in sorted(config.pools.items()):
+        sections.append((f"pools.{pool_name}", pool))
+        if pool.network is not None:
+            sections.append((f"pools.{pool_name}.network", pool.network))
     for name, section in sections:
         lines.append(f"[{name}]")
         for field in attrs.fields(type(section)):
-            lines.append(f"{field.name} = {_toml_value(getattr(section, field.name))}")
+            value = getattr(section, field.name)
+            if value is not None and not attrs.has(type(value)):  # None: unset (TOML has no null)
+                lines.append(f"{field.name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -470,6 +546,7 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
     rootfs = _root_image(qemu, image_dir, manifest, config.source)
     if rootfs is None:
         _check_initrd_runs_agent(initrd, config.source)
+    check_network_privilege(config, os.geteuid())
     if not qemu.seccompsandbox and not config.jail.allow_no_seccomp:
         raise ConfigError("hypervisor.qemu.seccompsandbox is empty: QEMU would run without its "
                           "seccomp filter; set jail.allow_no_seccomp = true to allow that")
@@ -495,7 +572,26 @@ def resolve_spec(config: Config, run_root: Path | None = None) -> VMSpec:
         max_memory_mib=max_memory_mib(qemu),
         jail=_jail(config),
         require_sandbox=not config.jail.allow_no_seccomp,
+        nic=config.network.needs_nic,
     )
+
+
+def check_network_privilege(config: Config, euid: int) -> None:
+    """A pool whose VMs can be granted network needs a root daemon (it makes a tap device in
+    each VM's network namespace) and the jail (that namespace is the jail's): ConfigError
+    otherwise, at start rather than at the first hand-out."""
+    for shape in config.pool_shapes():
+        if not shape.network.needs_nic:
+            continue
+        key = "network" if shape.name == DEFAULT_POOL else f"pools.{shape.name}.network"
+        why = (f"[{key}] can grant network (mode restricted or a non-empty permit)")
+        if euid != 0:
+            raise ConfigError(f"{why}: restricted networking needs root (the daemon makes each "
+                              "VM's tap device); run vmcache serve as root, or set mode = \"none\" "
+                              "and permit = []")
+        if not config.jail.enabled:
+            raise ConfigError(f"{why}: restricted networking needs the jail (each VM's network "
+                              "namespace is its jail's); set jail.enabled = true")
 
 
 def _jail(config: Config) -> JailConfig | None:

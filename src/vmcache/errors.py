@@ -57,6 +57,13 @@ class ConfigError(VmcacheError):
     exit_status = 2
 
 
+class NetworkPolicyError(VmcacheError):
+    """A network policy or allowlist entry that is not valid (the message names it and says
+    why): fix the entry (``--allow``, ``network=``, the config's ``allow``/``permit``)."""
+
+    exit_status = 2
+
+
 class ImageError(VmcacheError):
     """The guest image could not be built or is missing: the message says what to install or pass."""
 

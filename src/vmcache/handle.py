@@ -24,12 +24,14 @@ from .errors import (
     CacheError,
     FailedPreconditionError,
     HandleError,
+    NetworkPolicyError,
     PermissionDeniedError,
     VmcacheError,
     VMGoneError,
 )
 from .guest_api import Guest, GuestAPI
 from .identity import open_verified
+from .network_policy import NetworkPolicy
 from .paths import default_run_dir, vm_run_dir
 from .process import PidfdProcess, ProcessLike, stop_process
 from .qmp import QMPClient
@@ -102,6 +104,9 @@ class VMHandle(GuestAPI):
     #: asks that daemon first (it knows who owns the VM); the handle's holder may edit it,
     #: so it only ever decides whom to ask, never what is stopped.
     endpoint: str = ""
+    #: The network policy the VM was handed out with (none: no network; a handle from
+    #: before this field says none). What the daemon enforces, for the holder to read.
+    network: NetworkPolicy = attrs.Factory(NetworkPolicy)
     _owner: Guest | None = attrs.field(default=None, init=False, repr=False)
     #: The handle came from the daemon itself (not from a file a user may have edited):
     #: its run directory is trusted to be under the daemon's run root, whatever ours is.
@@ -119,7 +124,8 @@ class VMHandle(GuestAPI):
         try:
             return _CONVERTER.structure(data, cls)
         except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as error:
-            raise HandleError(f"not a VM handle: {error}; pass the JSON that `vmcache get` "
+            why = _policy_error(error) or error  # a bad network policy: its own words
+            raise HandleError(f"not a VM handle: {why}; pass the JSON that `vmcache get` "
                               "printed, unedited") from None
 
     @classmethod
@@ -263,6 +269,19 @@ def _remove_tree(path: Path) -> None:
 
 
 _CONVERTER = cattrs.Converter()
+_CONVERTER.register_unstructure_hook(NetworkPolicy, NetworkPolicy.to_dict)
+_CONVERTER.register_structure_hook(NetworkPolicy, lambda data, _type: NetworkPolicy.from_dict(data))
+
+
+def _policy_error(error: BaseException) -> NetworkPolicyError | None:
+    """The NetworkPolicyError inside a cattrs validation error (its ``network`` field), if any."""
+    if isinstance(error, NetworkPolicyError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _policy_error(inner)) is not None:
+                return found
+    return None
 
 
 async def request_stop(channel: Channel, handle: VMHandle, timeout: float = STOP_VM_WAIT) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -97,16 +97,21 @@ class HandedOut:
 
 
 EventSink = Callable[[EventKind, HandedOut, str], None]
+#: Called (shielded) with a VM's id once its QEMU has exited, before it is forgotten: the
+#: cleanup of its network (NetworkApplier.release).
+GoneHook = Callable[[str], Awaitable[None]]
 
 
 class Ledger:
     """Handed-out VMs, each watched by a task in :meth:`run`'s nursery."""
 
-    def __init__(self, registry: VMRegistry, on_event: EventSink | None = None) -> None:
+    def __init__(self, registry: VMRegistry, on_event: EventSink | None = None,
+                 on_gone: GoneHook | None = None) -> None:
         self.registry = registry
         self._entries: dict[str, HandedOut] = {}
         self._nursery: trio.Nursery | None = None
         self._on_event = on_event
+        self._on_gone = on_gone
 
     def entries(self) -> list[HandedOut]:
         return sorted(self._entries.values(), key=lambda entry: entry.handed_at)
@@ -243,6 +248,9 @@ class Ledger:
                         entry.life.move(Phase.STOPPING)
                     await stop_vm_process(entry.process, Path(entry.handle.run_dir) / "qmp.sock")
             if entry.process.returncode is not None:
+                if self._on_gone is not None:  # before ``gone``: its network is gone with it
+                    with trio.CancelScope(shield=True):
+                        await self._on_gone(entry.id)
                 self._forget(entry, stopped_by_us)
 
     def _forget(self, entry: HandedOut, stopped_by_us: bool) -> None:

@@ -13,6 +13,7 @@ Library use (the caller's nursery supervises; cancelling it purges the cache)::
 Task tree::
 
     CacheDaemon.run       nursery
+    ├── network           the NetworkApplier's own tasks (a VM's egress proxy, its DNS)
     ├── ledger            one watcher per handed-out VM (reap, TTL, stop on request)
     ├── snapshots         (boot_mode = "snapshot") the template snapshot
     ├── pool              one task per cache slot
@@ -43,13 +44,14 @@ from ._proto import cache_pb2
 from .accel import AccelChooser
 from .backoff import Backoff
 from .cgroup import manager as cgroup_manager
-from .config import DEFAULT_POOL, Config, VMSpec, resolve_spec
+from .config import DEFAULT_POOL, Config, NetworkConfig, VMSpec, resolve_spec
 from .errors import (
     BadRequestError,
     ConfigError,
     DaemonError,
     HandleError,
     HardwareAccelRequiredError,
+    NetworkPolicyError,
     NoSuchVMError,
     NotAllowedError,
     NoVMAvailableError,
@@ -63,6 +65,7 @@ from .hotplug import grow
 from .jail import check_jail_paths, describe_confinement
 from .ledger import HandedOut, Ledger
 from .lifecycle import EventKind, Phase, StopReason
+from .network_policy import NetworkApplier, NetworkPolicy, UnenforcedNetwork
 from .notify import Notifier
 from .paths import make_private_dir
 from .placement import Placement, place
@@ -83,6 +86,7 @@ from .wire import (
     PoolStatus,
     event_message,
     grpc_vm,
+    policy_from_message,
     status_message,
 )
 
@@ -105,8 +109,11 @@ AGENT_CONFIG = {"protocol": "vmcache-agent/1", "port": "vmcache.agent"}
 class CacheDaemon:
     """One daemon: the pool, the ledger, the rpc handlers, crash recovery, an orderly stop."""
 
-    def __init__(self, config: Config, spec: VMSpec | None = None) -> None:
+    def __init__(self, config: Config, spec: VMSpec | None = None,
+                 network: NetworkApplier | None = None) -> None:
         self.config = config
+        #: Enforces a VM's network policy at hand-out (the default refuses restricted).
+        self._network: NetworkApplier = network if network is not None else UnenforcedNetwork()
         self.spec = spec if spec is not None else resolve_spec(config)
         self.endpoint = config.endpoint()
         factory = config.factory
@@ -123,7 +130,8 @@ class CacheDaemon:
         #: Boots at once, across pools: 0 = one per host CPU.
         self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
         for shape in self.shapes:
-            spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib)
+            spec_for_pool = attrs.evolve(self.spec, vcpus=shape.vcpus, memory_mib=shape.memory_mib,
+                                         nic=shape.network.needs_nic)
             boot_for_pool = self._fill_boot
             if shape.boot_mode == "snapshot":
                 manager = SnapshotManager(spec_for_pool, state_dir / "snapshots" / shape.name,
@@ -139,7 +147,7 @@ class CacheDaemon:
             )
         #: The default pool: Kata's keys, and what GetBaseVM hands out.
         self.pool = self.pools[DEFAULT_POOL]
-        self.ledger = Ledger(self.registry, on_event=self._ledger_event)
+        self.ledger = Ledger(self.registry, on_event=self._ledger_event, on_gone=self._network.release)
         #: VMs booted cold, at a size no pool could grow to, and handed out.
         self.cold_boots = 0
         self.started = time.monotonic()
@@ -183,6 +191,7 @@ class CacheDaemon:
                 log.warning("killed %d VMs a previous daemon on %s left behind", killed, self.endpoint)
             self.accel.announce_at_start(self.spec.qemu)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._network.run)
                 await nursery.start(self.ledger.run, claimed)
                 nursery.start_soon(self._report_progress, self._watch_all())
                 await nursery.start(self._fill)
@@ -335,8 +344,11 @@ class CacheDaemon:
         was never seen."""
         await call.receive_one()
         uid = call.peer.uid
+        policy = self._network_policy(None, DEFAULT_POOL)
         with self._hand_out_to(uid):
             lease = await self._lease_from(self.pool)
+            applied = await self._apply_network(self.pool, lease, policy)
+            lease.handle.network = policy
             written = False
             try:
                 try:
@@ -352,14 +364,19 @@ class CacheDaemon:
                 self.pool.stats.note_handout(trio.current_time() - call.arrived_at)
             finally:
                 with trio.CancelScope(shield=True):
-                    if not written:
+                    if not written and applied:
+                        await lease.discard()  # its network was set up for this client's policy
+                        await self._network.release(lease.vm.id)
+                    elif not written:
                         await lease.abort()
                     else:
                         try:
                             handle, process = await lease.commit()
                         except VMGoneError as error:
                             log.warning("%s; the client got a VM that is gone", error)
+                            await self._network.release(lease.vm.id)
                         else:
+                            handle.network = policy
                             self.ledger.adopt(handle, process, uid, Phase.CLAIMED)
 
     @contextlib.contextmanager
@@ -393,15 +410,21 @@ class CacheDaemon:
         ttl = _seconds(ask.ttl_seconds, "ttl_seconds")
         placement = place(self.shapes, vcpus=ask.cpu, memory_mib=ask.memory, pool=ask.pool,
                           max_vcpus=self.spec.max_vcpus, max_memory_mib=self.spec.max_memory_mib)
+        try:
+            asked = policy_from_message(ask.network) if ask.HasField("network") else None
+        except NetworkPolicyError as error:
+            raise BadRequestError(f"TakeAsk.network: {error}") from None
+        policy = self._network_policy(asked, placement.pool)
         handed_out = trio.Event()  # the pool's slot starts the replacement then
         try:
-            await self._offer_and_claim(call, ask, ttl, wait, placement, handed_out)
+            await self._offer_and_claim(call, ask, ttl, wait, placement, handed_out, policy)
         finally:
             handed_out.set()
 
     async def _offer_and_claim(self, call: RpcCall[ProtoMessage], ask: cache_pb2.TakeAsk, ttl: float,
-                               wait: float, placement: Placement, handed_out: trio.Event) -> None:
-        entry = await self._offer(call, wait, placement, handed_out)
+                               wait: float, placement: Placement, handed_out: trio.Event,
+                               policy: NetworkPolicy) -> None:
+        entry = await self._offer(call, wait, placement, handed_out, policy)
         claimed = False
         reply: ProtoMessage | None = None
         try:
@@ -431,19 +454,20 @@ class CacheDaemon:
         await self._hold_lease(call, entry, handed_out)
 
     async def _offer(self, call: RpcCall[ProtoMessage], wait: float, placement: Placement,
-                     handed_out: trio.Event) -> HandedOut:
+                     handed_out: trio.Event, policy: NetworkPolicy) -> HandedOut:
         """Get a VM of the size placed (from its pool, grown if need be, or booted cold), move
         it to the ledger and send the client the offer. A pool replaces the VM once
         ``handed_out`` is set."""
         with self._hand_out_to(call.peer.uid):
             with trio.move_on_after(wait) as waited:
                 if placement.pool is None:
-                    handle, process = await self._boot_cold(placement)
+                    handle, process = await self._boot_cold(placement, policy)
                 else:
                     handle, process = await self._take_from_pool(self.pools[placement.pool], placement,
-                                                                 handed_out)
+                                                                 handed_out, policy)
             if waited.cancelled_caught:
                 raise WaitExpiredError(f"no VM became ready within {wait:g} s")
+            handle.network = policy
             entry = self.ledger.adopt(handle, process, call.peer.uid, Phase.OFFERED)
         try:
             await _write_in_time(call, cache_pb2.TakeReply(offer=grpc_vm(handle)))
@@ -455,8 +479,8 @@ class CacheDaemon:
             self.pools[placement.pool].stats.note_handout(trio.current_time() - call.arrived_at)
         return entry
 
-    async def _take_from_pool(self, pool: VMPool, placement: Placement,
-                              handed_out: trio.Event) -> tuple[VMHandle, ProcessLike]:
+    async def _take_from_pool(self, pool: VMPool, placement: Placement, handed_out: trio.Event,
+                              policy: NetworkPolicy) -> tuple[VMHandle, ProcessLike]:
         """The next ready VM of ``pool`` (first come, first served), grown to the size placed
         while it is still set aside (a VM that fails to grow is replaced, not handed out)."""
         while True:
@@ -478,13 +502,23 @@ class CacheDaemon:
                     with trio.CancelScope(shield=True):
                         await lease.discard()  # half grown: not for the cache any more
                     raise
+            applied = await self._apply_network(pool, lease, policy)
             try:
                 return await lease.commit(refill_when=handed_out)
             except VMGoneError as error:
                 log.info("%s; offering the next one", error)
+                if applied:
+                    await self._network.release(lease.vm.id)
+            except BaseException:
+                if applied:  # not handed out: its network goes (fails closed)
+                    with trio.CancelScope(shield=True):
+                        await self._network.release(lease.vm.id)
+                raise
 
-    async def _boot_cold(self, placement: Placement) -> tuple[VMHandle, ProcessLike]:
-        """A VM of a size no pool can grow to, booted for this request alone."""
+    async def _boot_cold(self, placement: Placement,
+                         policy: NetworkPolicy | None = None) -> tuple[VMHandle, ProcessLike]:
+        """A VM of a size no pool can grow to, booted for this request alone (with the top
+        [network]'s NIC, if it has one, and ``policy`` applied)."""
         spec = attrs.evolve(self.spec, vcpus=placement.vcpus, memory_mib=placement.memory_mib)
         # A boot like any other: it waits for its turn among max_parallel_boots.
         async with self.boots:
@@ -497,9 +531,60 @@ class CacheDaemon:
                 with trio.CancelScope(shield=True):
                     await vm.stop()
                 raise
+        if spec.nic and policy is not None:
+            try:
+                await self._network.apply(vm, policy)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await vm.stop()
+                    await self._network.release(vm.id)
+                raise
         handed = await vm.release()
         self.cold_boots += 1
         return handed
+
+    def _network_config(self, pool: str | None) -> tuple[NetworkConfig, str]:
+        """The network config of ``pool`` (None: a cold boot, the top [network]'s) and its key."""
+        if pool is None or pool == DEFAULT_POOL:
+            return self.config.network, "network"
+        shape = next(shape for shape in self.shapes if shape.name == pool)
+        return shape.network, ("network" if self.config.pools[pool].network is None
+                               else f"pools.{pool}.network")
+
+    def _network_policy(self, asked: NetworkPolicy | None, pool: str | None) -> NetworkPolicy:
+        """The policy a hand-out from ``pool`` gets: the one asked, or the pool's default.
+        One beyond the pool's ceiling (its ``permit``), or restricted in a pool whose VMs
+        have no NIC, is refused (NotAllowedError: PERMISSION_DENIED); one the applier cannot
+        enforce too (before any VM is spent on it)."""
+        network, key = self._network_config(pool)
+        policy = asked if asked is not None else network.policy
+        where = f"pool {pool!r}" if pool is not None else "a VM booted for this size"
+        beyond = policy.beyond(network.ceiling)
+        if beyond:
+            ceiling = ", ".join(str(entry) for entry in network.ceiling) or "nothing"
+            raise NotAllowedError(
+                f"network allow {', '.join(str(entry) for entry in beyond)} is beyond what {where} "
+                f"permits ({key}.permit: {ceiling}); ask within it, or have its permit widened")
+        if policy.is_restricted and not network.needs_nic:
+            raise NotAllowedError(
+                f"{where} has no network: its VMs boot without a NIC; network mode restricted needs "
+                f"{key}.mode = \"restricted\" or a {key}.permit in the daemon's config")
+        self._network.check(policy)
+        return policy
+
+    async def _apply_network(self, pool: VMPool, lease: Lease, policy: NetworkPolicy) -> bool:
+        """Apply ``policy`` to a VM set aside, if its pool's VMs have a NIC (True then). A VM
+        the applier fails on is discarded (its slot replaces it), never handed out."""
+        if not pool.spec.nic:
+            return False
+        try:
+            await self._network.apply(lease.vm, policy)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await lease.discard()
+                await self._network.release(lease.vm.id)
+            raise
+        return True
 
     async def _hold_lease(self, call: RpcCall[ProtoMessage], entry: HandedOut,
                           handed_out: trio.Event) -> None:
@@ -571,7 +656,7 @@ class CacheDaemon:
             handed_out_vms=[
                 HandedOutVMStatus(entry.id, entry.handle.pid, entry.owner_uid, entry.handed_at,
                                   entry.phase, entry.expires_at, entry.handle.cpu, entry.handle.memory,
-                                  entry.handle.accel)
+                                  entry.handle.accel, entry.handle.network)
                 for entry in self.ledger.entries()
             ],
             pools=[PoolStatus(pool.name, pool.spec.vcpus, pool.spec.memory_mib, pool.size,

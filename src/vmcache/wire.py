@@ -12,9 +12,10 @@ from typing import Any
 import attrs
 
 from ._proto import cache_pb2
-from .errors import CacheError, printable
+from .errors import CacheError, NetworkPolicyError, printable
 from .handle import VMHandle
 from .lifecycle import Phase
+from .network_policy import NetworkPolicy
 
 SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
@@ -77,6 +78,9 @@ class HandedOutVMStatus:
     cpu: int = 0
     memory: int = 0
     accel: str = ""
+    #: The policy it was handed out with; a newer daemon's this client cannot read stays
+    #: the daemon's words (:meth:`NetworkPolicy.describe`'s form), so Status keeps working.
+    network: NetworkPolicy | str = attrs.Factory(NetworkPolicy)
 
 
 @attrs.frozen
@@ -108,7 +112,32 @@ class CacheStatus:
     confinement: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return attrs.asdict(self, value_serializer=_plain)
+
+
+def _plain(_instance: object, _field: object, value: Any) -> Any:
+    """``to_dict``'s values, JSON-able: a network policy as its own dict."""
+    return value.to_dict() if isinstance(value, NetworkPolicy) else value
+
+
+# ---------------------------------------------------------------- network policies
+
+
+def policy_message(policy: NetworkPolicy) -> cache_pb2.NetworkPolicy:
+    return cache_pb2.NetworkPolicy(mode=str(policy.mode), allow=[str(entry) for entry in policy.allow])
+
+
+def policy_from_message(message: cache_pb2.NetworkPolicy) -> NetworkPolicy:
+    """The policy a message carries; :class:`NetworkPolicyError` (one line) if it is not valid."""
+    return NetworkPolicy.parse(message.mode, list(message.allow))
+
+
+def _status_policy(message: cache_pb2.NetworkPolicy) -> NetworkPolicy | str:
+    try:
+        return policy_from_message(message)
+    except NetworkPolicyError:
+        words = f"{message.mode}: {', '.join(message.allow)}" if message.allow else message.mode
+        return printable(words[:200])
 
 
 # ---------------------------------------------------------------- VMs
@@ -192,7 +221,7 @@ def status_message(status: CacheStatus) -> cache_pb2.GrpcStatus:
             cache_pb2.GrpcHandedOutVM(id=vm.id, pid=vm.pid, owner_uid=vm.owner_uid,
                                       handed_at=vm.handed_at, state=str(vm.state),
                                       expires_at=vm.expires_at, cpu=vm.cpu, memory=vm.memory,
-                                      accel=vm.accel)
+                                      accel=vm.accel, network=_network_field(vm.network))
             for vm in status.handed_out_vms
         ],
         pools=[
@@ -228,7 +257,7 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         confinement=message.confinement,
         handed_out_vms=[
             HandedOutVMStatus(vm.id, vm.pid, vm.owner_uid, vm.handed_at, _phase(vm.state),
-                              vm.expires_at, vm.cpu, vm.memory, vm.accel)
+                              vm.expires_at, vm.cpu, vm.memory, vm.accel, _status_policy(vm.network))
             for vm in message.handed_out_vms
         ],
         pools=[PoolStatus(pool.name, pool.cpu, pool.memory, pool.cache_size, pool.ready, pool.booting,
@@ -238,6 +267,12 @@ def status_from_message(message: cache_pb2.GrpcStatus) -> CacheStatus:
         require_hardware_accel=message.require_hardware_accel,
         refusal=message.refusal,
     )
+
+
+def _network_field(policy: NetworkPolicy | str) -> cache_pb2.NetworkPolicy:
+    if isinstance(policy, NetworkPolicy):
+        return policy_message(policy)
+    return cache_pb2.NetworkPolicy(mode=policy)
 
 
 def _phase(text: str) -> Phase | str:
