@@ -32,6 +32,7 @@ from vmcache.errors import ConfigError, DaemonError, NetworkPolicyError, NotAllo
 from vmcache.handle import VMHandle
 from vmcache.ledger import Ledger
 from vmcache.lifecycle import Phase, VMLife
+from vmcache.network_host import HostNetwork, UnenforcedNetwork
 from vmcache.network_policy import NetworkPolicy
 from vmcache.placement import Placement
 from vmcache.pool import VMPool
@@ -70,6 +71,7 @@ class Recorder:
         self.checked: list[NetworkPolicy] = []
         self.applied: list[tuple[str, NetworkPolicy]] = []
         self.released: list[str] = []
+        self.adopted: list[tuple[str, int, int, NetworkPolicy]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -85,6 +87,9 @@ class Recorder:
 
     async def release(self, vm_id: str) -> None:
         self.released.append(vm_id)
+
+    def adopt(self, vm_id: str, pid: int, start_time: int, policy: NetworkPolicy) -> None:
+        self.adopted.append((vm_id, pid, start_time, policy))
 
 
 POOLS = """
@@ -244,7 +249,7 @@ def test_restricted_in_a_pool_without_a_nic_says_which_key_to_set(tmp_path: Path
 
 
 def test_without_enforcement_restricted_is_refused_not_ignored(tmp_path: Path) -> None:
-    daemon = CacheDaemon(config(tmp_path, POOLS), spec(tmp_path))  # the default applier
+    daemon = CacheDaemon(config(tmp_path, POOLS), spec(tmp_path), network=UnenforcedNetwork())
     with pytest.raises(DaemonError, match="restricted is not enforced in this build"):
         daemon._network_policy(None, "default")
     assert daemon._network_policy(NetworkPolicy.none(), "default") == NetworkPolicy.none()
@@ -456,3 +461,12 @@ async def test_the_client_never_claims_a_vm_offered_with_another_policy() -> Non
     call = OfferOnly(NetworkPolicy.none())
     await client._take(call, 10, None, ANY_SIZE, lease=False)  # type: ignore[arg-type]
     assert not call.sent[0].ask.HasField("network")
+
+
+def test_a_daemon_whose_pools_can_grant_network_enforces_it(tmp_path: Path) -> None:
+    """The default applier of a daemon with a pool that can grant network is the host's
+    enforcement; one with no such pool refuses restricted (never leaves it unenforced)."""
+    assert isinstance(CacheDaemon(config(tmp_path, POOLS), spec(tmp_path))._network, HostNetwork)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert isinstance(CacheDaemon(config(plain, ""), spec(plain))._network, UnenforcedNetwork)

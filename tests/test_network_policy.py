@@ -11,6 +11,7 @@ import trio
 
 import vmcache
 from vmcache.errors import DaemonError, NetworkPolicyError
+from vmcache.network_host import UnenforcedNetwork
 from vmcache.network_policy import (
     INTERNAL_NAME,
     MAX_ENTRIES,
@@ -18,7 +19,6 @@ from vmcache.network_policy import (
     EntryKind,
     NetworkMode,
     NetworkPolicy,
-    UnenforcedNetwork,
     parse_entries,
 )
 

@@ -35,6 +35,7 @@ from .errors import VMGoneError
 from .handle import VMHandle, stop_vm_process
 from .lifecycle import OFFER_DEADLINE as OFFER_DEADLINE  # the watcher enforces it
 from .lifecycle import EventKind, Phase, StopReason, VMLife
+from .network_policy import NetworkPolicy
 from .process import ProcessLike, describe_exit, open_vm_process
 from .state import VMRegistry
 
@@ -100,18 +101,22 @@ EventSink = Callable[[EventKind, HandedOut, str], None]
 #: Called (shielded) with a VM's id once its QEMU has exited, before it is forgotten: the
 #: cleanup of its network (NetworkApplier.release).
 GoneHook = Callable[[str], Awaitable[None]]
+#: Called with (id, QEMU pid, its start time, network policy) of each claimed VM adopted from
+#: a previous daemon: its network enforced again (NetworkApplier.adopt).
+AdoptHook = Callable[[str, int, int, NetworkPolicy], None]
 
 
 class Ledger:
     """Handed-out VMs, each watched by a task in :meth:`run`'s nursery."""
 
     def __init__(self, registry: VMRegistry, on_event: EventSink | None = None,
-                 on_gone: GoneHook | None = None) -> None:
+                 on_gone: GoneHook | None = None, on_adopt: AdoptHook | None = None) -> None:
         self.registry = registry
         self._entries: dict[str, HandedOut] = {}
         self._nursery: trio.Nursery | None = None
         self._on_event = on_event
         self._on_gone = on_gone
+        self._on_adopt = on_adopt
 
     def entries(self) -> list[HandedOut]:
         return sorted(self._entries.values(), key=lambda entry: entry.handed_at)
@@ -151,6 +156,8 @@ class Ledger:
         # The previous daemon's console drain died with it (QEMU dropped the output since).
         start_drain(Path(handle.run_dir), lambda: process.returncode is None)
         self._start(entry)
+        if self._on_adopt is not None:
+            self._on_adopt(entry.id, handle.pid, handle.start_time, handle.network)
 
     def adopt(self, handle: VMHandle, process: ProcessLike, owner_uid: int, phase: Phase) -> HandedOut:
         """Take over a VM that has just left the cache (``offered`` or ``claimed``). Its

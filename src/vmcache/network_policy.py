@@ -30,14 +30,9 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import trio
-
-from .errors import DaemonError, NetworkPolicyError
-
-if TYPE_CHECKING:
-    from .qemu import VM
+from .errors import NetworkPolicyError
 
 #: The name the guest reaches the host's loopback services by (the gateway, 10.0.2.2).
 INTERNAL_NAME = "host.vmcache.internal"
@@ -336,50 +331,3 @@ class NetworkPolicy:
 def parse_entries(entries: Iterable[str]) -> tuple[AllowEntry, ...]:
     """Parse a list of entries (a ceiling, say); :class:`NetworkPolicyError` for the first bad one."""
     return tuple(dict.fromkeys(AllowEntry.parse(entry) for entry in entries))
-
-
-# ---------------------------------------------------------------- the hand-out hook
-
-
-class NetworkApplier(Protocol):
-    """What the daemon calls to enforce a VM's policy. The enforcement (egress proxy, DNS,
-    nftables in the VM's network namespace) plugs in here; the daemon calls:
-
-    * :meth:`check` before it takes a VM for a request: refuse (raise) a policy this
-      applier cannot enforce, so that no VM is spent on it;
-    * :meth:`apply` on the VM while it is still set aside, before its handle goes out;
-      if it raises, the VM is discarded (stopped and replaced), never handed out;
-    * :meth:`release` once a VM that went through :meth:`apply` is gone (stopped, died,
-      or discarded), whatever ended it, and for every handed-out VM the ledger forgets (an
-      id it never applied to is a no-op). It must not raise, and must be bounded;
-    * :meth:`run` for the daemon's life, started before the first hand-out: the applier's
-      own tasks (a VM's proxy and DNS responder) live in it, and die with the daemon.
-    """
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
-
-    def check(self, policy: NetworkPolicy) -> None: ...
-
-    async def apply(self, vm: VM, policy: NetworkPolicy) -> None: ...
-
-    async def release(self, vm_id: str) -> None: ...
-
-
-class UnenforcedNetwork:
-    """The applier of a build without enforcement: mode none passes, ``restricted`` is
-    refused, so that a policy is never silently left unenforced."""
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
-    def check(self, policy: NetworkPolicy) -> None:
-        if policy.is_restricted:
-            raise DaemonError("network mode restricted is not enforced in this build of vmcache "
-                              "(no egress proxy): ask for network none")
-
-    async def apply(self, vm: VM, policy: NetworkPolicy) -> None:
-        self.check(policy)
-
-    async def release(self, vm_id: str) -> None:
-        return None

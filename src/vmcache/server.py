@@ -65,7 +65,8 @@ from .hotplug import grow
 from .jail import check_jail_paths, describe_confinement
 from .ledger import HandedOut, Ledger
 from .lifecycle import EventKind, Phase, StopReason
-from .network_policy import NetworkApplier, NetworkPolicy, UnenforcedNetwork
+from .network_host import HostNetwork, NetworkApplier, UnenforcedNetwork
+from .network_policy import NetworkPolicy
 from .notify import Notifier
 from .paths import make_private_dir
 from .placement import Placement, place
@@ -112,8 +113,6 @@ class CacheDaemon:
     def __init__(self, config: Config, spec: VMSpec | None = None,
                  network: NetworkApplier | None = None) -> None:
         self.config = config
-        #: Enforces a VM's network policy at hand-out (the default refuses restricted).
-        self._network: NetworkApplier = network if network is not None else UnenforcedNetwork()
         self.spec = spec if spec is not None else resolve_spec(config)
         self.endpoint = config.endpoint()
         factory = config.factory
@@ -126,6 +125,11 @@ class CacheDaemon:
         self.snapshots: list[SnapshotManager] = []
         self.events = EventHub()
         self.shapes = config.pool_shapes()
+        if network is None:  # enforced on the host where a pool's VMs can be given network
+            can_grant = config.network.needs_nic or any(shape.network.needs_nic for shape in self.shapes)
+            network = HostNetwork() if can_grant else UnenforcedNetwork()
+        #: Enforces a VM's network policy at hand-out.
+        self._network: NetworkApplier = network
         self.pools: dict[str, VMPool] = {}
         #: Boots at once, across pools: 0 = one per host CPU.
         self.boots = trio.CapacityLimiter(factory.max_parallel_boots or os.cpu_count() or 1)
@@ -147,7 +151,8 @@ class CacheDaemon:
             )
         #: The default pool: Kata's keys, and what GetBaseVM hands out.
         self.pool = self.pools[DEFAULT_POOL]
-        self.ledger = Ledger(self.registry, on_event=self._ledger_event, on_gone=self._network.release)
+        self.ledger = Ledger(self.registry, on_event=self._ledger_event, on_gone=self._network.release,
+                             on_adopt=self._network.adopt)
         #: VMs booted cold, at a size no pool could grow to, and handed out.
         self.cold_boots = 0
         self.started = time.monotonic()
