@@ -37,6 +37,8 @@ from vmcache.errors import (
     GuestProcessError,
     GuestRequestError,
 )
+from vmcache.guest_api import GuestAPI
+from vmcache.port_forward import ForwardSpec, port_forward
 
 
 @pytest.fixture(autouse=True)
@@ -1334,3 +1336,59 @@ async def test_connect_tcp_refuses_a_name_or_a_bad_port_before_asking(conn: Agen
         await conn.connect_tcp(80, "localhost")
     with pytest.raises(AgentError, match=r"ConnectRequest\.port"):
         await conn.connect_tcp(70000)
+
+
+class _ConnectionGuest(GuestAPI):
+    """A GuestAPI over one AgentConnection (no VM): what port_forward needs of a guest."""
+
+    def __init__(self, connection: AgentConnection) -> None:
+        self.connection = connection
+
+    async def connect_tcp(self, port: int, host: str = "127.0.0.1", *,
+                          timeout: float = agent_module.TCP_CONNECT_TIMEOUT) -> agent_module.GuestTcpStream:
+        return await self.connection.connect_tcp(port, host, timeout=timeout)
+
+
+async def test_port_forward_relays_local_connections_through_the_agent(conn: AgentConnection) -> None:
+    errors: list[str] = []
+    async with trio.open_nursery() as nursery:
+        upper = await _serve_once(_upper_until_eof, nursery)
+        echo = await _serve_once(_echo, nursery)
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))
+        nobody = refused.getsockname()[1]
+        refused.close()
+        specs = [ForwardSpec("127.0.0.1", 0, upper), ForwardSpec("127.0.0.1", 0, echo),
+                 ForwardSpec("127.0.0.1", 0, nobody)]
+        with trio.fail_after(20):
+            ports = await nursery.start(partial_port_forward(_ConnectionGuest(conn), specs, errors.append))
+            for _ in range(3):
+                client = await trio.open_tcp_stream("127.0.0.1", ports[0])
+                await client.send_all(b"abc")
+                await client.send_eof()
+                assert await _read_all(client) == b"ABC"
+                await client.aclose()
+            client = await trio.open_tcp_stream("127.0.0.1", ports[1])
+            await client.send_all(b"x" * 3_000_000)
+            await client.send_eof()
+            assert await _read_all(client) == b"x" * 3_000_000
+            await client.aclose()
+            client = await trio.open_tcp_stream("127.0.0.1", ports[2])
+            assert await _read_all(client) == b""  # refused in the guest: closed here
+            await client.aclose()
+            await wait_until(lambda: bool(errors))
+        assert errors == [f"port-forward 127.0.0.1:{ports[2]} -> 127.0.0.1:{nobody} in the guest: "
+                          f"nothing listens on 127.0.0.1:{nobody} in the guest (connection refused)"]
+        nursery.cancel_scope.cancel()
+
+
+def partial_port_forward(guest: GuestAPI, specs: list[ForwardSpec],
+                         on_error: Callable[[str], None]) -> Callable[..., Any]:
+    return functools.partial(port_forward, guest, specs, on_error=on_error)
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)

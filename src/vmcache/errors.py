@@ -274,6 +274,11 @@ class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
 
 
+class PortForwardError(VmcacheError):
+    """``vmcache port-forward`` cannot listen on a local address (a port in use, an address this
+    host does not have): the message names it. Pick another local port, or 0 for any free one."""
+
+
 class LocalOutputError(VmcacheError):
     """A guest command's output could not be written here (a full disk, a terminal that went
     away); the command was stopped. The message names the stream and the system's reason."""
