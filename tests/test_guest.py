@@ -387,7 +387,8 @@ async def test_connect_tcp_reaches_a_guest_server_with_no_guest_network(held: He
     try:
         with trio.fail_after(60):
             interfaces = await handle.run(["ls", "/sys/class/net"])
-            assert interfaces.stdout is not None and interfaces.stdout.split() == [b"lo"]  # mode none: no network device at all
+            assert interfaces.stdout is not None  # mode none: no network device at all
+            assert interfaces.stdout.split() == [b"lo"]
             async with handle.open_process(["python3", "-c", UPPER_SERVER, "0"]) as server:
                 port = await _guest_server(server)
                 async with await handle.connect_tcp(port) as stream:
