@@ -119,7 +119,8 @@ async def start_server(vm: vmcache.VMHandle, nursery: trio.Nursery, size: int, m
     return found[0], found[1]
 
 
-async def measure(vm: vmcache.VMHandle, qemu_pid: int, forwarder: Callable[[int], Awaitable[list[int]]],
+async def measure(vm: vmcache.VMHandle, qemu_pid: int,
+                  forwarder: Callable[[int], Awaitable[tuple[int, int]]],
                   size: int, runs: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
 
@@ -129,8 +130,7 @@ async def measure(vm: vmcache.VMHandle, qemu_pid: int, forwarder: Callable[[int]
     async with trio.open_nursery() as nursery:
         port, server_pid = await start_server(vm, nursery, size, "download")
         echo_port, _ = await start_server(vm, nursery, 0, "echo")
-        local, echo_local = await forwarder(port), await forwarder(echo_port)
-        forward_pid = (await forwarder(0))[0]
+        (local, forward_pid), (echo_local, _) = await forwarder(port), await forwarder(echo_port)
 
         async def cpu_around(name: str, work: Callable[[], Awaitable[float]]) -> None:
             guest_before = await guest_cpu(vm, [1, server_pid])
@@ -159,7 +159,7 @@ async def measure(vm: vmcache.VMHandle, qemu_pid: int, forwarder: Callable[[int]
 
         async def forwarded() -> float:
             start = time.perf_counter()
-            async with await trio.open_tcp_stream("127.0.0.1", local[0]) as stream:
+            async with await trio.open_tcp_stream("127.0.0.1", local) as stream:
                 await stream.send_all(REQUEST)
                 received = await read_all(stream)
             assert received > size, received
@@ -178,7 +178,7 @@ async def measure(vm: vmcache.VMHandle, qemu_pid: int, forwarder: Callable[[int]
             note("set-up connect_tcp + 1-byte round trip", (time.perf_counter() - start) * 1000)
             await stream.aclose()
             start = time.perf_counter()
-            async with await trio.open_tcp_stream("127.0.0.1", echo_local[0]) as local_stream:
+            async with await trio.open_tcp_stream("127.0.0.1", echo_local) as local_stream:
                 await local_stream.send_all(b"x")
                 assert await local_stream.receive_some() == b"x"
             note("set-up port-forward + 1-byte round trip", (time.perf_counter() - start) * 1000)
@@ -208,16 +208,14 @@ def main() -> None:
     handle_file = work / "vm.json"
     forwarders: list[subprocess.Popen[bytes]] = []
 
-    async def forwarder(guest_port: int) -> list[int]:
-        """A `vmcache port-forward` of ``guest_port`` (its local port); 0: the last one's pid."""
-        if not guest_port:
-            return [forwarders[-1].pid]
+    async def forwarder(guest_port: int) -> tuple[int, int]:
+        """A `vmcache port-forward` of ``guest_port``: its local port and its pid."""
         process = subprocess.Popen([*command, "port-forward", str(handle_file), f"0:{guest_port}"], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         forwarders.append(process)
         assert process.stdout is not None
         line = (await trio.to_thread.run_sync(process.stdout.readline)).decode()
-        return [int(line.split(" -> ")[0].rsplit(":", 1)[1])]
+        return int(line.split(" -> ")[0].rsplit(":", 1)[1]), process.pid
 
     async def run() -> dict[str, list[float]]:
         from exec_relay import wait_cached
