@@ -36,6 +36,7 @@ from vmcache.errors import (
     GuestPortRefusedError,
     GuestProcessError,
     GuestRequestError,
+    VMGoneError,
 )
 from vmcache.guest_api import GuestAPI
 from vmcache.port_forward import ForwardSpec, port_forward
@@ -1392,3 +1393,35 @@ async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
     while chunk := await stream.receive_some():
         data += chunk
     return bytes(data)
+
+
+async def test_port_forward_ends_with_its_vm_and_closes_its_listeners(conn: AgentConnection) -> None:
+    gone = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async def forward(task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+                with pytest.raises(VMGoneError, match="the VM stopped: port-forward ends"):
+                    await port_forward(_ConnectionGuest(conn), [ForwardSpec("127.0.0.1", 0, 1)],
+                                       vm_stopped=gone.wait, task_status=task_status)
+
+            [port] = await nursery.start(forward)
+            (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()  # it listens
+            gone.set()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_a_guest_peer_that_stops_reading_breaks_send_all(conn: AgentConnection) -> None:
+    async def slam(client: trio.SocketStream) -> None:
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(slam, nursery)
+        with trio.fail_after(20):
+            async with await conn.connect_tcp(port) as stream:
+                with pytest.raises(GuestConnectionBrokenError):
+                    for _ in range(1000):  # far more than every window and buffer on the way
+                        await stream.send_all(b"x" * 65536)
+            assert (await conn.run(["true"])).returncode == 0
+        nursery.cancel_scope.cancel()

@@ -480,7 +480,8 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         try:
-            await port_forward(handle, specs, guest_host=guest_host, on_listening=listening, on_error=failed)
+            await port_forward(handle, specs, guest_host=guest_host, on_listening=listening, on_error=failed,
+                               vm_stopped=handle.wait_stopped)
         finally:
             await handle.disconnect()
 

@@ -14,13 +14,13 @@ connection that broke, ends the command with that error.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import attrs
 import trio
 
-from .errors import GuestConnectError, PortForwardError
+from .errors import GuestConnectError, PortForwardError, VMGoneError, raise_unwrapped
 from .guest_api import GuestAPI
 
 #: Bytes moved per read, each way.
@@ -107,12 +107,14 @@ async def port_forward(
     guest_host: str = "127.0.0.1",
     on_listening: Callable[[ForwardSpec, int], None] = lambda spec, port: None,
     on_error: Callable[[str], None] = lambda line: None,
+    vm_stopped: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen for every spec, then forward until cancelled. ``on_listening(spec, port)`` is
     called once per spec when it listens (``port``: the one bound, for a local port 0);
     ``on_error`` gets one line per connection that failed. :class:`PortForwardError` if a
-    local address cannot be listened on."""
+    local address cannot be listened on. When ``vm_stopped()`` returns (the VM is gone), the
+    listeners close and :class:`VMGoneError` is raised: a forward never outlives its VM."""
     listeners: list[tuple[ForwardSpec, list[trio.SocketListener]]] = []
     try:
         for spec in specs:
@@ -124,18 +126,28 @@ async def port_forward(
                                        f"{error.strerror or error}") from None
             listeners.append((spec, found))
         ports = [found[0].socket.getsockname()[1] for _, found in listeners]
-        async with trio.open_nursery() as nursery:
-            for (spec, found), port in zip(listeners, ports, strict=True):
-                target = _shown(guest_host, spec.guest_port)
-                where = f"port-forward {_shown(spec.address, port)} -> {target} in the guest"
-                handler = partial(_forward_one, guest, spec.guest_port, guest_host, where, on_error)
-                nursery.start_soon(partial(trio.serve_listeners, handler, found))
-                on_listening(spec, port)
-            task_status.started(ports)
+        try:
+            async with trio.open_nursery() as nursery:
+                for (spec, found), port in zip(listeners, ports, strict=True):
+                    target = _shown(guest_host, spec.guest_port)
+                    where = f"port-forward {_shown(spec.address, port)} -> {target} in the guest"
+                    handler = partial(_forward_one, guest, spec.guest_port, guest_host, where, on_error)
+                    nursery.start_soon(partial(trio.serve_listeners, handler, found))
+                    on_listening(spec, port)
+                if vm_stopped is not None:
+                    nursery.start_soon(_end_with_vm, vm_stopped)
+                task_status.started(ports)
+        except BaseExceptionGroup as group:  # the error itself, not the nurseries' groups
+            raise_unwrapped(group)
     finally:
         for _, found in listeners:
             for listener in found:
                 await trio.aclose_forcefully(listener)
+
+
+async def _end_with_vm(vm_stopped: Callable[[], Awaitable[object]]) -> None:
+    await vm_stopped()
+    raise VMGoneError("the VM stopped: port-forward ends (its local ports are closed)")
 
 
 async def _forward_one(guest: GuestAPI, guest_port: int, guest_host: str, where: str,
