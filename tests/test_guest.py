@@ -436,16 +436,18 @@ def _forward_lines(process: subprocess.Popen[bytes], count: int, timeout: float)
 
 def test_port_forward_two_ports_at_once_then_ctrl_c(held: Held) -> None:
     server = subprocess.Popen([*VMCACHE, "exec", str(held.handle_file), "--", "python3", "-c",
-                               UPPER_SERVER, "0"], stdout=subprocess.PIPE, env=held.env)
+                               UPPER_SERVER, "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              env=held.env)
     second = subprocess.Popen([*VMCACHE, "exec", str(held.handle_file), "--", "python3", "-c",
-                               UPPER_SERVER, "0"], stdout=subprocess.PIPE, env=held.env)
+                               UPPER_SERVER, "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              env=held.env)
     forward = None
     try:
         assert server.stdout is not None and second.stdout is not None
         ports = [int(server.stdout.readline()), int(second.stdout.readline())]
         forward = subprocess.Popen([*VMCACHE, "port-forward", str(held.handle_file), f"0:{ports[0]}",
-                                    f"127.0.0.1:0:{ports[1]}"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=held.env)
+                                    f"127.0.0.1:0:{ports[1]}"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=held.env)
         lines = _forward_lines(forward, 2, 60)
         local = []
         for line, port in zip(lines, ports, strict=True):
