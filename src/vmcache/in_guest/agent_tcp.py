@@ -10,8 +10,10 @@ all: the guest's loopback is enough.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,23 @@ TCP_WINDOW = 1024 * 1024
 #: At most this many connections at once per session.
 MAX_CONNECTIONS = 64
 OPEN = ap.ChannelState.OPEN
+#: Linux's interface flag ioctls and ``struct ifreq`` (a 16-byte name, then a 24-byte union).
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFREQ = struct.Struct("16sh22x")
+
+
+def bring_up_loopback() -> bool:
+    """Set ``lo`` up (the kernel then gives it 127.0.0.1 and ::1), as an init system would: the
+    agent is PID 1 and nothing else does it, and connections to the guest's own ports need it.
+    True if it was down. Raises OSError if it cannot."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        flags = IFREQ.unpack(fcntl.ioctl(probe.fileno(), SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))[1]
+        if flags & IFF_UP:
+            return False
+        fcntl.ioctl(probe.fileno(), SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
+        return True
 
 
 def connect_failure(host: str, port: int, number: int) -> base.RequestFailed:

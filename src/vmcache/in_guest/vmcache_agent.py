@@ -826,6 +826,12 @@ def main(argv: list[str] | None = None) -> int:
         base.log("--init but not PID 1: orphans are not ours to reap")
     if os.getpid() != 1:
         become_subreaper()
+    if args.init:
+        try:
+            if tcp.bring_up_loopback():
+                base.log("brought the loopback interface up")
+        except OSError as error:
+            base.log(f"cannot bring the loopback interface up: {base.os_error_text(error)}")
     agent = Agent(args)
     base.log(f"version {base.AGENT_VERSION}, Python {sys.version.split()[0]}, boot id {agent.system.boot_id}")
     if args.fd is not None:
