@@ -1425,3 +1425,34 @@ async def test_a_guest_peer_that_stops_reading_breaks_send_all(conn: AgentConnec
                         await stream.send_all(b"x" * 65536)
             assert (await conn.run(["true"])).returncode == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_an_init_agent_brings_the_loopback_up_for_guest_servers(
+        agent_dir: Path, tmp_path: Path) -> None:
+    """In a network namespace of the test's own, where ``lo`` starts down as in a fresh guest:
+    the agent as init sets it up, and a server it starts there is reached by connect_tcp."""
+    host_end, agent_end = socket.socketpair()
+    log = tmp_path / "netns-agent.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["unshare", "--net", sys.executable, "-E", "-s", str(agent_dir / "vmcache_agent.py"), "--init",
+             "--fd", str(agent_end.fileno()), "--no-set-clock"],
+            pass_fds=[agent_end.fileno()], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    agent_end.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_end))
+    try:
+        with trio.fail_after(20):
+            connection = await AgentConnection.start(stream, timeout=10)
+            server = ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+                      "print(s.getsockname()[1], flush=True)\nc = s.accept()[0]\n"
+                      "c.sendall(c.recv(100)[::-1])\n")
+            async with connection.open_process([sys.executable, "-c", server]) as guest_server:
+                assert guest_server.stdout is not None
+                port = int(await guest_server.stdout.receive_some())
+                async with await connection.connect_tcp(port) as tcp:
+                    await tcp.send_all(b"olleh")
+                    assert await tcp.receive_some() == b"hello"
+    finally:
+        await stream.aclose()
+        process.wait(timeout=10)
+    assert "brought the loopback interface up" in log.read_text()
