@@ -1413,6 +1413,7 @@ async def test_port_forward_ends_with_its_vm_and_closes_its_listeners(conn: Agen
 
 async def test_a_guest_peer_that_stops_reading_breaks_send_all(conn: AgentConnection) -> None:
     async def slam(client: trio.SocketStream) -> None:
+        await client.receive_some(1)  # connected for sure, then reset while bytes keep coming
         client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await client.aclose()
 
