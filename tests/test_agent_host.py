@@ -7,15 +7,18 @@ directory laid out as in the guest image (the agent next to agent_protocol.py).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -27,10 +30,16 @@ from vmcache.agent_client import AgentConnection, GuestProcess, PtySize, guest_a
 from vmcache.errors import (
     AgentError,
     AgentProtocolError,
+    GuestConnectError,
+    GuestConnectionBrokenError,
     GuestOutputLimitError,
+    GuestPortRefusedError,
     GuestProcessError,
     GuestRequestError,
+    VMGoneError,
 )
+from vmcache.guest_api import GuestAPI
+from vmcache.port_forward import ForwardSpec, port_forward
 
 
 @pytest.fixture(autouse=True)
@@ -1117,3 +1126,334 @@ async def test_closing_is_bounded_even_in_a_shielded_cleanup(autojump_clock: tri
         with pytest.raises(AgentError, match="closed"):
             await connection.ping()
         nursery.cancel_scope.cancel()
+
+
+# --- TCP connections (port forwarding) -----------------------------------------------------------
+#
+# The agent runs on the host here, so "127.0.0.1 in the guest" is the host's loopback: each test
+# starts its own server there and reaches it only through the agent.
+
+
+async def _serve_once(handler: Callable[[trio.SocketStream], Any], nursery: trio.Nursery) -> int:
+    """A loopback server (every connection to ``handler``); its port."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def _upper_until_eof(client: trio.SocketStream) -> None:
+    """Reads to EOF, then answers with it all upper-cased and closes."""
+    data = b""
+    while chunk := await client.receive_some():
+        data += chunk
+    await client.send_all(data.upper())
+    await client.aclose()
+
+
+async def _echo(client: trio.SocketStream) -> None:
+    async with client:
+        while chunk := await client.receive_some():
+            await client.send_all(chunk)
+        await client.send_eof()
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_connect_tcp_carries_bytes_both_ways_and_half_closes(
+        agent: Agent, conn: AgentConnection) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(_upper_until_eof, nursery)
+        fds = _open_fds(agent.pid)
+        with trio.fail_after(10):
+            stream = await conn.connect_tcp(port)
+            assert isinstance(stream, trio.abc.HalfCloseableStream)
+            await stream.send_all(b"hello ")
+            await stream.send_all(b"guest")
+            await stream.send_eof()  # the server answers only after our EOF: a true half-close
+            with pytest.raises(trio.ClosedResourceError, match="send_eof"):
+                await stream.send_all(b"more")
+            received = b""
+            while chunk := await stream.receive_some():
+                received += chunk
+            assert received == b"HELLO GUEST"
+            assert await stream.receive_some() == b""
+            await stream.aclose()
+            await wait_until(lambda: _open_fds(agent.pid) == fds)  # the agent closed its socket
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_tcp_moves_megabytes_both_ways_at_once_under_credit(
+        agent: Agent, conn: AgentConnection) -> None:
+    payload = os.urandom(12 * 1024 * 1024)  # several windows each way
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(_echo, nursery)
+        with trio.fail_after(60):
+            stream = await conn.connect_tcp(port)
+            received = bytearray()
+
+            async def send() -> None:
+                view = memoryview(payload)
+                for start in range(0, len(view), 1 << 20):
+                    await stream.send_all(view[start:start + (1 << 20)])
+                await stream.send_eof()
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(send)
+                while chunk := await stream.receive_some(1 << 20):
+                    received += chunk
+            assert bytes(received) == payload
+            await stream.aclose()
+            assert agent.rss_kib() < 64 * 1024
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_tcp_to_a_port_nobody_listens_on_is_a_clear_error(conn: AgentConnection) -> None:
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+    unused.close()
+    with trio.fail_after(10):
+        with pytest.raises(GuestPortRefusedError,
+                           match=rf"nothing listens on 127\.0\.0\.1:{port} in the guest") as caught:
+            await conn.connect_tcp(port)
+        assert caught.value.errno == errno.ECONNREFUSED
+        assert isinstance(caught.value, GuestConnectError)
+        assert (await conn.run(["echo", "still fine"])).stdout == b"still fine\n"  # the session is fine
+
+
+async def test_connect_tcp_gives_up_after_its_timeout(conn: AgentConnection) -> None:
+    """A listener whose accept queue is full drops new SYNs: the guest's connect hangs, and
+    its timeout ends it."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        with trio.fail_after(10):
+            started = trio.current_time()
+            with pytest.raises(GuestConnectError, match=r"timed out after 0\.5 s") as caught:
+                await conn.connect_tcp(full.getsockname()[1], timeout=0.5)
+            assert caught.value.errno == errno.ETIMEDOUT
+            assert trio.current_time() - started < 3
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
+
+
+async def test_several_connections_at_once(conn: AgentConnection) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(_upper_until_eof, nursery)
+        results: dict[int, bytes] = {}
+
+        async def one(index: int) -> None:
+            async with await conn.connect_tcp(port) as stream:
+                await stream.send_all(f"client {index}".encode())
+                await stream.send_eof()
+                data = b""
+                while chunk := await stream.receive_some():
+                    data += chunk
+                results[index] = data
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as clients:
+                for index in range(20):
+                    clients.start_soon(one, index)
+        assert results == {index: f"CLIENT {index}".encode() for index in range(20)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_reset_in_the_guest_is_a_broken_resource(conn: AgentConnection) -> None:
+    async def reset(client: trio.SocketStream) -> None:
+        await client.receive_some()
+        await client.send_all(b"partial")
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # linger 0: an RST
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(reset, nursery)
+        with trio.fail_after(10):
+            async with await conn.connect_tcp(port) as stream:
+                await stream.send_all(b"go")
+                received = b""
+                with pytest.raises(GuestConnectionBrokenError, match="reset") as caught:
+                    while chunk := await stream.receive_some():
+                        received += chunk
+                assert isinstance(caught.value, trio.BrokenResourceError)
+                assert received == b"partial"
+        nursery.cancel_scope.cancel()
+
+
+async def test_closing_an_open_connection_closes_it_in_the_guest(agent: Agent, conn: AgentConnection) -> None:
+    closed = trio.Event()
+
+    async def wait_for_close(client: trio.SocketStream) -> None:
+        while await client.receive_some():
+            pass
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(wait_for_close, nursery)
+        fds = _open_fds(agent.pid)
+        with trio.fail_after(10):
+            stream = await conn.connect_tcp(port)
+            await stream.send_all(b"x")
+            await stream.aclose()
+            await closed.wait()
+            await wait_until(lambda: _open_fds(agent.pid) == fds)
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.receive_some()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_without_connect_says_to_rebuild_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent of an image built before connect existed refuses the request as unknown."""
+    monkeypatch.delitem(ap._REQUESTS, "connect")  # the guest end's decoder, as it was
+
+    def answer(protocol: ap.Connection, event: ap.Event) -> bytes:
+        assert isinstance(event, ap.BadRequest)
+        return protocol.send(ap.ErrorReply(event.stream, event.message))
+
+    host, guest = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, answer)
+        with trio.fail_after(5):
+            connection = await AgentConnection.start(host, timeout=5)
+            with pytest.raises(GuestConnectError, match="rebuild the guest image"):
+                await connection.connect_tcp(8080)
+            assert await connection.ping() == "b"
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_tcp_refuses_a_name_or_a_bad_port_before_asking(conn: AgentConnection) -> None:
+    with pytest.raises(AgentError, match=r"ConnectRequest\.host is not an IP address"):
+        await conn.connect_tcp(80, "localhost")
+    with pytest.raises(AgentError, match=r"ConnectRequest\.port"):
+        await conn.connect_tcp(70000)
+
+
+class _ConnectionGuest(GuestAPI):
+    """A GuestAPI over one AgentConnection (no VM): what port_forward needs of a guest."""
+
+    def __init__(self, connection: AgentConnection) -> None:
+        self.connection = connection
+
+    async def connect_tcp(self, port: int, host: str = "127.0.0.1", *,
+                          timeout: float = agent_module.TCP_CONNECT_TIMEOUT) -> agent_module.GuestTcpStream:
+        return await self.connection.connect_tcp(port, host, timeout=timeout)
+
+
+async def test_port_forward_relays_local_connections_through_the_agent(conn: AgentConnection) -> None:
+    errors: list[str] = []
+    async with trio.open_nursery() as nursery:
+        upper = await _serve_once(_upper_until_eof, nursery)
+        echo = await _serve_once(_echo, nursery)
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))
+        nobody = refused.getsockname()[1]
+        refused.close()
+        specs = [ForwardSpec("127.0.0.1", 0, upper), ForwardSpec("127.0.0.1", 0, echo),
+                 ForwardSpec("127.0.0.1", 0, nobody)]
+        with trio.fail_after(20):
+            ports = await nursery.start(partial_port_forward(_ConnectionGuest(conn), specs, errors.append))
+            for _ in range(3):
+                client = await trio.open_tcp_stream("127.0.0.1", ports[0])
+                await client.send_all(b"abc")
+                await client.send_eof()
+                assert await _read_all(client) == b"ABC"
+                await client.aclose()
+            client = await trio.open_tcp_stream("127.0.0.1", ports[1])
+            await client.send_all(b"x" * 3_000_000)
+            await client.send_eof()
+            assert await _read_all(client) == b"x" * 3_000_000
+            await client.aclose()
+            client = await trio.open_tcp_stream("127.0.0.1", ports[2])
+            assert await _read_all(client) == b""  # refused in the guest: closed here
+            await client.aclose()
+            await wait_until(lambda: bool(errors))
+        assert errors == [f"port-forward 127.0.0.1:{ports[2]} -> 127.0.0.1:{nobody} in the guest: "
+                          f"nothing listens on 127.0.0.1:{nobody} in the guest (connection refused)"]
+        nursery.cancel_scope.cancel()
+
+
+def partial_port_forward(guest: GuestAPI, specs: list[ForwardSpec],
+                         on_error: Callable[[str], None]) -> Callable[..., Any]:
+    return functools.partial(port_forward, guest, specs, on_error=on_error)
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+async def test_port_forward_ends_with_its_vm_and_closes_its_listeners(conn: AgentConnection) -> None:
+    gone = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async def forward(task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+                with pytest.raises(VMGoneError, match="the VM stopped: port-forward ends"):
+                    await port_forward(_ConnectionGuest(conn), [ForwardSpec("127.0.0.1", 0, 1)],
+                                       vm_stopped=gone.wait, task_status=task_status)
+
+            [port] = await nursery.start(forward)
+            (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()  # it listens
+            gone.set()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_a_guest_peer_that_stops_reading_breaks_send_all(conn: AgentConnection) -> None:
+    async def slam(client: trio.SocketStream) -> None:
+        await client.receive_some(1)  # connected for sure, then reset while bytes keep coming
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve_once(slam, nursery)
+        with trio.fail_after(20):
+            async with await conn.connect_tcp(port) as stream:
+                with pytest.raises(GuestConnectionBrokenError):
+                    for _ in range(1000):  # far more than every window and buffer on the way
+                        await stream.send_all(b"x" * 65536)
+            assert (await conn.run(["true"])).returncode == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_init_agent_brings_the_loopback_up_for_guest_servers(
+        agent_dir: Path, tmp_path: Path) -> None:
+    """In a network namespace of the test's own, where ``lo`` starts down as in a fresh guest:
+    the agent as init sets it up, and a server it starts there is reached by connect_tcp."""
+    host_end, agent_end = socket.socketpair()
+    log = tmp_path / "netns-agent.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["unshare", "--net", sys.executable, "-E", "-s", str(agent_dir / "vmcache_agent.py"), "--init",
+             "--fd", str(agent_end.fileno()), "--no-set-clock"],
+            pass_fds=[agent_end.fileno()], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    agent_end.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_end))
+    try:
+        with trio.fail_after(20):
+            connection = await AgentConnection.start(stream, timeout=10)
+            server = ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+                      "print(s.getsockname()[1], flush=True)\nc = s.accept()[0]\n"
+                      "c.sendall(c.recv(100)[::-1])\n")
+            async with connection.open_process([sys.executable, "-c", server]) as guest_server:
+                assert guest_server.stdout is not None
+                port = int(await guest_server.stdout.receive_some())
+                async with await connection.connect_tcp(port) as tcp:
+                    await tcp.send_all(b"olleh")
+                    assert await tcp.receive_some() == b"hello"
+    finally:
+        await stream.aclose()
+        process.wait(timeout=10)
+    assert "brought the loopback interface up" in log.read_text()

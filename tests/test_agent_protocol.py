@@ -20,7 +20,7 @@ GUEST_FILES = [SRC / "agent_protocol.py", *sorted((SRC / "in_guest").glob("*.py"
 #: plus modules the guest imports only under TYPE_CHECKING or only optionally.
 MINIMAL_STDLIB = {
     "__future__", "argparse", "collections", "enum", "errno", "fcntl", "heapq", "os", "select", "signal",
-    "stat", "struct", "subprocess", "sys", "time", "traceback", "typing",
+    "socket", "stat", "struct", "subprocess", "sys", "time", "traceback", "typing",
 }
 OPTIONAL_IMPORTS = {"ctypes", "vmcache", *(path.stem for path in GUEST_FILES)}
 
@@ -89,7 +89,7 @@ def test_protocol_module_imports_nothing_from_vmcache() -> None:
     tree = ast.parse((SRC / "agent_protocol.py").read_text())
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert modules <= {"__future__", "enum", "struct", "typing"}
+    assert modules <= {"__future__", "enum", "socket", "struct", "typing"}  # socket: inet_pton
 
 
 def test_the_magic_is_not_in_the_source() -> None:
@@ -375,6 +375,8 @@ PATHS: dict[ap.StreamState, list[ap.Event]] = {
     S.CALL_REQUESTED: [ap.MkdirRequest(1, "/d", 0o755)],
     S.ONLINE_REQUESTED: [ap.OnlineRequest(1)],
     S.STATUS_REQUESTED: [ap.StatusRequest(1)],
+    S.CONNECT_REQUESTED: [ap.ConnectRequest(1, 8080, window=1000)],
+    S.CONNECTED: [ap.ConnectRequest(1, 8080, window=1000), ap.ConnectReply(1, 1000)],
     S.RUNNING: [exec_request(), ap.ExecReply(1, 42, 1000)],
     S.WRITING: [ap.WriteFileRequest(1, "/f", 0o644), ap.WriteFileReply(1, 1000)],
     S.READING: [ap.ReadFileRequest(1, "/f", 1000), ap.ReadFileReply(1, 0o600, 3)],
@@ -400,6 +402,7 @@ GUEST_SENDS: dict[str, ap.Event] = {
     "exec_reply": ap.ExecReply(1, 7, 100), "write_reply": ap.WriteFileReply(1, 100),
     "read_reply": ap.ReadFileReply(1, 0o644, 9), "done_reply": ap.DoneReply(1),
     "online_reply": ap.OnlineReply(1, 2, 1024, ["memory9"]), "status_reply": ap.StatusReply(1, "b"),
+    "connect_reply": ap.ConnectReply(1, 100), "connect_end": ap.ConnectEnd(1, 5, 7),
     "error_reply": ap.ErrorReply(1, "refused", 13), "process_end": ap.ProcessEnd(1, -9, True),
     "file_end": ap.FileEnd(1, 9), "error_end": ap.ErrorEnd(1, "failed", 5), "data1": ap.Data(1, 1, b"out"),
     "eof1": ap.Eof(1, 1), "stop0": ap.Eof(1, 0), "window0": ap.WindowUpdate(1, 0, 10),
@@ -413,6 +416,9 @@ ALLOWED: dict[ap.StreamState, tuple[set[str], set[str]]] = {
     S.CALL_REQUESTED: ({"reset"}, {"done_reply"} | _REQUESTED_GUEST),
     S.ONLINE_REQUESTED: ({"reset"}, {"online_reply"} | _REQUESTED_GUEST),
     S.STATUS_REQUESTED: ({"reset"}, {"status_reply"} | _REQUESTED_GUEST),
+    S.CONNECT_REQUESTED: ({"reset"}, {"connect_reply"} | _REQUESTED_GUEST),
+    S.CONNECTED: ({"data0", "eof0", "window1", "reset"},
+                  {"connect_end", "error_end", "data1", "eof1", "stop0", "window0"}),
     S.RUNNING: ({"signal", "resize", "data0", "eof0", "window1", "reset"},
                 {"process_end", "error_end", "data1", "eof1", "stop0", "window0"}),
     S.WRITING: ({"data0", "eof0", "reset"}, {"file_end", "error_end", "window0", "stop0"}),
@@ -481,6 +487,8 @@ def test_the_table_is_what_the_test_allows() -> None:
     ap.MkdirRequest(1, "/a/b", 0o700), ap.EntropyRequest(1, b"\0" * 64), ap.ClockRequest(1, 1.5e9),
     ap.OnlineRequest(1), ap.StatusRequest(1),
     exec_request(pty=(24, 80), timeout=2.5, cwd="/tmp", stderr=False, env={}),
+    ap.ConnectRequest(1, 80, window=5), ap.ConnectRequest(1, 65535, "::1", 0.5, 1 << 20),
+    ap.ConnectRequest(1, 1, "10.0.2.15", 3600, 1),
 ], ids=lambda event: type(event).__name__)
 def test_every_request_round_trips_and_an_error_reply_closes_it(request_event: ap.Message) -> None:
     host, guest = connected()
@@ -518,6 +526,57 @@ def test_a_process_stream_from_start_to_finish_with_credit() -> None:
     assert guest.send_credit(1, 1) == 0
     with pytest.raises(ap.RemoteProtocolError, match="credit"):  # a guest that ignores credit
         events_of(host, raw(ap.Data(1, 1, b"9")))
+
+
+def test_a_connection_carries_data_both_ways_under_credit_and_half_closes() -> None:
+    host, guest = connected()
+    request = ap.ConnectRequest(1, 8080, window=6)
+    assert request.host == "127.0.0.1" and request.timeout == 10.0  # the defaults
+    assert deliver(host, guest, request) == [request]
+    assert host.send_credit(1, 0) == 0  # nothing goes before the connection is made
+    deliver(guest, host, ap.ConnectReply(1, 4))
+    assert host.send_credit(1, 0) == 4 and guest.send_credit(1, 1) == 6
+    with pytest.raises(ap.LocalProtocolError, match="credit"):
+        host.send(ap.Data(1, 0, b"12345"))
+    with pytest.raises(ap.LocalProtocolError):
+        guest.send(ap.Data(1, 2, b"x"))  # no stderr on a connection
+    with pytest.raises(ap.LocalProtocolError):
+        host.send(ap.Signal(1, 9))  # nor signals
+    deliver(host, guest, ap.Data(1, 0, b"ping"), ap.Eof(1, 0))  # the host is done writing ...
+    assert host.channel_state(1, 0) is ap.ChannelState.DONE
+    assert guest.channel_state(1, 0) is ap.ChannelState.DONE
+    with pytest.raises(ap.LocalProtocolError):
+        host.send(ap.Data(1, 0, b"x"))
+    assert events_of(host, guest.consumed(1, 0, 4)) == []  # no grant after the sender's EOF
+    deliver(guest, host, ap.Data(1, 1, b"pong!!"))  # ... and still reads
+    with pytest.raises(ap.RemoteProtocolError, match="credit"):
+        events_of(host, raw(ap.Data(1, 1, b"!")))
+
+
+def test_a_connection_ends_once_the_guest_closed_it_both_ways() -> None:
+    host, guest = in_state(S.CONNECTED)
+    deliver(host, guest, ap.Eof(1, 0))
+    deliver(guest, host, ap.Data(1, 1, b"last"), ap.Eof(1, 1))
+    assert host.stream_state(1) is S.CONNECTED
+    assert deliver(guest, host, ap.ConnectEnd(1, 0, 4)) == [ap.ConnectEnd(1, 0, 4)]
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+    host, guest = in_state(S.CONNECTED)
+    in_flight = host.send(ap.Data(1, 0, b"typed"))
+    deliver(guest, host, ap.Eof(1, 0))  # the socket takes no more: "stop"
+    assert host.channel_state(1, 0) is ap.ChannelState.UNREAD and host.send_credit(1, 0) == 0
+    assert events_of(guest, in_flight) == []  # dropped on arrival
+    deliver(guest, host, ap.ErrorEnd(1, "connection reset", 104))
+    assert host.stream_state(1) is S.CLOSED and guest.stream_state(1) is S.CLOSED
+
+
+def test_an_old_guest_refuses_connect_as_an_unknown_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wire stays compatible: an agent without ``connect`` answers a BadRequest, not garbage."""
+    host, guest = connected()
+    monkeypatch.delitem(ap._REQUESTS, "connect")
+    [event] = deliver(host, guest, ap.ConnectRequest(1, 80, window=10))
+    assert isinstance(event, ap.BadRequest) and "unknown request 'connect'" in event.message
+    assert deliver(guest, host, ap.ErrorReply(1, event.message)) == [ap.ErrorReply(1, event.message)]
+    assert host.stream_state(1) is S.CLOSED and not host.hunting
 
 
 def test_a_process_ends_once_every_output_is_done() -> None:
@@ -721,6 +780,20 @@ BAD_REQUESTS = [
     ({"op": "entropy", "data": "text"}, "EntropyRequest.data"),
     ({"op": "clock", "seconds": "now"}, "ClockRequest.seconds"),
     ({"op": "clock", "seconds": float("inf")}, "ClockRequest.seconds"),
+    ({"op": "connect", "port": 0, "window": 1}, "ConnectRequest.port"),
+    ({"op": "connect", "port": 65536, "window": 1}, "ConnectRequest.port"),
+    ({"op": "connect", "port": "80", "window": 1}, "ConnectRequest.port"),
+    ({"op": "connect", "window": 1}, "ConnectRequest.port"),
+    ({"op": "connect", "port": 80, "host": "localhost", "window": 1}, "ConnectRequest.host"),
+    ({"op": "connect", "port": 80, "host": "1.2.3", "window": 1}, "ConnectRequest.host"),
+    ({"op": "connect", "port": 80, "host": "::1\0", "window": 1}, "ConnectRequest.host"),
+    ({"op": "connect", "port": 80, "host": b"127.0.0.1", "window": 1}, "ConnectRequest.host"),
+    ({"op": "connect", "port": 80, "host": "1" * 100, "window": 1}, "ConnectRequest.host"),
+    ({"op": "connect", "port": 80, "timeout": -1.0, "window": 1}, "ConnectRequest.timeout"),
+    ({"op": "connect", "port": 80, "timeout": 1e9, "window": 1}, "ConnectRequest.timeout"),
+    ({"op": "connect", "port": 80, "timeout": float("nan"), "window": 1}, "ConnectRequest.timeout"),
+    ({"op": "connect", "port": 80}, "ConnectRequest.window"),
+    ({"op": "connect", "port": 80, "window": 0}, "ConnectRequest.window"),
     ({"op": "reboot"}, "unknown request"),
     ({"argv": ["a"]}, "unknown request"),
 ]
@@ -763,6 +836,13 @@ BAD_ANSWERS: list[tuple[ap.StreamState, bytes, str]] = [
     (S.RUNNING, end(1, {"returncode": 0, "timed_out": 1}), "ProcessEnd.timed_out"),
     (S.RUNNING, end(1, {"error": None}), "ErrorEnd.error"),
     (S.READING, end(1, {"size": "big"}), "FileEnd.size"),
+    (S.CONNECT_REQUESTED, reply(1, {}), "ConnectReply.window"),
+    (S.CONNECT_REQUESTED, reply(1, {"window": 0}), "ConnectReply.window"),
+    (S.CONNECT_REQUESTED, reply(1, {"window": 1 << 31}), "ConnectReply.window"),
+    (S.CONNECTED, end(1, {"received": -1, "sent": 0}), "ConnectEnd.received"),
+    (S.CONNECTED, end(1, {"received": 0}), "ConnectEnd.sent"),
+    (S.CONNECTED, end(1, {"error": "reset", "errno": 1 << 20}), "ErrorEnd.errno"),
+    (S.CONNECTED, ap.HEADER.pack(ap.DATA, 2, 0, 1, 1) + b"x", "no channel 2"),
     (S.RUNNING, b"\xa7" + bytes(30), "HELLO"),
     (S.RUNNING, ap.HEADER.pack(ap.END, 0, 0, 1, 3) + b"i\x00\x00", "truncated"),
     (S.RUNNING, ap.HEADER.pack(ap.DATA, 0, 0, 1, 1) + b"x", "no channel 0"),

@@ -12,6 +12,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -337,3 +338,142 @@ def test_a_user_image_config_without_python_is_one_line(tmp_path: Path, guest_im
 def test_status_json_lists_the_vm_handed_out(held: Held) -> None:
     status = json.loads(held.daemon.cli("status", "--json").stdout)
     assert held.handle.id in [vm["id"] for vm in status["handed_out_vms"]]
+
+
+# --- Ports inside the guest, reached from the host through the agent (no guest network) ----------
+
+#: A tiny server for the guest: answers every connection with what it reads, upper-cased, as it
+#: reads it, and half-closes at the client's EOF. Prints its port once it listens.
+UPPER_SERVER = r"""
+import socket, sys, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(64)
+print(server.getsockname()[1], flush=True)
+def serve(client):
+    while True:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        client.sendall(chunk.upper())
+    client.shutdown(socket.SHUT_WR)
+    client.close()
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
+
+
+async def _guest_server(process: vmcache.GuestProcess) -> int:
+    """The port the guest server printed once it listens."""
+    assert process.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await process.stdout.receive_some()
+        assert chunk, "the guest server exited"
+        line += chunk
+    return int(line)
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+async def test_connect_tcp_reaches_a_guest_server_with_no_guest_network(held: Held) -> None:
+    handle = held.handle
+    try:
+        with trio.fail_after(60):
+            interfaces = await handle.run(["ls", "/sys/class/net"])
+            assert interfaces.stdout is not None  # mode none: no network device at all
+            assert interfaces.stdout.split() == [b"lo"]
+            async with handle.open_process(["python3", "-c", UPPER_SERVER, "0"]) as server:
+                port = await _guest_server(server)
+                async with await handle.connect_tcp(port) as stream:
+                    await stream.send_all(b"hello ")
+                    assert await stream.receive_some() == b"HELLO "  # as it goes, both ways
+                    await stream.send_all(b"guest" * 200_000)  # a megabyte: several windows
+                    await stream.send_eof()  # the server sees EOF, answers the rest, half-closes
+                    assert await _read_all(stream) == b"GUEST" * 200_000
+
+                async def one(index: int) -> bytes:
+                    async with await handle.connect_tcp(port) as stream:
+                        await stream.send_all(f"client {index}".encode())
+                        await stream.send_eof()
+                        return await _read_all(stream)
+
+                results: dict[int, bytes] = {}
+
+                async def keep(index: int) -> None:
+                    results[index] = await one(index)
+
+                async with trio.open_nursery() as nursery:
+                    for index in range(8):
+                        nursery.start_soon(keep, index)
+                assert results == {index: f"CLIENT {index}".encode() for index in range(8)}
+                with pytest.raises(vmcache.GuestPortRefusedError,
+                                   match=f"nothing listens on 127.0.0.1:{port + 1} in the guest"):
+                    await handle.connect_tcp(port + 1)
+                await server.kill()
+    finally:
+        await handle.disconnect()
+
+
+def _forward_lines(process: subprocess.Popen[bytes], count: int, timeout: float) -> list[str]:
+    """The first ``count`` lines the process prints (read from the pipe itself: a buffered
+    reader may hold the next line where select() does not see it)."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    output = b""
+    deadline = time.monotonic() + timeout
+    while output.count(b"\n") < count:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"port-forward printed {output!r} only"
+        chunk = os.read(fd, 4096)
+        assert chunk, f"port-forward exited ({process.wait()}) after printing {output!r}"
+        output += chunk
+    return output.decode().splitlines()[:count]
+
+
+def test_port_forward_two_ports_at_once_then_ctrl_c(held: Held) -> None:
+    server = subprocess.Popen([*VMCACHE, "exec", str(held.handle_file), "--", "python3", "-c",
+                               UPPER_SERVER, "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              env=held.env)
+    second = subprocess.Popen([*VMCACHE, "exec", str(held.handle_file), "--", "python3", "-c",
+                               UPPER_SERVER, "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              env=held.env)
+    forward = None
+    try:
+        assert server.stdout is not None and second.stdout is not None
+        ports = [int(server.stdout.readline()), int(second.stdout.readline())]
+        forward = subprocess.Popen([*VMCACHE, "port-forward", str(held.handle_file), f"0:{ports[0]}",
+                                    f"127.0.0.1:0:{ports[1]}"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=held.env)
+        lines = _forward_lines(forward, 2, 60)
+        local = []
+        for line, port in zip(lines, ports, strict=True):
+            prefix, _, target = line.partition(" -> ")
+            assert prefix.startswith("Forwarding from 127.0.0.1:") and target == str(port), lines
+            local.append(int(prefix.rsplit(":", 1)[1]))
+        for index, local_port in enumerate(local * 2):  # each forward, twice
+            with socket.create_connection(("127.0.0.1", local_port), timeout=30) as client:
+                client.sendall(f"request {index}".encode())
+                client.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := client.recv(65536):
+                    data += chunk
+            assert data == f"REQUEST {index}".encode()
+        forward.send_signal(signal.SIGINT)
+        assert forward.wait(timeout=30) == 130
+        assert forward.stderr is not None
+        assert forward.stderr.read().decode().splitlines() == ["vmcache: interrupted (SIGINT)"]
+        for local_port in local:  # no listener left behind
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", local_port), timeout=5).close()
+    finally:
+        for process in (forward, server, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()

@@ -471,6 +471,7 @@ def test_own_initrd_without_image_must_carry_python_and_agent(tmp_path: Path, gu
         regular_file(f"{AGENT_DIR}/agent_base.py", b""),
         regular_file(f"{AGENT_DIR}/agent_process.py", b""),
         regular_file(f"{AGENT_DIR}/agent_files.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_tcp.py", b""),
     ], compress="zstd")
     with pytest.raises(ConfigError, match=f"it has no /{AGENT_DIR}/agent_protocol.py \\(from "):
         resolve_spec(load_config(write_config(tmp_path / "b.toml", kernel=kernel, initrd=str(half))))
@@ -481,6 +482,7 @@ def test_own_initrd_without_image_must_carry_python_and_agent(tmp_path: Path, gu
         regular_file(f"{AGENT_DIR}/agent_base.py", b""),
         regular_file(f"{AGENT_DIR}/agent_process.py", b""),
         regular_file(f"{AGENT_DIR}/agent_files.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_tcp.py", b""),
     ], compress="none")
     spec = resolve_spec(load_config(write_config(tmp_path / "c.toml", kernel=kernel, initrd=str(full))))
     assert spec.rootfs is None

@@ -162,6 +162,7 @@ async def test_bad_initrd_fails_fast_with_console_lines(
         regular_file(f"{AGENT_DIR}/agent_base.py", b""),
         regular_file(f"{AGENT_DIR}/agent_process.py", b""),
         regular_file(f"{AGENT_DIR}/agent_files.py", b""),
+        regular_file(f"{AGENT_DIR}/agent_tcp.py", b""),
     ])))
     spec = spec_for(tmp_path, run_dir, kernel=str(guest_image / "vmlinuz"), initrd=str(no_init),
                     kernel_params="loglevel=4")

@@ -21,6 +21,7 @@ errors on a process's stdin/stdout (``BrokenResourceError`` once it closed its s
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -38,7 +39,10 @@ from . import agent_protocol as ap
 from .errors import (
     AgentError,
     AgentProtocolError,
+    GuestConnectError,
+    GuestConnectionBrokenError,
     GuestOutputLimitError,
+    GuestPortRefusedError,
     GuestProcessError,
     GuestRequestError,
     printable,
@@ -65,6 +69,10 @@ RECEIVE_SIZE = 1 << 20
 OUTPUT_WINDOW = ap.DEFAULT_WINDOW
 #: What ``run()`` collects (stdout and stderr together) and ``read_file()`` reads, by default.
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+#: How long the guest tries to connect for :meth:`AgentConnection.connect_tcp`, by default ...
+TCP_CONNECT_TIMEOUT = 10.0
+#: ... and how much longer the host waits for the agent's answer (it may be slow, not silent).
+TCP_CONNECT_GRACE = 5.0
 #: A result at least this big is joined off the event loop (see :func:`_joined`).
 JOIN_IN_THREAD = 4 * 1024 * 1024
 
@@ -576,6 +584,32 @@ class AgentConnection:
             result.check_returncode()
         return result
 
+    # --- TCP connections --------------------------------------------------------------------------
+
+    async def connect_tcp(self, port: int, host: str = "127.0.0.1", *,
+                          timeout: float = TCP_CONNECT_TIMEOUT) -> GuestTcpStream:
+        """A TCP connection to ``host``:``port`` inside the guest (an address literal; the guest's
+        loopback by default), made by the agent: no guest network device is needed.
+
+        The stream is a ``trio.abc.HalfCloseableStream``, flow-controlled both ways; ``aclose()``
+        it when done. The guest gives up connecting after ``timeout`` s. Raises
+        :class:`GuestPortRefusedError` when nothing listens there, :class:`GuestConnectError`
+        for any other failure to connect.
+        """
+        request = _build(ap.ConnectRequest, int(port), host, float(timeout), OUTPUT_WINDOW)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            with trio.fail_after(timeout + TCP_CONNECT_GRACE):
+                stream, _ = await self._request(request, ap.ConnectReply, [ap.STDOUT])
+        except trio.TooSlowError:
+            raise GuestConnectError(f"connecting to {where} in the guest: no answer from the guest "
+                                    f"agent within {timeout + TCP_CONNECT_GRACE:g} s") from None
+        except GuestConnectError:
+            raise
+        except GuestRequestError as error:
+            raise _connect_error(error) from None
+        return GuestTcpStream(self, stream, where)
+
     # --- Files ------------------------------------------------------------------------------------
 
     async def write_file(
@@ -878,6 +912,125 @@ class GuestFile(trio.abc.ReceiveStream):
         else:
             self._connection._forget(stream)
             await trio.lowlevel.checkpoint()
+
+
+class GuestTcpStream(trio.abc.HalfCloseableStream):
+    """A TCP connection inside the guest (see :meth:`AgentConnection.connect_tcp`), relayed by the
+    agent: channel 0 carries what is sent, channel 1 what is received, each under credit.
+
+    ``send_eof()`` shuts the guest socket for writing once every byte sent is written to it;
+    ``receive_some()`` returns b"" at the guest socket's EOF. ``aclose()`` before both ends are
+    done abandons the connection (the guest closes its socket; bytes still on their way are
+    dropped): for an orderly end, ``send_eof()`` and read to the EOF first. A connection that
+    breaks in the guest raises :class:`GuestConnectionBrokenError` (a ``trio.BrokenResourceError``).
+    """
+
+    def __init__(self, connection: AgentConnection, stream: _Stream, where: str) -> None:
+        self._connection = connection
+        self._stream = stream
+        #: Where it goes in the guest, as ``HOST:PORT``.
+        self.where = where
+        self._sending = False
+        self._receiving = False
+        self._eof_sent = False
+        self._closed = False
+
+    def _broken(self) -> GuestConnectionBrokenError:
+        end = self._stream.end
+        if isinstance(end, ap.ErrorEnd):
+            return GuestConnectionBrokenError(printable(end.message))
+        return GuestConnectionBrokenError(f"the connection to {self.where} in the guest takes no more "
+                                          "bytes (its peer there closed or reset it)")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this connection was closed")
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called on this connection")
+        self._sending = True
+        try:
+            connection, stream, protocol = self._connection, self._stream, self._connection._protocol
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+            while view:
+                await connection._wait_for(lambda: connection._stdin_ready(stream))
+                if self._closed:
+                    raise trio.ClosedResourceError("this connection was closed")
+                credit = protocol.send_credit(stream.id, ap.STDIN)
+                if stream.end is not None or stream.forgotten or not credit:
+                    raise self._broken()
+                count = min(len(view), credit, ap.CHUNK)
+                await connection._send(protocol.send_data_header(stream.id, ap.STDIN, count) + view[:count])
+                view = view[count:]
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this connection was closed")
+        connection, stream = self._connection, self._stream
+        await connection._wait_for(lambda: connection._stdin_ready(stream))
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this connection was closed")
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this connection")
+        connection, stream = self._connection, self._stream
+        if not self._eof_sent and not stream.forgotten and stream.end is None and (
+                connection._protocol.channel_state(stream.id, ap.STDIN) is ap.ChannelState.OPEN):
+            self._eof_sent = True
+            await connection._send(connection._encode(ap.Eof(stream.id, ap.STDIN)))
+        else:
+            self._eof_sent = True
+            await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("this connection was closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this connection")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._receiving = True
+        try:
+            return await self._connection._take(self._stream, ap.STDOUT, max_bytes)
+        except GuestRequestError:  # the guest ended the stream with an error: a broken connection
+            raise self._broken() from None
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        """Close: forget a finished connection, abandon one still open (shielded, bounded)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        connection, stream = self._connection, self._stream
+        if stream.forgotten or connection._finished(stream):
+            connection._forget(stream)
+            await trio.lowlevel.checkpoint()
+        else:
+            await connection._abandon(stream)
+            await trio.lowlevel.checkpoint()
+
+    def __repr__(self) -> str:
+        return f"<GuestTcpStream to {self.where} in the guest, stream {self._stream.id}>"
+
+
+def _connect_error(error: GuestRequestError) -> GuestConnectError:
+    """What a refused ``connect`` request means for the caller."""
+    message = str(error)
+    if error.errno == errno.ECONNREFUSED:
+        return GuestPortRefusedError(message, error.errno)
+    if message.startswith("bad request: unknown request"):
+        return GuestConnectError("the guest agent cannot open TCP connections (it is older than this "
+                                 "vmcache): rebuild the guest image (`vmcache image build`) and boot "
+                                 "new VMs")
+    return GuestConnectError(message, error.errno)
 
 
 def _raise_stream_error(stream: _Stream) -> None:

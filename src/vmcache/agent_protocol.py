@@ -34,6 +34,7 @@ one table (:data:`TRANSITIONS`) and the credit of each channel. It does no I/O.
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 from typing import Any, Callable
 
@@ -649,6 +650,16 @@ def _problems(field: str, value: Any) -> list[str]:
     return [_text(field, item, 200) for item in value]
 
 
+def _address(field: str, value: Any) -> str:
+    """An IPv4 or IPv6 address literal (no names: the guest resolves nothing for the host)."""
+    text = _text(field, value, 64, nul=False)
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):
+        raise _field_error(field, f"is not an IP address: {text[:64]!r}") from None
+    return text
+
+
 _REQUIRED: Any = object()
 _mode = _ranged(0, 0o7777)
 _window = _ranged(1, MAX_WINDOW)
@@ -774,6 +785,21 @@ class StatusRequest(Message):
     FRAME, OP = REQUEST, "ping"
 
 
+class ConnectRequest(Message):
+    """Open a TCP connection inside the guest to ``host``:``port`` (an address literal, the
+    guest's loopback by default), giving up after ``timeout`` s; ``window``: credit for what the
+    guest reads from it (channel 1). Bytes the host sends on channel 0 go to it."""
+
+    __slots__ = ("host", "port", "timeout", "window")
+    port: int
+    host: str
+    timeout: float
+    window: int
+    FRAME, OP = REQUEST, "connect"
+    FIELDS = (("port", _ranged(1, 0xFFFF), _REQUIRED), ("host", _address, "127.0.0.1"),
+              ("timeout", _number(3600.0), 10.0), ("window", _window, _REQUIRED))
+
+
 class BadRequest(Message):
     """Guest role only: a REQUEST whose fields were wrong; answer it with an :class:`ErrorReply`."""
 
@@ -791,6 +817,15 @@ class ExecReply(Message):
     window: int
     FRAME = REPLY
     FIELDS = (("pid", _ranged(0, MAX_PID), _REQUIRED), ("window", _window, _REQUIRED))
+
+
+class ConnectReply(Message):
+    """The connection is made; ``window``: credit for the bytes the host sends to it (channel 0)."""
+
+    __slots__ = ("window",)
+    window: int
+    FRAME = REPLY
+    FIELDS = (("window", _window, _REQUIRED),)
 
 
 class WriteFileReply(Message):
@@ -870,6 +905,17 @@ class FileEnd(Message):
     FIELDS = (("size", _ranged(0, MAX_SIZE), _REQUIRED),)
 
 
+class ConnectEnd(Message):
+    """The guest closed the connection, both ways done: ``received`` bytes came from the host and
+    were written to it, ``sent`` bytes were read from it and sent to the host."""
+
+    __slots__ = ("received", "sent")
+    received: int
+    sent: int
+    FRAME = END
+    FIELDS = (("received", _ranged(0, MAX_SIZE), _REQUIRED), ("sent", _ranged(0, MAX_SIZE), _REQUIRED))
+
+
 class ErrorEnd(ErrorReply):
     """The guest gave up on a running stream (a failed write, an internal error)."""
 
@@ -897,7 +943,8 @@ class Resize(Message):
 
 
 _REQUESTS = {kind.OP: kind for kind in (ExecRequest, WriteFileRequest, ReadFileRequest, MkdirRequest,
-                                        EntropyRequest, ClockRequest, OnlineRequest, StatusRequest)}
+                                        EntropyRequest, ClockRequest, OnlineRequest, StatusRequest,
+                                        ConnectRequest)}
 _CONTROLS = {kind.OP: kind for kind in (Signal, Resize)}
 
 
@@ -919,10 +966,12 @@ class StreamState(enum.Enum):
     CALL_REQUESTED = "call requested"  # mkdir, entropy, clock
     ONLINE_REQUESTED = "online requested"
     STATUS_REQUESTED = "status requested"
+    CONNECT_REQUESTED = "connect requested"
     BAD_REQUESTED = "bad request received"  # guest only: it must answer ErrorReply
     RUNNING = "running"  # a process
     WRITING = "writing"  # a file, host to guest
     READING = "reading"  # a file, guest to host
+    CONNECTED = "connected"  # a TCP connection in the guest, both ways
     ENDED = "ended"  # END came; output may still be arriving
     CLOSED = "closed"
 
@@ -942,8 +991,8 @@ _STDIN_EOF, _DRAINED = "stdin eof", "drained"
 _S = StreamState
 _C = ChannelState
 _REQUESTED = (_S.EXEC_REQUESTED, _S.WRITE_REQUESTED, _S.READ_REQUESTED, _S.CALL_REQUESTED,
-              _S.ONLINE_REQUESTED, _S.STATUS_REQUESTED, _S.BAD_REQUESTED)
-_OPEN = (_S.RUNNING, _S.WRITING, _S.READING, _S.ENDED)
+              _S.ONLINE_REQUESTED, _S.STATUS_REQUESTED, _S.CONNECT_REQUESTED, _S.BAD_REQUESTED)
+_OPEN = (_S.RUNNING, _S.WRITING, _S.READING, _S.CONNECTED, _S.ENDED)
 
 #: Every legal move: (state, event class or channel pseudo-event) -> new state. Anything
 #: else is refused, by :meth:`Connection.send` (LocalProtocolError) or on receipt.
@@ -956,6 +1005,7 @@ TRANSITIONS: dict[tuple[enum.Enum, Any], enum.Enum] = {
     (_S.IDLE, ClockRequest): _S.CALL_REQUESTED,
     (_S.IDLE, OnlineRequest): _S.ONLINE_REQUESTED,
     (_S.IDLE, StatusRequest): _S.STATUS_REQUESTED,
+    (_S.IDLE, ConnectRequest): _S.CONNECT_REQUESTED,
     (_S.IDLE, BadRequest): _S.BAD_REQUESTED,
     **{(state, ErrorReply): _S.CLOSED for state in _REQUESTED},
     **{(state, Reset): _S.CLOSED for state in _REQUESTED + _OPEN},
@@ -966,12 +1016,14 @@ TRANSITIONS: dict[tuple[enum.Enum, Any], enum.Enum] = {
     (_S.CALL_REQUESTED, DoneReply): _S.CLOSED,
     (_S.ONLINE_REQUESTED, OnlineReply): _S.CLOSED,
     (_S.STATUS_REQUESTED, StatusReply): _S.CLOSED,
+    (_S.CONNECT_REQUESTED, ConnectReply): _S.CONNECTED,
     **{(state, kind): state for state in _OPEN for kind in (Data, Eof, _STDIN_EOF, WindowUpdate)},
     **{(state, kind): state for state in (_S.RUNNING, _S.ENDED) for kind in (Signal, Resize)},
     (_S.RUNNING, ProcessEnd): _S.ENDED,
     (_S.WRITING, FileEnd): _S.ENDED,
     (_S.READING, FileEnd): _S.ENDED,
-    **{(state, ErrorEnd): _S.CLOSED for state in (_S.RUNNING, _S.WRITING, _S.READING)},
+    (_S.CONNECTED, ConnectEnd): _S.ENDED,
+    **{(state, ErrorEnd): _S.CLOSED for state in (_S.RUNNING, _S.WRITING, _S.READING, _S.CONNECTED)},
     (_S.ENDED, _DRAINED): _S.CLOSED,
     (_C.OPEN, _DATA): _C.OPEN,
     (_C.OPEN, _EOF): _C.DONE,
@@ -987,19 +1039,21 @@ TRANSITIONS: dict[tuple[enum.Enum, Any], enum.Enum] = {
 #: The events each role may send (the other role may receive exactly these).
 SENDS: dict[Role, frozenset[type[Event]]] = {
     Role.HOST: frozenset((Hello, Ping, ExecRequest, WriteFileRequest, ReadFileRequest, MkdirRequest,
-                          EntropyRequest, ClockRequest, OnlineRequest, StatusRequest, Signal, Resize,
-                          Data, Eof, WindowUpdate, Reset)),
+                          EntropyRequest, ClockRequest, OnlineRequest, StatusRequest, ConnectRequest,
+                          Signal, Resize, Data, Eof, WindowUpdate, Reset)),
     Role.GUEST: frozenset((Hello, Pong, ErrorNotice, ExecReply, WriteFileReply, ReadFileReply, DoneReply,
-                           OnlineReply, StatusReply, ErrorReply, ProcessEnd, FileEnd, ErrorEnd,
-                           Data, Eof, WindowUpdate)),
+                           OnlineReply, StatusReply, ConnectReply, ErrorReply, ProcessEnd, FileEnd,
+                           ConnectEnd, ErrorEnd, Data, Eof, WindowUpdate)),
 }
 
 #: The REPLY and END classes a host decodes a stream's frames into, by the stream's state.
 _REPLIES: dict[StreamState, type[Message]] = {
     _S.EXEC_REQUESTED: ExecReply, _S.WRITE_REQUESTED: WriteFileReply, _S.READ_REQUESTED: ReadFileReply,
     _S.CALL_REQUESTED: DoneReply, _S.ONLINE_REQUESTED: OnlineReply, _S.STATUS_REQUESTED: StatusReply,
+    _S.CONNECT_REQUESTED: ConnectReply,
 }
-_ENDS: dict[StreamState, type[Message]] = {_S.RUNNING: ProcessEnd, _S.WRITING: FileEnd, _S.READING: FileEnd}
+_ENDS: dict[StreamState, type[Message]] = {_S.RUNNING: ProcessEnd, _S.WRITING: FileEnd, _S.READING: FileEnd,
+                                           _S.CONNECTED: ConnectEnd}
 
 
 def _move(state: Any, event: Any, what: str) -> Any:
@@ -1466,7 +1520,10 @@ class Connection:
             self._add_channel(stream, STDIN, Role.HOST, None)
         elif isinstance(event, ReadFileRequest):
             self._add_channel(stream, STDOUT, Role.GUEST, event.window)
-        elif isinstance(event, (ExecReply, WriteFileReply)):
+        elif isinstance(event, ConnectRequest):
+            self._add_channel(stream, STDIN, Role.HOST, None)
+            self._add_channel(stream, STDOUT, Role.GUEST, event.window)
+        elif isinstance(event, (ExecReply, WriteFileReply, ConnectReply)):
             self._grant(stream.channels[STDIN], event.window)
         if stream.state is StreamState.ENDED:
             self._drained(stream)

@@ -37,6 +37,7 @@ examples:
   vmcache run -- uname -a                             run a command in a warm VM
   vmcache run --direct -- uname -a                    the same in a freshly booted VM
   vmcache get --ttl 600 > vm.json; vmcache exec vm.json -- ls /; vmcache stop vm.json
+  vmcache port-forward vm.json 8080:80                reach port 80 in the VM as localhost:8080
   vmcache status
   vmcache image build                                  build the default guest image
 """
@@ -475,6 +476,44 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port_forward(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from .errors import printable
+    from .port_forward import ForwardSpec, parse_spec, port_forward
+
+    specs = []
+    for text in args.specs:
+        try:
+            specs.append(parse_spec(text))
+        except ValueError as bad:
+            _fail(f"port-forward: {bad}", 2)
+    try:
+        guest_host = str(ipaddress.ip_address(args.guest_address))
+    except ValueError:
+        _fail(f"port-forward: --guest-address {args.guest_address!r} is not an IP address", 2)
+    handle = _read_handle(args.handle)
+
+    def listening(spec: ForwardSpec, port: int) -> None:
+        local = f"[{spec.address}]:{port}" if ":" in spec.address else f"{spec.address}:{port}"
+        target = spec.guest_port if guest_host == "127.0.0.1" else (
+            f"[{guest_host}]:{spec.guest_port}" if ":" in guest_host else f"{guest_host}:{spec.guest_port}")
+        print(f"Forwarding from {local} -> {target}", flush=True)
+
+    def failed(line: str) -> None:
+        print(f"vmcache: {printable(line)}", file=sys.stderr, flush=True)
+
+    async def run() -> None:
+        try:
+            await port_forward(handle, specs, guest_host=guest_host, on_listening=listening, on_error=failed,
+                               vm_stopped=handle.wait_stopped)
+        finally:
+            await handle.disconnect()
+
+    run_async(run)
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     handle = _read_handle(args.handle)
     run_async(handle.stop)
@@ -627,6 +666,22 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("destination", metavar="DST")
     cp.add_argument("-v", "--verbose", action="store_true", help="say what was copied")
     cp.set_defaults(func=cmd_cp)
+
+    forward = sub.add_parser(
+        "port-forward",
+        help="forward local TCP ports to ports inside a VM you hold",
+        description="Listen on each local [ADDR:]LOCAL_PORT (ADDR 127.0.0.1 by default, LOCAL_PORT 0 "
+        "for any free port) and carry every connection to GUEST_PORT inside the VM whose handle is "
+        "in HANDLE (or on stdin for -), through the guest agent: no guest network is needed. Prints "
+        "one line per forward once it listens; Ctrl-C ends it.",
+        epilog="examples: vmcache port-forward vm.json 8080:80   "
+        "vmcache port-forward vm.json 0:8000 127.0.0.1:5433:5432",
+    )
+    forward.add_argument("handle", metavar="HANDLE", help="file with the VM's handle, or -")
+    forward.add_argument("specs", nargs="+", metavar="[ADDR:]LOCAL_PORT:GUEST_PORT")
+    forward.add_argument("--guest-address", default="127.0.0.1", metavar="IP",
+                         help="the address to connect to inside the guest (default %(default)s)")
+    forward.set_defaults(func=cmd_port_forward)
 
     stop = sub.add_parser(
         "stop",

@@ -139,6 +139,23 @@ class GuestRequestError(AgentError):
         self.errno = errno
 
 
+class GuestConnectError(GuestRequestError):
+    """A TCP connection to a port inside the guest (``connect_tcp``, ``vmcache port-forward``)
+    could not be made: the message says why (a timeout, an address the guest does not have, a
+    guest agent too old to connect: rebuild the image). The agent's connection stays usable."""
+
+
+class GuestPortRefusedError(GuestConnectError):
+    """Nothing listens on that port in the guest (the connection was refused): start the server
+    in the guest first (listening on the address asked for, 127.0.0.1 by default), or check the port."""
+
+
+class GuestConnectionBrokenError(VMError, trio.BrokenResourceError):
+    """A TCP connection inside the guest broke while in use (its peer in the guest reset it, or
+    stopped reading): the message says which. A ``trio.BrokenResourceError`` too, as a broken
+    socket's stream raises; the agent's connection stays usable: connect again."""
+
+
 class GuestOutputLimitError(VMError):
     """A guest command printed, or a guest file held, more than the call's limit (``max_output``
     of ``run()``, ``max_size`` of ``read_file()``; 64 MiB by default): the command was killed, the
@@ -269,6 +286,11 @@ class NoSuchVMError(DaemonError):
 
 class HandleError(VmcacheError):
     """A VM handle that does not describe a VM of ours: it is not acted on."""
+
+
+class PortForwardError(VmcacheError):
+    """``vmcache port-forward`` cannot listen on a local address (a port in use, an address this
+    host does not have): the message names it. Pick another local port, or 0 for any free one."""
 
 
 class LocalOutputError(VmcacheError):

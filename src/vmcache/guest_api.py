@@ -12,7 +12,7 @@ each other's.
 carries any number of processes and transfers at once). :class:`GuestAPI` gives
 :class:`~vmcache.qemu.VM` and :class:`~vmcache.handle.VMHandle` the same methods,
 shaped like Trio's own process API: ``run``, ``open_process``, ``write_file``,
-``read_file``, ``open_file``, ``mkdir``.
+``read_file``, ``open_file``, ``mkdir``; and ``connect_tcp`` for a port inside the guest.
 
 When the connection breaks, the error says why: a VM whose QEMU is gone is a
 :class:`VMGoneError` quoting the console's telling line (a panic, the OOM killer).
@@ -31,10 +31,12 @@ import trio
 from ._unix import connect_when_ready
 from .agent_client import (
     DEFAULT_MAX_OUTPUT,
+    TCP_CONNECT_TIMEOUT,
     AgentConnection,
     CompletedProcess,
     GuestFile,
     GuestProcess,
+    GuestTcpStream,
     PtySize,
 )
 from .backoff import Backoff
@@ -276,6 +278,16 @@ class GuestAPI:
         """``mkdir -p`` in the guest."""
         async with self._explained() as connection:
             await connection.mkdir(path, mode=mode)
+
+    async def connect_tcp(self, port: int, host: str = "127.0.0.1", *,
+                          timeout: float = TCP_CONNECT_TIMEOUT) -> GuestTcpStream:
+        """A TCP connection to ``host``:``port`` inside the guest (its loopback by default), carried
+        by the agent, so it needs no guest network at all: a ``trio.abc.HalfCloseableStream``
+        (``send_all``, ``receive_some``, ``send_eof``, ``aclose``). Nothing listening there is a
+        :class:`~vmcache.errors.GuestPortRefusedError`; a connect not done within ``timeout`` s
+        (or any other failure) a :class:`~vmcache.errors.GuestConnectError`."""
+        async with self._explained() as connection:
+            return await connection.connect_tcp(port, host, timeout=timeout)
 
     async def exec(self, argv: Sequence[str | bytes], timeout: float | None = None) -> CompletedProcess:
         """:meth:`run` with output captured: a convenience kept from vmcache's first API."""

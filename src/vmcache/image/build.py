@@ -57,6 +57,7 @@ AGENT_FILES = (
     ("agent_base.py", ("in_guest", "agent_base.py")),
     ("agent_process.py", ("in_guest", "agent_process.py")),
     ("agent_files.py", ("in_guest", "agent_files.py")),
+    ("agent_tcp.py", ("in_guest", "agent_tcp.py")),
     ("agent_protocol.py", ("agent_protocol.py",)),
 )
 

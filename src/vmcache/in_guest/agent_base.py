@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vmcache.in_guest.vmcache_agent import Session
 
-AGENT_VERSION = "2.0.0"
+AGENT_VERSION = "2.1.0"
 
 #: A session stops reading process output while this much waits to go to the host.
 OUT_LIMIT = 512 * 1024

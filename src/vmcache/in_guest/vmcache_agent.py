@@ -14,6 +14,7 @@ This file is the driver: the loop, the ports, and per session a guest
 ``agent_protocol.Connection`` (which checks every frame and field, and each
 stream's state) whose events go to handlers by type. Next to it:
 ``agent_process.py`` (processes and ptys), ``agent_files.py`` (file transfers),
+``agent_tcp.py`` (TCP connections to guest ports, for port forwarding),
 ``agent_base.py`` (what they share) and ``agent_protocol.py``. Only modules
 that Debian's ``python3-minimal`` ships are used (no json, no termios, no
 ctypes needed), and the code runs on any Python >= 3.9;
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from vmcache.in_guest import agent_base as base
     from vmcache.in_guest import agent_files as files
     from vmcache.in_guest import agent_process as process
+    from vmcache.in_guest import agent_tcp as tcp
 else:
     try:
         import agent_protocol as ap
@@ -55,6 +57,7 @@ else:
     import agent_base as base
     import agent_files as files
     import agent_process as process
+    import agent_tcp as tcp
 
 PR_SET_CHILD_SUBREAPER = 36
 #: How often disconnected ports are checked, besides SIGIO.
@@ -437,8 +440,9 @@ class Session:
 
     # Requests.
 
-    def on_stream_request(self, request: ap.ExecRequest | ap.WriteFileRequest | ap.ReadFileRequest) -> None:
-        """A request that opens a stream: a process, or a file transfer."""
+    def on_stream_request(self, request: ap.ExecRequest | ap.WriteFileRequest | ap.ReadFileRequest
+                          | ap.ConnectRequest) -> None:
+        """A request that opens a stream: a process, a file transfer, a TCP connection."""
         stream = STREAM_REQUESTS[type(request)](self, request)
         self.streams[stream.id] = stream
         try:
@@ -597,11 +601,13 @@ class Session:
 
 #: The states in which a stream still waits for its REPLY, and those in which it may get an END.
 REQUESTED = frozenset(state for state in ap.StreamState if state.name.endswith("_REQUESTED"))
-RUNNING = frozenset((ap.StreamState.RUNNING, ap.StreamState.WRITING, ap.StreamState.READING))
+RUNNING = frozenset((ap.StreamState.RUNNING, ap.StreamState.WRITING, ap.StreamState.READING,
+                     ap.StreamState.CONNECTED))
 
 #: Each request the connection hands over, and its handler (a failure is an ErrorReply).
 REQUESTS: dict[type[ap.Event], Callable[[Session, Any], None]] = {
-    **{kind: Session.on_stream_request for kind in (ap.ExecRequest, ap.WriteFileRequest, ap.ReadFileRequest)},
+    **{kind: Session.on_stream_request
+       for kind in (ap.ExecRequest, ap.WriteFileRequest, ap.ReadFileRequest, ap.ConnectRequest)},
     **{kind: Session.on_call for kind in (ap.MkdirRequest, ap.EntropyRequest, ap.ClockRequest)},
     ap.OnlineRequest: Session.on_online,
     ap.StatusRequest: Session.on_status,
@@ -617,7 +623,7 @@ EVENTS: dict[type[ap.Event], Callable[[Session, Any], None]] = {
 }
 #: The requests that open a stream, and the stream's class.
 STREAM_REQUESTS = {ap.ExecRequest: process.ProcessStream, ap.WriteFileRequest: files.WriteFileStream,
-                   ap.ReadFileRequest: files.ReadFileStream}
+                   ap.ReadFileRequest: files.ReadFileStream, ap.ConnectRequest: tcp.TcpStream}
 #: The events a stream takes, and the name of its method for each.
 STREAM_EVENTS = {ap.Data: "on_data", ap.Eof: "on_eof", ap.WindowUpdate: "on_window", ap.Signal: "on_signal",
                  ap.Resize: "on_resize"}
@@ -820,6 +826,12 @@ def main(argv: list[str] | None = None) -> int:
         base.log("--init but not PID 1: orphans are not ours to reap")
     if os.getpid() != 1:
         become_subreaper()
+    if args.init:
+        try:
+            if tcp.bring_up_loopback():
+                base.log("brought the loopback interface up")
+        except OSError as error:
+            base.log(f"cannot bring the loopback interface up: {base.os_error_text(error)}")
     agent = Agent(args)
     base.log(f"version {base.AGENT_VERSION}, Python {sys.version.split()[0]}, boot id {agent.system.boot_id}")
     if args.fd is not None:
