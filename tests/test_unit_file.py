@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     assert done.stderr.strip() == "", done.stderr  # an unknown key or a bad value is only a warning
 
 
+@pytest.mark.qemu
 def test_the_units_capabilities_and_no_new_privs_suffice_for_a_confined_vm(
         tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
     """A VM boots, confined, from a process holding only the unit's CapabilityBoundingSet,
@@ -121,3 +123,13 @@ def test_the_units_capabilities_and_no_new_privs_suffice_for_a_confined_vm(
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip()) == 36
     assert qemu_pids() == before
+
+
+def test_the_network_drop_in_adds_only_what_a_restricted_policy_needs() -> None:
+    """contrib/vmcache-network.conf, for hosts whose pools grant network: the two capabilities
+    and the address family the enforcement uses, nothing else."""
+    drop_in = configparser.ConfigParser(strict=False, interpolation=None)
+    drop_in.optionxform = str  # type: ignore[assignment,method-assign]
+    drop_in.read(UNIT.parent / "vmcache-network.conf")
+    assert dict(drop_in["Service"]) == {"CapabilityBoundingSet": "CAP_NET_ADMIN CAP_SYS_ADMIN",
+                                        "RestrictAddressFamilies": "AF_INET"}
