@@ -142,14 +142,16 @@ async def test_non_root_refuses_a_nic_before_starting_anything(tmp_path: Path, r
 
 
 @asynccontextmanager
-async def namespace_process() -> AsyncIterator[int]:
-    """A process in a network namespace of its own (as bubblewrap gives QEMU), killed after."""
-    process = await trio.lowlevel.open_process(["unshare", "--net", "--", "sleep", "60"])
+async def namespace_process(own: bool = True) -> AsyncIterator[trio.Process]:
+    """A process in a network namespace of its own (as bubblewrap gives QEMU; ``own=False``:
+    in the daemon's), killed after."""
+    process = await trio.lowlevel.open_process(["unshare", "--net", "--", "sleep", "60"] if own
+                                               else ["sleep", "60"])
     try:
         with trio.fail_after(10):
-            while netns_inode(process.pid) == os.stat("/proc/self/ns/net").st_ino:
+            while own and netns_inode(process.pid) == os.stat("/proc/self/ns/net").st_ino:
                 await trio.sleep(0.01)
-        yield process.pid
+        yield process
     finally:
         process.kill()
         with trio.CancelScope(shield=True):
@@ -158,12 +160,13 @@ async def namespace_process() -> AsyncIterator[int]:
 
 async def test_the_tap_is_moved_into_the_namespace_behind_a_drop_all_and_dies_with_its_fd() -> None:
     links = host_links()
-    async with namespace_process() as pid:
+    async with namespace_process() as process:
+        pid = process.pid
         with trio.fail_after(30):
             tap = await open_tap()
             try:
                 assert TAP_NAME not in host_links(), "made in a holding namespace, not the host's"
-                await attach_tap(tap, pid)
+                await attach_tap(tap, pid, process)
             finally:
                 fd = os.dup(tap.fd)  # as QEMU keeps it
                 tap.close()
@@ -185,23 +188,43 @@ async def test_the_tap_is_moved_into_the_namespace_behind_a_drop_all_and_dies_wi
 
 
 async def test_a_tap_that_cannot_be_attached_is_a_boot_error() -> None:
-    async with namespace_process() as pid:
+    async with namespace_process() as process:
+        pid = process.pid
         with trio.fail_after(30):
             first, second = await open_tap(), await open_tap()
             try:
-                await attach_tap(first, pid)
+                await attach_tap(first, pid, process)
                 with pytest.raises(BootError, match="ip link"):
-                    await attach_tap(second, pid)  # a tap0 is there already
+                    await attach_tap(second, pid, process)  # a tap0 is there already
             finally:
                 first.close()
                 second.close()
     with trio.fail_after(30):
         tap = await open_tap()
         try:
-            with pytest.raises(BootError, match="failed"):
-                await attach_tap(tap, pid)  # its namespace is gone
+            with pytest.raises(BootError, match="cannot open QEMU's network namespace"):
+                await attach_tap(tap, pid, process)  # its namespace is gone
         finally:
             tap.close()
+
+
+async def test_the_tap_never_goes_into_the_daemons_own_namespace() -> None:
+    """A process that turns out to be in the host's namespace (a recycled pid, a jail without
+    its network namespace) gets no tap and no drop-all: the host's links and ruleset stay."""
+    links = host_links()
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
+                             timeout=10).stdout
+    async with namespace_process(own=False) as process:
+        with trio.fail_after(30):
+            tap = await open_tap()
+            try:
+                with pytest.raises(BootError, match="daemon's own network namespace"):
+                    await attach_tap(tap, process.pid, process)
+            finally:
+                tap.close()
+    assert host_links() == links
+    assert subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
+                          timeout=10).stdout == ruleset
 
 
 @attrs.define

@@ -126,10 +126,11 @@ def test_the_units_capabilities_and_no_new_privs_suffice_for_a_confined_vm(
 
 
 def test_the_network_drop_in_adds_only_what_a_restricted_policy_needs() -> None:
-    """contrib/vmcache-network.conf, for hosts whose pools grant network: the two capabilities
-    and the address family the enforcement uses, nothing else."""
+    """contrib/vmcache-network.conf, for hosts whose pools grant network: the two capabilities,
+    the tap's device and the address family the enforcement uses, nothing else."""
     drop_in = configparser.ConfigParser(strict=False, interpolation=None)
     drop_in.optionxform = str  # type: ignore[assignment,method-assign]
     drop_in.read(UNIT.parent / "vmcache-network.conf")
     assert dict(drop_in["Service"]) == {"CapabilityBoundingSet": "CAP_NET_ADMIN CAP_SYS_ADMIN",
+                                        "DeviceAllow": "/dev/net/tun rw",
                                         "RestrictAddressFamilies": "AF_INET"}

@@ -349,10 +349,11 @@ async def start_jailed(spec: VMSpec, vm_id: str, run_dir: Path, accel: str, uid:
     try:
         with trio.fail_after(SETUP_TIMEOUT):
             qemu_pid = await _child_pid(info)
-        jailed = JailedProcess(monitor, PidfdProcess(qemu_pid, 0))
+        qemu_process = PidfdProcess(qemu_pid, 0)
+        jailed = JailedProcess(monitor, qemu_process)
         cgroup = await trio.to_thread.run_sync(_join_cgroup, vm_id, qemu_pid, cgroup_limits)
-        if tap is not None:
-            await attach_tap(tap, qemu_pid)  # into QEMU's network namespace, dropping all
+        if tap is not None:  # into QEMU's network namespace, dropping all
+            await attach_tap(tap, qemu_pid, qemu_process)
         await gate.send_all(GATE_WORD)  # QEMU starts now, in its cgroup
     except BaseException as error:
         # The gate would end the sandbox at EOF anyway; kill it first, so it is gone for sure.

@@ -128,6 +128,7 @@ class _Held:
 
     policy: NetworkPolicy
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    started: bool = False
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -165,7 +166,7 @@ class HostNetwork:
         async def again() -> None:
             try:
                 await self._start(vm_id, pid, start_time, policy)
-            except NetworkSetupError as error:
+            except Exception as error:  # never the daemon's end: that VM's network stays closed
                 log.warning("VM %s keeps no network: %s", vm_id, error)
 
         self._nursery.start_soon(again, name=f"vmcache network adopt {vm_id}")
@@ -179,10 +180,13 @@ class HostNetwork:
         try:
             with trio.fail_after(ENFORCE_TIMEOUT):
                 await self._nursery.start(self._hold, vm_id, netns, held)
-        except BaseException:
-            self._held.pop(vm_id, None)
-            netns.close()
-            raise
+        except trio.TooSlowError:
+            raise NetworkSetupError(f"VM {vm_id}'s network took more than {ENFORCE_TIMEOUT:g} s "
+                                    "to set up") from None
+        finally:
+            if not held.started:
+                self._held.pop(vm_id, None)
+                netns.close()
 
     async def _hold(self, vm_id: str, netns: Netns, held: _Held, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -190,8 +194,11 @@ class HostNetwork:
             with held.scope:
                 async with enforce(netns, held.policy, vm=vm_id):
                     log.info("VM %s network: %s", vm_id, held.policy.describe())
+                    held.started = True
                     task_status.started()
                     await trio.sleep_forever()
+            if not held.started:  # released (the VM went) while being set up
+                raise NetworkSetupError(f"VM {vm_id} went while its network was being set up")
         finally:
             netns.close()
             held.done.set()

@@ -249,15 +249,50 @@ ATTACH_SCRIPT = (
 )
 
 
-async def attach_tap(tap: Tap, pid: int) -> None:
-    """Into the network namespace of ``pid`` (QEMU held at its gate): ``tap`` moved in from
-    its holding namespace, the drop-all ruleset, IPv6 off, the gateway's address, up (two
-    commands: the gate holds QEMU meanwhile). Not one packet can pass before the ruleset:
-    QEMU does not run yet and the tap is down. A BootError if any step fails (the caller
-    then ends the sandbox, and its namespace with it)."""
-    await _in_namespace(pid, ["ip", "link", "set", "dev", TAP_NAME, "netns", str(pid)],
-                        netns=f"/proc/self/fd/{tap.holding_netns}", pass_fds=[tap.holding_netns])
-    await _in_namespace(pid, ["sh", "-ec", ATTACH_SCRIPT], HOLD_RULESET.encode())
+class _Alive(Protocol):
+    """The gate's process as the jail holds it (a pidfd): ``returncode`` None while it runs."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+
+def _open_qemu_netns(pid: int, process: _Alive) -> int:
+    """A descriptor of ``pid``'s network namespace, opened and then checked: the process is
+    still the one the jail holds by its pidfd (so a recycled pid is never taken for it) and the
+    namespace is not the daemon's own (the tap and the drop-all never land on the host)."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise BootError(f"cannot open QEMU's network namespace (pid {pid}): "
+                        f"{error.strerror or error}") from None
+    try:
+        if process.returncode is not None:
+            raise BootError(f"QEMU's sandbox (pid {pid}) ended before its NIC was attached")
+        if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            raise BootError(f"QEMU (pid {pid}) is in the daemon's own network namespace: its NIC "
+                            "is not attached there (is the jail's network namespace missing?)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def attach_tap(tap: Tap, pid: int, process: _Alive) -> None:
+    """Into the network namespace of ``pid`` (QEMU held at its gate; ``process`` its pidfd):
+    ``tap`` moved in from its holding namespace, the drop-all ruleset, IPv6 off, the gateway's
+    address, up (two commands: the gate holds QEMU meanwhile). The namespace is opened once and
+    checked (:func:`_open_qemu_netns`); both commands reach it by that descriptor, never by
+    pid again. Not one packet can pass before the ruleset: QEMU does not run yet and the tap
+    is down. A BootError if any step fails (the caller then ends the sandbox, and its
+    namespace with it)."""
+    netns = await trio.to_thread.run_sync(_open_qemu_netns, pid, process)
+    try:
+        await _in_namespace(pid, ["ip", "link", "set", "dev", TAP_NAME, "netns", f"/proc/self/fd/{netns}"],
+                            netns=f"/proc/self/fd/{tap.holding_netns}", pass_fds=[tap.holding_netns, netns])
+        await _in_namespace(pid, ["sh", "-ec", ATTACH_SCRIPT], HOLD_RULESET.encode(),
+                            netns=f"/proc/self/fd/{netns}", pass_fds=[netns])
+    finally:
+        os.close(netns)
 
 
 async def lift_hold(pid: int) -> None:
