@@ -26,6 +26,7 @@ import trio.testing
 
 from vmcache import agent_client as agent_module
 from vmcache import agent_protocol as ap
+from vmcache import port_forward as port_forward_module
 from vmcache.agent_client import AgentConnection, GuestProcess, PtySize, guest_agent_files
 from vmcache.errors import (
     AgentError,
@@ -1409,6 +1410,72 @@ async def test_port_forward_ends_with_its_vm_and_closes_its_listeners(conn: Agen
             gone.set()
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_port_forward_abandons_a_connection_a_hostile_agent_never_grants_credit_to(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """An agent that connects, grants 1000 bytes and then neither grants more nor ever sends:
+    once the local client has gone (or half-closed), the forwarder resets the guest stream and
+    closes its socket within NO_PROGRESS_TIMEOUT, not never."""
+    host, guest = trio.testing.memory_stream_pair()
+    received = 0
+    resets: list[int] = []
+    errors: list[str] = []
+    error_seen = trio.Event()
+
+    def answer(protocol: ap.Connection, event: ap.Event) -> bytes:
+        nonlocal received
+        if isinstance(event, ap.ConnectRequest):
+            return protocol.send(ap.ConnectReply(event.stream, 1000))
+        if isinstance(event, ap.Data):
+            received += len(event.data)
+        elif isinstance(event, ap.Reset):
+            resets.append(event.stream)
+        return b""
+
+    def on_error(line: str) -> None:
+        errors.append(line)
+        error_seen.set()
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    bound = port_forward_module.NO_PROGRESS_TIMEOUT
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_agent, guest, answer)
+        with trio.fail_after(4 * bound):
+            connection = await AgentConnection.start(host, timeout=5)
+            [port] = await nursery.start(partial_port_forward(
+                _ConnectionGuest(connection), [ForwardSpec("127.0.0.1", 0, 80)], on_error))
+            baseline = open_fds()
+
+            # The client sends more than the credit, then goes away.
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"x" * 100_000)
+            await wait_until(lambda: received == 1000, timeout=bound)  # the forwarder is stuck
+            await client.aclose()
+            gone = trio.current_time()
+            await error_seen.wait()
+            assert trio.current_time() - gone <= bound
+            await wait_until(lambda: open_fds() == baseline and len(resets) == 1, timeout=1)
+            assert errors == [f"port-forward 127.0.0.1:{port} -> 127.0.0.1:80 in the guest: connection "
+                              f"broken: the guest took none of the bytes sent to it for {bound:g} s"]
+
+            # The client half-closes and waits for an answer that never comes.
+            error_seen = trio.Event()
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"hi")
+            await client.send_eof()
+            eof = trio.current_time()
+            assert await _read_all(client) == b""  # the forwarder gave up and closed its end
+            assert trio.current_time() - eof == pytest.approx(bound, abs=1)
+            await client.aclose()
+            await error_seen.wait()
+            await wait_until(lambda: open_fds() == baseline and len(resets) == 2, timeout=1)
+            assert errors[1] == (f"port-forward 127.0.0.1:{port} -> 127.0.0.1:80 in the guest: connection "
+                                 f"broken: the guest sent nothing for {bound:g} s after the local side's EOF")
+            assert (await connection.ping()) == "b"  # the agent connection itself is fine
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_guest_peer_that_stops_reading_breaks_send_all(conn: AgentConnection) -> None:

@@ -923,6 +923,11 @@ class GuestTcpStream(trio.abc.HalfCloseableStream):
     done abandons the connection (the guest closes its socket; bytes still on their way are
     dropped): for an orderly end, ``send_eof()`` and read to the EOF first. A connection that
     breaks in the guest raises :class:`GuestConnectionBrokenError` (a ``trio.BrokenResourceError``).
+
+    ``send_all()`` waits for the guest's credit and ``receive_some()`` for its bytes for as long
+    as that takes: a guest that grants none or sends nothing keeps them waiting, so a caller that
+    must not hang bounds them (``trio.move_on_after``, then ``aclose()``), as ``vmcache
+    port-forward`` does (:data:`vmcache.port_forward.NO_PROGRESS_TIMEOUT`).
     """
 
     def __init__(self, connection: AgentConnection, stream: _Stream, where: str) -> None:

@@ -7,13 +7,18 @@ with half-closes passed on. The connections go through the guest agent, so they 
 guest network at all (``mode = "none"``). One agent port carries them all.
 
 A connection the guest refuses (nothing listens there) is one line on stderr and the
-local connection is closed; the forwarder goes on. A VM that is gone, or an agent
-connection that broke, ends the command with that error.
+local connection is closed; the forwarder goes on. The guest is not trusted to make
+progress: a connection whose guest side takes none of the bytes waiting for it for
+:data:`NO_PROGRESS_TIMEOUT` seconds, or sends nothing for that long after the local side's
+EOF, is abandoned (reset in the guest, closed here, one line on stderr), so a guest agent
+that stops granting credit or never ends a stream cannot keep tasks and sockets here.
+A VM that is gone, or an agent connection that broke, ends the command with that error.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
@@ -25,6 +30,12 @@ from .guest_api import GuestAPI
 
 #: Bytes moved per read, each way.
 CHUNK = 256 * 1024
+
+#: Seconds a forwarded connection may go without progress before it is abandoned: a send
+#: to the guest that it takes nothing of (it grants no credit), or, once the local side is
+#: at EOF (it half-closed or went away), the guest sending nothing at all. Every chunk the
+#: guest sends restarts the second clock, so a long answer after a half-close is fine.
+NO_PROGRESS_TIMEOUT = 60.0
 
 
 @attrs.frozen
@@ -75,28 +86,60 @@ def _shown(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-async def _pump(source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream) -> None:
-    """Bytes from ``source`` to ``sink`` until EOF, which is passed on as ``sink``'s EOF."""
-    while chunk := await source.receive_some(CHUNK):
-        await sink.send_all(chunk)
-    await sink.send_eof()
+async def relay(local: trio.SocketStream, remote: trio.abc.HalfCloseableStream, *,
+                timeout: float = NO_PROGRESS_TIMEOUT) -> str | None:
+    """Relay both ways until both are at EOF; why it broke (one line), or None.
 
-
-async def relay(local: trio.SocketStream, remote: trio.abc.HalfCloseableStream) -> str | None:
-    """Relay both ways until both are at EOF; why it broke (one line), or None."""
+    ``remote`` is the untrusted side: each send to it must finish within ``timeout`` s, and
+    once ``local`` is at EOF, ``remote`` must send something (or its EOF) every ``timeout`` s;
+    otherwise the relay gives up (the caller then closes ``remote``, abandoning it). Sends to
+    ``local`` are not bounded: a local client that stops reading holds only its own
+    connection."""
     broken: list[str] = []
+    local_eof = False
+    quiet = trio.CancelScope()  # around each receive from remote: a deadline once local is at EOF
 
-    async def pump(source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream,
-                   scope: trio.CancelScope) -> None:
+    async def to_remote(scope: trio.CancelScope) -> None:
+        nonlocal local_eof
         try:
-            await _pump(source, sink)
+            while chunk := await local.receive_some(CHUNK):
+                with trio.move_on_after(timeout) as waited:
+                    await remote.send_all(chunk)
+                if waited.cancelled_caught:
+                    broken.append(f"the guest took none of the bytes sent to it for {timeout:g} s")
+                    scope.cancel()
+                    return
+            await remote.send_eof()
+            local_eof = True
+            quiet.deadline = trio.current_time() + timeout
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            broken.append(str(error) or type(error).__name__)
+            scope.cancel()
+
+    async def to_local(scope: trio.CancelScope) -> None:
+        nonlocal quiet
+        try:
+            while True:
+                quiet = trio.CancelScope(
+                    deadline=trio.current_time() + timeout if local_eof else math.inf)
+                with quiet:
+                    chunk = await remote.receive_some(CHUNK)
+                if quiet.cancelled_caught:
+                    broken.append(f"the guest sent nothing for {timeout:g} s after the local "
+                                  "side's EOF")
+                    scope.cancel()
+                    return
+                if not chunk:
+                    break
+                await local.send_all(chunk)
+            await local.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             broken.append(str(error) or type(error).__name__)
             scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, local, remote, nursery.cancel_scope)
-        nursery.start_soon(pump, remote, local, nursery.cancel_scope)
+        nursery.start_soon(to_remote, nursery.cancel_scope)
+        nursery.start_soon(to_local, nursery.cancel_scope)
     return broken[0] if broken else None
 
 
