@@ -43,6 +43,7 @@ from vmcache.dns_host import (
     DnsResponder,
     MalformedQuery,
     ResolvedAddresses,
+    is_host_address,
     parse_query,
 )
 from vmcache.egress import (
@@ -57,6 +58,7 @@ from vmcache.egress import (
     sniff,
 )
 from vmcache.netns import Netns, list_nft, run_in_netns
+from vmcache.network_policy import NetworkPolicy
 
 IPv4 = ipaddress.IPv4Address
 
@@ -170,6 +172,51 @@ async def test_dns_responder_answers_only_allowed_names() -> None:
     closed = DnsResponder(FakePolicy(internal=frozenset()), IPv4("10.0.2.2"), resolver=fake)
     reply = await closed.answer(dns_query("host.vmcache.internal"))
     assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
+
+
+def host_addresses() -> list[IPv4]:
+    """The host's own IPv4 addresses (read only: nothing is sent to them)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=True, capture_output=True,
+                         text=True, timeout=10).stdout
+    return [IPv4(line.split()[3].split("/")[0]) for line in out.splitlines()]
+
+
+def test_is_host_address_knows_the_hosts_own_addresses() -> None:
+    own = host_addresses()
+    assert IPv4("127.0.0.1") in own
+    for ip in own:
+        assert is_host_address(ip), ip
+    assert IPv4("198.51.100.7") not in own
+    assert not is_host_address(IPv4("198.51.100.7"))
+
+
+async def test_the_proxy_never_connects_to_the_host_itself_or_link_local() -> None:
+    """A CIDR as wide as 0.0.0.0/0 would otherwise let the guest reach, through the daemon's
+    connection from the host, any host service bound to 0.0.0.0 on a LAN or docker0 address.
+    Decided without connecting: no packet goes anywhere."""
+    policy = NetworkPolicy.parse("restricted", ["0.0.0.0/0:22"])
+    proxy = EgressProxy(policy, ResolvedAddresses())
+    stream: trio.SocketStream = None  # type: ignore[assignment]  # a CIDR decision never reads it
+    for ip in [*(a for a in host_addresses() if a not in ipaddress.IPv4Network("127.0.0.0/8")),
+               IPv4("169.254.169.254")]:
+        target, _, reason = await proxy._decide(stream, ip, 22)
+        assert target is None, ip
+        assert reason
+    target, _, _ = await proxy._decide(stream, IPv4("198.51.100.7"), 22)
+    assert target == ("198.51.100.7", 22)  # the control: an outside address is allowed
+
+
+async def test_dns_answers_drop_host_and_link_local_addresses() -> None:
+    own = [a for a in host_addresses() if a not in ipaddress.IPv4Network("127.0.0.0/8")]
+    fake = FakeResolver({"meta.test": ["169.254.169.254", *map(str, own), "198.51.100.7"],
+                         "only-host.test": ["169.254.169.254", "0.0.0.1"]})
+    dns = DnsResponder(FakePolicy(names={"meta.test": None, "only-host.test": None}),
+                       IPv4("10.0.2.2"), resolver=fake)
+    reply = await dns.answer(dns_query("meta.test"))
+    assert reply is not None and dns_answer(reply) == (NOERROR, ["198.51.100.7"])
+    reply = await dns.answer(dns_query("only-host.test"))
+    assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
+    assert dns.resolved.names_for(IPv4("169.254.169.254")) == []
 
 
 def test_resolved_addresses_are_bounded() -> None:

@@ -289,6 +289,14 @@ def test_the_hosts_own_addresses_are_never_reached_by_a_cidr_rule() -> None:
     assert everything.internal_ports() == frozenset()
 
 
+def test_link_local_is_reached_only_by_a_cidr_entry_inside_it() -> None:
+    metadata = IP("169.254.169.254")
+    assert not NetworkPolicy.parse("restricted", ["0.0.0.0/0"]).allows_ip_port(metadata, 80)
+    assert not NetworkPolicy.parse("restricted", ["169.0.0.0/8:80"]).allows_ip_port(metadata, 80)
+    assert NetworkPolicy.parse("restricted", ["169.254.169.254:80"]).allows_ip_port(metadata, 80)
+    assert NetworkPolicy.parse("restricted", ["169.254.0.0/16"]).allows_ip_port(metadata, 80)
+
+
 def test_internal_ports() -> None:
     assert POLICY.internal_ports() == frozenset({8080, 9090})
     assert NetworkPolicy.parse("restricted", ["host.vmcache.internal:1", "host.vmcache.internal"]

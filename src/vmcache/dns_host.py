@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,6 +89,37 @@ async def default_resolver(name: str) -> list[IPv4]:
         if addr not in out:
             out.append(addr)
     return out
+
+
+#: Addresses a name rule never reaches, whatever a name resolves to: "this network", link-local
+#: (cloud metadata services at 169.254.169.254), multicast and reserved. (The host's loopback is
+#: refused by the egress proxy itself, which tests let reach their stand-in servers there.)
+NOT_FOR_NAMES = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def is_host_address(ip: IPv4) -> bool:
+    """Whether ``ip`` is an address of this host in the caller's network namespace (a LAN or
+    docker0 address, say): the egress proxy connects from the host, so reaching one would reach
+    the host's services bound to 0.0.0.0. A scratch socket's ``bind((ip, 0))`` succeeds exactly
+    when the address is local; it sends nothing and does not block (a bind is one syscall)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def usable_for_names(addrs: Sequence[IPv4]) -> list[IPv4]:
+    """``addrs`` without those a name rule must never lead to (:data:`NOT_FOR_NAMES`, the host's
+    own addresses): an allowed name whose DNS points at the host or at 169.254.169.254 gives the
+    guest nothing there."""
+    return [a for a in addrs if not any(a in n for n in NOT_FOR_NAMES)
+            and (a in _LOOPBACK or not is_host_address(a))]
 
 
 class ResolvedAddresses:
@@ -274,7 +306,7 @@ class DnsResponder:
         except (OSError, trio.TooSlowError) as exc:
             log.info("DNS: could not resolve the allowed name %s on the host: %s", name, exc or "timeout")
             return None
-        addrs = [IPv4(a) for a in found if isinstance(a, IPv4)]
+        addrs = usable_for_names([IPv4(a) for a in found if isinstance(a, IPv4)])
         self._cache.pop(name, None)
         self._cache[name] = (now + self.cache_ttl, addrs)
         while len(self._cache) > self.cache_entries:
@@ -325,5 +357,7 @@ __all__ = [
     "Resolver",
     "build_response",
     "default_resolver",
+    "is_host_address",
     "parse_query",
+    "usable_for_names",
 ]

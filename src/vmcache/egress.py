@@ -54,6 +54,7 @@ from vmcache.dns_host import (
     ResolvedAddresses,
     Resolver,
     default_resolver,
+    is_host_address,
 )
 from vmcache.errors import NetworkSetupError
 from vmcache.netns import Netns, apply_nft, as_netns, run_in_netns_command, socket_in_netns
@@ -529,6 +530,8 @@ class EgressProxy:
             return None, b"", "not a destination"
         if ip in _LOOPBACK and not self.loopback_targets:
             return None, b"", f"the host's loopback is reached only as {INTERNAL_NAME}"
+        if ip not in _LOOPBACK and is_host_address(ip):
+            return None, b"", f"an address of the host itself (reached only as {INTERNAL_NAME})"
         if self.policy.allows_ip_port(ip, port):
             return (str(ip), port), b"", ""
         candidates = [n for n in self.resolved.names_for(ip) if self.policy.allows_name_port(n, port)]

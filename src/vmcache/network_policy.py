@@ -48,6 +48,9 @@ _IPV4_LIKE = re.compile(r"[0-9.]+")
 #: Addresses of the host itself: never reached by a CIDR rule (the proxy connects from the
 #: host), only as host.vmcache.internal on the ports named for it.
 _HOST_ITSELF = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv4Network("0.0.0.0/8"))
+#: Link-local addresses (cloud metadata services at 169.254.169.254): reached only by a CIDR
+#: entry inside this network, never by a wider one such as 0.0.0.0/0.
+_LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 
 
 class NetworkMode(enum.StrEnum):
@@ -310,10 +313,14 @@ class NetworkPolicy:
         """Whether a CIDR entry allows TCP to ``ip`` on ``port``. Only CIDR entries count: an
         address a name resolved to is the proxy's to check (with :meth:`allows_name_port`).
         The host's own addresses (127.0.0.0/8, 0.0.0.0/8) are never allowed here, not even
-        by 0.0.0.0/0: the host's loopback is host.vmcache.internal (:meth:`internal_ports`)."""
+        by 0.0.0.0/0: the host's loopback is host.vmcache.internal (:meth:`internal_ports`).
+        Link-local 169.254.0.0/16 only by an entry inside it (the proxy also refuses every
+        other address of the host itself)."""
         if any(ip in own for own in _HOST_ITSELF):
             return False
+        link_local = ip in _LINK_LOCAL
         return any(entry.kind is EntryKind.CIDR and entry.network is not None and ip in entry.network
+                   and (not link_local or entry.network.subnet_of(_LINK_LOCAL))
                    and _port_matches(entry.port, port) for entry in self.allow)
 
     def internal_ports(self) -> frozenset[int] | None:
