@@ -253,6 +253,27 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff(b"\x00\x01binary").kind is Sniffed.OTHER
 
 
+@pytest.mark.parametrize("line", [
+    b"GET  / HTTP/1.1",            # two spaces: nginx skips them and reads the Host
+    b"GET / HTTP/1.1 ",            # a trailing space
+    b"GET\t/\tHTTP/1.1",           # tabs as separators
+    b"GET /  HTTP/1.1",
+    b"VERSION-CONTROL / HTTP/1.1", # a method with - (a token, not letters only) ...
+    b"M_SEARCH / HTTP/1.1",        # ... or _
+])
+def test_a_request_line_a_lenient_server_accepts_is_never_waved_through(line: bytes) -> None:
+    """Any first line a server could take for a request naming another virtual host on the
+    allowed address is either read exactly (its Host checked) or refused: never "another
+    protocol", which passes without a name check."""
+    head = line + b"\r\nHost: other-vhost.test\r\n\r\n"
+    found = sniff(head)
+    assert found.kind is Sniffed.BAD or found.name == "other-vhost.test", found
+    for cut in range(1, len(line)):  # arriving in pieces changes nothing
+        assert sniff(head[:cut]).kind is Sniffed.MORE, head[:cut]
+    assert sniff(b"VERSION-CONTROL / HTTP/1.1\r\nHost: x.test\r\n\r\n").name == "x.test"
+    assert sniff(b"GET /" + b"a" * 9000).kind is Sniffed.BAD  # too long a line to read
+
+
 async def test_a_hung_host_resolver_is_servfail_in_bounded_time(autojump_clock: trio.abc.Clock) -> None:
     async def hang(name: str) -> list[IPv4]:
         await trio.sleep_forever()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -301,15 +302,18 @@ def _sniff_http(data: bytes) -> Sniff:
         return Sniff(Sniffed.MORE if len(data) < _LINE_MAX else Sniffed.OTHER)
     newline = body.find(b"\n")
     if newline < 0:
-        if len(body) >= _LINE_MAX or not _could_be_request_line(body):
+        if not _could_be_request_line(body):
             return Sniff(Sniffed.OTHER)
+        if len(body) >= _LINE_MAX:  # a request line too long to read: refused, not waved through
+            return Sniff(Sniffed.BAD if _REQUEST_START.match(body) else Sniffed.OTHER)
         return Sniff(Sniffed.MORE)
     first = body[:newline].rstrip(b"\r")
-    parts = first.split(b" ")
-    if len(parts) != 3 or not parts[2].upper().startswith(b"HTTP/") or not parts[0].isalpha():
+    if not _REQUEST_START.match(first) or b"HTTP/" not in first.upper():
         return Sniff(Sniffed.OTHER)
-    if not parts[2].upper().startswith(b"HTTP/1."):
-        return Sniff(Sniffed.BAD)  # HTTP/2 prior knowledge and the like: cannot see the authority
+    # It looks like a request line to a lenient server (which skips repeated spaces, takes tabs
+    # as separators, has methods with - or _): only the exact form is read, the rest refused.
+    if not _REQUEST_LINE.fullmatch(first):
+        return Sniff(Sniffed.BAD)  # also HTTP/2 prior knowledge: cannot see the authority
     end = body.find(b"\r\n\r\n")
     if end < 0:
         return Sniff(Sniffed.MORE)
@@ -340,15 +344,18 @@ def _sniff_http(data: bytes) -> Sniff:
         return Sniff(Sniffed.BAD)
 
 
+#: RFC 9110 token characters (a method), and how a request line starts for a lenient server.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_REQUEST_START = re.compile(_TCHAR + rb"+[ \t]")
+#: The one request-line form read: METHOD SP TARGET SP HTTP/1.x (the version in any case).
+_REQUEST_LINE = re.compile(_TCHAR + rb"+ [\x21-\x7e]+ [Hh][Tt][Tt][Pp]/1\.[0-9]")
+_METHOD_SO_FAR = re.compile(_TCHAR + rb"{0,32}")
+
+
 def _could_be_request_line(partial: bytes) -> bool:
-    """``partial`` (no newline yet) could still become an HTTP request line."""
-    method, space, rest = partial.partition(b" ")
-    if not space:
-        return len(method) <= 32 and (not method or method.isalpha())
-    if not method.isalpha():
-        return False
-    _target, space, version = rest.partition(b" ")
-    return not space or b"HTTP/"[:len(version)] == version[:5].upper()
+    """``partial`` (no newline yet) could still become an HTTP request line: a method being
+    typed, or a method and a separator (then only the whole line can tell)."""
+    return bool(_METHOD_SO_FAR.fullmatch(partial) or _REQUEST_START.match(partial))
 
 
 def _host_of(authority: str) -> str:
