@@ -43,6 +43,7 @@ from vmcache.dns_host import (
     DnsResponder,
     MalformedQuery,
     ResolvedAddresses,
+    default_resolver,
     is_host_address,
     parse_query,
 )
@@ -217,6 +218,19 @@ async def test_dns_answers_drop_host_and_link_local_addresses() -> None:
     reply = await dns.answer(dns_query("only-host.test"))
     assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
     assert dns.resolved.names_for(IPv4("169.254.169.254")) == []
+
+
+async def test_the_host_resolver_is_asked_for_the_absolute_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No search list may turn an allowed name into another: the lookup is for ``name.``."""
+    asked: list[str] = []
+
+    async def fake_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.7", 0))]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
+    assert await default_resolver("x.example.test") == [IPv4("198.51.100.7")]
+    assert asked == ["x.example.test."]
 
 
 def test_resolved_addresses_are_bounded() -> None:

@@ -79,9 +79,13 @@ class PolicyView(Protocol):
 
 
 async def default_resolver(name: str) -> list[IPv4]:
-    """The host's IPv4 addresses for ``name`` (``getaddrinfo``), within :data:`RESOLVE_TIMEOUT`."""
+    """The host's IPv4 addresses for ``name`` (``getaddrinfo``), within :data:`RESOLVE_TIMEOUT`.
+
+    The name is made absolute (a trailing dot): the host resolver's search list and ndots must
+    not turn an allowed ``x.example.com`` into ``x.example.com.corp.internal``, whose address
+    would be recorded as the allowed name's."""
     with trio.fail_after(RESOLVE_TIMEOUT):
-        infos = await trio.socket.getaddrinfo(name, None, family=trio.socket.AF_INET,
+        infos = await trio.socket.getaddrinfo(name.rstrip(".") + ".", None, family=trio.socket.AF_INET,
                                               type=trio.socket.SOCK_STREAM)
     out: list[IPv4] = []
     for info in infos:
