@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -39,6 +40,7 @@ from vmcache.dns_host import (
     FORMERR,
     NOERROR,
     NXDOMAIN,
+    RESOLVE_THREADS_PER_VM,
     SERVFAIL,
     DnsResponder,
     MalformedQuery,
@@ -224,13 +226,70 @@ async def test_the_host_resolver_is_asked_for_the_absolute_name(monkeypatch: pyt
     """No search list may turn an allowed name into another: the lookup is for ``name.``."""
     asked: list[str] = []
 
-    async def fake_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+    def fake_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
         asked.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.7", 0))]
 
-    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     assert await default_resolver("x.example.test") == [IPv4("198.51.100.7")]
     assert asked == ["x.example.test."]
+
+
+async def test_a_dns_flood_never_takes_the_daemons_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest asking for many random subnames at once (a ``*.DOMAIN`` rule) gets at most
+    RESOLVE_THREADS_PER_VM host lookups, none from trio's default thread limiter (the daemon's
+    other thread jobs), and a hung lookup's slot is not handed to the next one."""
+    release = threading.Event()
+    running: list[str] = []
+
+    def hung_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+        running.append(host)
+        release.wait(30)
+        raise socket.gaierror("no such name")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_getaddrinfo)
+    dns = DnsResponder(FakePolicy(names={f"n{i}.test": None for i in range(20)}), IPv4("10.0.2.2"),
+                       resolve_timeout=1.0)
+    default = trio.to_thread.current_default_thread_limiter()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(dns.answer, dns_query(f"n{i}.test"))
+                await trio.sleep(0.3)
+                assert default.borrowed_tokens == 0
+                assert len(running) == RESOLVE_THREADS_PER_VM
+        assert len(running) == RESOLVE_THREADS_PER_VM  # timed out; the hung threads keep their slots
+        reply = await dns.answer(dns_query("n0.test"))  # a failure is answered from the cache
+        assert reply is not None and reply[3] & 0xF == SERVFAIL
+        assert len(running) == RESOLVE_THREADS_PER_VM
+    finally:
+        release.set()
+
+
+async def test_simultaneous_queries_of_one_name_are_one_lookup() -> None:
+    gate = trio.Event()
+    asked: list[str] = []
+
+    async def slow(name: str) -> list[IPv4]:
+        asked.append(name)
+        await gate.wait()
+        return [IPv4("198.51.100.7")]
+
+    dns = DnsResponder(FakePolicy(names={"a.test": None}), IPv4("10.0.2.2"), resolver=slow)
+    replies: list[bytes | None] = []
+
+    async def ask() -> None:
+        replies.append(await dns.answer(dns_query("a.test")))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert asked == ["a.test"]
+    assert [dns_answer(r) for r in replies if r is not None] == [(NOERROR, ["198.51.100.7"])] * 5
 
 
 def test_resolved_addresses_are_bounded() -> None:

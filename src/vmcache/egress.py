@@ -54,7 +54,6 @@ from vmcache.dns_host import (
     PolicyView,
     ResolvedAddresses,
     Resolver,
-    default_resolver,
     is_host_address,
 )
 from vmcache.errors import NetworkSetupError
@@ -621,7 +620,7 @@ class Enforcement:
 
 @asynccontextmanager
 async def enforce(netns: Netns | int | str | os.PathLike[str], policy: PolicyView, *,
-                  interface: str = "tap0", resolver: Resolver = default_resolver,
+                  interface: str = "tap0", resolver: Resolver | None = None,
                   vm: str = "vm", gateway: IPv4 = GATEWAY, guest: IPv4 = GUEST, prefix: int = PREFIX,
                   max_connections: int = MAX_CONNECTIONS, peek_timeout: float = PEEK_TIMEOUT,
                   connect_timeout: float = CONNECT_TIMEOUT,
