@@ -292,6 +292,17 @@ async def test_simultaneous_queries_of_one_name_are_one_lookup() -> None:
     assert [dns_answer(r) for r in replies if r is not None] == [(NOERROR, ["198.51.100.7"])] * 5
 
 
+async def test_names_under_vmcache_internal_never_reach_the_host_resolver() -> None:
+    fake = resolver()
+    policy = FakePolicy(names={"foo.vmcache.internal": None, "vmcache.internal": None},
+                        internal=frozenset({8080}))
+    dns = DnsResponder(policy, IPv4("10.0.2.2"), resolver=fake)
+    for name in ("foo.vmcache.internal", "vmcache.internal"):
+        reply = await dns.answer(dns_query(name))
+        assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
+    assert fake.asked == []
+
+
 def test_resolved_addresses_are_bounded() -> None:
     resolved = ResolvedAddresses(max_names=3, max_per_name=2)
     for i in range(5):
@@ -738,6 +749,7 @@ async def test_prepare_drops_everything_and_splice_half_closes(pair: Pair) -> No
         await prepare(pair.vm, "tap0")
         text = await list_nft(pair.vm)
         assert "redirect" not in text and "policy drop" in text
+        assert "table arp vmcache" in text  # ARP too: the guest learns no neighbour
         with trio.move_on_after(0.5) as scope:
             await guest_connect(pair, "10.0.2.2", 22)  # the SYN is dropped: no answer at all
         assert scope.cancelled_caught

@@ -348,8 +348,9 @@ class DnsResponder:
             if query.qtype != TYPE_A:
                 return build_response(query, NOERROR)
             return build_response(query, NOERROR, [self.gateway], ttl=int(self.cache_ttl))
-        if not self.policy.allows_name(name):
-            return build_response(query, NXDOMAIN)
+        if name.endswith(".vmcache.internal") or name == "vmcache.internal" \
+                or not self.policy.allows_name(name):
+            return build_response(query, NXDOMAIN)  # names under vmcache.internal are ours alone
         if query.qtype != TYPE_A:
             return build_response(query, NOERROR)
         addrs = await self._resolve(name)

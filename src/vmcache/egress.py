@@ -135,8 +135,9 @@ table inet vmcache {{
 
 
 def drop_all_ruleset() -> str:
-    """The ruleset of a VM namespace before hand-out and after it: every packet not on ``lo`` is
-    dropped, both ways."""
+    """The ruleset of a VM namespace after release (before hand-out it holds
+    :data:`vmcache.vm_nic.HOLD_RULESET`, which the enforced ruleset's ``flush ruleset`` replaces):
+    every packet not on ``lo`` is dropped, both ways, ARP included."""
     return """flush ruleset
 table inet vmcache {
     chain prerouting {
@@ -150,6 +151,10 @@ table inet vmcache {
         type filter hook output priority raw; policy drop;
         oifname "lo" accept
     }
+}
+table arp vmcache {
+    chain input { type filter hook input priority -300; policy drop; }
+    chain output { type filter hook output priority -300; policy drop; }
 }
 """
 
@@ -170,8 +175,10 @@ async def configure_gateway(netns: Netns, interface: str, *, gateway: IPv4 = GAT
 
 async def prepare(netns: Netns | int | str | os.PathLike[str], interface: str = "tap0", *,
                   gateway: IPv4 = GATEWAY, prefix: int = PREFIX) -> None:
-    """The pre-hand-out state of a VM namespace: the drop-all ruleset, the gateway address on
-    ``interface``. Raises :class:`NetworkSetupError`."""
+    """A namespace as the tests' stand-in for a VM's before hand-out: the drop-all ruleset, the
+    gateway address on ``interface``. Raises :class:`NetworkSetupError`. (The daemon does not
+    call it: a real VM's namespace holds vmcache.vm_nic.HOLD_RULESET from the tap's creation;
+    the egress tests keep it.)"""
     ns, owned = as_netns(netns)
     try:
         await apply_nft(ns, drop_all_ruleset())

@@ -17,7 +17,7 @@ Names are lower-cased DNS names (letters, digits, hyphens; no trailing dot). IPv
 refused: the guest has no IPv6. ``localhost``, CIDRs inside 127.0.0.0/8 or 0.0.0.0/8 and
 other names under ``vmcache.internal`` are refused (and a wider CIDR never reaches them):
 the host's loopback is reached only through ``host.vmcache.internal`` and on the ports
-named for it, and a wildcard never matches it.
+named for it, and a wildcard never matches it (``*.internal`` is refused too).
 
 A request's policy must stay within the daemon's ceiling (``permit``):
 :meth:`NetworkPolicy.beyond` lists the entries no permit entry :meth:`~AllowEntry.covers`.
@@ -68,6 +68,12 @@ class EntryKind(enum.StrEnum):
     WILDCARD = "wildcard"    # every name under a domain
     CIDR = "cidr"            # IPv4 addresses
     INTERNAL = "internal"    # host.vmcache.internal: the host's loopback
+
+
+def is_internal_name(name: str) -> bool:
+    """Whether ``name`` (lower-cased, no trailing dot) is under ``vmcache.internal``: ours, never
+    a wildcard's and never sent to the host's resolver (only INTERNAL_NAME exists)."""
+    return name == _INTERNAL_DOMAIN or name.endswith("." + _INTERNAL_DOMAIN)
 
 
 def _is_dns_name(name: str) -> bool:
@@ -142,6 +148,9 @@ class AllowEntry:
             raise _refuse(text, f"the host's loopback is reached as {INTERNAL_NAME}:PORT")
         if name == _INTERNAL_DOMAIN or name.endswith("." + _INTERNAL_DOMAIN):
             raise _refuse(text, f"the only name under {_INTERNAL_DOMAIN} is {INTERNAL_NAME}")
+        if wildcard and _INTERNAL_DOMAIN.endswith("." + name):
+            raise _refuse(text, f"a wildcard never covers {_INTERNAL_DOMAIN}: name {INTERNAL_NAME}"
+                                f"[:PORT] for the host's loopback")
         return cls(EntryKind.WILDCARD if wildcard else EntryKind.NAME, name=name, port=port)
 
     def __str__(self) -> str:
@@ -176,7 +185,7 @@ class AllowEntry:
     def matches_name(self, name: str) -> bool:
         """Whether this entry names ``name`` (a lower-cased DNS name), at whatever port."""
         if self.kind is EntryKind.WILDCARD:
-            return name.endswith("." + self.name)
+            return name.endswith("." + self.name) and not is_internal_name(name)
         return self.kind in (EntryKind.NAME, EntryKind.INTERNAL) and name == self.name
 
 
