@@ -50,6 +50,8 @@ from vmcache.dns_host import (
     parse_query,
 )
 from vmcache.egress import (
+    MAX_TRACKED_FLOWS,
+    NEW_FLOWS_PER_SECOND,
     EgressProxy,
     Sniffed,
     _RefusalLog,
@@ -604,6 +606,30 @@ async def test_guest_dns_answers_allowed_names_only(pair: Pair) -> None:
             assert fake.asked == ["allowed.test"]  # nothing else ever reached a resolver
             # DNS over TCP is a TCP connection like any other: refused
             assert await exchange(pair, "10.0.2.2", 53, b"\x00\x1d" + dns_query("evil.test")) is None
+
+
+@needs_root
+async def test_a_guest_cannot_fill_its_namespaces_conntrack_table(pair: Pair) -> None:
+    """Each datagram to :53 from a new source port is a new tracked flow; a guest sending many
+    gets only a bounded number tracked (the rest are dropped before their entry is confirmed)."""
+    query = dns_query("host.vmcache.internal")
+
+    def flood() -> None:
+        for _ in range(1500):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(query, ("10.0.2.2", 53))
+
+    def tracked() -> int:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            return int(f.read())
+
+    with trio.fail_after(60):
+        async with enforce(pair.vm, FakePolicy(internal=frozenset({8080})), resolver=resolver(),
+                           loopback_targets=True):
+            await run_in_netns(pair.guest, flood)
+            count = await run_in_netns(pair.vm, tracked)
+    assert 10 <= count <= 2 * NEW_FLOWS_PER_SECOND + 100, count
+    assert count <= MAX_TRACKED_FLOWS
 
 
 # --------------------------------------------------------------------------- hostile guest: TCP

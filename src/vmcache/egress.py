@@ -78,6 +78,12 @@ CONNECT_TIMEOUT = 10.0
 SPLICE_BUFFER = 128 * 1024
 #: Connections one VM may have open through the proxy at once.
 MAX_CONNECTIONS = 256
+#: Bounds on the connection-tracking entries a guest makes in its namespace (each new UDP source
+#: port to :53 and each SYN is one; the only other bound is the host-wide nf_conntrack_max): new
+#: flows beyond this rate (after a burst of twice as many) are dropped, and so is any new flow
+#: while this many are tracked (above MAX_CONNECTIONS: the proxy's cap is what a guest sees).
+NEW_FLOWS_PER_SECOND = 100
+MAX_TRACKED_FLOWS = 512
 #: Bound on tearing down: restoring the drop-all ruleset.
 TEARDOWN_TIMEOUT = 10.0
 #: At most this many refusal lines per :data:`LOG_INTERVAL` seconds per VM; the rest are counted.
@@ -96,7 +102,9 @@ def ruleset(interface: str, proxy_port: int, *, gateway: IPv4 = GATEWAY, guest: 
     accepted, and of that only TCP (every new connection is redirected to ``proxy_port``) and UDP
     to ``gateway``:``dns_port``; IPv6, ICMP, other UDP, other protocols, forged sources and other
     interfaces are dropped in prerouting, before conntrack. Input accepts only the proxy's port
-    and DNS on the gateway; forward drops everything (there is nowhere to forward to); output
+    and DNS on the gateway, and drops new flows beyond :data:`NEW_FLOWS_PER_SECOND` or while
+    :data:`MAX_TRACKED_FLOWS` are tracked (a dropped new flow's entry is never confirmed);
+    forward drops everything (there is nowhere to forward to); output
     only lets replies of tracked connections go back to the tap.
     """
     _check_interface(interface)
@@ -119,6 +127,9 @@ table inet vmcache {{
         type filter hook input priority filter; policy drop;
         iifname "lo" accept
         ct state invalid drop
+        iifname "{interface}" ct state new limit rate over {NEW_FLOWS_PER_SECOND}/second \
+            burst {2 * NEW_FLOWS_PER_SECOND} packets drop
+        iifname "{interface}" ct state new ct count over {MAX_TRACKED_FLOWS} drop
         iifname "{interface}" ip daddr {gateway} tcp dport {proxy_port} accept
         iifname "{interface}" ip daddr {gateway} udp dport {dns_port} accept
     }}
