@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -39,13 +40,18 @@ from vmcache.dns_host import (
     FORMERR,
     NOERROR,
     NXDOMAIN,
+    RESOLVE_THREADS_PER_VM,
     SERVFAIL,
     DnsResponder,
     MalformedQuery,
     ResolvedAddresses,
+    default_resolver,
+    is_host_address,
     parse_query,
 )
 from vmcache.egress import (
+    MAX_TRACKED_FLOWS,
+    NEW_FLOWS_PER_SECOND,
     EgressProxy,
     Sniffed,
     _RefusalLog,
@@ -57,6 +63,7 @@ from vmcache.egress import (
     sniff,
 )
 from vmcache.netns import Netns, list_nft, run_in_netns
+from vmcache.network_policy import NetworkPolicy
 
 IPv4 = ipaddress.IPv4Address
 
@@ -172,6 +179,132 @@ async def test_dns_responder_answers_only_allowed_names() -> None:
     assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
 
 
+def host_addresses() -> list[IPv4]:
+    """The host's own IPv4 addresses (read only: nothing is sent to them)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=True, capture_output=True,
+                         text=True, timeout=10).stdout
+    return [IPv4(line.split()[3].split("/")[0]) for line in out.splitlines()]
+
+
+def test_is_host_address_knows_the_hosts_own_addresses() -> None:
+    own = host_addresses()
+    assert IPv4("127.0.0.1") in own
+    for ip in own:
+        assert is_host_address(ip), ip
+    assert IPv4("198.51.100.7") not in own
+    assert not is_host_address(IPv4("198.51.100.7"))
+
+
+async def test_the_proxy_never_connects_to_the_host_itself_or_link_local() -> None:
+    """A CIDR as wide as 0.0.0.0/0 would otherwise let the guest reach, through the daemon's
+    connection from the host, any host service bound to 0.0.0.0 on a LAN or docker0 address.
+    Decided without connecting: no packet goes anywhere."""
+    policy = NetworkPolicy.parse("restricted", ["0.0.0.0/0:22"])
+    proxy = EgressProxy(policy, ResolvedAddresses())
+    stream: trio.SocketStream = None  # type: ignore[assignment]  # a CIDR decision never reads it
+    for ip in [*(a for a in host_addresses() if a not in ipaddress.IPv4Network("127.0.0.0/8")),
+               IPv4("169.254.169.254")]:
+        target, _, reason = await proxy._decide(stream, ip, 22)
+        assert target is None, ip
+        assert reason
+    target, _, _ = await proxy._decide(stream, IPv4("198.51.100.7"), 22)
+    assert target == ("198.51.100.7", 22)  # the control: an outside address is allowed
+
+
+async def test_dns_answers_drop_host_and_link_local_addresses() -> None:
+    own = [a for a in host_addresses() if a not in ipaddress.IPv4Network("127.0.0.0/8")]
+    fake = FakeResolver({"meta.test": ["169.254.169.254", *map(str, own), "198.51.100.7"],
+                         "only-host.test": ["169.254.169.254", "0.0.0.1"]})
+    dns = DnsResponder(FakePolicy(names={"meta.test": None, "only-host.test": None}),
+                       IPv4("10.0.2.2"), resolver=fake)
+    reply = await dns.answer(dns_query("meta.test"))
+    assert reply is not None and dns_answer(reply) == (NOERROR, ["198.51.100.7"])
+    reply = await dns.answer(dns_query("only-host.test"))
+    assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
+    assert dns.resolved.names_for(IPv4("169.254.169.254")) == []
+
+
+async def test_the_host_resolver_is_asked_for_the_absolute_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No search list may turn an allowed name into another: the lookup is for ``name.``."""
+    asked: list[str] = []
+
+    def fake_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.7", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    assert await default_resolver("x.example.test") == [IPv4("198.51.100.7")]
+    assert asked == ["x.example.test."]
+
+
+async def test_a_dns_flood_never_takes_the_daemons_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest asking for many random subnames at once (a ``*.DOMAIN`` rule) gets at most
+    RESOLVE_THREADS_PER_VM host lookups, none from trio's default thread limiter (the daemon's
+    other thread jobs), and a hung lookup's slot is not handed to the next one."""
+    release = threading.Event()
+    running: list[str] = []
+
+    def hung_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+        running.append(host)
+        release.wait(30)
+        raise socket.gaierror("no such name")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_getaddrinfo)
+    dns = DnsResponder(FakePolicy(names={f"n{i}.test": None for i in range(20)}), IPv4("10.0.2.2"),
+                       resolve_timeout=1.0)
+    default = trio.to_thread.current_default_thread_limiter()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(dns.answer, dns_query(f"n{i}.test"))
+                await trio.sleep(0.3)
+                assert default.borrowed_tokens == 0
+                assert len(running) == RESOLVE_THREADS_PER_VM
+        assert len(running) == RESOLVE_THREADS_PER_VM  # timed out; the hung threads keep their slots
+        reply = await dns.answer(dns_query("n0.test"))  # a failure is answered from the cache
+        assert reply is not None and reply[3] & 0xF == SERVFAIL
+        assert len(running) == RESOLVE_THREADS_PER_VM
+    finally:
+        release.set()
+
+
+async def test_simultaneous_queries_of_one_name_are_one_lookup() -> None:
+    gate = trio.Event()
+    asked: list[str] = []
+
+    async def slow(name: str) -> list[IPv4]:
+        asked.append(name)
+        await gate.wait()
+        return [IPv4("198.51.100.7")]
+
+    dns = DnsResponder(FakePolicy(names={"a.test": None}), IPv4("10.0.2.2"), resolver=slow)
+    replies: list[bytes | None] = []
+
+    async def ask() -> None:
+        replies.append(await dns.answer(dns_query("a.test")))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert asked == ["a.test"]
+    assert [dns_answer(r) for r in replies if r is not None] == [(NOERROR, ["198.51.100.7"])] * 5
+
+
+async def test_names_under_vmcache_internal_never_reach_the_host_resolver() -> None:
+    fake = resolver()
+    policy = FakePolicy(names={"foo.vmcache.internal": None, "vmcache.internal": None},
+                        internal=frozenset({8080}))
+    dns = DnsResponder(policy, IPv4("10.0.2.2"), resolver=fake)
+    for name in ("foo.vmcache.internal", "vmcache.internal"):
+        reply = await dns.answer(dns_query(name))
+        assert reply is not None and dns_answer(reply) == (NXDOMAIN, [])
+    assert fake.asked == []
+
+
 def test_resolved_addresses_are_bounded() -> None:
     resolved = ResolvedAddresses(max_names=3, max_per_name=2)
     for i in range(5):
@@ -204,6 +337,27 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff(b"PING").kind is Sniffed.MORE and sniff(b"PING\r\n").kind is Sniffed.OTHER
     assert sniff(b"SSH-2.0-x\r\n").kind is Sniffed.OTHER
     assert sniff(b"\x00\x01binary").kind is Sniffed.OTHER
+
+
+@pytest.mark.parametrize("line", [
+    b"GET  / HTTP/1.1",            # two spaces: nginx skips them and reads the Host
+    b"GET / HTTP/1.1 ",            # a trailing space
+    b"GET\t/\tHTTP/1.1",           # tabs as separators
+    b"GET /  HTTP/1.1",
+    b"VERSION-CONTROL / HTTP/1.1", # a method with - (a token, not letters only) ...
+    b"M_SEARCH / HTTP/1.1",        # ... or _
+])
+def test_a_request_line_a_lenient_server_accepts_is_never_waved_through(line: bytes) -> None:
+    """Any first line a server could take for a request naming another virtual host on the
+    allowed address is either read exactly (its Host checked) or refused: never "another
+    protocol", which passes without a name check."""
+    head = line + b"\r\nHost: other-vhost.test\r\n\r\n"
+    found = sniff(head)
+    assert found.kind is Sniffed.BAD or found.name == "other-vhost.test", found
+    for cut in range(1, len(line)):  # arriving in pieces changes nothing
+        assert sniff(head[:cut]).kind is Sniffed.MORE, head[:cut]
+    assert sniff(b"VERSION-CONTROL / HTTP/1.1\r\nHost: x.test\r\n\r\n").name == "x.test"
+    assert sniff(b"GET /" + b"a" * 9000).kind is Sniffed.BAD  # too long a line to read
 
 
 async def test_a_hung_host_resolver_is_servfail_in_bounded_time(autojump_clock: trio.abc.Clock) -> None:
@@ -454,6 +608,30 @@ async def test_guest_dns_answers_allowed_names_only(pair: Pair) -> None:
             assert await exchange(pair, "10.0.2.2", 53, b"\x00\x1d" + dns_query("evil.test")) is None
 
 
+@needs_root
+async def test_a_guest_cannot_fill_its_namespaces_conntrack_table(pair: Pair) -> None:
+    """Each datagram to :53 from a new source port is a new tracked flow; a guest sending many
+    gets only a bounded number tracked (the rest are dropped before their entry is confirmed)."""
+    query = dns_query("host.vmcache.internal")
+
+    def flood() -> None:
+        for _ in range(1500):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(query, ("10.0.2.2", 53))
+
+    def tracked() -> int:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            return int(f.read())
+
+    with trio.fail_after(60):
+        async with enforce(pair.vm, FakePolicy(internal=frozenset({8080})), resolver=resolver(),
+                           loopback_targets=True):
+            await run_in_netns(pair.guest, flood)
+            count = await run_in_netns(pair.vm, tracked)
+    assert 10 <= count <= 2 * NEW_FLOWS_PER_SECOND + 100, count
+    assert count <= MAX_TRACKED_FLOWS
+
+
 # --------------------------------------------------------------------------- hostile guest: TCP
 
 
@@ -597,6 +775,7 @@ async def test_prepare_drops_everything_and_splice_half_closes(pair: Pair) -> No
         await prepare(pair.vm, "tap0")
         text = await list_nft(pair.vm)
         assert "redirect" not in text and "policy drop" in text
+        assert "table arp vmcache" in text  # ARP too: the guest learns no neighbour
         with trio.move_on_after(0.5) as scope:
             await guest_connect(pair, "10.0.2.2", 22)  # the SYN is dropped: no answer at all
         assert scope.cancelled_caught

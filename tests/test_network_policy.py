@@ -104,6 +104,8 @@ def test_each_form_parses_and_round_trips(text: str, kind: EntryKind, name: str,
     ("db.vmcache.internal:5432", "the only name under vmcache.internal"),
     ("*.vmcache.internal", "the only name under vmcache.internal"),
     ("*.host.vmcache.internal", "the only name under vmcache.internal"),
+    ("*.internal", "a wildcard never covers vmcache.internal"),
+    ("*.internal:8080", "a wildcard never covers vmcache.internal"),
 ])
 def test_bad_entries_are_refused_with_one_line_naming_them(text: str, reason: str) -> None:
     with pytest.raises(NetworkPolicyError) as caught:
@@ -132,7 +134,7 @@ def test_a_non_string_entry_is_refused() -> None:
     ("*.example.com:443", "api.example.com:80", False),
     ("*.example.com:443", "api.example.com", False),  # any port is more than port 443
     ("*.example.com", "10.0.0.1", False),
-    ("*.internal", "host.vmcache.internal:80", False),
+    ("*.org", "host.vmcache.internal:80", False),
     ("*.com", "*.example.com:1", True),
     ("10.0.0.0/8", "10.1.2.0/24:80", True),
     ("10.0.0.0/8", "10.1.2.3", True),
@@ -287,6 +289,14 @@ def test_the_hosts_own_addresses_are_never_reached_by_a_cidr_rule() -> None:
     for ip in ("127.0.0.1", "127.1.2.3", "0.0.0.0", "0.1.2.3"):
         assert not everything.allows_ip_port(IP(ip), 80), ip
     assert everything.internal_ports() == frozenset()
+
+
+def test_link_local_is_reached_only_by_a_cidr_entry_inside_it() -> None:
+    metadata = IP("169.254.169.254")
+    assert not NetworkPolicy.parse("restricted", ["0.0.0.0/0"]).allows_ip_port(metadata, 80)
+    assert not NetworkPolicy.parse("restricted", ["169.0.0.0/8:80"]).allows_ip_port(metadata, 80)
+    assert NetworkPolicy.parse("restricted", ["169.254.169.254:80"]).allows_ip_port(metadata, 80)
+    assert NetworkPolicy.parse("restricted", ["169.254.0.0/16"]).allows_ip_port(metadata, 80)
 
 
 def test_internal_ports() -> None:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -77,17 +78,111 @@ class PolicyView(Protocol):
     def internal_ports(self) -> frozenset[int] | None: ...
 
 
+#: Host lookups running at once, for every VM together and for one VM. They have worker threads
+#: of their own, apart from trio's default limiter (the daemon's other thread jobs: run_in_netns,
+#: open_tap, cgroups), so a guest flooding lookups of random subnames under a ``*.DOMAIN`` rule
+#: cannot starve those, nor take every lookup slot from the other VMs. A lookup that times out is
+#: abandoned but keeps its slot until ``getaddrinfo`` returns.
+RESOLVE_THREADS = 16
+RESOLVE_THREADS_PER_VM = 4
+#: How long a failed lookup (no such name, the resolver failing or slow) is answered from the cache.
+NEGATIVE_TTL = 5.0
+
+_SHARED_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("vmcache_dns_limiter")
+
+
+def _shared_limiter() -> trio.CapacityLimiter:
+    try:
+        return _SHARED_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(RESOLVE_THREADS)
+        _SHARED_LIMITER.set(limiter)
+        return limiter
+
+
+class _BothLimiters:
+    """A CapacityLimiter-like pair (what ``trio.to_thread.run_sync`` takes): a slot of the VM's
+    own limiter and one of the shared one, released together when the thread really ends."""
+
+    def __init__(self, own: trio.CapacityLimiter, shared: trio.CapacityLimiter) -> None:
+        self.own = own
+        self.shared = shared
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.own.acquire_on_behalf_of(borrower)
+        try:
+            await self.shared.acquire_on_behalf_of(borrower)
+        except BaseException:
+            self.own.release_on_behalf_of(borrower)
+            raise
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.shared.release_on_behalf_of(borrower)
+        self.own.release_on_behalf_of(borrower)
+
+
+class HostResolver:
+    """The host's IPv4 addresses for a name (``getaddrinfo`` in a worker thread), for one VM:
+    at most ``per_vm`` lookups of its own and :data:`RESOLVE_THREADS` in all at once, each within
+    ``timeout``.
+
+    The name is made absolute (a trailing dot): the host resolver's search list and ndots must
+    not turn an allowed ``x.example.com`` into ``x.example.com.corp.internal``, whose address
+    would be recorded as the allowed name's."""
+
+    def __init__(self, *, per_vm: int = RESOLVE_THREADS_PER_VM, timeout: float = RESOLVE_TIMEOUT) -> None:
+        self._own = trio.CapacityLimiter(per_vm)
+        self.timeout = timeout
+
+    async def __call__(self, name: str) -> list[IPv4]:
+        limiter = cast(trio.CapacityLimiter, _BothLimiters(self._own, _shared_limiter()))
+        with trio.fail_after(self.timeout):
+            infos = await trio.to_thread.run_sync(
+                socket.getaddrinfo, name.rstrip(".") + ".", None, socket.AF_INET, socket.SOCK_STREAM,
+                limiter=limiter, abandon_on_cancel=True)
+        out: list[IPv4] = []
+        for info in infos:
+            addr = IPv4(info[4][0])
+            if addr not in out:
+                out.append(addr)
+        return out
+
+
 async def default_resolver(name: str) -> list[IPv4]:
-    """The host's IPv4 addresses for ``name`` (``getaddrinfo``), within :data:`RESOLVE_TIMEOUT`."""
-    with trio.fail_after(RESOLVE_TIMEOUT):
-        infos = await trio.socket.getaddrinfo(name, None, family=trio.socket.AF_INET,
-                                              type=trio.socket.SOCK_STREAM)
-    out: list[IPv4] = []
-    for info in infos:
-        addr = IPv4(info[4][0])
-        if addr not in out:
-            out.append(addr)
-    return out
+    """One host lookup as :class:`HostResolver` makes it (a :class:`DnsResponder` without a
+    resolver makes its own HostResolver, so that its VM's lookups are bounded apart)."""
+    return await HostResolver()(name)
+
+
+#: Addresses a name rule never reaches, whatever a name resolves to: "this network", link-local
+#: (cloud metadata services at 169.254.169.254), multicast and reserved. (The host's loopback is
+#: refused by the egress proxy itself, which tests let reach their stand-in servers there.)
+NOT_FOR_NAMES = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def is_host_address(ip: IPv4) -> bool:
+    """Whether ``ip`` is an address of this host in the caller's network namespace (a LAN or
+    docker0 address, say): the egress proxy connects from the host, so reaching one would reach
+    the host's services bound to 0.0.0.0. A scratch socket's ``bind((ip, 0))`` succeeds exactly
+    when the address is local; it sends nothing and does not block (a bind is one syscall)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def usable_for_names(addrs: Sequence[IPv4]) -> list[IPv4]:
+    """``addrs`` without those a name rule must never lead to (:data:`NOT_FOR_NAMES`, the host's
+    own addresses): an allowed name whose DNS points at the host or at 169.254.169.254 gives the
+    guest nothing there."""
+    return [a for a in addrs if not any(a in n for n in NOT_FOR_NAMES)
+            and (a in _LOOPBACK or not is_host_address(a))]
 
 
 class ResolvedAddresses:
@@ -216,18 +311,21 @@ def formerr(header: bytes) -> bytes:
 class DnsResponder:
     """Answers one VM's DNS queries by its policy (see the module's docstring)."""
 
-    def __init__(self, policy: PolicyView, gateway: IPv4, *, resolver: Resolver = default_resolver,
+    def __init__(self, policy: PolicyView, gateway: IPv4, *, resolver: Resolver | None = None,
                  resolved: ResolvedAddresses | None = None, resolve_timeout: float = RESOLVE_TIMEOUT,
                  cache_ttl: float = CACHE_TTL, cache_entries: int = CACHE_ENTRIES,
                  max_inflight: int = MAX_INFLIGHT) -> None:
         self.policy = policy
         self.gateway = gateway
-        self.resolver = resolver
+        self.resolver: Resolver = resolver if resolver is not None else HostResolver(timeout=resolve_timeout)
         self.resolved = resolved if resolved is not None else ResolvedAddresses()
         self.resolve_timeout = resolve_timeout
         self.cache_ttl = cache_ttl
         self.cache_entries = cache_entries
-        self._cache: OrderedDict[str, tuple[float, list[IPv4]]] = OrderedDict()
+        #: name -> (expiry, addresses; None: the lookup failed, answered SERVFAIL until expiry).
+        self._cache: OrderedDict[str, tuple[float, list[IPv4] | None]] = OrderedDict()
+        #: Lookups under way: a second query of the same name waits for the first's.
+        self._pending: dict[str, trio.Event] = {}
         self._inflight = trio.Semaphore(max_inflight)
         #: Counts for tests and Status: queries answered / dropped.
         self.answered = 0
@@ -250,8 +348,9 @@ class DnsResponder:
             if query.qtype != TYPE_A:
                 return build_response(query, NOERROR)
             return build_response(query, NOERROR, [self.gateway], ttl=int(self.cache_ttl))
-        if not self.policy.allows_name(name):
-            return build_response(query, NXDOMAIN)
+        if name.endswith(".vmcache.internal") or name == "vmcache.internal" \
+                or not self.policy.allows_name(name):
+            return build_response(query, NXDOMAIN)  # names under vmcache.internal are ours alone
         if query.qtype != TYPE_A:
             return build_response(query, NOERROR)
         addrs = await self._resolve(name)
@@ -264,22 +363,35 @@ class DnsResponder:
         return build_response(query, NOERROR, addrs, ttl=max(1, int(self.cache_ttl)))
 
     async def _resolve(self, name: str) -> list[IPv4] | None:
-        now = trio.current_time()
         hit = self._cache.get(name)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > trio.current_time():
             return hit[1]
+        pending = self._pending.get(name)
+        if pending is not None:  # merged with the lookup under way
+            with trio.move_on_after(self.resolve_timeout):
+                await pending.wait()
+            hit = self._cache.get(name)
+            return hit[1] if hit is not None and hit[0] > trio.current_time() else None
+        done = self._pending[name] = trio.Event()
         try:
-            with trio.fail_after(self.resolve_timeout):
-                found = await self.resolver(name)
-        except (OSError, trio.TooSlowError) as exc:
-            log.info("DNS: could not resolve the allowed name %s on the host: %s", name, exc or "timeout")
-            return None
-        addrs = [IPv4(a) for a in found if isinstance(a, IPv4)]
-        self._cache.pop(name, None)
-        self._cache[name] = (now + self.cache_ttl, addrs)
-        while len(self._cache) > self.cache_entries:
-            self._cache.popitem(last=False)
-        return addrs
+            addrs: list[IPv4] | None
+            try:
+                with trio.fail_after(self.resolve_timeout):
+                    found = await self.resolver(name)
+            except (OSError, trio.TooSlowError) as exc:
+                log.info("DNS: could not resolve the allowed name %s on the host: %s", name, exc or "timeout")
+                addrs, ttl = None, NEGATIVE_TTL
+            else:
+                addrs = usable_for_names([IPv4(a) for a in found if isinstance(a, IPv4)])
+                ttl = self.cache_ttl if addrs else min(self.cache_ttl, NEGATIVE_TTL)
+            self._cache.pop(name, None)
+            self._cache[name] = (trio.current_time() + ttl, addrs)
+            while len(self._cache) > self.cache_entries:
+                self._cache.popitem(last=False)
+            return addrs
+        finally:
+            del self._pending[name]
+            done.set()
 
     async def serve(self, sock: trio.socket.SocketType, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -318,6 +430,7 @@ class DnsResponder:
 __all__ = [
     "INTERNAL_NAME",
     "DnsResponder",
+    "HostResolver",
     "MalformedQuery",
     "PolicyView",
     "Query",
@@ -325,5 +438,7 @@ __all__ = [
     "Resolver",
     "build_response",
     "default_resolver",
+    "is_host_address",
     "parse_query",
+    "usable_for_names",
 ]

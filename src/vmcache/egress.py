@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -53,7 +54,7 @@ from vmcache.dns_host import (
     PolicyView,
     ResolvedAddresses,
     Resolver,
-    default_resolver,
+    is_host_address,
 )
 from vmcache.errors import NetworkSetupError
 from vmcache.netns import Netns, apply_nft, as_netns, run_in_netns_command, socket_in_netns
@@ -77,6 +78,12 @@ CONNECT_TIMEOUT = 10.0
 SPLICE_BUFFER = 128 * 1024
 #: Connections one VM may have open through the proxy at once.
 MAX_CONNECTIONS = 256
+#: Bounds on the connection-tracking entries a guest makes in its namespace (each new UDP source
+#: port to :53 and each SYN is one; the only other bound is the host-wide nf_conntrack_max): new
+#: flows beyond this rate (after a burst of twice as many) are dropped, and so is any new flow
+#: while this many are tracked (above MAX_CONNECTIONS: the proxy's cap is what a guest sees).
+NEW_FLOWS_PER_SECOND = 100
+MAX_TRACKED_FLOWS = 512
 #: Bound on tearing down: restoring the drop-all ruleset.
 TEARDOWN_TIMEOUT = 10.0
 #: At most this many refusal lines per :data:`LOG_INTERVAL` seconds per VM; the rest are counted.
@@ -95,7 +102,9 @@ def ruleset(interface: str, proxy_port: int, *, gateway: IPv4 = GATEWAY, guest: 
     accepted, and of that only TCP (every new connection is redirected to ``proxy_port``) and UDP
     to ``gateway``:``dns_port``; IPv6, ICMP, other UDP, other protocols, forged sources and other
     interfaces are dropped in prerouting, before conntrack. Input accepts only the proxy's port
-    and DNS on the gateway; forward drops everything (there is nowhere to forward to); output
+    and DNS on the gateway, and drops new flows beyond :data:`NEW_FLOWS_PER_SECOND` or while
+    :data:`MAX_TRACKED_FLOWS` are tracked (a dropped new flow's entry is never confirmed);
+    forward drops everything (there is nowhere to forward to); output
     only lets replies of tracked connections go back to the tap.
     """
     _check_interface(interface)
@@ -118,6 +127,9 @@ table inet vmcache {{
         type filter hook input priority filter; policy drop;
         iifname "lo" accept
         ct state invalid drop
+        iifname "{interface}" ct state new limit rate over {NEW_FLOWS_PER_SECOND}/second \
+            burst {2 * NEW_FLOWS_PER_SECOND} packets drop
+        iifname "{interface}" ct state new ct count over {MAX_TRACKED_FLOWS} drop
         iifname "{interface}" ip daddr {gateway} tcp dport {proxy_port} accept
         iifname "{interface}" ip daddr {gateway} udp dport {dns_port} accept
     }}
@@ -134,8 +146,9 @@ table inet vmcache {{
 
 
 def drop_all_ruleset() -> str:
-    """The ruleset of a VM namespace before hand-out and after it: every packet not on ``lo`` is
-    dropped, both ways."""
+    """The ruleset of a VM namespace after release (before hand-out it holds
+    :data:`vmcache.vm_nic.HOLD_RULESET`, which the enforced ruleset's ``flush ruleset`` replaces):
+    every packet not on ``lo`` is dropped, both ways, ARP included."""
     return """flush ruleset
 table inet vmcache {
     chain prerouting {
@@ -149,6 +162,10 @@ table inet vmcache {
         type filter hook output priority raw; policy drop;
         oifname "lo" accept
     }
+}
+table arp vmcache {
+    chain input { type filter hook input priority -300; policy drop; }
+    chain output { type filter hook output priority -300; policy drop; }
 }
 """
 
@@ -169,8 +186,10 @@ async def configure_gateway(netns: Netns, interface: str, *, gateway: IPv4 = GAT
 
 async def prepare(netns: Netns | int | str | os.PathLike[str], interface: str = "tap0", *,
                   gateway: IPv4 = GATEWAY, prefix: int = PREFIX) -> None:
-    """The pre-hand-out state of a VM namespace: the drop-all ruleset, the gateway address on
-    ``interface``. Raises :class:`NetworkSetupError`."""
+    """A namespace as the tests' stand-in for a VM's before hand-out: the drop-all ruleset, the
+    gateway address on ``interface``. Raises :class:`NetworkSetupError`. (The daemon does not
+    call it: a real VM's namespace holds vmcache.vm_nic.HOLD_RULESET from the tap's creation;
+    the egress tests keep it.)"""
     ns, owned = as_netns(netns)
     try:
         await apply_nft(ns, drop_all_ruleset())
@@ -300,15 +319,18 @@ def _sniff_http(data: bytes) -> Sniff:
         return Sniff(Sniffed.MORE if len(data) < _LINE_MAX else Sniffed.OTHER)
     newline = body.find(b"\n")
     if newline < 0:
-        if len(body) >= _LINE_MAX or not _could_be_request_line(body):
+        if not _could_be_request_line(body):
             return Sniff(Sniffed.OTHER)
+        if len(body) >= _LINE_MAX:  # a request line too long to read: refused, not waved through
+            return Sniff(Sniffed.BAD if _REQUEST_START.match(body) else Sniffed.OTHER)
         return Sniff(Sniffed.MORE)
     first = body[:newline].rstrip(b"\r")
-    parts = first.split(b" ")
-    if len(parts) != 3 or not parts[2].upper().startswith(b"HTTP/") or not parts[0].isalpha():
+    if not _REQUEST_START.match(first) or b"HTTP/" not in first.upper():
         return Sniff(Sniffed.OTHER)
-    if not parts[2].upper().startswith(b"HTTP/1."):
-        return Sniff(Sniffed.BAD)  # HTTP/2 prior knowledge and the like: cannot see the authority
+    # It looks like a request line to a lenient server (which skips repeated spaces, takes tabs
+    # as separators, has methods with - or _): only the exact form is read, the rest refused.
+    if not _REQUEST_LINE.fullmatch(first):
+        return Sniff(Sniffed.BAD)  # also HTTP/2 prior knowledge: cannot see the authority
     end = body.find(b"\r\n\r\n")
     if end < 0:
         return Sniff(Sniffed.MORE)
@@ -339,15 +361,18 @@ def _sniff_http(data: bytes) -> Sniff:
         return Sniff(Sniffed.BAD)
 
 
+#: RFC 9110 token characters (a method), and how a request line starts for a lenient server.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_REQUEST_START = re.compile(_TCHAR + rb"+[ \t]")
+#: The one request-line form read: METHOD SP TARGET SP HTTP/1.x (the version in any case).
+_REQUEST_LINE = re.compile(_TCHAR + rb"+ [\x21-\x7e]+ [Hh][Tt][Tt][Pp]/1\.[0-9]")
+_METHOD_SO_FAR = re.compile(_TCHAR + rb"{0,32}")
+
+
 def _could_be_request_line(partial: bytes) -> bool:
-    """``partial`` (no newline yet) could still become an HTTP request line."""
-    method, space, rest = partial.partition(b" ")
-    if not space:
-        return len(method) <= 32 and (not method or method.isalpha())
-    if not method.isalpha():
-        return False
-    _target, space, version = rest.partition(b" ")
-    return not space or b"HTTP/"[:len(version)] == version[:5].upper()
+    """``partial`` (no newline yet) could still become an HTTP request line: a method being
+    typed, or a method and a separator (then only the whole line can tell)."""
+    return bool(_METHOD_SO_FAR.fullmatch(partial) or _REQUEST_START.match(partial))
 
 
 def _host_of(authority: str) -> str:
@@ -529,6 +554,8 @@ class EgressProxy:
             return None, b"", "not a destination"
         if ip in _LOOPBACK and not self.loopback_targets:
             return None, b"", f"the host's loopback is reached only as {INTERNAL_NAME}"
+        if ip not in _LOOPBACK and is_host_address(ip):
+            return None, b"", f"an address of the host itself (reached only as {INTERNAL_NAME})"
         if self.policy.allows_ip_port(ip, port):
             return (str(ip), port), b"", ""
         candidates = [n for n in self.resolved.names_for(ip) if self.policy.allows_name_port(n, port)]
@@ -611,7 +638,7 @@ class Enforcement:
 
 @asynccontextmanager
 async def enforce(netns: Netns | int | str | os.PathLike[str], policy: PolicyView, *,
-                  interface: str = "tap0", resolver: Resolver = default_resolver,
+                  interface: str = "tap0", resolver: Resolver | None = None,
                   vm: str = "vm", gateway: IPv4 = GATEWAY, guest: IPv4 = GUEST, prefix: int = PREFIX,
                   max_connections: int = MAX_CONNECTIONS, peek_timeout: float = PEEK_TIMEOUT,
                   connect_timeout: float = CONNECT_TIMEOUT,

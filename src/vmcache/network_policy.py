@@ -17,7 +17,7 @@ Names are lower-cased DNS names (letters, digits, hyphens; no trailing dot). IPv
 refused: the guest has no IPv6. ``localhost``, CIDRs inside 127.0.0.0/8 or 0.0.0.0/8 and
 other names under ``vmcache.internal`` are refused (and a wider CIDR never reaches them):
 the host's loopback is reached only through ``host.vmcache.internal`` and on the ports
-named for it, and a wildcard never matches it.
+named for it, and a wildcard never matches it (``*.internal`` is refused too).
 
 A request's policy must stay within the daemon's ceiling (``permit``):
 :meth:`NetworkPolicy.beyond` lists the entries no permit entry :meth:`~AllowEntry.covers`.
@@ -48,6 +48,9 @@ _IPV4_LIKE = re.compile(r"[0-9.]+")
 #: Addresses of the host itself: never reached by a CIDR rule (the proxy connects from the
 #: host), only as host.vmcache.internal on the ports named for it.
 _HOST_ITSELF = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv4Network("0.0.0.0/8"))
+#: Link-local addresses (cloud metadata services at 169.254.169.254): reached only by a CIDR
+#: entry inside this network, never by a wider one such as 0.0.0.0/0.
+_LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 
 
 class NetworkMode(enum.StrEnum):
@@ -65,6 +68,12 @@ class EntryKind(enum.StrEnum):
     WILDCARD = "wildcard"    # every name under a domain
     CIDR = "cidr"            # IPv4 addresses
     INTERNAL = "internal"    # host.vmcache.internal: the host's loopback
+
+
+def is_internal_name(name: str) -> bool:
+    """Whether ``name`` (lower-cased, no trailing dot) is under ``vmcache.internal``: ours, never
+    a wildcard's and never sent to the host's resolver (only INTERNAL_NAME exists)."""
+    return name == _INTERNAL_DOMAIN or name.endswith("." + _INTERNAL_DOMAIN)
 
 
 def _is_dns_name(name: str) -> bool:
@@ -139,6 +148,9 @@ class AllowEntry:
             raise _refuse(text, f"the host's loopback is reached as {INTERNAL_NAME}:PORT")
         if name == _INTERNAL_DOMAIN or name.endswith("." + _INTERNAL_DOMAIN):
             raise _refuse(text, f"the only name under {_INTERNAL_DOMAIN} is {INTERNAL_NAME}")
+        if wildcard and _INTERNAL_DOMAIN.endswith("." + name):
+            raise _refuse(text, f"a wildcard never covers {_INTERNAL_DOMAIN}: name {INTERNAL_NAME}"
+                                f"[:PORT] for the host's loopback")
         return cls(EntryKind.WILDCARD if wildcard else EntryKind.NAME, name=name, port=port)
 
     def __str__(self) -> str:
@@ -173,7 +185,7 @@ class AllowEntry:
     def matches_name(self, name: str) -> bool:
         """Whether this entry names ``name`` (a lower-cased DNS name), at whatever port."""
         if self.kind is EntryKind.WILDCARD:
-            return name.endswith("." + self.name)
+            return name.endswith("." + self.name) and not is_internal_name(name)
         return self.kind in (EntryKind.NAME, EntryKind.INTERNAL) and name == self.name
 
 
@@ -310,10 +322,14 @@ class NetworkPolicy:
         """Whether a CIDR entry allows TCP to ``ip`` on ``port``. Only CIDR entries count: an
         address a name resolved to is the proxy's to check (with :meth:`allows_name_port`).
         The host's own addresses (127.0.0.0/8, 0.0.0.0/8) are never allowed here, not even
-        by 0.0.0.0/0: the host's loopback is host.vmcache.internal (:meth:`internal_ports`)."""
+        by 0.0.0.0/0: the host's loopback is host.vmcache.internal (:meth:`internal_ports`).
+        Link-local 169.254.0.0/16 only by an entry inside it (the proxy also refuses every
+        other address of the host itself)."""
         if any(ip in own for own in _HOST_ITSELF):
             return False
+        link_local = ip in _LINK_LOCAL
         return any(entry.kind is EntryKind.CIDR and entry.network is not None and ip in entry.network
+                   and (not link_local or entry.network.subnet_of(_LINK_LOCAL))
                    and _port_matches(entry.port, port) for entry in self.allow)
 
     def internal_ports(self) -> frozenset[int] | None:
