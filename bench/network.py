@@ -341,6 +341,11 @@ async def handouts(endpoint: Path, policy: vmcache.NetworkPolicy, rounds: int, s
                 samples.note(f"hand-out {pool} ms", (time.perf_counter() - start) * 1000)
                 await pool_full(client, pool)
                 samples.note(f"refill {pool} s", time.perf_counter() - start)
+                # The guest's first python3 since the hand-out (for a network pool the first was
+                # configure_guest's): what a python3 costs in a VM fresh from this pool.
+                started = time.perf_counter()
+                await handle.run(["python3", "-I", "-c", "pass"], check=True)
+                samples.note(f"python3 after hand-out {pool} ms", (time.perf_counter() - started) * 1000)
                 if pool in NETWORK_POOLS:
                     taken.append(f"{pool} {handle.id}")
                 await handle.aclose()
@@ -465,7 +470,8 @@ def table(result: dict[str, Any]) -> str:
         values = result["samples"][name]
         lines.append(f"{name[len('set-up '):]:58}{statistics.median(values):>7.1f}{max(values):>7.1f}")
     lines.append("")
-    lines.append(f"hand-out (get_vm, client side), medians of {result['handouts']}")
+    lines.append(f"hand-out (get_vm, client side), medians of {result['handouts']}; refill: from the "
+                 "request until Status shows the pool full again")
     lines.append(f"{'':22}{'no network':>12}{'restricted':>12}{'ratio':>7}{'configure_guest':>17}"
                  f"{'enforce set-up':>16}{'refill none':>13}{'refill restr.':>14}")
     for mode, plain, net in (("boot", "default", "net"), ("snapshot", "snap", "netsnap")):
@@ -475,6 +481,11 @@ def table(result: dict[str, Any]) -> str:
                      f"{m.get(f'hand-out {net} configure_guest ms', float('nan')):>17.1f}"
                      f"{m.get(f'hand-out {net} enforce set-up ms', float('nan')):>16.1f}"
                      f"{m[f'refill {plain} s']:>13.2f}{m[f'refill {net} s']:>14.2f}")
+    lines.append("`python3 -I -c pass` in the VM just handed out, ms (none: its first; restricted: its "
+                 "second, the first was configure_guest's):")
+    for mode, plain, net in (("boot", "default", "net"), ("snapshot", "snap", "netsnap")):
+        lines.append(f"{mode + ' mode':22}{m[f'python3 after hand-out {plain} ms']:>12.1f}"
+                     f"{m[f'python3 after hand-out {net} ms']:>12.1f}")
     return "\n".join(lines)
 
 
