@@ -52,8 +52,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +307,21 @@ async def pool_full(client: vmcache.CacheClient, pool: str | None = None, timeou
             await trio.sleep(0.02)
 
 
+#: Every VM this takes dies by itself after this long, whatever happens to this script.
+TTL = 900.0
+
+
+@asynccontextmanager
+async def closing(handle: vmcache.VMHandle) -> AsyncIterator[None]:
+    """Stop ``handle``'s VM at the block's end, even on an error or Ctrl-C (a handed-out VM
+    outlives the daemon that handed it out)."""
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            await handle.aclose()
+
+
 async def warm_snapshots(endpoint: Path, policy: vmcache.NetworkPolicy) -> None:
     """The first fill of a snapshot pool is plain boots (the template is made meanwhile):
     take and refill until a refill is a restore (well under a cold boot), so that no
@@ -315,12 +330,12 @@ async def warm_snapshots(endpoint: Path, policy: vmcache.NetworkPolicy) -> None:
         for pool in ("snap", "netsnap"):
             for _ in range(4):
                 await pool_full(client)
-                handle = await client.get_vm(timeout=60, size=vmcache.VMSize(pool=pool),
+                handle = await client.get_vm(timeout=60, size=vmcache.VMSize(pool=pool), ttl=TTL,
                                              network=policy if pool in NETWORK_POOLS else None)
-                start = time.perf_counter()
-                await pool_full(client, pool)
-                refill = time.perf_counter() - start
-                await handle.aclose()
+                async with closing(handle):
+                    start = time.perf_counter()
+                    await pool_full(client, pool)
+                    refill = time.perf_counter() - start
                 if refill < 2.0:
                     break
         await pool_full(client)
@@ -336,19 +351,19 @@ async def handouts(endpoint: Path, policy: vmcache.NetworkPolicy, rounds: int, s
             for pool in (POOLS if number % 2 == 0 else POOLS[::-1]):
                 await pool_full(client)
                 start = time.perf_counter()
-                handle = await client.get_vm(timeout=60, size=vmcache.VMSize(pool=pool),
+                handle = await client.get_vm(timeout=60, size=vmcache.VMSize(pool=pool), ttl=TTL,
                                              network=policy if pool in NETWORK_POOLS else None)
                 samples.note(f"hand-out {pool} ms", (time.perf_counter() - start) * 1000)
-                await pool_full(client, pool)
-                samples.note(f"refill {pool} s", time.perf_counter() - start)
-                # The guest's first python3 since the hand-out (for a network pool the first was
-                # configure_guest's): what a python3 costs in a VM fresh from this pool.
-                started = time.perf_counter()
-                await handle.run(["python3", "-I", "-c", "pass"], check=True)
-                samples.note(f"python3 after hand-out {pool} ms", (time.perf_counter() - started) * 1000)
-                if pool in NETWORK_POOLS:
-                    taken.append(f"{pool} {handle.id}")
-                await handle.aclose()
+                async with closing(handle):
+                    await pool_full(client, pool)
+                    samples.note(f"refill {pool} s", time.perf_counter() - start)
+                    # The guest's first python3 since the hand-out (for a network pool the first
+                    # was configure_guest's): what a python3 costs in a VM fresh from this pool.
+                    started = time.perf_counter()
+                    await handle.run(["python3", "-I", "-c", "pass"], check=True)
+                    samples.note(f"python3 after hand-out {pool} ms", (time.perf_counter() - started) * 1000)
+                    if pool in NETWORK_POOLS:
+                        taken.append(f"{pool} {handle.id}")
     return taken
 
 
