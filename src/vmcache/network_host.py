@@ -41,7 +41,6 @@ from .netns import Netns
 from .network_policy import NetworkPolicy
 from .procfs import process_start_time
 from .qemu import VM
-from .vm_nic import configure_guest
 
 log = logging.getLogger("vmcache.network")
 
@@ -150,11 +149,11 @@ class HostNetwork:
         """Every policy can be enforced here (the daemon's root check is at start)."""
 
     async def apply(self, vm: VM, policy: NetworkPolicy) -> None:
-        """Configure the guest's NIC and enforce ``policy`` before the VM is handed out. Mode
-        none leaves the NIC behind its drop-all ruleset: the guest reaches nothing."""
+        """Enforce ``policy`` before the VM is handed out (its guest configured its NIC at
+        boot: vmcache.qemu.wait_for_boot). Mode none leaves the NIC behind its drop-all
+        ruleset: the guest reaches nothing."""
         if not policy.is_restricted:
             return
-        await configure_guest(vm)
         await self._start(vm.id, vm.pid, vm.start_time, policy)
 
     def adopt(self, vm_id: str, pid: int, start_time: int, policy: NetworkPolicy) -> None:
