@@ -349,8 +349,9 @@ async def wait_for_boot(vm: VM) -> str:
     await connect_monitor(vm)
     boot_id = await start_agent(vm, await connect_control(vm))
     if vm.spec.nic:
+        assert vm.agent is not None
         try:
-            await configure_guest(vm)
+            await configure_guest(vm.agent)  # the agent itself: the VM is not READY yet
         except NetworkSetupError as error:
             raise BootError(f"VM {vm.id}: {error}") from None
     return boot_id

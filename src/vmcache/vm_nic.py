@@ -131,7 +131,8 @@ os.replace(temporary, "/etc/resolv.conf")
 
 
 class GuestRunner(Protocol):
-    """What :func:`configure_guest` needs of a VM: ``run`` (vmcache.guest_api.GuestAPI)."""
+    """What :func:`configure_guest` needs: ``run``, as the agent connection has it
+    (vmcache.agent_client.AgentConnection; a VM's GuestAPI has it too)."""
 
     async def run(self, argv: Sequence[str | bytes], *, capture_stdout: bool = ...,
                   capture_stderr: bool = ..., timeout: float | None = ...,
