@@ -38,9 +38,9 @@ from vmcache.procfs import jail_pids, open_fds, qemu_pids
 
 OVERALL_DEADLINE = 600.0
 #: Every this many cycles a VM given network (host.vmcache.internal:PORT) ...
-RESTRICTED_EVERY = 8
+RESTRICTED_EVERY = 20
 #: ... and every this many a guest that fetches through the egress proxy.
-FETCH_EVERY = 24
+FETCH_EVERY = 40
 FETCH = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
          "f'http://host.vmcache.internal:{sys.argv[1]}/', timeout=10).read().decode())")
 
