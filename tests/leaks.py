@@ -5,7 +5,9 @@ fail on any difference (:func:`leaked`), as they do on QEMU processes:
 
 - ``host_links``: interfaces in the host's (root) network namespace (``ip -o link``): a
   tap that escaped its VM's namespace, a veth;
-- ``netns_mounts``: named namespaces (``/run/netns``);
+- ``netns_mounts``: named namespaces (``/run/netns``; vmcache never makes one), but for
+  those of tests/netns_pair.py (``vmcache-test-*``: each test removes its own), so that
+  another engineer's test running meanwhile on a shared machine is not counted;
 - ``host_ruleset``: the root namespace's nftables ruleset (``nft list ruleset``), changed;
 - ``foreign_fds`` (of a live daemon, :func:`foreign_fds`): its descriptors that keep
   another network namespace alive: a namespace itself (``net:[...]``), a tap
@@ -34,6 +36,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has
 SIOCGSKNS = 0x894C
 HELPERS = {"nsenter", "nft", "ip", "sysctl", "unshare"}
+#: The prefix of the named namespaces tests/netns_pair.py makes (and removes) itself.
+TEST_NETNS = "vmcache-test-"
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ def host_ruleset() -> str:
 
 def census() -> Census:
     mounts = Path("/run/netns")
-    return Census(host_links(), frozenset(os.listdir(mounts)) if mounts.is_dir() else frozenset(),
+    named = os.listdir(mounts) if mounts.is_dir() else []
+    return Census(host_links(), frozenset(name for name in named if not name.startswith(TEST_NETNS)),
                   host_ruleset())
 
 
