@@ -135,29 +135,29 @@ def serve_timed(timings: Path, argv: list[str]) -> None:
     each ``configure_guest`` and each enforcement set-up (``HostNetwork._start``: the VM's
     namespace opened, the ruleset, the proxy's and DNS responder's sockets) appends
     ``{"step", "vm", "seconds"}`` as a JSON line to ``timings``."""
-    from vmcache import network_host
-    from vmcache.qemu import VM
+    from vmcache import network_host, qemu
+    from vmcache.vm_nic import GuestRunner
 
     def note(step: str, vm_id: str, seconds: float) -> None:
         with open(timings, "a") as file:
             file.write(json.dumps({"step": step, "vm": vm_id, "seconds": seconds}) + "\n")
 
-    configure = getattr(network_host, "configure_guest")  # noqa: B009 - imported there by name, patched there
+    configure = getattr(qemu, "configure_guest")  # noqa: B009 - imported there by name, patched there
 
-    async def configure_guest(vm: VM) -> None:
+    async def configure_guest(agent: GuestRunner) -> None:
         started = time.perf_counter()
-        await configure(vm)
-        note("configure_guest", vm.id, time.perf_counter() - started)
+        await configure(agent)
+        note("configure_guest", "at boot", time.perf_counter() - started)
 
     start = network_host.HostNetwork._start
 
     async def timed_start(self: network_host.HostNetwork, vm_id: str, pid: int, start_time: int,
-                          policy: vmcache.NetworkPolicy) -> None:
+                          policy: vmcache.NetworkPolicy, adopted: network_host._Held | None = None) -> None:
         started = time.perf_counter()
-        await start(self, vm_id, pid, start_time, policy)
+        await start(self, vm_id, pid, start_time, policy, adopted)
         note("enforce set-up", vm_id, time.perf_counter() - started)
 
-    setattr(network_host, "configure_guest", configure_guest)  # noqa: B010
+    setattr(qemu, "configure_guest", configure_guest)  # noqa: B010
     network_host.HostNetwork._start = timed_start  # type: ignore[method-assign]
     sys.argv = ["vmcache", *argv]
     from vmcache.__main__ import run

@@ -18,6 +18,14 @@ client killed or out of time just after it was written (counted). Nothing
 may be lost or leaked:
 QEMU processes, the daemon's file descriptors, run directories; and no output of
 any process may hold a traceback. Exits non-zero if anything does.
+
+Its VMs have a NIC (the config permits a loopback server the run starts): ``run-net``
+and ``get-net`` rounds ask for ``--allow host.vmcache.internal:PORT`` (``run-net``'s guest
+fetches from the server through the egress proxy), so that VMs with an enforcement up are
+killed, leased, claimed and adopted by a restarted daemon like the others; then what a
+VM's network could leave is counted too (tests/leaks.py): interfaces and named namespaces
+in the host's namespace, its nftables ruleset, the daemon's descriptors holding another
+namespace, its helper processes, connections to the server.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from vmcache.ledger import OFFER_DEADLINE, STOP_WAIT
 from vmcache.procfs import jail_pids, open_fds, qemu_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import leaks
 from conftest import handles_sigterm
 
 OVERALL_DEADLINE = 900.0
@@ -105,11 +114,18 @@ except Exception as error:  # grpc.RpcError and its kin have code(); one line, w
 #: before that, the Python interpreter itself is starting up, and a SIGINT there is
 #: Python's own KeyboardInterrupt. See the README's Limitations.
 EARLIEST_SIGNAL = 0.0
+#: What a ``run-net`` guest runs: a fetch from the loopback server through the egress proxy.
+FETCH = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+         "f'http://host.vmcache.internal:{sys.argv[1]}/', timeout=10).read().decode())")
+#: The counters of what a VM's network could leave (each must be empty, false or 0).
+LEAKS = ("leaked_host_links", "leaked_netns_mounts", "host_ruleset_changed",
+         "daemon_fds_in_vm_namespaces", "daemon_helpers_left", "proxied_connections_left")
 
 
 class Chaos:
-    def __init__(self, work: Path, cache_size: int, seed: int) -> None:
+    def __init__(self, work: Path, cache_size: int, seed: int, port: int) -> None:
         self.work = work
+        self.port = port
         self.run_dir = work / "run"
         self.endpoint = self.run_dir / "cache.sock"
         self.config = work / "chaos.toml"
@@ -117,6 +133,7 @@ class Chaos:
             f'[factory]\nvm_cache_number = {cache_size}\nvm_cache_endpoint = "{self.endpoint}"\n'
             'boot_mode = "snapshot"\nhealth_interval = 1.0\n'
             '[hypervisor.qemu]\naccel = "tcg"\nboot_timeout = 60.0\n'
+            f'[network]\npermit = ["host.vmcache.internal:{port}"]\n'
         )
         self.env = {**os.environ, "VMCACHE_RUN_DIR": str(self.run_dir), "PYTHONUNBUFFERED": "1"}
         self.cache_size = cache_size
@@ -183,17 +200,24 @@ class Chaos:
     def client_argv(self, kind: str) -> list[str]:
         endpoint = str(self.endpoint)
         vmcache_command = str(Path(sys.executable).parent / "vmcache")
+        allow = ["--allow", f"host.vmcache.internal:{self.port}"]
         if kind == "run":
             return [vmcache_command, "run", "--endpoint", endpoint, "--", "sleep", "2"]
+        if kind == "run-net":
+            return [vmcache_command, "run", "--endpoint", endpoint, *allow, "--",
+                    "python3", "-c", FETCH, str(self.port)]
         if kind == "get":
             return [vmcache_command, "get", "--endpoint", endpoint]
+        if kind == "get-net":
+            return [vmcache_command, "get", "--endpoint", endpoint, *allow]
         if kind == "lease":
             return [sys.executable, "-c", LEASE_SCRIPT, endpoint]
         timeout = 60.0 if kind == "kata" else self.rng.uniform(0.005, 0.2)
         return [sys.executable, "-c", KATA_SCRIPT, endpoint, str(self.stubs), f"{timeout:.3f}"]
 
     async def one_round(self, index: int) -> None:
-        kind = self.rng.choice(["run", "get", "lease", "kata", "kata-short"])
+        kind = self.rng.choice(["run", "run-net", "get", "get-net", "lease", "kata", "kata-short"])
+        cli = kind.removesuffix("-net")  # run or get: the CLI's contract
         action = self.rng.choice(["finish", "SIGKILL", "SIGTERM", "SIGINT"])
         delay = self.rng.uniform(EARLIEST_SIGNAL, 2.5)
         process = await trio.lowlevel.open_process(
@@ -223,14 +247,16 @@ class Chaos:
         self.outcomes[f"{kind}: {action if status != 0 or action == 'finish' else 'finished first'}"] += 1
         if "Traceback" in stdout + stderr:
             self.problems.append(f"round {index} ({kind}, {action}): a traceback:\n{stderr[-2000:]}")
-        if kind in ("run", "get") and status not in (0, -9) and stderr.count("\n") != 1:
+        if kind == "run-net" and action == "finish" and status == 0 and stdout != "chaos":
+            self.problems.append(f"round {index} (run-net): fetched {stdout[-200:]!r}")
+        if cli in ("run", "get") and status not in (0, -9) and stderr.count("\n") != 1:
             self.problems.append(f"round {index} ({kind}, {action}): exit {status} with "
                                  f"{stderr.count(chr(10))} lines on stderr: {stderr[-500:]!r}")
-        if kind in ("run", "get") and action in ("SIGTERM", "SIGINT") and status not in (0, 1):
+        if cli in ("run", "get") and action in ("SIGTERM", "SIGINT") and status not in (0, 1):
             expected = 128 + getattr(signal, action)
             if status != expected or not stderr.endswith(f"interrupted ({action})\n"):
                 self.problems.append(f"round {index} ({kind}, {action}): exit {status}, stderr {stderr!r}")
-        if kind == "get" and stdout.strip():
+        if cli == "get" and stdout.strip():
             self.handles.append(stdout.strip().splitlines()[0])
         if kind.startswith("kata") and stdout.strip():
             self.kata_handles.append(stdout.strip().splitlines()[0])
@@ -248,6 +274,7 @@ class Chaos:
                         str(ROOT / "protos" / "cache.proto")], check=True, timeout=60)
         before = qemu_pids()
         self.jails_before, self.cgroups_before = jail_pids(), set(cgroup_manager().existing())
+        self.host_before = leaks.census()
         started = time.monotonic()
         self.start_daemon()
         restarts_at = set(self.rng.sample(range(rounds // 5, rounds - rounds // 5), 3))
@@ -321,6 +348,7 @@ class Chaos:
         await trio.sleep(1)
         fds_after = open_fds(self.daemon.pid) if self.daemon else 0
         assert self.daemon is not None
+        foreign, helpers = leaks.foreign_fds(self.daemon.pid), leaks.helpers(self.daemon.pid)
         self.daemon.send_signal(signal.SIGTERM)
         exit_status = await trio.to_thread.run_sync(self.daemon.wait, 60)
         leftover_qemu = qemu_pids() - before
@@ -328,6 +356,7 @@ class Chaos:
         leftover_jails = jail_pids() - self.jails_before
         leftover_cgroups = set(cgroup_manager().existing()) - self.cgroups_before
         tracebacks = sum("Traceback" in log.read_text(errors="replace") for log in self.daemon_logs)
+        host_leaks = leaks.leaked(self.host_before, leaks.census())
         return {
             "cache": self.cache_size,
             "boot_mode": "snapshot",
@@ -346,6 +375,10 @@ class Chaos:
             "leaked_run_dirs": len(leftover_dirs),
             "leaked_jail_processes": len(leftover_jails),
             "leaked_cgroups": len(leftover_cgroups),
+            **host_leaks,
+            "daemon_fds_in_vm_namespaces": foreign,
+            "daemon_helpers_left": helpers,
+            "proxied_connections_left": leaks.established(self.port),
             "tracebacks": tracebacks + sum("traceback" in p for p in self.problems),
             "daemon_exit_status": exit_status,
             "problems": self.problems[:20],
@@ -362,15 +395,16 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vmcache-chaos-", dir="/tmp"))
     work.chmod(0o711)  # each VM's own uid passes through to its run directory
-    chaos = Chaos(work, args.cache, args.seed)
-    result = trio.run(chaos.run, args.rounds)
+    with leaks.loopback_server("chaos") as port:
+        chaos = Chaos(work, args.cache, args.seed, port)
+        result = trio.run(chaos.run, args.rounds)
     result["seed"] = args.seed
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     bad = {key: result[key] for key in ("lost_vms", "leases_left_running", "leaked_qemu_processes",
                                          "leaked_fds", "leaked_run_dirs", "leaked_jail_processes",
-                                         "leaked_cgroups", "tracebacks",
+                                         "leaked_cgroups", *LEAKS, "tracebacks",
                                          "daemon_exit_status") if result[key]}
     if bad or result["problems"]:
         print(f"chaos: FAILED {bad}; work directory kept: {work}", file=sys.stderr)

@@ -6,6 +6,13 @@ Run by `nox -s soak` (and so by scripts/test and CI). Bounded: a cycle limit
 and an overall deadline. Exits non-zero if anything leaked or was lost:
 QEMU processes, the daemon's file descriptors, run directories, VMs handed
 out but never received, or a cache that does not refill.
+
+Its VMs have a NIC (the config permits a loopback server the soak starts): every
+RESTRICTED_EVERY-th cycle gets its VM with ``host.vmcache.internal:PORT`` allowed, and
+every FETCH_EVERY-th fetches from that server through the egress proxy. Then what a VM's
+network could leave is counted too (tests/leaks.py): interfaces and named namespaces in
+the host's namespace, its nftables ruleset, the daemon's descriptors holding another
+namespace, its helper processes, connections to the server.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import leaks
+
 import vmcache
 from vmcache.cgroup import manager as cgroup_manager
 from vmcache.procfs import jail_pids, open_fds, qemu_pids
 
 OVERALL_DEADLINE = 600.0
+#: Every this many cycles a VM given network (host.vmcache.internal:PORT) ...
+RESTRICTED_EVERY = 20
+#: ... and every this many a guest that fetches through the egress proxy.
+FETCH_EVERY = 40
+FETCH = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+         "f'http://host.vmcache.internal:{sys.argv[1]}/', timeout=10).read().decode())")
 
 
 async def cached(endpoint: Path) -> list[int]:
@@ -47,6 +63,11 @@ async def wait_cached(endpoint: Path, count: int, timeout: float = 120.0) -> lis
 
 
 async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
+    with leaks.loopback_server("soak") as port:
+        return await soak_with(cycles, cache_size, mode, port)
+
+
+async def soak_with(cycles: int, cache_size: int, mode: str, port: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="vmcache-soak-", dir="/tmp"))
     work.chmod(0o711)  # each VM's own uid passes through to its run directory
     run_dir = work / "run"
@@ -55,7 +76,10 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
     config.write_text(
         f'[factory]\nvm_cache_number = {cache_size}\nvm_cache_endpoint = "{endpoint}"\n'
         f'boot_mode = "{mode}"\n[hypervisor.qemu]\naccel = "tcg"\nboot_timeout = 60.0\n'
+        f'[network]\npermit = ["host.vmcache.internal:{port}"]\n'
     )
+    restricted = vmcache.NetworkPolicy.parse("restricted", [f"host.vmcache.internal:{port}"])
+    host_before = leaks.census()
     before = qemu_pids()
     jails_before, cgroups_before = jail_pids(), set(cgroup_manager().existing())
     log = open(work / "daemon.log", "wb")  # noqa: SIM115
@@ -63,6 +87,7 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
                               stdout=log, stderr=log, env={**os.environ, "VMCACHE_RUN_DIR": str(run_dir)})
     started = time.monotonic()
     received: set[int] = set()
+    fetched = 0
     try:
         with trio.fail_after(OVERALL_DEADLINE):
             await wait_cached(endpoint, cache_size)
@@ -70,17 +95,24 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
                 await trio.sleep(1)
             fds_before = open_fds(daemon.pid)
             async with vmcache.connect(endpoint) as cache:
-                for _ in range(cycles):
-                    vm = await cache.get_vm(timeout=120)
+                for cycle in range(cycles):
+                    network = restricted if cycle % RESTRICTED_EVERY == 0 else None
+                    vm = await cache.get_vm(timeout=120, network=network)
                     if vm.pid in received:
                         raise AssertionError(f"VM pid {vm.pid} handed out twice")
                     received.add(vm.pid)
-                    ran = await vm.run(["true"])
-                    assert ran.returncode == 0
+                    if cycle % FETCH_EVERY == 0:
+                        ran = await vm.run(["python3", "-c", FETCH, str(port)])
+                        assert ran.returncode == 0 and ran.stdout == b"soak", ran
+                        fetched += 1
+                    else:
+                        ran = await vm.run(["true"])
+                        assert ran.returncode == 0
                     await vm.stop()
             refilled = await wait_cached(endpoint, cache_size)
             await trio.sleep(1)  # reapers and connection tasks finish
             fds_after = open_fds(daemon.pid)
+            foreign, helpers = leaks.foreign_fds(daemon.pid), leaks.helpers(daemon.pid)
         async with vmcache.connect(endpoint) as cache:
             status = await cache.status()
         daemon.send_signal(signal.SIGTERM)
@@ -94,6 +126,7 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
     leftover_dirs = [p.name for p in run_dir.iterdir() if p.name.startswith("vm-")]
     leftover_jails = jail_pids() - jails_before
     leftover_cgroups = set(cgroup_manager().existing()) - cgroups_before
+    host_leaks = leaks.leaked(host_before, leaks.census())
     result = {
         "cycles": cycles,
         "cache": cache_size,
@@ -108,12 +141,23 @@ async def soak(cycles: int, cache_size: int, mode: str) -> dict[str, object]:
         "leaked_run_dirs": len(leftover_dirs),
         "leaked_jail_processes": len(leftover_jails),
         "leaked_cgroups": len(leftover_cgroups),
+        "restricted_vms": len(range(0, cycles, RESTRICTED_EVERY)),
+        "fetches_through_the_proxy": fetched,
+        **host_leaks,
+        "daemon_fds_in_vm_namespaces": foreign,
+        "daemon_helpers_left": helpers,
+        "proxied_connections_left": leaks.established(port),
         "daemon_exit_status": exit_status,
     }
     subprocess.run(["rm", "-rf", str(work)], check=False)
     for pid in leftover_qemu:
         os.kill(pid, signal.SIGKILL)
     return result
+
+
+#: The counters of what a VM's network could leave (each must be empty, false or 0).
+LEAKS = ("leaked_host_links", "leaked_netns_mounts", "host_ruleset_changed",
+         "daemon_fds_in_vm_namespaces", "daemon_helpers_left", "proxied_connections_left")
 
 
 def main() -> None:
@@ -130,7 +174,7 @@ def main() -> None:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     bad = {key: result[key] for key in ("lost_vms", "leaked_qemu_processes", "leaked_fds",
                                          "leaked_run_dirs", "leaked_jail_processes", "leaked_cgroups",
-                                         "daemon_exit_status") if result[key]}
+                                         *LEAKS, "daemon_exit_status") if result[key]}
     if bad or result["cached_at_end"] != args.cache:
         raise SystemExit(f"soak: FAILED {bad or result}")
     print(f"soak: ok, {result['cycles']} get/exec/stop cycles, nothing leaked or lost")

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import vmcache.network_host as network_host
 from vmcache.errors import NetworkSetupError
+from vmcache.netns import Netns
 from vmcache.network_host import ENFORCE_TIMEOUT, HostNetwork
 from vmcache.network_policy import NetworkPolicy
 
@@ -96,3 +98,36 @@ async def test_release_during_set_up_at_hand_out_is_a_setup_error(
             await network._start("vm-1", 1234, 5678, POLICY)
         assert network.held() == 0 and opened[0].closed
         nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_released_before_its_adopted_enforcement_is_up_keeps_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    up: list[str] = []
+
+    @asynccontextmanager
+    async def enforce(netns: Netns, policy: NetworkPolicy, *, vm: str) -> AsyncIterator[None]:
+        await trio.lowlevel.checkpoint()
+        up.append(vm)
+        try:
+            yield
+        finally:
+            up.remove(vm)
+
+    monkeypatch.setattr(network_host, "enforce", enforce)
+    monkeypatch.setattr(network_host, "open_vm_netns", lambda pid, start_time: Netns("/proc/self/ns/net"))
+    network = HostNetwork()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.run)
+            # Adopted, and gone at once: the ledger releases it before its enforcement is up.
+            network.adopt("quick", 1, 1, POLICY)
+            await network.release("quick")
+            await trio.testing.wait_all_tasks_blocked()
+            assert (network.held(), up) == (0, [])
+            # Adopted and kept: up until released, then down.
+            network.adopt("kept", 1, 1, POLICY)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (network.held(), up) == (1, ["kept"])
+            await network.release("kept")
+            assert (network.held(), up) == (0, [])
+            nursery.cancel_scope.cancel()

@@ -158,34 +158,50 @@ class HostNetwork:
 
     def adopt(self, vm_id: str, pid: int, start_time: int, policy: NetworkPolicy) -> None:
         """Enforce again the policy of a VM a previous daemon handed out (its guest is
-        configured already). A failure is logged: that VM's network stays closed."""
+        configured already). A failure is logged: that VM's network stays closed.
+
+        The VM is held from this call on, before its enforcement is up: a :meth:`release`
+        that comes first (the VM exited at once) then waits for it and takes it down, and
+        never leaves an enforcement behind for a VM the ledger has already forgotten."""
         if not policy.is_restricted or self._nursery is None:
             return
+        if vm_id in self._held:
+            log.warning("VM %s has its network set up already (a vmcache bug)", vm_id)
+            return
+        held = self._held[vm_id] = _Held(policy)
 
         async def again() -> None:
             try:
-                await self._start(vm_id, pid, start_time, policy)
+                await self._start(vm_id, pid, start_time, policy, held)
             except Exception as error:  # never the daemon's end: that VM's network stays closed
                 log.warning("VM %s keeps no network: %s", vm_id, error)
 
         self._nursery.start_soon(again, name=f"vmcache network adopt {vm_id}")
 
-    async def _start(self, vm_id: str, pid: int, start_time: int, policy: NetworkPolicy) -> None:
+    async def _start(self, vm_id: str, pid: int, start_time: int, policy: NetworkPolicy,
+                     adopted: _Held | None = None) -> None:
         assert self._nursery is not None, "HostNetwork.run is not running"
-        if vm_id in self._held:
+        if adopted is None and vm_id in self._held:
             raise NetworkSetupError(f"VM {vm_id} has its network set up already (a vmcache bug)")
-        netns = open_vm_netns(pid, start_time)
-        held = self._held[vm_id] = _Held(policy)
+        held = self._held[vm_id] = adopted or _Held(policy)
+        try:
+            netns = open_vm_netns(pid, start_time)
+        except BaseException:
+            self._held.pop(vm_id, None)
+            held.done.set()
+            raise
         try:
             with trio.fail_after(ENFORCE_TIMEOUT):
                 await self._nursery.start(self._hold, vm_id, netns, held)
-        except trio.TooSlowError:
-            raise NetworkSetupError(f"VM {vm_id}'s network took more than {ENFORCE_TIMEOUT:g} s "
-                                    "to set up") from None
-        finally:
-            if not held.started:
-                self._held.pop(vm_id, None)
-                netns.close()
+        except BaseException as error:
+            if self._held.get(vm_id) is held:
+                del self._held[vm_id]
+            held.done.set()
+            netns.close()
+            if isinstance(error, trio.TooSlowError):
+                raise NetworkSetupError(f"VM {vm_id}'s network took more than {ENFORCE_TIMEOUT:g} s "
+                                        "to set up") from None
+            raise
 
     async def _hold(self, vm_id: str, netns: Netns, held: _Held, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
