@@ -426,7 +426,7 @@ async def test_snapshot_clones_each_have_their_own_working_nic(
 @pytest.mark.qemu
 async def test_a_nic_boot_cancelled_at_any_moment_of_its_set_up_leaves_nothing(
         tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
-    """Cancelled every 2 ms through the tap's making, bubblewrap's set-up, the tap's attaching
+    """Cancelled every 5 ms through the tap's making, bubblewrap's set-up, the tap's attaching
     at the gate and QEMU's first moments: no QEMU, jail, namespace, tap or descriptor is left."""
     from vmcache.procfs import jail_pids, qemu_pids
     from vmcache.qemu import boot_vm
@@ -435,7 +435,7 @@ async def test_a_nic_boot_cancelled_at_any_moment_of_its_set_up_leaves_nothing(
     links, namespaces = host_links(), host_netns()
     before, jails, inodes = qemu_pids(), jail_pids(), live_netns_inodes()
     fds = open_fds()
-    for step in range(0, 150, 2):
+    for step in range(0, 150, 5):
         with trio.move_on_after(step / 1000) as scope:
             await boot_vm(spec)
         assert scope.cancelled_caught
