@@ -6,15 +6,13 @@ nothing is left when the VM goes."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import leaks
 import pytest
 import trio
 from conftest import VMCACHE, qemu_pids, wait_until
@@ -29,38 +27,10 @@ from vmcache.wire import SERVICE
 
 pytestmark = pytest.mark.qemu
 
-class Named(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with the name of its server (so the test sees which one it reached)."""
-
-    def do_GET(self) -> None:
-        body = self.server.name.encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def loopback_server(name: str) -> Iterator[int]:
-    """An HTTP server on the host's 127.0.0.1 (an ephemeral port), for the test's life."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Named)
-    server.name = name  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def servers() -> Iterator[tuple[int, int]]:
     """Two loopback servers: one the policy allows, one it leaves out."""
-    with loopback_server("allowed") as allowed, loopback_server("other") as other:
+    with leaks.loopback_server("allowed") as allowed, leaks.loopback_server("other") as other:
         yield allowed, other
 
 
