@@ -220,3 +220,35 @@ async def test_every_guest_call_explains_its_agent_error(connection: object) -> 
     for use in uses:
         with pytest.raises(VMDiedError, match=r"stopped \(Kernel panic\)"):
             await use(Guested(FakeGuest(connection)))
+
+
+def test_a_stop_signal_during_class_creation_is_an_interruption_not_a_bug(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Chaos saw ``vmcache get`` answer a SIGTERM with "unexpected error (a bug ...):
+    RuntimeError: Error calling __set_name__ on 'Field' instance '_broken' in 'TLSStream'":
+    the signal landed while ``import trio`` created a class, and Python 3.11 wraps what a
+    ``__set_name__`` raises."""
+    import signal
+
+    from vmcache import cli
+
+    class Field:
+        def __set_name__(self, owner: type, name: str) -> None:
+            cli._early_signal(signal.SIGTERM, None)  # the handler, as the signal would run it
+
+    def create_a_class() -> None:
+        class TLSStream:
+            _broken = Field()
+
+    with pytest.raises(SystemExit) as exited:
+        cli._exit_for(_raised(create_a_class))
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "vmcache: interrupted (SIGTERM)\n"
+
+
+def _raised(action: Callable[[], object]) -> BaseException:
+    try:
+        action()
+    except BaseException as error:
+        return error
+    raise AssertionError("no error")

@@ -765,11 +765,12 @@ def _exit_for(error: BaseException) -> NoReturn:
     from .errors import leaves as leaves_of
 
     leaves = leaves_of(error)
-    for leaf in leaves:
-        if isinstance(leaf, Interrupted):
-            _fail(f"interrupted ({signal.Signals(leaf.signum).name})", 128 + leaf.signum)
-    for leaf in leaves:
-        if isinstance(leaf, KeyboardInterrupt):
+    interrupts = [cause for leaf in leaves for cause in _causes(leaf)]
+    for cause in interrupts:
+        if isinstance(cause, Interrupted):
+            _fail(f"interrupted ({signal.Signals(cause.signum).name})", 128 + cause.signum)
+    for cause in interrupts:
+        if isinstance(cause, KeyboardInterrupt):
             _fail("interrupted (SIGINT)", 128 + signal.SIGINT)
     for leaf in leaves:
         if isinstance(leaf, VmcacheError):
@@ -781,6 +782,22 @@ def _exit_for(error: BaseException) -> NoReturn:
     leaf = leaves[0]
     _fail(f"unexpected error (a bug; --log-level debug shows where): {type(leaf).__name__}: {leaf}",
           INTERNAL_ERROR_STATUS)
+
+
+MAX_CAUSES = 8
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__``, at most
+    :data:`MAX_CAUSES`): a stop signal that lands while a class is being created (say
+    during a lazy ``import trio``) reaches us as Python 3.11's ``RuntimeError: Error calling
+    __set_name__ ...`` raised from our :class:`Interrupted`, and is still an interruption."""
+    found: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(found) < MAX_CAUSES:
+        found.append(current)
+        current = current.__cause__
+    return found
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
