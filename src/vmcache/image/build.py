@@ -59,6 +59,9 @@ AGENT_FILES = (
     ("agent_files.py", ("in_guest", "agent_files.py")),
     ("agent_tcp.py", ("in_guest", "agent_tcp.py")),
     ("agent_protocol.py", ("agent_protocol.py",)),
+    # E2B's envd and code interpreter, guest side: helpers the host runs through the agent.
+    ("e2b_fs.py", ("in_guest", "e2b_fs.py")),
+    ("e2b_kernel.py", ("in_guest", "e2b_kernel.py")),
 )
 
 
