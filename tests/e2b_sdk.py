@@ -328,7 +328,7 @@ def stop_process(process: subprocess.Popen[str], sig: int = signal.SIGKILL) -> N
 @contextlib.contextmanager
 def serving(tmp: Path, api_key: str = "e2b_vmcache-test-key", pool: int = 2) -> Iterator[E2bDaemon]:
     """A ``vmcache serve`` (this tree's code, like every daemon test) with ``[e2b] listen`` on a
-    free 127.0.0.1 port, a cache of ``pool`` VMs, and an API key file of mode 0600; the SDK
+    free 127.0.0.1 port, a cache of ``pool`` VMs (snapshot mode), and an API key file of mode 0600; the SDK
     environments built first (a failed install fails here, before any VM boots).
 
     Around it, what a module of SDK tests must leave as it found: no QEMU process of its own
@@ -353,7 +353,9 @@ def serving(tmp: Path, api_key: str = "e2b_vmcache-test-key", pool: int = 2) -> 
     census_before = leaks.census()
     port = free_port()
     keys = write_api_keys(tmp / "e2b-api-keys", api_key)
-    daemon = Daemon(tmp, run_dir, cache=pool)
+    # Snapshot mode, as the fastest daemon tests run: the module creates about ten sandboxes,
+    # and a refill restored from the template takes a fraction of a cold boot's core-seconds.
+    daemon = Daemon(tmp, run_dir, cache=pool, factory={"boot_mode": "snapshot"})
     with open(daemon.config, "a") as config:
         config.write(e2b_config_section(port, keys))
     try:
