@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         DaemonError,
         DaemonNotRunningError,
         DeadlineExceededError,
+        DependencyError,
         EndpointInUseError,
         FailedPreconditionError,
         GuestConnectError,
@@ -94,6 +95,7 @@ __all__ = [
     "DaemonError",
     "DaemonNotRunningError",
     "DeadlineExceededError",
+    "DependencyError",
     "EndpointInUseError",
     "FailedPreconditionError",
     "GuestConnectError",
@@ -160,6 +162,8 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'vmcache' has no attribute {name!r}")
+    if module in ("server", "client"):  # purerpc: say so in one line if its h2 is wrong
+        importlib.import_module(".errors", __name__).check_h2()
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -300,6 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from .config import load_config
+    from .errors import check_h2
+
+    check_h2()  # before purerpc is imported (below)
     from .server import serve_until_signalled
 
     config = load_config(args.config)

@@ -29,6 +29,10 @@ Example (every key optional; these are the defaults)::
     allow = []                   # what a VM may reach when a request names no policy
     permit = allow               # the ceiling a request's own policy must stay within
 
+    [e2b]                        # the API E2B's SDKs talk to (docs/e2b.md); off by default
+    listen = ""                  # "127.0.0.1:3000"; a non-loopback host only when written here
+    api_keys_file = ""           # one API key a line; owned by root or the daemon, mode 0600
+
     [image]                      # what `vmcache image build --config FILE` builds
     packages = []                # Debian packages added to the default root image
     mirror = ""                  # Debian mirror; "" = the host apt's, else deb.debian.org
@@ -39,6 +43,7 @@ naming the key and the file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -294,6 +299,56 @@ def _pool_names(_instance: object, attribute: attrs.Attribute[Any], value: dict[
                                          f"and not be {DEFAULT_POOL!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:3000`` for IPv6) as (host, port); ValueError saying why not."""
+    host, colon, port_text = value.rpartition(":")
+    if not colon or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"must be HOST:PORT (\"127.0.0.1:3000\"), not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(char.isspace() or char in "/[]" for char in host):
+        raise ValueError(f"must be HOST:PORT (\"127.0.0.1:3000\"), not {value!r}")
+    return host, int(port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(_instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        try:
+            parse_listen(value)
+        except ValueError as error:
+            raise _RangeError(attribute, str(error)) from None
+
+
+@attrs.frozen
+class E2BConfig:
+    """``[e2b]``: the listener E2B's SDKs talk to (vmcache.e2b_server); off while ``listen``
+    is empty. A host that is not loopback is served only when written here, and logged."""
+
+    listen: str = attrs.field(default="", validator=_listen)
+    api_keys_file: str = attrs.field(default="", validator=_single_line)
+
+    def __attrs_post_init__(self) -> None:
+        if self.listen and not self.api_keys_file:
+            raise _RangeError(attrs.fields(E2BConfig).api_keys_file,
+                              "is needed with listen: a file of API keys, one a line, readable "
+                              "by its owner only")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, None when off."""
+        return parse_listen(self.listen) if self.listen else None
+
+
 @attrs.frozen
 class Config:
     """The whole configuration. ``source`` is the file it came from, if any."""
@@ -304,6 +359,7 @@ class Config:
     jail: JailConfig = attrs.Factory(JailConfig)
     network: NetworkConfig = attrs.Factory(NetworkConfig)
     pools: dict[str, PoolConfig] = attrs.field(factory=dict, validator=_pool_names)
+    e2b: E2BConfig = attrs.Factory(E2BConfig)
     source: str = ""
 
     @property
@@ -491,7 +547,7 @@ def render_toml(config: Config) -> str:
     lines = []
     sections: list[tuple[str, Any]] = [("factory", config.factory), ("hypervisor.qemu", config.qemu),
                                        ("image", config.image), ("jail", config.jail),
-                                       ("network", config.network)]
+                                       ("network", config.network), ("e2b", config.e2b)]
     for pool_name, pool in sorted(config.pools.items()):
         sections.append((f"pools.{pool_name}", pool))
         if pool.network is not None:

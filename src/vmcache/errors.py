@@ -8,6 +8,7 @@ stderr and exit without a traceback.
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import trio
@@ -301,6 +302,35 @@ class LocalOutputError(VmcacheError):
 class LifecycleError(VmcacheError):
     """A VM was moved to a phase its lifecycle does not allow from where it is (see
     vmcache.lifecycle): a bug in vmcache, caught at the move; report it with the log."""
+
+
+class DependencyError(VmcacheError):
+    """An installed package is at a version vmcache cannot run with (the message names the
+    package, the version needed and the one found): install the one it names, and keep
+    packages that need another version (E2B's SDK and its h2) in an environment of their own."""
+
+
+#: The h2 purerpc 0.8.0 (vmcache's gRPC) runs with: h2 4 removed events it uses.
+H2_NEEDED = "h2 >= 3.1, < 4"
+
+
+def check_h2() -> None:
+    """Raise :class:`DependencyError` (one line) if the installed h2 is not one purerpc runs
+    with. Called before purerpc is imported (``vmcache serve``, ``vmcache.serve``): with h2 4,
+    which E2B's SDK pulls in, importing it fails with an AttributeError that says nothing of
+    the cause."""
+    from importlib import metadata
+
+    try:
+        found = metadata.version("h2")
+    except metadata.PackageNotFoundError:
+        return  # the import that needs it says so
+    major = found.split(".", 1)[0]
+    if not major.isdigit() or int(major) >= 4:
+        raise DependencyError(
+            f"vmcache needs {H2_NEEDED} (for purerpc 0.8.0) and found h2 {found} in "
+            f"{sys.prefix}: run pip install 'h2<4' there, and keep the e2b SDK (which needs "
+            "h2 >= 4) in a venv of its own")
 
 
 def leaves(error: BaseException) -> list[BaseException]:

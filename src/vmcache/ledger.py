@@ -192,6 +192,17 @@ class Ledger:
         entry._wake()
         log.info("VM %s %s by uid %d%s", entry.id, entry.phase, entry.owner_uid, self._ttl_note(entry))
 
+    def set_ttl(self, entry: HandedOut, ttl: float) -> None:
+        """A claimed VM now stops ``ttl`` seconds from now (0: never), sooner or later than it
+        would have (E2B's set_timeout); recorded, so that a restarted daemon keeps it."""
+        if entry.phase is not Phase.CLAIMED or entry.life.stop is not None:
+            raise VMGoneError(f"VM {entry.id} is not a claimed VM any more "
+                              f"({entry.stop_reason or entry.phase})")
+        entry.life.expires_at = time.time() + ttl if ttl > 0 else 0.0
+        self.registry.write(entry.life)
+        entry._wake()
+        log.info("VM %s: TTL set%s", entry.id, self._ttl_note(entry) or " to none")
+
     def request_stop(self, entry: HandedOut, reason: StopReason, *, by: int = -1) -> None:
         """Have the VM stopped (by its watcher) for ``reason`` (``by``: the uid that asked,
         for StopVM); see :meth:`stop` to wait for it."""

@@ -44,7 +44,9 @@ from ._proto import cache_pb2
 from .accel import AccelChooser
 from .backoff import Backoff
 from .cgroup import manager as cgroup_manager
-from .config import DEFAULT_POOL, Config, NetworkConfig, VMSpec, resolve_spec
+from .config import DEFAULT_POOL, Config, NetworkConfig, VMSpec, is_loopback_host, resolve_spec
+from .e2b_sandbox import RECORDS_DIR, SandboxManager
+from .e2b_server import E2BServer, load_api_keys, serve_e2b
 from .errors import (
     BadRequestError,
     ConfigError,
@@ -158,10 +160,15 @@ class CacheDaemon:
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = trio.Event()
+        #: Where the E2B API listens, once it does (its port when [e2b] listen says 0).
+        self.e2b_address: tuple[str, int] | None = None
         self.peer_policy = PeerPolicy(self.group_gid)
         #: Per uid, hand-outs under way (asked, not yet in the ledger): they count against
         #: max_vms_per_uid too, so that concurrent asks cannot overrun it.
         self._asking: collections.Counter[int] = collections.Counter()
+        #: E2B's sandboxes, when [e2b] listen is set (vmcache.e2b_server).
+        self.e2b: SandboxManager | None = (
+            SandboxManager(self, state_dir / RECORDS_DIR) if config.e2b.address is not None else None)
         self.rpc = RpcServer(SERVICE, {
             "Config": Method(Empty, unary(self._config)),
             "GetBaseVM": Method(Empty, self._get_base_vm),
@@ -186,6 +193,8 @@ class CacheDaemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._prepare_directories()
+        api_keys = (await trio.to_thread.run_sync(load_api_keys, self.config.e2b.api_keys_file)
+                    if self.e2b is not None else [])
         sock = bind_unix_socket(self.endpoint, self.group_gid)
         inode = os.stat(self.endpoint).st_ino
         raise_open_file_limit()
@@ -201,6 +210,8 @@ class CacheDaemon:
                 nursery.start_soon(self._report_progress, self._watch_all())
                 await nursery.start(self._fill)
                 await nursery.start(self.rpc.serve, sock)
+                if self.e2b is not None:
+                    await nursery.start(self._serve_e2b, self.e2b, api_keys)
                 if self.spec.jail is not None:
                     await trio.to_thread.run_sync(cgroup_manager().check)
                 log.info("QEMU confinement: %s", describe_confinement(self.spec))
@@ -228,6 +239,73 @@ class CacheDaemon:
             log.info("stopped: %d VMs handed out, %d cached VMs killed, %d handed-out VMs left running",
                      totals.handed_out, totals.killed,
                      sum(entry.phase is Phase.CLAIMED for entry in self.ledger.entries()))
+
+    async def _serve_e2b(self, manager: SandboxManager, api_keys: list[str], *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """E2B's API ([e2b] listen): the sandboxes and the listener, until cancelled. A
+        daemon's stop ends the listener, not the sandboxes: they are claimed hand-outs."""
+        address = self.config.e2b.address
+        assert address is not None
+        host, port = address
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            listeners = await nursery.start(serve_e2b, E2BServer(manager, api_keys), host, port)
+            bound = listeners[0].socket.getsockname()
+            self.e2b_address = (bound[0], bound[1])
+            if not is_loopback_host(host):
+                log.warning("the E2B API listens on %s, which is not loopback: anyone who can reach "
+                            "it and holds an API key of %s can take VMs ([e2b] listen)", host,
+                            self.config.e2b.api_keys_file)
+            log.info("E2B API listening on http://%s:%d (E2B_API_URL and E2B_SANDBOX_URL; %d API "
+                     "keys from %s)", host if ":" not in host else f"[{host}]", bound[1],
+                     len(api_keys), self.config.e2b.api_keys_file)
+            task_status.started()
+
+    # ------------------------------------------------------------ E2B's hand-out (VMSource)
+
+    @property
+    def pool_names(self) -> list[str]:
+        return list(self.pools)
+
+    async def hand_out_claimed(self, pool: str, *, ttl: float) -> HandedOut:
+        """A VM of ``pool`` claimed at once by the daemon's own uid with ``ttl``: TakeVM's
+        hand-out (lease, network policy default, quota) with the offer and claim in one step,
+        for E2B's create. A VM is in the ledger before this returns, or back in the cache."""
+        uid = self.peer_policy.own_uid
+        placement = place(self.shapes, pool=pool, max_vcpus=self.spec.max_vcpus,
+                          max_memory_mib=self.spec.max_memory_mib)
+        policy = self._network_policy(None, placement.pool)
+        handed_out = trio.Event()
+        started = trio.current_time()
+        try:
+            with self._hand_out_to(uid):
+                with trio.move_on_after(DEFAULT_WAIT) as waited:
+                    handle, process = await self._take_from_pool(self.pools[pool], placement,
+                                                                 handed_out, policy)
+                if waited.cancelled_caught:
+                    raise WaitExpiredError(f"no VM of pool {pool!r} became ready within {DEFAULT_WAIT:g} s")
+                handle.network = policy
+                entry = self.ledger.adopt(handle, process, uid, Phase.OFFERED)
+            try:
+                self.ledger.claim(entry, lease=False, ttl=ttl)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.ledger.stop(entry, StopReason.NOT_CLAIMED)
+                raise
+        finally:
+            handed_out.set()
+        self.pools[pool].stats.note_handout(trio.current_time() - started)
+        return entry
+
+    def set_ttl(self, entry: HandedOut, ttl: float) -> None:
+        self.ledger.set_ttl(entry, ttl)
+
+    async def stop(self, entry: HandedOut) -> None:
+        log.info("VM %s: stop asked through the E2B API", entry.id)
+        await self.ledger.stop(entry, StopReason.ASKED, by=self.peer_policy.own_uid)
+
+    def ledger_entry(self, vm_id: str) -> HandedOut | None:
+        return self.ledger.get(vm_id)
 
     async def _fill(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the snapshot managers and the pools, until hand-outs are refused: then no VM
