@@ -146,10 +146,9 @@ class ControlPlane:
                         else "Missing X-API-KEY header: set E2B_API_KEY to a key of the daemon's "
                              "api_keys_file")
         parts = [part for part in request.path.split("/") if part]
-        if parts and parts[0] == "v2":
-            version, parts = 2, parts[1:]
-        else:
-            version = 1
+        version = 1
+        if parts and len(parts[0]) <= 3 and parts[0][:1] == "v" and parts[0][1:].isdigit():
+            version, parts = int(parts[0][1:]), parts[1:]
         method = request.method
         if parts[:1] == ["sandboxes"]:
             rest = parts[1:]

@@ -1,0 +1,477 @@
+"""E2B's control plane and the listener's routing.
+
+First without QEMU, over a fake sandbox provider: every route, a wrong or missing API key, an
+unknown sandbox, bad JSON, paging, what vmcache does not do, the sandbox headers (token, port,
+health), a create whose client goes away, the api_keys_file checks. Then one real daemon
+(``qemu``) driven by a plain HTTP client: create, list, get, set a timeout, let a short one
+pass, kill, and nothing left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from vmcache.e2b_http import HttpLimits, HttpRequest, serve_connection
+from vmcache.e2b_server import E2BServer, load_api_keys, user_of
+from vmcache.errors import AgentError, ConfigError, QuotaReachedError
+
+T = TypeVar("T")
+KEY = "e2b_test_key_0123456789"
+
+
+class FakeAgent:
+    def __init__(self, healthy: bool) -> None:
+        self.healthy = healthy
+
+    async def ping(self) -> str:
+        await trio.lowlevel.checkpoint()
+        if not self.healthy:
+            raise AgentError("no answer")
+        return "pong"
+
+
+class FakeSandbox:
+    """What the API and the router read of a sandbox."""
+
+    def __init__(self, sandbox_id: str, template: str, metadata: dict[str, str], timeout: float,
+                 started_at: float) -> None:
+        self._id = sandbox_id
+        self.template_id = template
+        self.alias: str | None = None
+        self.metadata = metadata
+        self.started_at = started_at
+        self.end = started_at + timeout
+        self.access_token = f"token-{sandbox_id}"
+        self.traffic_token = f"traffic-{sandbox_id}"
+        self.healthy = True
+        self.tasks: list[Any] = []
+        self._ended = trio.Event()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def end_at(self) -> float:
+        return self.end
+
+    cpu_count = 1
+    memory_mb = 256
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended.is_set()
+
+    @property
+    def envs(self) -> Mapping[str, str]:
+        return {}
+
+    @property
+    def ended(self) -> trio.Event:
+        return self._ended
+
+    async def agent(self) -> FakeAgent:
+        await trio.lowlevel.checkpoint()
+        return FakeAgent(self.healthy)
+
+    def service(self, kind: type[T]) -> T:
+        return kind(self)  # type: ignore[call-arg]
+
+    def start_soon(self, fn: Any, *args: object) -> None:
+        self.tasks.append(fn)  # not run: no agent behind this sandbox
+
+    def check_access_token(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token, self.access_token)
+
+    def check_traffic_token(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token, self.traffic_token)
+
+
+class FakeProvider:
+    def __init__(self) -> None:
+        self.sandboxes_by_id: dict[str, FakeSandbox] = {}
+        self.counter = 0
+        self.refuse: Exception | None = None
+
+    def pool_for(self, template: str) -> str | None:
+        return {"base": "default", "code-interpreter-v1": "default", "big": "big"}.get(template)
+
+    def get(self, sandbox_id: str) -> FakeSandbox | None:
+        return self.sandboxes_by_id.get(sandbox_id)
+
+    def sandboxes(self) -> list[FakeSandbox]:
+        return list(self.sandboxes_by_id.values())
+
+    async def create(self, template: str, *, timeout: float, envs: Mapping[str, str],
+                     metadata: Mapping[str, str], alias: str | None = None) -> FakeSandbox:
+        await trio.lowlevel.checkpoint()
+        if self.refuse is not None:
+            raise self.refuse
+        self.counter += 1
+        sandbox = FakeSandbox(f"{self.counter:012x}", template, dict(metadata), timeout,
+                              1_700_000_000.0 + self.counter)
+        self.sandboxes_by_id[sandbox.id] = sandbox
+        return sandbox
+
+    async def kill(self, sandbox: FakeSandbox) -> None:
+        await trio.lowlevel.checkpoint()
+        sandbox._ended.set()
+        del self.sandboxes_by_id[sandbox.id]
+
+    async def set_timeout(self, sandbox: FakeSandbox, timeout: float) -> None:
+        await trio.lowlevel.checkpoint()
+        sandbox.end = time.time() + timeout
+
+
+@pytest.fixture
+def provider() -> FakeProvider:
+    return FakeProvider()
+
+
+@pytest.fixture
+def server(provider: FakeProvider) -> E2BServer:
+    return E2BServer(provider, [KEY, "second-key"])
+
+
+Call = Callable[..., Any]
+
+
+async def call(server: E2BServer, method: str, target: str, body: object = None, *,
+               key: str | None = KEY, headers: list[tuple[str, str]] | None = None
+               ) -> tuple[int, Any, dict[str, str]]:
+    """One request through the server, answered as the SDK reads it: status, JSON, headers."""
+    heads = list(headers or [])
+    if key is not None:
+        heads.append(("X-API-KEY", key))
+    raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
+    if raw:
+        heads.append(("content-type", "application/json"))
+    from vmcache.e2b_http import HttpError
+
+    try:
+        response = await server.handle(HttpRequest.make(method, target, heads, raw))
+    except HttpError as error:
+        response = error.response()
+    data = response.body if isinstance(response.body, bytes) else b"".join(
+        [piece async for piece in response.body])
+    value = json.loads(data) if data else None
+    return response.status, value, {name.lower(): v for name, v in response.headers}
+
+
+async def create(server: E2BServer, **body: Any) -> dict[str, Any]:
+    status, value, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "base", **body})
+    assert status == 201, value
+    assert isinstance(value, dict)
+    return value
+
+
+# ---------------------------------------------------------------- control plane
+
+
+async def test_create_answers_201_with_what_the_sdk_reads(server: E2BServer, provider: FakeProvider) -> None:
+    created = await create(server, timeout=300, metadata={"team": "a"}, envVars={"A": "1"})
+    assert created["templateID"] == "base"
+    assert created["clientID"] and created["envdVersion"] >= "0.1.0"
+    sandbox = provider.sandboxes_by_id[created["sandboxID"]]
+    assert created["envdAccessToken"] == sandbox.access_token
+    assert created["trafficAccessToken"] == sandbox.traffic_token
+    assert sandbox.end - sandbox.started_at == 300
+    status, _, _ = await call(server, "POST", "/sandboxes", {"templateID": "code-interpreter-v1"})
+    assert status == 201  # E2B's first create path
+
+
+async def test_get_info_and_list_describe_the_sandbox(server: E2BServer) -> None:
+    created = await create(server, metadata={"team": "a"})
+    status, info, _ = await call(server, "GET", f"/sandboxes/{created['sandboxID']}")
+    assert status == 200
+    assert info["sandboxID"] == created["sandboxID"] and info["state"] == "running"
+    assert info["metadata"] == {"team": "a"} and info["envdAccessToken"] == created["envdAccessToken"]
+    assert info["startedAt"].endswith("Z") and info["endAt"].endswith("Z")
+    assert {"cpuCount", "memoryMB", "diskSizeMB", "envdVersion", "templateID", "clientID"} <= set(info)
+    status, listed, _ = await call(server, "GET", "/v2/sandboxes")
+    assert status == 200 and [item["sandboxID"] for item in listed] == [created["sandboxID"]]
+    assert "envdAccessToken" not in listed[0]
+    status, listed, _ = await call(server, "GET", "/sandboxes")
+    assert status == 200 and len(listed) == 1
+
+
+async def test_kill_is_204_then_404(server: E2BServer) -> None:
+    created = await create(server)
+    assert (await call(server, "DELETE", f"/sandboxes/{created['sandboxID']}"))[0] == 204
+    status, error, _ = await call(server, "DELETE", f"/sandboxes/{created['sandboxID']}")
+    assert status == 404 and error["code"] == 404 and "doesn't exist" in error["message"]
+
+
+async def test_set_timeout_and_connect(server: E2BServer, provider: FakeProvider) -> None:
+    created = await create(server, timeout=30)
+    sandbox_id = created["sandboxID"]
+    assert (await call(server, "POST", f"/sandboxes/{sandbox_id}/timeout", {"timeout": 600}))[0] == 204
+    assert 590 < provider.sandboxes_by_id[sandbox_id].end - time.time() <= 600
+    status, connected, _ = await call(server, "POST", f"/sandboxes/{sandbox_id}/connect", {"timeout": 10})
+    assert status == 200 and connected["sandboxID"] == sandbox_id
+    assert connected["envdAccessToken"] == created["envdAccessToken"]
+    assert provider.sandboxes_by_id[sandbox_id].end - time.time() > 590  # connect only lengthens
+    assert (await call(server, "POST", f"/v2/sandboxes/{sandbox_id}/connect", {"timeout": 900}))[0] == 200
+    assert provider.sandboxes_by_id[sandbox_id].end - time.time() > 890
+    assert (await call(server, "POST", f"/sandboxes/{sandbox_id}/refreshes", {"duration": 1000}))[0] == 204
+
+
+@pytest.mark.parametrize(("method", "target", "body"), [
+    ("GET", "/sandboxes/0000000000aa", None), ("DELETE", "/sandboxes/0000000000aa", None),
+    ("POST", "/sandboxes/0000000000aa/timeout", {"timeout": 5}),
+    ("POST", "/sandboxes/0000000000aa/connect", {"timeout": 5}),
+    ("GET", "/sandboxes/not-hex!", None),
+])
+async def test_an_unknown_sandbox_is_404_json(server: E2BServer, method: str, target: str,
+                                              body: object) -> None:
+    status, error, headers = await call(server, method, target, body)
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert error["code"] == 404 and isinstance(error["message"], str)
+
+
+@pytest.mark.parametrize("key", [None, "wrong", KEY + "x", ""])
+async def test_a_wrong_or_missing_api_key_is_401(server: E2BServer, provider: FakeProvider,
+                                                 key: str | None) -> None:
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"}, key=key)
+    assert status == 401 and error["code"] == 401
+    assert provider.counter == 0
+    assert (await call(server, "GET", "/v2/sandboxes", key=key))[0] == 401
+
+
+async def test_every_key_of_the_file_is_accepted(server: E2BServer) -> None:
+    assert (await call(server, "GET", "/v2/sandboxes", key="second-key"))[0] == 200
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"{not json", "not JSON"), (b"[]", "JSON object"), ({}, "templateID"),
+    ({"templateID": 7}, "templateID"), ({"templateID": "base", "timeout": "long"}, "timeout"),
+    ({"templateID": "base", "timeout": -1}, "timeout"), ({"templateID": "base", "timeout": 10**9}, "timeout"),
+    ({"templateID": "base", "timeout": True}, "timeout"),
+    ({"templateID": "base", "envVars": {"A": 1}}, "envVars.A"),
+    ({"templateID": "base", "metadata": []}, "metadata"),
+])
+async def test_bad_create_bodies_are_400_and_cost_no_vm(server: E2BServer, provider: FakeProvider,
+                                                        body: object, needle: str) -> None:
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", body)
+    assert status == 400 and needle in error["message"], error
+    assert provider.counter == 0
+
+
+async def test_an_unknown_template_is_404(server: E2BServer, provider: FakeProvider) -> None:
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "nope"})
+    assert status == 404 and "template 'nope' not found" in error["message"]
+    assert (await call(server, "POST", "/v2/sandboxes", {"templateID": "big"}))[0] == 201
+
+
+async def test_the_daemons_refusals_keep_their_meaning(server: E2BServer, provider: FakeProvider) -> None:
+    provider.refuse = QuotaReachedError("uid 0 already holds 2 VMs")
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"})
+    assert (status, error["message"]) == (429, "uid 0 already holds 2 VMs")
+
+
+async def test_what_vmcache_does_not_do_is_501_naming_it(server: E2BServer) -> None:
+    created = await create(server)
+    sandbox_id = created["sandboxID"]
+    for method, target in [("POST", f"/sandboxes/{sandbox_id}/pause"),
+                           ("POST", f"/sandboxes/{sandbox_id}/resume"),
+                           ("GET", f"/sandboxes/{sandbox_id}/metrics"), ("GET", "/templates"),
+                           ("POST", "/v3/templates"), ("GET", "/volumes"), ("GET", "/sandboxes/metrics"),
+                           ("POST", f"/sandboxes/{sandbox_id}/snapshots")]:
+        status, error, _ = await call(server, method, target, {})
+        assert status == 501 and "vmcache does not support" in error["message"], (target, error)
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True})
+    assert status == 501 and "autoPause" in error["message"]
+    assert (await call(server, "GET", "/nothing/here"))[0] == 404
+    assert (await call(server, "PUT", "/v2/sandboxes"))[0] == 405
+
+
+async def test_list_filters_by_metadata_and_state(server: E2BServer) -> None:
+    a = await create(server, metadata={"team": "a", "env": "x y"})
+    await create(server, metadata={"team": "b"})
+    from urllib.parse import quote, urlencode
+
+    query = quote(urlencode({"team": "a", "env": "x y"}))
+    status, listed, _ = await call(server, "GET", f"/v2/sandboxes?metadata={query}")
+    assert status == 200 and [item["sandboxID"] for item in listed] == [a["sandboxID"]]
+    assert (await call(server, "GET", "/v2/sandboxes?state=paused"))[1] == []
+    assert len((await call(server, "GET", "/v2/sandboxes?state=running,paused"))[1]) == 2
+    assert (await call(server, "GET", "/v2/sandboxes?state=sleeping"))[0] == 400
+
+
+async def test_list_pages_with_limit_and_next_token(server: E2BServer) -> None:
+    ids = [(await create(server))["sandboxID"] for _ in range(5)]
+    seen: list[str] = []
+    target = "/v2/sandboxes?limit=2"
+    pages = 0
+    while True:
+        status, page, headers = await call(server, "GET", target)
+        assert status == 200 and len(page) <= 2
+        seen += [item["sandboxID"] for item in page]
+        pages += 1
+        token = headers.get("x-next-token")
+        if token is None:
+            break
+        target = f"/v2/sandboxes?limit=2&nextToken={token}"
+    assert (seen, pages) == (ids, 3)
+    for bad in ("limit=0", "limit=101", "limit=x", "nextToken=garbage%21"):
+        assert (await call(server, "GET", f"/v2/sandboxes?{bad}"))[0] == 400, bad
+
+
+async def test_an_idempotency_key_gets_the_same_sandbox(server: E2BServer, provider: FakeProvider) -> None:
+    first = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"},
+                       headers=[("Idempotency-Key", "abc-1")])
+    again = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"},
+                       headers=[("Idempotency-Key", "abc-1")])
+    assert first[0] == again[0] == 201 and first[1]["sandboxID"] == again[1]["sandboxID"]
+    assert provider.counter == 1
+
+
+async def test_a_create_whose_client_goes_away_keeps_its_sandbox(server: E2BServer,
+                                                                 provider: FakeProvider) -> None:
+    """The VM is claimed before the 201 is written: the sandbox lives its timeout (listed,
+    killable), rather than being lost or half-made."""
+    release = trio.Event()
+    real_create = provider.create
+
+    async def slow_create(*args: Any, **kwargs: Any) -> FakeSandbox:
+        await release.wait()
+        return await real_create(*args, **kwargs)
+
+    provider.create = slow_create  # type: ignore[method-assign]
+    client, served = trio.testing.memory_stream_pair()
+    conn = h11.Connection(h11.CLIENT)
+    body = json.dumps({"templateID": "base", "timeout": 60}).encode()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, served, server.handle, HttpLimits())
+        with trio.fail_after(5):
+            await client.send_all(conn.send(h11.Request(method="POST", target="/v2/sandboxes", headers=[
+                ("host", "t"), ("x-api-key", KEY), ("content-length", str(len(body)))])) or b"")
+            await client.send_all(conn.send(h11.Data(data=body)) or b"")
+            await client.send_all(conn.send(h11.EndOfMessage()) or b"")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+            release.set()
+            while not provider.sandboxes_by_id:
+                await trio.sleep(0.01)
+    status, listed, _ = await call(server, "GET", "/v2/sandboxes")
+    assert status == 200 and len(listed) == 1
+
+
+# ---------------------------------------------------------------- the sandbox headers
+
+
+def envd_headers(sandbox: dict[str, Any], port: int = 49983,
+                 token: str | None = None) -> list[tuple[str, str]]:
+    return [("E2b-Sandbox-Id", sandbox["sandboxID"]), ("E2b-Sandbox-Port", str(port)),
+            ("X-Access-Token", token if token is not None else sandbox["envdAccessToken"])]
+
+
+async def test_an_unknown_sandbox_is_what_e2bs_proxy_answers(server: E2BServer) -> None:
+    status, error, _ = await call(server, "GET", "/health", key=None, headers=[
+        ("E2b-Sandbox-Id", "00000000abcd"), ("E2b-Sandbox-Port", "49983"), ("X-Access-Token", "x")])
+    assert status == 502 and "was not found" in error["message"]  # SandboxNotRunningException
+
+
+async def test_a_wrong_access_token_is_401(server: E2BServer) -> None:
+    created = await create(server)
+    for token in ("wrong", "", created["trafficAccessToken"]):
+        status, error, _ = await call(server, "GET", "/health", key=None,
+                                      headers=envd_headers(created, token=token))
+        assert status == 401 and error["code"] == 401
+    headers = [h for h in envd_headers(created) if h[0] != "X-Access-Token"]
+    assert (await call(server, "GET", "/health", key=None, headers=headers))[0] == 401
+
+
+async def test_health_follows_the_agent(server: E2BServer, provider: FakeProvider) -> None:
+    created = await create(server)
+    assert (await call(server, "GET", "/health", key=None, headers=envd_headers(created)))[0] == 204
+    provider.sandboxes_by_id[created["sandboxID"]].healthy = False
+    status, error, _ = await call(server, "GET", "/health", key=None, headers=envd_headers(created))
+    assert status == 502 and "port is not open" in error["message"]
+
+
+async def test_another_port_is_not_open(server: E2BServer) -> None:
+    created = await create(server)
+    status, error, _ = await call(server, "GET", "/", key=None, headers=envd_headers(created, port=8080))
+    assert status == 502 and "port is not open" in error["message"]
+
+
+async def test_the_code_port_takes_the_traffic_token(server: E2BServer) -> None:
+    created = await create(server)
+    headers = [("E2b-Sandbox-Id", created["sandboxID"]), ("E2b-Sandbox-Port", "49999"),
+               ("E2B-Traffic-Access-Token", created["trafficAccessToken"])]
+    status, _, _ = await call(server, "GET", "/nothing-here", key=None, headers=headers)
+    assert status != 401
+    headers[-1] = ("E2B-Traffic-Access-Token", "wrong")
+    assert (await call(server, "GET", "/contexts", key=None, headers=headers))[0] == 401
+
+
+async def test_an_unknown_procedure_is_connects_unimplemented(server: E2BServer) -> None:
+    created = await create(server)
+    status, error, _ = await call(server, "POST", "/nothing.Nothing/Call", {}, key=None,
+                                  headers=envd_headers(created))
+    assert status == 501 and error["code"] == "unimplemented"
+
+
+def test_the_user_comes_from_basic_authorization() -> None:
+    from vmcache.e2b_http import Headers
+
+    assert user_of(Headers()) == "user"
+    assert user_of(Headers([("authorization", "Basic " + base64.b64encode(b"root:").decode())])) == "root"
+    for bad in ("Bearer x", "Basic !!!", "Basic " + base64.b64encode(b":").decode()):
+        with pytest.raises(Exception) as raised:
+            user_of(Headers([("authorization", bad)]))
+        assert getattr(raised.value, "status", None) in (400, 401)
+
+
+# ---------------------------------------------------------------- api_keys_file
+
+
+def keys_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "keys"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_api_keys_are_one_a_line(tmp_path: Path) -> None:
+    path = keys_file(tmp_path, "# ours\nkey-one\n\n  key-two  \n")
+    assert load_api_keys(str(path)) == ["key-one", "key-two"]
+
+
+@pytest.mark.parametrize(("text", "mode", "needle"), [
+    ("k\n", 0o640, "chmod 600"), ("k\n", 0o604, "chmod 600"), ("\n# none\n", 0o600, "no API key"),
+    ("two words\n", 0o600, "printable word"),
+])
+def test_a_keys_file_others_can_read_is_refused_in_one_line(tmp_path: Path, text: str, mode: int,
+                                                            needle: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_api_keys(str(keys_file(tmp_path, text, mode)))
+    assert needle in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_missing_or_foreign_keys_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot open"):
+        load_api_keys(str(tmp_path / "absent"))
+    path = keys_file(tmp_path, "k\n")
+    os.chown(path, 12345, 12345)
+    with pytest.raises(ConfigError, match="owned by uid 12345"):
+        load_api_keys(str(path))
+    link = tmp_path / "link"
+    link.symlink_to(keys_file(tmp_path, "k\n"))
+    with pytest.raises(ConfigError):
+        load_api_keys(str(link))
+
+
