@@ -12,15 +12,18 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import trio
+from conftest import TCG_BOOT_TIMEOUT, write_config
 
 from vmcache import e2b_code
 from vmcache.agent_client import AgentConnection, guest_agent_files
+from vmcache.config import load_config, resolve_spec
 from vmcache.e2b_code import (
     KernelProtocolError,
     handle_code,
@@ -31,6 +34,7 @@ from vmcache.e2b_code import (
 )
 from vmcache.e2b_connect import CallContext
 from vmcache.e2b_http import Headers, HttpRequest, HttpResponse
+from vmcache.qemu import launch_vm
 
 T = TypeVar("T")
 KERNEL_SOURCE = Path(e2b_code.__file__).parent / "in_guest" / "e2b_kernel.py"
@@ -513,3 +517,67 @@ async def test_a_kernel_that_cannot_start_is_an_error(client: Client,
 
 # --- One real guest --------------------------------------------------------------------------------
 
+
+
+@pytest.mark.qemu
+async def test_in_a_real_guest(tmp_path: Path, run_dir: Path, guest_image: Path) -> None:
+    """One TCG guest booted from the image: the kernel /init copied there, run as ``user``
+    through the guest agent, everything a run_code user sees, in one boot."""
+    spec = resolve_spec(load_config(write_config(tmp_path / "vmcache.toml")), run_root=run_dir)
+    with trio.fail_after(TCG_BOOT_TIMEOUT + 60):
+        async with launch_vm(spec) as vm, trio.open_nursery() as nursery:
+            connection = await vm._guest().connection()  # the user port an owner would use
+            sandbox = Sandbox(nursery, connection, {"FROM_CREATE": "kept"})
+            client = Client(sandbox)
+            started = time.monotonic()
+            first = await client.run("import os, sys\nx = 41\n(os.getuid(), os.getcwd(), "
+                                     "os.environ['FROM_CREATE'], sys.version_info[:2])", timeout=60)
+            first_run = time.monotonic() - started
+            assert main_result(first)["text"] == "(1000, '/home/user', 'kept', (3, 11))"  # type: ignore[index]
+            started = time.monotonic()
+            second = await client.run("x + 1")
+            next_run = time.monotonic() - started
+            assert second[0]["execution_count"] == 2 and main_result(second)["text"] == "42"  # type: ignore[index]
+
+            streamed = await client.run(
+                "import subprocess, sys\nprint('out')\nprint('err', file=sys.stderr)\n"
+                "subprocess.run(['bash', '-c', 'echo child; echo child-err >&2'])\nprint('end')")
+            assert [(event["type"], event.get("text")) for event in streamed[1:-1]] == [
+                ("stdout", "out\n"), ("stderr", "err\n"), ("stdout", "child\n"),
+                ("stderr", "child-err\n"), ("stdout", "end\n")]
+
+            error = the_error(await client.run("def g():\n    return {}['missing']\ng()"))
+            assert (error["name"], error["value"]) == ("KeyError", "'missing'")
+            assert 'File "<cell 4>", line 2, in g' in error["traceback"]
+            assert "e2b_kernel" not in error["traceback"]
+
+            env = await client.run("import os\nos.environ['ONLY_NOW']", env_vars={"ONLY_NOW": "yes"})
+            assert main_result(env)["text"] == "yes"  # type: ignore[index]
+            assert main_result(await client.run("os.environ.get('ONLY_NOW')")) is None
+
+            other = (await client.json("POST", "/contexts", {"cwd": "/tmp"}))["id"]
+            assert the_error(await client.run("x", context_id=other))["name"] == "NameError"
+            await client.run("y = 'other'", context_id=other)
+            assert main_result(await client.run("y", context_id=other))["text"] == "other"  # type: ignore[index]
+            assert await client.json("POST", f"/contexts/{other}/restart") is None
+            assert the_error(await client.run("y", context_id=other))["name"] == "NameError"
+            assert await client.json("DELETE", f"/contexts/{other}") is None
+            assert len(await client.json("GET", "/contexts")) == 1
+
+            response = await client.call("POST", "/execute", {
+                "code": "import time\nprint('go', flush=True)\ntime.sleep(120)\nslept = True"})
+            assert not isinstance(response.body, bytes)
+            async for piece in response.body:
+                if b"go" in piece:
+                    break
+            interrupted = time.monotonic()
+            await response.body.aclose()  # type: ignore[attr-defined]
+            after = await client.run("x, 'slept' in globals()")
+            recovered = time.monotonic() - interrupted
+            assert main_result(after)["text"] == "(41, False)"  # type: ignore[index]
+            processes = (await vm.run(["pgrep", "-c", "-f", "e2b_kernel.py"])).stdout
+            sandbox.ended.set()
+            nursery.cancel_scope.cancel()
+    assert processes == b"1\n"  # the default context's; the other's was stopped
+    print(f"first run_code (kernel start) {first_run:.2f} s, next {next_run * 1000:.0f} ms, "
+          f"interrupted and answered again in {recovered * 1000:.0f} ms")
