@@ -1,0 +1,775 @@
+"""envd's files on the host: ``filesystem.Filesystem`` and ``GET``/``POST /files``.
+
+The filesystem calls go to one long-lived guest helper per sandbox (in_guest/e2b_fs.py,
+started through the agent as root the first time a sandbox needs it, as envd runs as root):
+a JSON line per request and per answer over its stdin/stdout, so a Stat costs one round trip
+through the agent instead of starting a Python each time. Its watch events come on the same
+stdout and are queued per watcher, bounded (:data:`MAX_WATCH_EVENTS`): a watcher nobody
+drains that far is ended with ``data_loss`` (and its guest watch removed).
+
+``GET /files`` streams the guest file through the agent's ``open_file`` (never whole in
+memory); ``POST /files`` takes ``multipart/form-data`` (the Python SDK's and the JS SDK's
+FormData; parsed here as it arrives, part headers bounded, each ``file`` part written through
+the agent's ``write_file`` as its bytes come) or ``application/octet-stream`` (the SDKs'
+streamed and gzip uploads, ``path`` in the query). A file uploaded for ``user`` is owned by
+it, the directories made for it too, as envd does.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import posixpath
+import secrets
+import zlib
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from vmcache import e2b_message as m
+from vmcache.agent_client import GuestProcess
+from vmcache.e2b_connect import CallContext, Code, ConnectError
+from vmcache.e2b_http import HttpError, HttpRequest, HttpResponse, json_response
+from vmcache.e2b_users import DEFAULT_USER, lookup, resolve_path
+from vmcache.errors import AgentError, GuestRequestError, printable
+
+if TYPE_CHECKING:
+    from vmcache.e2b_sandbox import SandboxRuntime
+
+log = logging.getLogger(__name__)
+
+#: The guest helper, as the guest's /init installs it.
+HELPER_ARGV = ["/usr/bin/python3", "-I", "-S", "/run/vmcache/agent/e2b_fs.py", "serve"]
+#: How long one helper call may take (a ListDir of a big tree included).
+CALL_TIMEOUT = 60.0
+#: Longest line the helper may send (a ListDir's answer).
+MAX_HELPER_LINE = 64 * 1024 * 1024
+#: Events a watcher keeps until they are fetched (or streamed).
+MAX_WATCH_EVENTS = 10_000
+#: Most watchers of a sandbox at once (the helper's own bound).
+MAX_WATCHERS = 64
+#: envd's keepalive interval for WatchDir without ``Keepalive-Ping-Interval``.
+DEFAULT_KEEPALIVE = 90.0
+#: Bytes read from the guest per piece of a download.
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+def _code(value: object) -> Code:
+    try:
+        return Code(str(value))
+    except ValueError:
+        return Code.INTERNAL
+
+
+def _guest_error(error: object) -> ConnectError:
+    fields = error if isinstance(error, dict) else {}
+    return ConnectError(_code(fields.get("code")), printable(str(fields.get("message", "failed")))[:2000])
+
+
+@attrs.define(eq=False)
+class WatchSink:
+    """The events of one guest watch until they are taken; ``error`` ends it."""
+
+    events: deque[dict[str, Any]] = attrs.Factory(deque)
+    error: ConnectError | None = None
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def add(self, events: list[dict[str, Any]]) -> bool:
+        """Queue events; False (and the sink ended) if that overflows it."""
+        if self.error is not None:
+            return True
+        if len(self.events) + len(events) > MAX_WATCH_EVENTS:
+            self.fail(ConnectError(Code.DATA_LOSS,
+                                   f"watcher error: more than {MAX_WATCH_EVENTS} events were not fetched; "
+                                   "the watch was stopped: watch the directory again"))
+            return False
+        self.events.extend(events)
+        self._wake()
+        return True
+
+    def fail(self, error: ConnectError) -> None:
+        if self.error is None:
+            self.error = error
+            self._wake()
+
+    def take(self) -> list[dict[str, Any]]:
+        events = list(self.events)
+        self.events.clear()
+        return events
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class FsHelper:
+    """The sandbox's guest filesystem helper (``context.sandbox.service(FsHelper)``)."""
+
+    def __init__(self, sandbox: SandboxRuntime) -> None:
+        self._sandbox = sandbox
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._watches: dict[int, WatchSink] = {}
+        self._process: GuestProcess | None = None
+        self._starting = trio.Lock()
+        self._writing = trio.Lock()
+        self._failure = ""
+
+    async def _ensure(self) -> GuestProcess:
+        async with self._starting:
+            if self._process is None:
+                ready = trio.Event()
+                self._sandbox.start_soon(self._run, ready)
+                with trio.move_on_after(CALL_TIMEOUT):
+                    await ready.wait()
+                if self._process is None:
+                    raise ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper did not start"
+                                                         + (f": {self._failure}" if self._failure else ""))
+            return self._process
+
+    async def _run(self, ready: trio.Event) -> None:
+        """Own the helper process: read its lines, answer calls, feed watches."""
+        try:
+            agent = await self._sandbox.agent()
+            async with agent.open_process(HELPER_ARGV, capture_stderr=False) as process:
+                self._process = process
+                ready.set()
+                assert process.stdout is not None
+                buffer = bytearray()
+                while chunk := await process.stdout.receive_some(256 * 1024):
+                    buffer += chunk
+                    while (end := buffer.find(b"\n")) >= 0:
+                        line = bytes(buffer[:end])
+                        del buffer[:end + 1]
+                        self._dispatch(line)
+                    if len(buffer) > MAX_HELPER_LINE:
+                        raise ConnectError(Code.INTERNAL, "the filesystem helper sent a line over "
+                                                          f"{MAX_HELPER_LINE} bytes")
+                status = await process.wait()
+                self._failure = (f"it exited with status {status} (is the guest image built by this "
+                                 "vmcache? e2b_fs.py must be in it)")
+        except (AgentError, ConnectError) as error:
+            self._failure = str(error)
+        finally:
+            self._process = None
+            ready.set()
+            lost = ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper ended"
+                                + (f": {self._failure}" if self._failure else ""))
+            for reply in self._pending.values():
+                reply.close()
+            self._pending.clear()
+            for sink in self._watches.values():
+                sink.fail(lost)
+            self._watches.clear()
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.warning("sandbox %s: the filesystem helper sent a line that is not JSON", self._sandbox.id)
+            return
+        if not isinstance(message, dict):
+            return
+        ident = message.get("id")
+        if isinstance(ident, int) and ident in self._pending:
+            try:
+                self._pending[ident].send_nowait(message)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                pass
+            return
+        watch = message.get("watch")
+        if isinstance(watch, int) and watch in self._watches:
+            sink = self._watches[watch]
+            if "error" in message:
+                sink.fail(_guest_error(message["error"]))
+                self._watches.pop(watch, None)
+            else:
+                events = message.get("events")
+                if isinstance(events, list) and not sink.add([e for e in events if isinstance(e, dict)]):
+                    self._watches.pop(watch, None)
+                    self._sandbox.start_soon(self._unwatch_quietly, watch)
+
+    async def call(self, op: str, **fields: object) -> dict[str, Any]:
+        """One helper operation; its error as envd's ConnectError."""
+        process = await self._ensure()
+        ident = next(self._ids)
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._pending[ident] = send
+        try:
+            line = json.dumps({"id": ident, "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+            assert process.stdin is not None
+            with trio.move_on_after(CALL_TIMEOUT) as waited:
+                async with self._writing:
+                    try:
+                        await process.stdin.send_all(line)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, AgentError) as error:
+                        raise ConnectError(Code.UNAVAILABLE, f"the guest's filesystem helper is gone: {error}"
+                                           ) from None
+                try:
+                    reply = await receive.receive()
+                except trio.EndOfChannel:
+                    raise ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper ended"
+                                       + (f": {self._failure}" if self._failure else "")) from None
+            if waited.cancelled_caught:
+                raise ConnectError(Code.DEADLINE_EXCEEDED, f"the guest's filesystem helper did not "
+                                                           f"answer {op} within {CALL_TIMEOUT:g} s")
+        finally:
+            self._pending.pop(ident, None)
+        if "error" in reply:
+            raise _guest_error(reply["error"])
+        result = reply.get("ok")
+        return result if isinstance(result, dict) else {}
+
+    async def watch(self, path: str, recursive: bool, include_entry: bool) -> tuple[int, WatchSink]:
+        if len(self._watches) >= MAX_WATCHERS:
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, f"more than {MAX_WATCHERS} watchers in this sandbox")
+        ident = next(self._ids)
+        sink = WatchSink()
+        self._watches[ident] = sink
+        try:
+            await self.call("watch", watch=ident, path=path, recursive=recursive, include_entry=include_entry)
+        except BaseException:
+            self._watches.pop(ident, None)
+            raise
+        return ident, sink
+
+    async def unwatch(self, ident: int) -> None:
+        self._watches.pop(ident, None)
+        if self._process is not None:
+            await self.call("unwatch", watch=ident)
+
+    async def _unwatch_quietly(self, ident: int) -> None:
+        try:
+            await self.unwatch(ident)
+        except ConnectError:
+            pass
+
+
+class Watchers:
+    """CreateWatcher's watchers of one sandbox, by id (``context.sandbox.service(Watchers)``)."""
+
+    def __init__(self, sandbox: SandboxRuntime) -> None:
+        self.by_id: dict[str, tuple[int, WatchSink]] = {}
+
+
+# --- filesystem.Filesystem ------------------------------------------------------------------
+
+
+def _entry(result: Mapping[str, Any]) -> dict[str, Any]:
+    entry = result.get("entry")
+    return entry if isinstance(entry, dict) else {}
+
+
+def _path(request: Mapping[str, Any], context: CallContext, name: str = "path") -> str:
+    return resolve_path(context.user, m.get_str(request, name))
+
+
+async def stat(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/Stat``."""
+    result = await context.sandbox.service(FsHelper).call("stat", path=_path(request, context))
+    return {"entry": _entry(result)}
+
+
+async def list_dir(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/ListDir``: entries down to ``depth`` (0 means 1), not following
+    symlinks below the directory, paths under the one asked for."""
+    depth = m.get_int(request, "depth", high=1024) or 1
+    result = await context.sandbox.service(FsHelper).call("list", path=_path(request, context), depth=depth)
+    entries = result.get("entries")
+    return {"entries": entries if isinstance(entries, list) else []}
+
+
+async def make_dir(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/MakeDir``: with its parents, owned by the user."""
+    user = lookup(context.user)
+    result = await context.sandbox.service(FsHelper).call(
+        "mkdir", path=_path(request, context), uid=user.uid, gid=user.gid)
+    return {"entry": _entry(result)}
+
+
+async def move(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/Move``: a rename; the destination's directories are made."""
+    user = lookup(context.user)
+    result = await context.sandbox.service(FsHelper).call(
+        "move", source=_path(request, context, "source"), destination=_path(request, context, "destination"),
+        uid=user.uid, gid=user.gid)
+    return {"entry": _entry(result)}
+
+
+async def remove(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/Remove``: recursive; a path that is not there is no error (envd's
+    RemoveAll)."""
+    await context.sandbox.service(FsHelper).call("remove", path=_path(request, context))
+    return {}
+
+
+def _watch_args(request: Mapping[str, Any], context: CallContext) -> tuple[str, bool, bool]:
+    m.get_bool(request, "allowNetworkMounts")  # a vmcache guest has none to refuse
+    return (_path(request, context), m.get_bool(request, "recursive"), m.get_bool(request, "includeEntry"))
+
+
+def _keepalive(context: CallContext) -> float:
+    value = context.headers.get("Keepalive-Ping-Interval")
+    try:
+        seconds = float(value) if value is not None else DEFAULT_KEEPALIVE
+    except ValueError:
+        seconds = DEFAULT_KEEPALIVE
+    return max(1.0, min(seconds, 3600.0)) if seconds == seconds and seconds > 0 else DEFAULT_KEEPALIVE
+
+
+async def watch_dir(request: dict[str, Any], context: CallContext
+                    ) -> AsyncGenerator[dict[str, Any], None]:
+    """``filesystem.Filesystem/WatchDir`` (server stream): start, then each event as it comes,
+    keepalives between; the guest watch is removed when the client goes away."""
+    helper = context.sandbox.service(FsHelper)
+    path, recursive, include_entry = _watch_args(request, context)
+    ident, sink = await helper.watch(path, recursive, include_entry)
+    interval = _keepalive(context)
+    try:
+        yield {"start": {}}
+        while True:
+            events = sink.take()
+            if events:
+                for event in events:
+                    yield {"filesystem": event}
+                continue
+            if sink.error is not None:
+                raise sink.error
+            changed = sink.changed
+            with trio.move_on_after(interval) as waited:
+                await changed.wait()
+            if waited.cancelled_caught:
+                yield {"keepalive": {}}
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await helper.unwatch(ident)
+            except ConnectError:
+                pass
+
+
+async def create_watcher(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/CreateWatcher``: a watch whose events GetWatcherEvents takes."""
+    path, recursive, include_entry = _watch_args(request, context)
+    ident, sink = await context.sandbox.service(FsHelper).watch(path, recursive, include_entry)
+    watcher_id = "w" + secrets.token_hex(8)
+    context.sandbox.service(Watchers).by_id[watcher_id] = (ident, sink)
+    return {"watcherId": watcher_id}
+
+
+def _watcher(request: Mapping[str, Any], context: CallContext) -> tuple[str, int, WatchSink]:
+    watcher_id = m.get_str(request, "watcherId")
+    found = context.sandbox.service(Watchers).by_id.get(watcher_id)
+    if found is None:
+        raise ConnectError(Code.NOT_FOUND, f"watcher with id {watcher_id[:64]} not found")
+    return watcher_id, found[0], found[1]
+
+
+async def get_watcher_events(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/GetWatcherEvents``: the events since the last call."""
+    _, _, sink = _watcher(request, context)
+    if sink.error is not None:
+        raise sink.error
+    return {"events": sink.take()}
+
+
+async def remove_watcher(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    """``filesystem.Filesystem/RemoveWatcher``."""
+    watcher_id, ident, _ = _watcher(request, context)
+    del context.sandbox.service(Watchers).by_id[watcher_id]
+    try:
+        await context.sandbox.service(FsHelper).unwatch(ident)
+    except ConnectError:
+        pass  # the helper is gone: so is the watch
+    return {}
+
+
+# --- GET/POST /files ---------------------------------------------------------------------------
+
+
+def _files_user(request: HttpRequest) -> str:
+    """The ``username`` query parameter, else envd's default user; 401 for an unknown one (as
+    envd answers a failed user lookup)."""
+    name = request.query_value("username") or DEFAULT_USER
+    try:
+        lookup(name)
+    except ConnectError as error:
+        raise HttpError(401, f"error looking up user '{printable(name[:64])}': {error.message}") from None
+    return name
+
+
+def _files_path(user: str, path: str | None) -> str:
+    try:
+        return resolve_path(user, path)
+    except ConnectError as error:
+        raise HttpError(400, f"error expanding and resolving path: {error.message}") from None
+
+
+async def handle_files(request: HttpRequest, context: CallContext) -> HttpResponse:
+    """``GET /files`` (download) and ``POST /files`` (upload), as envd answers them."""
+    if request.method == "GET":
+        return await _download(request, context)
+    if request.method == "POST":
+        return await _upload(request, context)
+    raise HttpError(405, f"/files takes GET or POST, not {request.method}")
+
+
+async def _download(request: HttpRequest, context: CallContext) -> HttpResponse:
+    user = _files_user(request)
+    path = _files_path(user, request.query_value("path"))
+    agent = await context.sandbox.agent()
+    opened = agent.open_file(path)
+    try:
+        file = await opened.__aenter__()
+    except GuestRequestError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise HttpError(404, f"path '{path}' does not exist") from None
+        if error.errno == errno.EISDIR or "not a regular file" in error.message:
+            raise HttpError(400, f"path '{path}' is a directory") from None
+        raise HttpError(500, f"error opening file '{path}': {error.message}") from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await file.receive_some(DOWNLOAD_CHUNK):
+                yield chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await opened.__aexit__(None, None, None)
+
+    name = posixpath.basename(path).replace('"', "")
+    headers = [("content-type", "application/octet-stream"),
+               ("content-disposition", f'inline; filename="{name}"')]
+    return HttpResponse(200, headers, body())
+
+
+async def _upload(request: HttpRequest, context: CallContext) -> HttpResponse:
+    user = _files_user(request)
+    content_type = request.headers.get("content-type") or ""
+    media, params = parse_header_value(content_type)
+    query_path = request.query_value("path")
+    uploader = _Uploader(context, user)
+    if media == "application/octet-stream":
+        if query_path is None:
+            raise HttpError(400, "path query parameter is required for raw body upload")
+        encoding = (request.headers.get("content-encoding") or "identity").lower()
+        if encoding not in ("identity", "gzip"):
+            raise HttpError(400, f"unsupported content encoding: {encoding}")
+        chunks = request.body_chunks()
+        await uploader.write(_files_path(user, query_path), _gunzip(chunks) if encoding == "gzip" else chunks)
+    elif media.startswith("multipart/"):
+        boundary = params.get("boundary")
+        if not boundary or len(boundary) > 200:
+            raise HttpError(500, "error parsing multipart form: no multipart boundary param in Content-Type")
+        await _multipart_upload(request, uploader, boundary.encode("latin-1", "replace"), query_path)
+    else:
+        raise HttpError(400, f"unsupported content type: {content_type[:100]}, expected multipart/form-data "
+                             "or application/octet-stream")
+    return json_response(200, uploader.written)
+
+
+class _Uploader:
+    def __init__(self, context: CallContext, user: str) -> None:
+        self.context = context
+        self.user = lookup(user)
+        self.written: list[dict[str, str]] = []
+
+    async def write(self, path: str, data: AsyncIterator[bytes]) -> None:
+        if any(entry["path"] == path for entry in self.written):
+            raise HttpError(400, f"you cannot upload multiple files to the same path '{path}' in one upload "
+                                 "request, only the first specified file was uploaded")
+        helper = self.context.sandbox.service(FsHelper) if self.user.uid != 0 else None
+        try:
+            if helper is not None:
+                await helper.call("prepare_upload", path=path, uid=self.user.uid, gid=self.user.gid)
+            agent = await self.context.sandbox.agent()
+            await agent.write_file(path, data, mode=0o644)
+            if helper is not None:
+                await helper.call("chown", path=path, uid=self.user.uid, gid=self.user.gid)
+        except ConnectError as error:
+            status = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.PERMISSION_DENIED: 403,
+                      Code.RESOURCE_EXHAUSTED: 507}.get(error.code, 500)
+            raise HttpError(status, error.message) from None
+        except GuestRequestError as error:
+            status = 400 if error.errno in (errno.EISDIR, errno.ENOTDIR) else \
+                507 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            raise HttpError(status, f"error writing file: {error.message}") from None
+        self.written.append({"name": posixpath.basename(path), "type": "file", "path": path})
+
+
+async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        async for chunk in chunks:
+            while chunk:
+                yield inflater.decompress(chunk, 1024 * 1024)
+                chunk = inflater.unconsumed_tail
+        yield inflater.flush()
+    except zlib.error as error:
+        raise HttpError(400, f"error decompressing request body: {error}") from None
+
+
+async def _multipart_upload(request: HttpRequest, uploader: _Uploader, boundary: bytes,
+                            query_path: str | None) -> None:
+    """Each ``file`` part written as its bytes arrive: write_file pulls the part's data from
+    the parser, which pulls the request body (one task, nothing buffered beyond a piece)."""
+    events = _PartEvents(request.body_chunks(), MultipartParser(boundary))
+    while (event := await events.next()) is not None:
+        if not isinstance(event, PartStart):
+            continue
+        name, filename = event.disposition()
+        if name != "file":
+            continue
+        path_text = query_path if query_path is not None else filename
+        if path_text is None:
+            raise HttpError(400, "error getting multipart custom part file name: filename not "
+                                 "found in Content-Disposition header")
+        await uploader.write(_files_path(uploader.user.name, path_text), _PartBody(events))
+
+
+class _PartEvents:
+    """The parser's events, pulled from the request body as they are asked for."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], parser: MultipartParser) -> None:
+        self._chunks = chunks
+        self._parser = parser
+        self._events: deque[MultipartEvent] = deque()
+        self._done = False
+
+    async def next(self) -> MultipartEvent | None:
+        while not self._events:
+            if self._done:
+                return None
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                self._parser.close()
+                return None
+            self._events.extend(self._parser.feed(chunk))
+        return self._events.popleft()
+
+
+class _PartBody:
+    """One part's bytes as an async iterator (for write_file), up to its end."""
+
+    def __init__(self, events: _PartEvents) -> None:
+        self._events = events
+        self._ended = False
+
+    def __aiter__(self) -> _PartBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._ended:
+            event = await self._events.next()
+            if isinstance(event, PartData):
+                return event.data
+            if isinstance(event, PartEnd):
+                self._ended = True
+            else:
+                raise HttpError(400, "error reading form: a part did not end before the next one")
+        raise StopAsyncIteration
+
+
+# --- multipart/form-data, streaming -------------------------------------------------------------
+
+#: Longest header block of one part.
+MAX_PART_HEADERS = 16 * 1024
+#: Most parts in one body.
+MAX_PARTS = 1000
+
+
+@attrs.frozen
+class PartStart:
+    headers: dict[str, str]
+
+    def disposition(self) -> tuple[str | None, str | None]:
+        """The part's form ``name`` and ``filename`` (the full path: envd does not strip it)."""
+        _, params = parse_header_value(self.headers.get("content-disposition", ""))
+        return params.get("name"), params.get("filename")
+
+
+@attrs.frozen
+class PartData:
+    data: bytes
+
+
+@attrs.frozen
+class PartEnd:
+    pass
+
+
+MultipartEvent = PartStart | PartData | PartEnd
+
+
+class MultipartParser:
+    """RFC 7578 bodies parsed as they arrive (sans I/O): ``feed`` returns the events the bytes
+    so far complete; a delimiter split across pieces is found all the same (the last bytes
+    that could start one are held back). Bad input is HttpError(400)."""
+
+    def __init__(self, boundary: bytes, *, max_headers: int = MAX_PART_HEADERS,
+                 max_parts: int = MAX_PARTS) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._buffer = bytearray(b"\r\n")  # so that a delimiter at the very start is found too
+        self._state = "preamble"
+        self._max_headers = max_headers
+        self._max_parts = max_parts
+        self._parts = 0
+
+    def feed(self, data: bytes) -> list[MultipartEvent]:
+        self._buffer += data
+        events: list[MultipartEvent] = []
+        while True:
+            before = (self._state, len(self._buffer))
+            if self._state == "preamble":
+                at = self._find_delimiter()
+                if at is None:
+                    break
+                if at < 0:
+                    keep = len(self._delimiter)
+                    if len(self._buffer) > keep:
+                        del self._buffer[:len(self._buffer) - keep]
+                else:
+                    del self._buffer[:at + len(self._delimiter)]
+                    self._state = "after_delimiter"
+            elif self._state == "after_delimiter":
+                if len(self._buffer) < 2:
+                    break
+                if self._buffer[:2] == b"--":
+                    self._state = "epilogue"
+                    continue
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > 256:
+                        raise HttpError(400, "error reading form: malformed multipart delimiter line")
+                    break
+                if self._buffer[:end].strip(b" \t"):
+                    raise HttpError(400, "error reading form: malformed multipart delimiter line")
+                del self._buffer[:end + 2]
+                self._state = "headers"
+            elif self._state == "headers":
+                end = self._buffer.find(b"\r\n\r\n") if not self._buffer.startswith(b"\r\n") else -2
+                if end == -1:
+                    if len(self._buffer) > self._max_headers:
+                        raise HttpError(400, f"error reading form: a part's headers are over "
+                                             f"{self._max_headers} bytes")
+                    break
+                if end > self._max_headers:
+                    raise HttpError(400, "error reading form: a part's headers are over "
+                                         f"{self._max_headers} bytes")
+                block = bytes(self._buffer[:max(end, 0)])
+                del self._buffer[:max(end, 0) + (4 if end >= 0 else 2)]
+                self._parts += 1
+                if self._parts > self._max_parts:
+                    raise HttpError(400, f"error reading form: more than {self._max_parts} parts")
+                events.append(PartStart(_parse_headers(block)))
+                self._state = "body"
+            elif self._state == "body":
+                at = self._find_delimiter()
+                if at is None:
+                    # A delimiter may start here: hand out what is before it, wait for more.
+                    start = self._buffer.find(self._delimiter)
+                    if start > 0:
+                        events.append(PartData(bytes(self._buffer[:start])))
+                        del self._buffer[:start]
+                    break
+                if at >= 0:
+                    if at:
+                        events.append(PartData(bytes(self._buffer[:at])))
+                    del self._buffer[:at + len(self._delimiter)]
+                    events.append(PartEnd())
+                    self._state = "after_delimiter"
+                else:
+                    safe = len(self._buffer) - len(self._delimiter)
+                    if safe > 0:
+                        events.append(PartData(bytes(self._buffer[:safe])))
+                        del self._buffer[:safe]
+            elif self._state == "epilogue":
+                self._buffer.clear()
+            if (self._state, len(self._buffer)) == before:
+                break
+        return events
+
+    def _find_delimiter(self) -> int | None:
+        """Where the first delimiter starts (``-1``: none yet, None: undecided until more
+        comes). As Go's reader: ``\r\n--boundary`` followed by anything but ``-``, space,
+        tab or a line end is part of the data."""
+        start = 0
+        while (at := self._buffer.find(self._delimiter, start)) >= 0:
+            after = at + len(self._delimiter)
+            if after >= len(self._buffer):
+                return None
+            if self._buffer[after] in b"- \t\r\n":
+                return at
+            start = at + 1
+        return -1
+
+    def close(self) -> None:
+        """The body ended: HttpError(400) unless the closing delimiter came."""
+        if self._state != "epilogue":
+            raise HttpError(400, "error reading form: the multipart body ended before its closing boundary")
+
+
+def _parse_headers(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.decode("utf-8", "replace").split("\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise HttpError(400, "error reading form: malformed part header")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def parse_header_value(value: str) -> tuple[str, dict[str, str]]:
+    """``type/sub; a=b; c="d e"`` as (lower-case type, params): quoted strings with backslash
+    escapes, and RFC 5987 ``name*=UTF-8''...`` values (which win over plain ones)."""
+    from urllib.parse import unquote
+
+    head, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    extended: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        while i < len(rest) and rest[i] in " \t;":
+            i += 1
+        start = i
+        while i < len(rest) and rest[i] not in "=;":
+            i += 1
+        key = rest[start:i].strip().lower()
+        if i >= len(rest) or rest[i] != "=":
+            continue
+        i += 1
+        while i < len(rest) and rest[i] in " \t":
+            i += 1
+        if i < len(rest) and rest[i] == '"':
+            i += 1
+            out = []
+            while i < len(rest) and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < len(rest):
+                    i += 1
+                out.append(rest[i])
+                i += 1
+            i += 1
+            item = "".join(out)
+        else:
+            start = i
+            while i < len(rest) and rest[i] != ";":
+                i += 1
+            item = rest[start:i].strip()
+        if key.endswith("*"):
+            charset, _, encoded = item.partition("''")
+            try:
+                extended[key[:-1]] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+            except (LookupError, UnicodeDecodeError):
+                pass
+        elif key:
+            params[key] = item
+    params.update(extended)
+    return head.strip().lower(), params
