@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import base64
 import hmac
+import http.client
 import json
 import os
+import signal
+import socket
+import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import attrs
 import h11
 import pytest
 import trio
@@ -26,6 +31,9 @@ import trio.testing
 from vmcache.e2b_http import HttpLimits, HttpRequest, serve_connection
 from vmcache.e2b_server import E2BServer, load_api_keys, user_of
 from vmcache.errors import AgentError, ConfigError, QuotaReachedError
+
+if TYPE_CHECKING:
+    from daemon import Daemon
 
 T = TypeVar("T")
 KEY = "e2b_test_key_0123456789"
@@ -475,3 +483,130 @@ def test_a_missing_or_foreign_keys_file_is_refused(tmp_path: Path) -> None:
         load_api_keys(str(link))
 
 
+
+
+# ---------------------------------------------------------------- one real daemon
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_qemu() -> Iterator[None]:
+    """The module's daemon refills its cache while tests run: its QEMU processes are counted
+    around the whole module instead (``real``)."""
+    yield
+
+
+@attrs.frozen
+class Real:
+    daemon: Daemon
+    port: int
+
+    def request(self, method: str, target: str, body: object = None, *, key: str | None = KEY,
+                headers: Mapping[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+        """One request as a plain HTTP/1.1 client (not the SDK) sends it."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=90)
+        try:
+            heads = dict(headers or {})
+            if key is not None:
+                heads["X-API-KEY"] = key
+            data = None if body is None else json.dumps(body).encode()
+            if data is not None:
+                heads["Content-Type"] = "application/json"
+            connection.request(method, target, body=data, headers=heads)
+            response = connection.getresponse()
+            raw = response.read()
+            return (response.status, json.loads(raw) if raw else None,
+                    {name.lower(): value for name, value in response.getheaders()})
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterator[Real]:
+    """``vmcache serve`` with ``[e2b] listen`` on a free loopback port and one cached VM
+    (snapshot mode, as the fastest daemon tests run); after the module: nothing handed out,
+    no QEMU of its own left, no traceback in its log."""
+    from conftest import RUN_DIR_PREFIX, qemu_pids, wait_until
+    from daemon import Daemon as RealDaemon
+
+    tmp = tmp_path_factory.mktemp("e2b-api")
+    run_dir = Path(f"{RUN_DIR_PREFIX}e2b-api-{time.monotonic_ns() % 10**9}")
+    run_dir.mkdir(mode=0o700)
+    old_run_dir = os.environ.get("VMCACHE_RUN_DIR")
+    os.environ["VMCACHE_RUN_DIR"] = str(run_dir)
+    before = qemu_pids()
+    keys = tmp / "keys"
+    keys.write_text(f"{KEY}\n")
+    keys.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = RealDaemon(tmp, run_dir, cache=1, factory={"boot_mode": "snapshot"})
+    with open(daemon.config, "a") as config:
+        config.write(f'[e2b]\nlisten = "127.0.0.1:{port}"\napi_keys_file = "{keys}"\n')
+    try:
+        daemon.start()
+        assert f"E2B API listening on http://127.0.0.1:{port}" in daemon.log(), daemon.log()
+        daemon.wait_cached(1)
+        yield Real(daemon, port)
+        assert daemon.status()["handed_out_vms"] == [], daemon.log()
+        assert daemon.signal(signal.SIGTERM) == 0, daemon.log()
+        assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+    finally:
+        daemon.ensure_stopped()
+        if old_run_dir is None:
+            os.environ.pop("VMCACHE_RUN_DIR", None)
+        else:
+            os.environ["VMCACHE_RUN_DIR"] = old_run_dir
+        leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith("vm-")]
+        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+    assert not leftovers, f"run directories left behind: {leftovers}"
+    assert wait_until(lambda: qemu_pids() == before, 10), "QEMU processes left behind"
+
+
+@pytest.mark.qemu
+def test_a_sandbox_is_a_handed_out_vm_from_create_to_kill(real: Real) -> None:
+    status, created, _ = real.request("POST", "/v2/sandboxes", {
+        "templateID": "base", "timeout": 120, "metadata": {"test": "api"}, "envVars": {"A": "1"}})
+    assert status == 201, created
+    sandbox_id = created["sandboxID"]
+    handed = real.daemon.status()["handed_out_vms"]
+    assert [vm["id"] for vm in handed] == [sandbox_id] and handed[0]["state"] == "claimed"
+    assert 100 < handed[0]["expires_at"] - time.time() <= 120
+
+    status, info, _ = real.request("GET", f"/sandboxes/{sandbox_id}")
+    assert status == 200 and info["metadata"] == {"test": "api"} and info["state"] == "running"
+    status, listed, _ = real.request("GET", "/v2/sandboxes?metadata=test%3Dapi")
+    assert status == 200 and [item["sandboxID"] for item in listed] == [sandbox_id]
+
+    assert real.request("POST", f"/sandboxes/{sandbox_id}/timeout", {"timeout": 600})[0] == 204
+    expires = real.daemon.status()["handed_out_vms"][0]["expires_at"]
+    assert 590 < expires - time.time() <= 600
+
+    envd = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": created["envdAccessToken"]}
+    assert real.request("GET", "/health", key=None, headers=envd)[0] == 204  # the agent answers
+    assert real.request("GET", "/health", key=None, headers={**envd, "X-Access-Token": "no"})[0] == 401
+    assert real.request("GET", "/v2/sandboxes", key="wrong")[0] == 401
+
+    assert real.request("DELETE", f"/sandboxes/{sandbox_id}")[0] == 204
+    assert real.daemon.status()["handed_out_vms"] == []
+    assert real.request("GET", f"/sandboxes/{sandbox_id}")[0] == 404
+    assert real.request("DELETE", f"/sandboxes/{sandbox_id}")[0] == 404
+    status, error, _ = real.request("GET", "/health", key=None, headers=envd)
+    assert status == 502 and "was not found" in error["message"]
+
+
+@pytest.mark.qemu
+def test_a_sandbox_whose_timeout_passes_is_gone(real: Real) -> None:
+    from conftest import wait_until
+
+    real.daemon.wait_cached(1)  # the refill of the test before
+    status, created, _ = real.request("POST", "/v2/sandboxes", {"templateID": "code-interpreter-v1",
+                                                                "timeout": 2})
+    assert status == 201, created
+    sandbox_id = created["sandboxID"]
+    assert wait_until(lambda: real.request("GET", f"/sandboxes/{sandbox_id}")[0] == 404, 30, 0.2)
+    assert wait_until(lambda: real.daemon.status()["handed_out_vms"] == [], 10, 0.2)
+    assert "TTL passed" in real.daemon.log() or "its TTL" in real.daemon.log()
+    status, listed, _ = real.request("GET", "/v2/sandboxes")
+    assert (status, listed) == (200, [])
