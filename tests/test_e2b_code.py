@@ -19,17 +19,20 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from conftest import TCG_BOOT_TIMEOUT, write_config
 
 from vmcache import e2b_code
 from vmcache.agent_client import AgentConnection, guest_agent_files
 from vmcache.config import load_config, resolve_spec
 from vmcache.e2b_code import (
+    Execution,
     KernelProtocolError,
     handle_code,
     parse_message,
     result_event,
     split_lines,
+    stream_execution,
     to_event,
 )
 from vmcache.e2b_connect import CallContext
@@ -111,6 +114,54 @@ def test_events_are_ascii_lines() -> None:
     line = e2b_code.encode_event({"type": "stdout", "text": "a\u2028b\nc é"})
     assert line.count(b"\n") == 1 and line.endswith(b"\n") and line.isascii()
     assert json.loads(line)["text"] == "a\u2028b\nc é"
+
+
+class Ended:
+    """Just enough of a sandbox for :func:`stream_execution`."""
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+
+
+async def test_a_silent_execution_sends_keepalives(autojump_clock: trio.testing.MockClock) -> None:
+    execution = Execution("", {}, None)
+    body = stream_execution(execution, Ended())  # type: ignore[arg-type]
+    started = trio.current_time()
+    assert await body.__anext__() == b'{"type": "keepalive"}\n'
+    assert await body.__anext__() == b'{"type": "keepalive"}\n'
+    assert trio.current_time() - started == pytest.approx(2 * e2b_code.KEEPALIVE_INTERVAL)
+    await execution.deliver({"type": "stdout", "text": "x"})
+    assert json.loads(await body.__anext__()) == {"type": "stdout", "text": "x"}
+    execution.finish(e2b_code.error_event("E", "v"))
+    assert json.loads(await body.__anext__())["name"] == "E"
+    assert await body.__anext__() == b'{"type": "end_of_execution"}\n'
+    with pytest.raises(StopAsyncIteration):
+        await body.__anext__()
+    assert not execution.abandoned.is_set()
+
+
+async def test_closing_the_stream_abandons_the_execution(autojump_clock: trio.testing.MockClock,
+                                                         ) -> None:
+    execution = Execution("", {}, None)
+    body = stream_execution(execution, Ended())  # type: ignore[arg-type]
+    await execution.deliver({"type": "stdout", "text": "x"})
+    await body.__anext__()
+    await body.aclose()
+    assert execution.abandoned.is_set()
+    await execution.deliver({"type": "stdout", "text": "dropped"})  # does not block
+    unread = Execution("", {}, None)
+    await stream_execution(unread, Ended()).aclose()  # type: ignore[arg-type]
+    assert unread.abandoned.is_set()  # closed by a server that could not send the head
+
+
+async def test_a_sandbox_that_ends_ends_the_stream(autojump_clock: trio.testing.MockClock) -> None:
+    execution = Execution("", {}, None)
+    sandbox = Ended()
+    body = stream_execution(execution, sandbox)  # type: ignore[arg-type]
+    assert await body.__anext__() == b'{"type": "keepalive"}\n'
+    sandbox.ended.set()
+    assert json.loads(await body.__anext__())["name"] == "SandboxEnded"
+    assert await body.__anext__() == b'{"type": "end_of_execution"}\n'
 
 
 # --- The handler over a real agent and kernel on this host ----------------------------------------
@@ -474,6 +525,49 @@ async def test_restart_during_an_execution_ends_it(client: Client) -> None:
     assert the_error(events) == {"type": "error", "name": "ContextRestarting",
                                  "value": "Context was restarted", "traceback": ""}
     assert main_result(await client.run("2"))["text"] == "2"  # type: ignore[index]
+
+
+async def test_an_interrupt_never_cuts_a_message(client: Client) -> None:
+    """Interrupted while it prints as fast as it can, the kernel still speaks whole lines:
+    the error is the KeyboardInterrupt, and the context keeps its state."""
+    await client.run("kept = 3")
+    for _ in range(3):
+        with trio.fail_after(20):
+            response = await client.call("POST", "/execute", {
+                "code": "import sys\nwhile True:\n    print('x' * 100)\n    sys.stderr.write('y')"},
+                deadline=trio.current_time() + 0.5)
+            assert not isinstance(response.body, bytes)
+            lines = b"".join([piece async for piece in response.body]).splitlines()
+        events = [json.loads(line) for line in lines]
+        assert the_error(events)["name"] == "KeyboardInterrupt"
+    assert main_result(await client.run("kept"))["text"] == "3"  # type: ignore[index]
+
+
+async def test_a_format_too_big_for_a_message_is_dropped_with_a_note(client: Client) -> None:
+    events = await client.run("class Big:\n    def _repr_html_(self): return 'h' * 5_000_000\n"
+                              "    def __repr__(self): return 'Big()'\nBig()")
+    result = main_result(events)
+    assert result is not None and "html" not in result
+    assert result["text"].startswith("Big()") and "text/html dropped by vmcache" in result["text"]
+
+
+async def test_too_many_waiting_executions_are_refused(client: Client,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(e2b_code, "MAX_QUEUED", 2)
+    created = await client.json("POST", "/contexts", {})
+    bodies = []
+    with trio.fail_after(20):
+        for _ in range(3):  # one runs, two wait
+            response = await client.call("POST", "/execute", {"code": "import time\ntime.sleep(30)",
+                                                              "context_id": created["id"]})
+            assert response.status == 200
+            bodies.append(response.body)
+            await trio.sleep(0.2)
+        refused = await client.call("POST", "/execute", {"code": "1", "context_id": created["id"]})
+        assert refused.status == 503 and b"wait" in refused.body  # type: ignore[operator]
+        for body in bodies:
+            await body.aclose()  # type: ignore[union-attr]
+        assert main_result(await client.run("'free'", context_id=created["id"]))["text"] == "free"  # type: ignore[index]
 
 
 FAKE_KERNEL = """

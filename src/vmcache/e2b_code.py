@@ -37,7 +37,8 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -289,10 +290,35 @@ class Execution:
         self.finished.set()
 
 
-async def stream_execution(execution: Execution, sandbox: SandboxRuntime) -> AsyncIterator[bytes]:
-    """The response body of ``/execute``: the execution's events as NDJSON lines, keepalives
-    while it is silent, then ``end_of_execution``. Closing it early (the client went away)
-    abandons the execution, which the context's worker then interrupts."""
+class ExecutionStream:
+    """The response body of ``/execute`` (see :func:`_lines`). Closing it before its end (the
+    client went away) abandons the execution, which the context's worker then interrupts;
+    this holds even when the server closes it before reading anything (a generator that never
+    started would run no ``finally``)."""
+
+    def __init__(self, execution: Execution, sandbox: SandboxRuntime) -> None:
+        self._execution = execution
+        self._lines = _lines(execution, sandbox)
+
+    def __aiter__(self) -> ExecutionStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._lines.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._execution.finished.is_set():
+            self._execution.abandoned.set()
+        await self._lines.aclose()
+
+
+def stream_execution(execution: Execution, sandbox: SandboxRuntime) -> ExecutionStream:
+    return ExecutionStream(execution, sandbox)
+
+
+async def _lines(execution: Execution, sandbox: SandboxRuntime) -> AsyncGenerator[bytes, None]:
+    """The execution's events as NDJSON lines, keepalives while it is silent, then
+    ``end_of_execution``."""
     receive = execution.receive
     try:
         while True:
@@ -476,20 +502,26 @@ class CodeContext:
         self.deleted = False
         self.kernel: Kernel | None = None
         self._start_lock = trio.Lock()
-        self._queue_send, self._queue = trio.open_memory_channel[Execution](MAX_QUEUED)
+        #: Executions waiting for the one running (an abandoned one leaves its place at once).
+        self._waiting: deque[Execution] = deque()
+        self._wake = trio.Event()
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
     def submit(self, execution: Execution) -> None:
         """Queue an execution (they run one at a time, in order)."""
-        try:
-            self._queue_send.send_nowait(execution)
-        except trio.WouldBlock:
+        if self.deleted:
+            raise _PlainError(404, f"Context {self.id} not found")
+        for item in self._waiting:
+            if item.abandoned.is_set():
+                item.finish()
+        self._waiting = deque(item for item in self._waiting if not item.finished.is_set())
+        if len(self._waiting) >= MAX_QUEUED:
             raise _PlainError(503, f"{MAX_QUEUED} executions already wait in context {self.id}: "
-                                   "wait for them, or use another context") from None
-        except trio.ClosedResourceError:
-            raise _PlainError(404, f"Context {self.id} not found") from None
+                                   "wait for them, or use another context")
+        self._waiting.append(execution)
+        self._wake.set()
 
     async def ready_kernel(self) -> Kernel:
         """The running kernel, started if there is none (or it died); KernelStartError."""
@@ -528,7 +560,7 @@ class CodeContext:
 
     def delete(self) -> None:
         self.deleted = True
-        self._queue_send.close()
+        self._wake.set()
         if self.kernel is not None:
             self.kernel.stop(error_event(
                 "UnexpectedEndOfExecution",
@@ -536,17 +568,22 @@ class CodeContext:
 
     async def worker(self) -> None:
         """Run the queued executions one at a time (a sandbox task, for the context's life)."""
-        async with self._queue:
-            async for execution in self._queue:
-                try:
-                    await self._run(execution)
-                except Exception:  # a bug: the context must still serve the next execution
-                    log.exception("sandbox %s: an execution in context %s failed",
-                                  self.table.sandbox.id, self.id)
-                finally:
-                    execution.finish(error_event(
-                        "UnexpectedEndOfExecution",
-                        "Connection to the execution was closed before the execution was finished"))
+        while True:
+            while not self._waiting and not self.deleted:
+                await self._wake.wait()
+                self._wake = trio.Event()
+            if not self._waiting:
+                return  # removed, and nothing waits any more
+            execution = self._waiting.popleft()
+            try:
+                await self._run(execution)
+            except Exception:  # a bug: the context must still serve the next execution
+                log.exception("sandbox %s: an execution in context %s failed",
+                              self.table.sandbox.id, self.id)
+            finally:
+                execution.finish(error_event(
+                    "UnexpectedEndOfExecution",
+                    "Connection to the execution was closed before the execution was finished"))
 
     async def _run(self, execution: Execution) -> None:
         if execution.abandoned.is_set():
