@@ -37,6 +37,7 @@ from vmcache.e2b_code import (
 )
 from vmcache.e2b_connect import CallContext
 from vmcache.e2b_http import Headers, HttpRequest, HttpResponse
+from vmcache.errors import VMGoneError
 from vmcache.qemu import launch_vm
 
 T = TypeVar("T")
@@ -197,6 +198,8 @@ class Sandbox:
         return found
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        if self._ended.is_set():
+            raise VMGoneError(f"sandbox {self.id} has ended")  # as e2b_sandbox's
         self._nursery.start_soon(fn, *args)
 
     @property
@@ -568,6 +571,18 @@ async def test_too_many_waiting_executions_are_refused(client: Client,
         for body in bodies:
             await body.aclose()  # type: ignore[union-attr]
         assert main_result(await client.run("'free'", context_id=created["id"]))["text"] == "free"  # type: ignore[index]
+
+
+async def test_an_ended_sandbox_answers_502(client: Client) -> None:
+    ended = Sandbox(client.sandbox._nursery, client.sandbox._connection)
+    ended.ended.set()
+    response = await Client(ended).call("POST", "/execute", {"code": "1"})
+    assert response.status == 502 and b"was not found" in response.body  # type: ignore[operator]
+
+
+async def test_sys_dunder_stdout_is_not_lost(client: Client) -> None:
+    events = await client.run("import sys\nsys.__stdout__.write('raw\\n')\nsys.__stderr__.write('e')")
+    assert text_of(events, "stdout") == "raw\n" and text_of(events, "stderr") == "e"
 
 
 FAKE_KERNEL = """

@@ -531,14 +531,15 @@ class CodeContext:
             kernel = self.kernel
             if kernel is None or kernel.state is KernelState.DEAD:
                 sandbox = self.table.sandbox
+                kernel = Kernel()
                 try:
                     agent = await sandbox.agent()
                     argv, env, cwd = as_user(self.user, KERNEL_ARGV, dict(sandbox.envs), self.cwd)
+                    sandbox.start_soon(kernel.run, agent, [*argv, "--cwd", cwd], env)
                 except (VmcacheError, ConnectError) as error:
                     raise KernelStartError(f"the context's Python process cannot start: "
                                            f"{error}") from None
-                kernel = self.kernel = Kernel()
-                sandbox.start_soon(kernel.run, agent, [*argv, "--cwd", cwd], env)
+                self.kernel = kernel
             with trio.move_on_after(START_TIMEOUT):
                 await kernel.ready.wait()
             if kernel.state is not KernelState.READY:
@@ -782,12 +783,12 @@ async def _create(request: HttpRequest, context: CallContext, table: ContextTabl
 
 async def handle_code(request: HttpRequest, context: CallContext) -> HttpResponse:
     """Everything e2b-code-interpreter sends to port 49999 (see the module's docstring)."""
-    table = context.sandbox.service(ContextTable)
     path = request.path
     method = request.method
     try:
         try:
             lookup(context.user)
+            table = context.sandbox.service(ContextTable)
             if path == "/execute":
                 _allow(method, "POST")
                 return await _execute(request, context, table)
@@ -817,6 +818,9 @@ async def handle_code(request: HttpRequest, context: CallContext) -> HttpRespons
             return json_response(200, None)
         except ConnectError as error:  # as_user: an unknown user
             raise _PlainError(400, error.message) from None
+        except VmcacheError as error:  # the sandbox ended meanwhile: what E2B's proxy answers
+            raise _PlainError(502, f"The sandbox {context.sandbox.id} was not found: {error}"
+                              ) from None
     except _PlainError as error:
         return error.response()
     except _Invalid as error:

@@ -330,9 +330,11 @@ class Kernel:
             self.finish(execution_id)
 
     def finish(self, execution_id: str) -> None:
-        for stream in (sys.stdout, sys.stderr):  # the user's code may have replaced them
+        # The user's code may have replaced them; sys.__stdout__ is block-buffered on fd 1.
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             try:
-                stream.flush()
+                if stream is not None:
+                    stream.flush()
             except Exception:
                 pass
         with self.lock:
