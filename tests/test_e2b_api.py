@@ -600,7 +600,6 @@ def test_a_sandbox_is_a_handed_out_vm_from_create_to_kill(real: Real) -> None:
 def test_a_sandbox_whose_timeout_passes_is_gone(real: Real) -> None:
     from conftest import wait_until
 
-    real.daemon.wait_cached(1)  # the refill of the test before
     status, created, _ = real.request("POST", "/v2/sandboxes", {"templateID": "code-interpreter-v1",
                                                                 "timeout": 2})
     assert status == 201, created
@@ -610,3 +609,25 @@ def test_a_sandbox_whose_timeout_passes_is_gone(real: Real) -> None:
     assert "TTL passed" in real.daemon.log() or "its TTL" in real.daemon.log()
     status, listed, _ = real.request("GET", "/v2/sandboxes")
     assert (status, listed) == (200, [])
+
+
+@pytest.mark.qemu
+def test_a_restarted_daemon_serves_its_sandboxes_again(real: Real) -> None:
+    """A daemon's stop leaves sandboxes running (claimed hand-outs); the next daemon adopts
+    their VMs and, from their E2B records, serves them with the same tokens."""
+    from conftest import wait_until
+
+    status, created, _ = real.request("POST", "/v2/sandboxes", {"templateID": "base", "timeout": 120,
+                                                                "metadata": {"kept": "yes"}})
+    assert status == 201, created
+    sandbox_id = created["sandboxID"]
+    assert real.daemon.signal(signal.SIGTERM) == 0, real.daemon.log()
+    real.daemon.start()
+    assert wait_until(lambda: real.request("GET", f"/sandboxes/{sandbox_id}")[0] == 200, 30, 0.2), \
+        real.daemon.log()
+    status, info, _ = real.request("GET", f"/sandboxes/{sandbox_id}")
+    assert info["metadata"] == {"kept": "yes"} and info["envdAccessToken"] == created["envdAccessToken"]
+    envd = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": created["envdAccessToken"]}
+    assert real.request("GET", "/health", key=None, headers=envd)[0] == 204
+    assert real.request("DELETE", f"/sandboxes/{sandbox_id}")[0] == 204
