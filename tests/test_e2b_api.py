@@ -485,6 +485,39 @@ def test_a_missing_or_foreign_keys_file_is_refused(tmp_path: Path) -> None:
 
 
 
+# ---------------------------------------------------------------- [e2b] and the h2 trap
+
+
+def test_the_e2b_table_is_off_by_default_and_checked() -> None:
+    from vmcache.config import Config, config_from_dict, is_loopback_host
+
+    assert Config().e2b.address is None
+    config = config_from_dict({"e2b": {"listen": "[::1]:3000", "api_keys_file": "/k"}})
+    assert config.e2b.address == ("::1", 3000) and is_loopback_host("::1")
+    assert not is_loopback_host("0.0.0.0") and is_loopback_host("127.0.0.2")
+    for bad, needle in [({"listen": "3000", "api_keys_file": "/k"}, "e2b.listen: must be HOST:PORT"),
+                        ({"listen": "127.0.0.1:3000"}, "e2b.api_keys_file: is needed with listen"),
+                        ({"listen": "127.0.0.1:70000", "api_keys_file": "/k"}, "e2b.listen"),
+                        ({"port": 3000}, "unknown key e2b.port")]:
+        with pytest.raises(ConfigError) as raised:
+            config_from_dict({"e2b": bad})
+        assert needle in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_an_h2_purerpc_cannot_run_with_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    from vmcache.errors import DependencyError, check_h2
+
+    check_h2()  # this venv's h2 is purerpc's
+    monkeypatch.setattr(metadata, "version", lambda name: "4.4.1" if name == "h2" else "0")
+    with pytest.raises(DependencyError) as raised:
+        check_h2()
+    text = str(raised.value)
+    assert "needs h2 >= 3.1, < 4" in text and "found h2 4.4.1" in text and "venv of its own" in text
+    assert "\n" not in text
+
+
 # ---------------------------------------------------------------- one real daemon
 
 
