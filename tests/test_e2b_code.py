@@ -382,6 +382,14 @@ async def test_an_exception_is_an_error_with_the_users_traceback(client: Client)
     assert main_result(await client.run("'still alive'"))["text"] == "still alive"  # type: ignore[index]
 
 
+async def test_tracebacks_show_the_source_of_earlier_cells(client: Client) -> None:
+    await client.run("def h():\n    raise RuntimeError('late')")
+    assert "raise RuntimeError('late')" in the_error(await client.run("h()"))["traceback"]
+    printed = await client.run("import traceback\ntry:\n    h()\nexcept Exception:\n"
+                               "    traceback.print_exc()")
+    assert "raise RuntimeError('late')" in text_of(printed, "stderr")
+
+
 async def test_env_vars_hold_for_one_execution(client: Client) -> None:
     events = await client.run(
         "import os, subprocess\n"

@@ -39,11 +39,10 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import ast
-import base64
+import _ast
+import binascii
 import codecs
 import json
-import linecache
 import os
 import queue
 import select
@@ -51,7 +50,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import types
 from typing import Any
 
@@ -124,6 +122,9 @@ class Kernel:
         self.pending_since = 0.0
         self.commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.namespace: dict[str, Any] = {}
+        #: Each cell's source, for tracebacks (put in linecache once something imports it).
+        self.sources: dict[str, str] = {}
+        self.registered = 0
         #: The kernel's own __main__, kept alive once the user's namespace takes its place.
         self.own_module: object = None
         self.loop: Any = None  # the asyncio loop of top-level awaits, made on first use
@@ -345,7 +346,9 @@ class Kernel:
 
     def run_cell(self, code: str) -> None:
         filename = f"<cell {self.count}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self.sources[filename] = code
+        if "linecache" in sys.modules:  # else it is done when a traceback needs it
+            self.register_sources()
         self.interrupt_pending = False
         try:
             self.user_code = True
@@ -361,19 +364,27 @@ class Kernel:
             self.report(error, filename)
         self.interrupt_pending = False
 
+    def register_sources(self) -> None:
+        import linecache
+
+        for filename in list(self.sources)[self.registered:]:
+            code = self.sources[filename]
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self.registered = len(self.sources)
+
     def evaluate(self, code: str, filename: str) -> object:
         """Run ``code``; the value of its last statement when that is an expression."""
-        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-        tree = ast.parse(code, filename, "exec")
-        last: ast.expr | None = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
+        flags = _ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST | flags)
+        last: _ast.expr | None = None
+        if tree.body and isinstance(tree.body[-1], _ast.Expr):
             last = tree.body[-1].value
             del tree.body[-1]
         if tree.body:
             self.run_code(compile(tree, filename, "exec", flags=flags))
         if last is None:
             return None
-        expression = ast.Expression(last)
+        expression = _ast.Expression(last)
         return self.run_code(compile(expression, filename, "eval", flags=flags))
 
     def run_code(self, compiled: types.CodeType) -> object:
@@ -410,7 +421,7 @@ class Kernel:
         for mime in list(data):
             item = data[mime]
             if mime in BINARY_TYPES and isinstance(item, (bytes, bytearray)):
-                item = base64.b64encode(item).decode("ascii")
+                item = binascii.b2a_base64(bytes(item), newline=False).decode("ascii")
             try:
                 encoded = item if isinstance(item, str) else json.dumps(item)
             except (TypeError, ValueError):
@@ -440,6 +451,7 @@ class Kernel:
         if isinstance(error, SyntaxError) and error.filename == filename:
             error.__traceback__ = None  # the parser's: its frames are the kernel's and ast's
         try:
+            self.register_sources()
             lines = user_traceback(error)
         except Exception:
             lines = [f"{type(error).__name__}\n"]
@@ -460,6 +472,8 @@ class Kernel:
 
 def user_traceback(error: BaseException) -> list[str]:
     """The traceback of ``error`` (and of its chain) without the kernel's own frames."""
+    import traceback
+
     shown = traceback.TracebackException(type(error), error, error.__traceback__)
     seen: set[int] = set()
     pending = [shown]
