@@ -32,7 +32,7 @@ from typing import cast
 import trio
 
 from .e2b_api import ControlPlane, SandboxProvider
-from .e2b_connect import CallContext, ConnectRouter
+from .e2b_connect import CallContext, ConnectError, ConnectRouter, parse_timeout
 from .e2b_http import Headers, HttpError, HttpLimits, HttpRequest, HttpResponse, json_response, serve_http
 from .e2b_sandbox import Sandbox
 from .errors import AgentError, ConfigError, VMGoneError
@@ -164,6 +164,14 @@ class E2BServer:
         sandbox = cast(Sandbox | None, self.manager.get(sandbox_id))
         if sandbox is None:
             return _not_found(sandbox_id)
+        try:
+            return await self._sandbox_call(request, sandbox)
+        except (VMGoneError, AgentError):
+            if not sandbox.alive:  # it ended under the call: what E2B's proxy says then
+                return _not_found(sandbox.id)
+            raise
+
+    async def _sandbox_call(self, request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
         port = (request.headers.get("e2b-sandbox-port") or "").strip()
         token = request.headers.get("x-access-token")
         if port == str(ENVD_PORT):
@@ -182,7 +190,15 @@ class E2BServer:
         return _port_closed(sandbox.id, port)
 
     def _context(self, request: HttpRequest, sandbox: Sandbox) -> CallContext:
-        return CallContext(sandbox=sandbox, user=user_of(request.headers), deadline=None,
+        """The call's context; its deadline from ``Connect-Timeout-Ms`` when the request has
+        one (the Connect router sets it again for its calls; ``/files`` and the code
+        interpreter's requests carry none from the SDKs)."""
+        try:
+            timeout = parse_timeout(request.headers)
+        except ConnectError as error:
+            raise HttpError(400, error.message) from None
+        return CallContext(sandbox=sandbox, user=user_of(request.headers),
+                           deadline=None if timeout is None else trio.current_time() + timeout,
                            headers=request.headers)
 
     async def _envd(self, request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
