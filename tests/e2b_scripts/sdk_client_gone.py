@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from e2b import Sandbox
 from sdk_observe import Observed
@@ -40,9 +41,17 @@ if sbx is not None:
         "orphans", lambda: [p.pid for p in sbx.commands.list() if "sleep 600" in " ".join(p.args)]
     )
     obs.step("kill_orphans", lambda: [sbx.commands.kill(pid) for pid in orphans or []])
-    obs.step(
-        "orphans_after_kill", lambda: [p.pid for p in sbx.commands.list() if "sleep 600" in " ".join(p.args)]
-    )
+
+    def orphans_after_kill() -> list[int]:
+        """The killed command leaves the list when it has exited (SIGKILL is asynchronous)."""
+        deadline = time.monotonic() + 10
+        while True:
+            left = [p.pid for p in sbx.commands.list() if "sleep 600" in " ".join(p.args)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
+
+    obs.step("orphans_after_kill", orphans_after_kill)
     obs.step(
         "files", lambda: (sbx.files.write("/tmp/after.txt", "after"), sbx.files.read("/tmp/after.txt"))[1]
     )

@@ -77,6 +77,9 @@ obs.step("run_timeout", lambda: summary(run("sleep 30", timeout=1)))
 
 def background() -> dict[str, object]:
     handle = run("echo bg-start; sleep 120", background=True)
+    for stdout, _, _ in handle:  # its first output: it runs (the rest is read by wait below)
+        if stdout is not None:
+            break
     listed = [process.pid for process in sbx.commands.list()]
     killed = sbx.commands.kill(handle.pid)
     try:
@@ -151,7 +154,7 @@ obs.step("write", lambda: files.write("/home/user/notes/a.txt", "hello file").pa
 obs.step("read", lambda: files.read("/home/user/notes/a.txt"))
 obs.step("exists", lambda: [files.exists("/home/user/notes/a.txt"), files.exists("/home/user/nope")])
 obs.step(
-    "get_info",
+    "file_info",
     lambda: (
         lambda i: {
             "name": i.name,
@@ -197,6 +200,8 @@ obs.step(
     ],
 )
 obs.step("write_root_as_user", lambda: files.write("/root/denied.txt", "x").path)
+obs.step("read_root_as_user", lambda: files.read("/root/.profile"))
+obs.step("list_root_as_user", lambda: [e.name for e in files.list("/root")])
 
 
 def big() -> dict[str, object]:
@@ -223,9 +228,7 @@ def watch() -> dict[str, object]:
     files.make_dir("/home/user/watched")
     watcher = files.watch_dir("/home/user/watched")
     files.write("/home/user/watched/new.txt", "x")
-    run(
-        "cd /home/user/watched && echo more >> new.txt && mv new.txt moved.txt && rm moved.txt"
-    )
+    run("cd /home/user/watched && echo more >> new.txt && mv new.txt moved.txt && rm moved.txt")
     seen: list[tuple[str, str]] = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -273,7 +276,7 @@ def listed() -> dict[str, object]:
     return {"in_all": sbx.sandbox_id in everything, "filtered": mine == [sbx.sandbox_id], "other": other}
 
 
-obs.step("list", listed)
+obs.step("sandbox_list", listed)
 
 
 def set_timeout() -> int:

@@ -36,5 +36,15 @@ for line in sys.stdin:
     sandbox.kill()
     t4 = time.perf_counter()
     assert first.stdout == again.stdout == "hello\n", (first, again)
-    print(json.dumps({"create_s": t1 - t0, "first_command_s": t2 - t1, "command_s": t3 - t2,
-                      "kill_s": t4 - t3, "create_to_output_s": t2 - t0}), flush=True)
+    print(
+        json.dumps(
+            {
+                "create_s": t1 - t0,
+                "first_command_s": t2 - t1,
+                "command_s": t3 - t2,
+                "kill_s": t4 - t3,
+                "create_to_output_s": t2 - t0,
+            }
+        ),
+        flush=True,
+    )
