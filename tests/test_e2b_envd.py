@@ -173,20 +173,65 @@ def test_header_values_with_quotes_escapes_and_rfc5987() -> None:
     assert parse_header_value("multipart/form-data; boundary=----x")[1] == {"boundary": "----x"}
 
 
+class FakeUploadProcess:
+    """The guest side of an upload: the filesystem helper (every request answered ok, each
+    recorded) or the writer (its stdin is the file)."""
+
+    def __init__(self, agent: FakeFileAgent, argv: list[str]) -> None:
+        self._agent = agent
+        self._helper = argv == e2b_files.HELPER_ARGV
+        self.path = "" if self._helper else argv[4]
+        self.pid = 200
+        send, receive = trio.open_memory_channel[bytes](100)
+        self._send = send
+        self.stdin = self
+        self.stdout: trio.abc.ReceiveStream = _ChannelStream(receive)
+        self.stderr: trio.abc.ReceiveStream | None = _Ended()
+        self._closed = trio.Event()
+        self._content = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._helper:
+            for line in bytes(data).splitlines():
+                request = json.loads(line)
+                self._agent.requests.append(request)
+                self._send.send_nowait(json.dumps({"id": request["id"], "ok": {}}).encode() + b"\n")
+        else:
+            self._agent.chunks.append(len(data))
+            self._content += data
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self._helper:
+            self._agent.files[self.path] = bytes(self._content)
+        self._closed.set()
+
+    async def wait(self) -> int:
+        await self._closed.wait()
+        return 0
+
+
+class _Ended(trio.abc.ReceiveStream):
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
 class FakeFileAgent:
-    """An agent with write_file only: what each write received, chunk by chunk."""
+    """An agent whose processes are FakeUploadProcess: what each upload wrote, chunk by chunk."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.chunks: list[int] = []
+        self.requests: list[dict[str, Any]] = []
 
-    async def write_file(self, path: str, data: AsyncIterator[bytes], *, mode: int = 0o644) -> int:
-        content = bytearray()
-        async for chunk in data:
-            self.chunks.append(len(chunk))
-            content += chunk
-        self.files[path] = bytes(content)
-        return len(content)
+    @asynccontextmanager
+    async def open_process(self, argv: Sequence[str], **options: Any) -> AsyncIterator[FakeUploadProcess]:
+        yield FakeUploadProcess(self, list(argv))
 
 
 async def upload(
@@ -200,6 +245,7 @@ async def upload(
             result: HttpResponse | HttpError = await handle_files(request, context(sandbox, "root"))
         except HttpError as error:
             result = error
+        nursery.cancel_scope.cancel()
     return result, agent
 
 
@@ -906,11 +952,19 @@ async def test_a_20_mb_multipart_upload_reads_back_byte_exact(guest: Path) -> No
             request = HttpRequest.make(
                 "POST", "/files", [("content-type", f"multipart/form-data; boundary={boundary}")], pieces
             )
+            watcher = (
+                await client.unary("/filesystem.Filesystem/CreateWatcher", {"path": "", "recursive": True})
+            )["watcherId"]
             response = await handle_files(request, context(client.sandbox))
             assert isinstance(response.body, bytes)
             assert json.loads(response.body) == [
                 {"name": "big.bin", "type": "file", "path": "/home/user/up/big.bin"}
             ]
+            names: set[str] = set()
+            while "up/big.bin" not in names:  # written in place: a watcher sees no other name
+                got = await client.unary("/filesystem.Filesystem/GetWatcherEvents", {"watcherId": watcher})
+                names |= {event["name"] for event in got["events"]}
+            assert names == {"up", "up/big.bin"}
             entry = (await client.unary("/filesystem.Filesystem/Stat", {"path": "up/big.bin"}))["entry"]
             assert (entry["size"], entry["owner"]) == (str(BIG), "user")
             assert (await client.unary("/filesystem.Filesystem/Stat", {"path": "up"}))["entry"][

@@ -472,6 +472,12 @@ async def _upload(request: HttpRequest, context: CallContext) -> HttpResponse:
     return json_response(200, uploader.written)
 
 
+#: How an upload is written in the guest: in place, truncated (envd's O_TRUNC), so that a
+#: watcher sees the file itself and never a temporary name; then owned by the user, as envd
+#: chowns it. The path and owner come as arguments, never through the shell's parser.
+WRITE_ARGV = ["/bin/sh", "-c", 'cat > "$1" && chown "$2" "$1"', "e2b-upload"]
+
+
 class _Uploader:
     def __init__(self, context: CallContext, user: str) -> None:
         self.context = context
@@ -479,26 +485,49 @@ class _Uploader:
         self.written: list[dict[str, str]] = []
 
     async def write(self, path: str, data: AsyncIterator[bytes]) -> None:
+        """One file: its directories made (owned by the user), then its bytes as they come."""
         if any(entry["path"] == path for entry in self.written):
             raise HttpError(400, f"you cannot upload multiple files to the same path '{path}' in one upload "
                                  "request, only the first specified file was uploaded")
-        helper = self.context.sandbox.service(FsHelper) if self.user.uid != 0 else None
+        helper = self.context.sandbox.service(FsHelper)
         try:
-            if helper is not None:
-                await helper.call("prepare_upload", path=path, uid=self.user.uid, gid=self.user.gid)
+            await helper.call("prepare_upload", path=path, uid=self.user.uid, gid=self.user.gid)
             agent = await self.context.sandbox.agent()
-            await agent.write_file(path, data, mode=0o644)
-            if helper is not None:
-                await helper.call("chown", path=path, uid=self.user.uid, gid=self.user.gid)
+            argv = [*WRITE_ARGV, path, f"{self.user.uid}:{self.user.gid}"]
+            async with agent.open_process(argv, capture_stdout=False) as process:
+                assert process.stdin is not None
+                try:
+                    async for chunk in data:
+                        await process.stdin.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the writer is gone: its status and stderr say why
+                await process.stdin.aclose()
+                problem = await _read_some(process.stderr, 4096)
+                status = await process.wait()
         except ConnectError as error:
-            status = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.PERMISSION_DENIED: 403,
-                      Code.RESOURCE_EXHAUSTED: 507}.get(error.code, 500)
-            raise HttpError(status, error.message) from None
+            status_code = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.PERMISSION_DENIED: 403,
+                           Code.RESOURCE_EXHAUSTED: 507}.get(error.code, 500)
+            raise HttpError(status_code, error.message) from None
         except GuestRequestError as error:
-            status = 400 if error.errno in (errno.EISDIR, errno.ENOTDIR) else \
-                507 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-            raise HttpError(status, f"error writing file: {error.message}") from None
+            raise HttpError(500, f"error writing file: {error.message}") from None
+        if status != 0:
+            text = printable(problem.decode("utf-8", "replace").strip())[:500] or f"status {status}"
+            lowered = text.lower()
+            code = 400 if "is a directory" in lowered or "not a directory" in lowered else \
+                507 if "no space" in lowered or "quota" in lowered else 500
+            raise HttpError(code, f"error writing file '{path}': {text}")
         self.written.append({"name": posixpath.basename(path), "type": "file", "path": path})
+
+
+async def _read_some(stream: trio.abc.ReceiveStream | None, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a small output, to its end (what is beyond is dropped)."""
+    if stream is None:
+        return b""
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        if len(data) < limit:
+            data += chunk[:limit - len(data)]
+    return data
 
 
 async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
