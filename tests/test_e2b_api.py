@@ -27,10 +27,15 @@ import h11
 import pytest
 import trio
 import trio.testing
+from fakes import FakeProcess
 
 from vmcache.e2b_http import HttpLimits, HttpRequest, serve_connection
+from vmcache.e2b_sandbox import SandboxManager
 from vmcache.e2b_server import E2BServer, load_api_keys, user_of
-from vmcache.errors import AgentError, ConfigError, QuotaReachedError
+from vmcache.errors import AgentError, ConfigError, QuotaReachedError, VMGoneError
+from vmcache.handle import VMHandle
+from vmcache.ledger import HandedOut
+from vmcache.lifecycle import Phase, VMLife
 
 if TYPE_CHECKING:
     from daemon import Daemon
@@ -483,6 +488,136 @@ def test_a_missing_or_foreign_keys_file_is_refused(tmp_path: Path) -> None:
         load_api_keys(str(link))
 
 
+
+
+# ---------------------------------------------------------------- SandboxManager
+
+
+class FakeSource:
+    """The daemon's side (VMSource) with VMs that are fake processes."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.entries: dict[str, HandedOut] = {}
+        self.ttls: dict[str, float] = {}
+        self.stopped: list[str] = []
+
+    @property
+    def pool_names(self) -> list[str]:
+        return ["default", "big"]
+
+    async def hand_out_claimed(self, pool: str, *, ttl: float) -> HandedOut:
+        await trio.lowlevel.checkpoint()
+        vm_id = f"{len(self.entries) + 1:012x}"
+        handle = VMHandle(id=vm_id, pid=1, start_time=1, qmp_socket="q", agent_socket="a",
+                          console_log="c", run_dir=str(self.run_dir), cpu=2, memory=512)
+        life = VMLife(vm_id, 1, 1, Phase.CLAIMED, owner_uid=0, handed_at=time.time(), handle=handle)
+        entry = HandedOut(life, FakeProcess(dies_of={signal.SIGKILL}))
+        self.entries[vm_id] = entry
+        self.ttls[vm_id] = ttl
+        return entry
+
+    def set_ttl(self, entry: HandedOut, ttl: float) -> None:
+        self.ttls[entry.id] = ttl
+
+    async def stop(self, entry: HandedOut) -> None:
+        await trio.lowlevel.checkpoint()
+        self.stopped.append(entry.id)
+        gone(entry)
+
+    def ledger_entry(self, vm_id: str) -> HandedOut | None:
+        return self.entries.get(vm_id)
+
+
+def gone(entry: HandedOut) -> None:
+    """The VM exits, as the ledger then tells it."""
+    entry.process.kill()
+    entry.gone.set()
+
+
+@pytest.fixture
+async def managed(tmp_path: Path, nursery: trio.Nursery) -> tuple[SandboxManager, FakeSource, Path]:
+    source = FakeSource(tmp_path)
+    records = tmp_path / "e2b"
+    manager = SandboxManager(source, records)
+    await nursery.start(manager.run)
+    return manager, source, records
+
+
+async def test_a_sandbox_is_a_claimed_vm_with_its_tasks_until_a_kill(
+        managed: tuple[SandboxManager, FakeSource, Path]) -> None:
+    manager, source, records = managed
+    assert manager.pool_for("base") == manager.pool_for("code-interpreter-v1") == "default"
+    assert (manager.pool_for("big"), manager.pool_for("nope")) == ("big", None)
+    sandbox = await manager.create("base", timeout=30, envs={"A": "1"}, metadata={"m": "x"})
+    assert source.ttls[sandbox.id] == 30 and sandbox.envs == {"A": "1"}
+    assert sandbox.check_access_token(sandbox.access_token) and not sandbox.check_access_token("x")
+    record = records / f"{sandbox.id}.json"
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert json.loads(record.read_text())["envdAccessToken"] == sandbox.access_token
+    cancelled = trio.Event()
+
+    async def task() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    sandbox.start_soon(task)
+    await trio.testing.wait_all_tasks_blocked()
+    assert manager.get(sandbox.id) is sandbox
+    with trio.fail_after(5):
+        await manager.kill(sandbox)
+        await cancelled.wait()
+    assert sandbox.ended.is_set() and manager.get(sandbox.id) is None and source.stopped == [sandbox.id]
+    assert not record.exists()
+    with pytest.raises(VMGoneError):
+        sandbox.start_soon(task)
+
+
+async def test_a_sandbox_ends_when_its_vm_is_gone_for_any_reason(
+        managed: tuple[SandboxManager, FakeSource, Path]) -> None:
+    manager, source, _ = managed
+    sandbox = await manager.create("base", timeout=30, envs={}, metadata={})
+    cancelled = trio.Event()
+
+    async def task() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    sandbox.start_soon(task)
+    await trio.testing.wait_all_tasks_blocked()
+    gone(source.entries[sandbox.id])  # the TTL passed, `vmcache stop`, a crash: all alike
+    with trio.fail_after(5):
+        await sandbox.ended.wait()
+        await cancelled.wait()
+    assert manager.sandboxes() == []
+
+
+async def test_a_daemon_stop_keeps_sandboxes_and_the_next_one_serves_them(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path)
+    records = tmp_path / "e2b"
+    async with trio.open_nursery() as nursery:
+        first = SandboxManager(source, records)
+        await nursery.start(first.run)
+        kept = await first.create("big", timeout=30, envs={"A": "1"}, metadata={"m": "x"})
+        dropped = await first.create("base", timeout=30, envs={}, metadata={})
+        nursery.cancel_scope.cancel()  # the daemon stops: no VM is stopped
+    assert source.stopped == [] and kept.entry.alive and not kept.ended.is_set()
+    del source.entries[dropped.id]  # its VM went while no daemon ran
+    (records / "0000000000ff.json").write_text("{not json")
+    async with trio.open_nursery() as nursery:
+        second = SandboxManager(source, records)
+        await nursery.start(second.run)
+        again = second.get(kept.id)
+        assert again is not None and again is not kept
+        assert (again.access_token, again.envs, again.metadata, again.template_id) == (
+            kept.access_token, {"A": "1"}, {"m": "x"}, "big")
+        assert second.get(dropped.id) is None
+        nursery.cancel_scope.cancel()
+    assert sorted(path.name for path in records.iterdir()) == [f"{kept.id}.json"]
 
 
 # ---------------------------------------------------------------- [e2b] and the h2 trap

@@ -121,6 +121,8 @@ class Sandbox:
     _services: dict[type, object] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     _ended: trio.Event = attrs.Factory(trio.Event)
+    #: A kill is under way: no new task.
+    _stopping: bool = False
     #: Tasks asked for before the sandbox's nursery ran.
     _early: list[tuple[Callable[..., Awaitable[object]], tuple[object, ...]]] = attrs.Factory(list)
 
@@ -165,7 +167,7 @@ class Sandbox:
         return found  # type: ignore[return-value]
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        if self._ended.is_set():
+        if self._ended.is_set() or self._stopping:
             raise VMGoneError(f"sandbox {self.id} has ended")
         if self._nursery is None:
             self._early.append((fn, args))
@@ -177,8 +179,14 @@ class Sandbox:
         try:
             await fn(*args)
         except Exception as error:
-            log.warning("a task of sandbox %s failed: %s: %s", self.id, type(error).__name__, error,
-                        exc_info=error)
+            if not self.alive or self.entry.life.stop is not None:
+                # Its VM is being stopped (a kill, the TTL): the agent's connection closing
+                # under a task is how that looks from here.
+                log.debug("a task of sandbox %s ended with its VM: %s: %s", self.id,
+                          type(error).__name__, error)
+            else:
+                log.warning("a task of sandbox %s failed: %s: %s", self.id, type(error).__name__,
+                            error, exc_info=error)
 
     def check_access_token(self, token: str | None) -> bool:
         """Whether ``token`` is the sandbox's envdAccessToken (compared in constant time)."""
@@ -313,6 +321,9 @@ class SandboxManager:
                 sandbox._early.clear()
                 await sandbox.entry.gone.wait()
                 nursery.cancel_scope.cancel()
+            # Here too when a kill cancelled the tasks (only the daemon's stop raises out).
+            sandbox._nursery = None
+            await sandbox.entry.gone.wait()
         finally:
             sandbox._nursery = None
             gone = sandbox.entry.gone.is_set()
@@ -326,7 +337,11 @@ class SandboxManager:
                     await self._remove_record(sandbox.id)
 
     async def kill(self, sandbox: Sandbox) -> None:
-        """Stop the sandbox's VM and wait until it (and the sandbox) ended."""
+        """Stop the sandbox's VM and wait until it (and the sandbox) ended. Its tasks are
+        cancelled first, so that none of them sees its guest vanish under it."""
+        sandbox._stopping = True
+        if sandbox._nursery is not None:
+            sandbox._nursery.cancel_scope.cancel()
         await self.source.stop(sandbox.entry)
         with trio.move_on_after(5):
             await sandbox.ended.wait()
