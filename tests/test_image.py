@@ -631,5 +631,11 @@ def test_the_initramfs_init_copies_every_agent_file() -> None:
     """/init copies the agent's files into the new root by a list of its own: it must be the
     image's list, or the guest agent fails at import after switch_root."""
     init = resources.files("vmcache").joinpath("in_guest", "init").read_text()
-    listed = next(line for line in init.splitlines() if line.startswith("AGENT_FILES="))
-    assert sorted(listed.split("=", 1)[1].strip('"').split()) == sorted(name for name, _ in AGENT_FILES)
+
+    def listed(name: str) -> list[str]:
+        line = next(line for line in init.splitlines() if line.startswith(f"{name}="))
+        return line.split("=", 1)[1].strip('"').split()
+
+    # The agent's own files are required; E2B's helpers are copied when the initramfs has them.
+    assert sorted(listed("AGENT_FILES") + listed("HELPER_FILES")) == sorted(name for name, _ in AGENT_FILES)
+    assert set(listed("HELPER_FILES")) == {"e2b_fs.py", "e2b_kernel.py"}
