@@ -216,7 +216,9 @@ class HttpLimits:
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = 1024 * 1024 * 1024
     header_timeout: float = 10.0
-    idle_timeout: float = 75.0
+    #: Longer than the E2B SDK keeps an idle pooled connection (300 s, E2B_KEEPALIVE_EXPIRY), so
+    #: that the client, not this server, closes it: no request races a close on a reused one.
+    idle_timeout: float = 310.0
     body_timeout: float = 60.0
     send_timeout: float = 60.0
     max_connections: int = 512
