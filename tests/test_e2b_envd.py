@@ -587,6 +587,9 @@ def test_the_guest_helper_answers_envds_shapes(tmp_path: Path) -> None:
         )
         assert call(id=5, op="list", path=str(tmp_path / "d" / "f"))["error"]["code"] == "invalid_argument"
         assert call(id=6, op="remove", path=str(tmp_path / "absent")) == {"id": 6, "ok": {}}
+        (tmp_path / "d" / "e" / os.fsdecode(b"bad\xff")).write_bytes(b"")  # a name that is not UTF-8
+        deep = call(id=7, op="list", path=str(tmp_path / "d"), depth=2)["ok"]["entries"]
+        assert [e["name"] for e in deep] == ["e", "bad\ufffd", "f"]
     finally:
         helper.stdin.close()
         assert helper.wait(10) == 0

@@ -55,6 +55,8 @@ MAX_WATCH_EVENTS = 10_000
 MAX_WATCHERS = 64
 #: envd's keepalive interval for WatchDir without ``Keepalive-Ping-Interval``.
 DEFAULT_KEEPALIVE = 90.0
+#: Deepest ListDir walked (a deeper one lists this far: no tree of a sandbox is deeper in practice).
+MAX_DEPTH = 256
 #: Bytes read from the guest per piece of a download.
 DOWNLOAD_CHUNK = 256 * 1024
 
@@ -278,7 +280,7 @@ async def stat(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
 async def list_dir(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
     """``filesystem.Filesystem/ListDir``: entries down to ``depth`` (0 means 1), not following
     symlinks below the directory, paths under the one asked for."""
-    depth = m.get_int(request, "depth", high=1024) or 1
+    depth = min(m.get_int(request, "depth") or 1, MAX_DEPTH)
     result = await context.sandbox.service(FsHelper).call("list", path=_path(request, context), depth=depth)
     entries = result.get("entries")
     return {"entries": entries if isinstance(entries, list) else []}

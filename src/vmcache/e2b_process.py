@@ -53,6 +53,8 @@ MAX_RETAINED = 1024
 DEFAULT_KEEPALIVE = 90.0
 #: How long starting a process in the guest may take before the call fails.
 START_TIMEOUT = 60.0
+#: Most streams following one process at once (Start's and Connects).
+MAX_SUBSCRIBERS = 32
 #: Largest SendInput payload.
 MAX_INPUT = 16 * 1024 * 1024
 #: Largest PTY dimension accepted.
@@ -378,6 +380,9 @@ async def connect(request: dict[str, Any], context: CallContext) -> AsyncGenerat
         yield {"event": {"start": {"pid": kept.pid}}}
         yield {"event": {"end": kept.end}}
         return
+    if len(proc.subscribers) >= MAX_SUBSCRIBERS:
+        raise ConnectError(Code.RESOURCE_EXHAUSTED, f"more than {MAX_SUBSCRIBERS} streams follow process "
+                                                    f"{proc.pid}: close one first")
     subscriber = proc.subscribe()
     interval = _keepalive_interval(context)
     try:

@@ -131,6 +131,11 @@ def _name(kind: str, number: int) -> str:
     return _names[key]
 
 
+def text(name: str) -> str:
+    """A file name as JSON can carry it: bytes that are not UTF-8 become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def entry_info(path: str) -> dict[str, object]:
     """envd's EntryInfo of ``path`` (not followed; a symlink's type and mode are its target's)."""
     try:
@@ -148,16 +153,16 @@ def entry_info(path: str) -> dict[str, object]:
             target = os.path.realpath(path, strict=True)
         except (OSError, RuntimeError):
             target = path
-        entry["symlinkTarget"] = target
+        entry["symlinkTarget"] = text(target)
         try:
             target_info = os.stat(target)
             kind, perm = file_type(target_info.st_mode), stat.S_IMODE(target_info.st_mode) & 0o777
         except OSError:
             kind, perm = "FILE_TYPE_UNSPECIFIED", 0
     entry.update({
-        "name": os.path.basename(path.rstrip("/")) or "/",
+        "name": text(os.path.basename(path.rstrip("/")) or "/"),
         "type": kind,
-        "path": path,
+        "path": text(path),
         "size": str(info.st_size),
         "mode": perm,
         "permissions": go_mode_string(mode),
@@ -232,7 +237,7 @@ def op_list(request: dict[str, Any]) -> dict[str, Any]:
                 if failure.code == "not_found":
                     continue
                 raise
-            entry["path"] = requested.rstrip("/") + "/" + rel if requested != "/" else "/" + rel
+            entry["path"] = text(requested.rstrip("/") + "/" + rel if requested != "/" else "/" + rel)
             entries.append(entry)
             if len(entries) > MAX_ENTRIES:
                 raise Failure("resource_exhausted", f"more than {MAX_ENTRIES} entries under {requested}: "
@@ -461,7 +466,7 @@ class Watches:
                                    (IN_MODIFY, "EVENT_TYPE_WRITE"),
                                    (IN_DELETE | IN_DELETE_SELF, "EVENT_TYPE_REMOVE")):
                     if mask & flag:
-                        event: dict[str, object] = {"name": rel, "type": kind}
+                        event: dict[str, object] = {"name": text(rel), "type": kind}
                         if watch.include_entry and kind in ("EVENT_TYPE_CREATE", "EVENT_TYPE_WRITE",
                                                             "EVENT_TYPE_CHMOD"):
                             try:
@@ -502,8 +507,11 @@ def answer(request: object, watches: Watches) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as error:
         return {"id": ident, "error": {"code": "invalid_argument",
                                        "message": f"bad request: {error!r}"[:500]}}
-    except OSError as error:
-        return {"id": ident, "error": {"code": "internal", "message": f"{error}"[:500]}}
+    except RecursionError:
+        return {"id": ident, "error": {"code": "resource_exhausted",
+                                       "message": "the tree is too deep: list it with a smaller depth"}}
+    except Exception as error:  # the helper serves the whole sandbox: it must not die of one call
+        return {"id": ident, "error": {"code": "internal", "message": text(f"{error}"[:500])}}
 
 
 def write(message: dict[str, Any]) -> None:
