@@ -223,6 +223,16 @@ def test_run_code_keeps_state_and_gives_the_last_expression(code: dict[str, Any]
     assert code["envs"]["text"] == "given"  # a str's repr loses its quotes, as E2B's server does
 
 
+def test_a_sandbox_created_without_a_timeout_lives_e2bs_default(code: dict[str, Any]) -> None:
+    """``Sandbox.create()`` sends no timeout; E2B's API then gives 300 s (NewSandboxV2)."""
+    assert code["default_lifetime"] == 300, code["default_lifetime"]
+
+
+def test_run_code_in_another_language_says_python_only(code: dict[str, Any]) -> None:
+    assert raised(code["other_language"], "SandboxException"), code["other_language"]
+    assert "runs Python only" in code["other_language"]["message"]
+
+
 def test_run_code_gives_an_exception_as_error_and_goes_on(code: dict[str, Any]) -> None:
     assert code["exception"]["error"] == {
         "name": "ZeroDivisionError",
@@ -321,3 +331,31 @@ def test_a_client_killed_mid_stream_loses_nothing(e2b: E2bDaemon) -> None:
     assert wait_until(lambda: e2b.daemon.status()["handed_out_vms"] == [], 10)
     e2b.daemon.wait_cached(2)
     assert wait_until(lambda: our_vms() == vms_before, 30), "a VM was lost or leaked"
+
+
+def test_what_vmcache_does_not_offer_is_a_clear_error(errors: dict[str, Any]) -> None:
+    """Pausing, snapshots, forks, metrics, per-sandbox networks: E2B-style JSON errors the SDK
+    raises as SandboxException naming what is not served (docs/e2b.md lists them), no sandbox
+    made by a refused create, and the sandbox asked about unharmed."""
+    for step, what in (
+        ("unsupported_metrics", "sandbox metrics"),
+        ("unsupported_pause", "pausing a sandbox"),
+        ("unsupported_snapshot", "snapshots"),
+        ("unsupported_fork", "forking a sandbox"),
+        ("unsupported_network", "network"),
+        ("unsupported_create_pause", "pausing a sandbox"),
+        ("unsupported_create_network", "network"),
+    ):
+        assert raised(errors[step], "SandboxException"), (step, errors[step])
+        assert errors[step]["message"].startswith("501: vmcache does not support"), (step, errors[step])
+        assert what in errors[step]["message"], (step, errors[step])
+    assert raised(errors["unsupported_stream_input"], "SandboxException"), errors["unsupported_stream_input"]
+    assert errors["unknown_template"]["message"].startswith("404: template 'no-such-template' not found")
+    assert errors["listed_after_refusals"] == 0  # the refused creates made no sandbox
+    assert errors["still_fine"] == "fine\n"
+
+
+def test_gzip_and_streamed_transfers(errors: dict[str, Any]) -> None:
+    assert errors["gzip_write"] == "zipped"  # files.write(gzip=True): a gzip-encoded upload
+    assert errors["gzip_read"] == "zipped"
+    assert errors["stream_read"] == "zipped"  # files.read(format="stream")

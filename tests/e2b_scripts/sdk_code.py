@@ -40,6 +40,11 @@ if sbx is None:
     sys.exit(0)
 obs.seen["create"] = {"sandbox_id": sbx.sandbox_id}
 
+# created without a timeout: E2B's API gives such a sandbox 300 s (NewSandboxV2's default)
+obs.step(
+    "default_lifetime", lambda: (lambda i: round((i.end_at - i.started_at).total_seconds()))(sbx.get_info())
+)
+obs.step("other_language", lambda: summary(sbx.run_code("1 + 1", language="javascript")))
 obs.step(
     "define", lambda: summary(sbx.run_code("x = 40\ndef double(v):\n    return v * 2\nprint('defined')"))
 )

@@ -76,8 +76,30 @@ if real is not None:
         return {"status": response.status_code, "json": response.headers.get("content-type", "")}
 
     obs.step("code_wrong_token", code_wrong_token)
+
+    # --- what vmcache does not offer: a clear error, never a hang, and the sandbox unharmed --
+    obs.step("unsupported_metrics", lambda: len(real.get_metrics()))
+    obs.step("unsupported_pause", lambda: real.pause())
+    obs.step("unsupported_snapshot", lambda: str(real.create_snapshot()))
+    obs.step("unsupported_fork", lambda: [str(s) for s in real.fork()])
+    obs.step("unsupported_network", lambda: real.update_network({"deny_out": ["0.0.0.0/0"]}))
+    obs.step(
+        "unsupported_stream_input",
+        lambda: real.commands.stream_input(real.commands.run("cat", background=True, stdin=True).pid, ["x"]),
+    )
+    obs.step(
+        "gzip_write",
+        lambda: (real.files.write("/tmp/gz.txt", "zipped", gzip=True), real.files.read("/tmp/gz.txt"))[1],
+    )
+    obs.step("gzip_read", lambda: real.files.read("/tmp/gz.txt", gzip=True))
+    obs.step("stream_read", lambda: b"".join(real.files.read("/tmp/gz.txt", format="stream")).decode())
     obs.step("still_fine", lambda: real.commands.run("echo fine").stdout)
     obs.step("kill", lambda: real.kill())
+
+obs.step("unsupported_create_pause", lambda: Sandbox.create(lifecycle={"on_timeout": "pause"}).sandbox_id)
+obs.step("unsupported_create_network", lambda: Sandbox.create(network={"deny_out": ["0.0.0.0/0"]}).sandbox_id)
+obs.step("unknown_template", lambda: Sandbox.create("no-such-template").sandbox_id)
+obs.step("listed_after_refusals", lambda: len(Sandbox.list().next_items()))
 
 # --- a sandbox whose timeout passes ---------------------------------------------------------------
 short = obs.step("create_short", lambda: Sandbox.create(timeout=3))
