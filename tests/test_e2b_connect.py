@@ -241,3 +241,44 @@ def test_codes_map_to_connects_http_statuses() -> None:
         Code.PERMISSION_DENIED: 403, Code.RESOURCE_EXHAUSTED: 429, Code.FAILED_PRECONDITION: 400,
         Code.ABORTED: 409, Code.OUT_OF_RANGE: 400, Code.UNIMPLEMENTED: 501, Code.INTERNAL: 500,
         Code.UNAVAILABLE: 503, Code.DATA_LOSS: 500, Code.UNAUTHENTICATED: 401}
+
+
+async def gather(messages: AsyncIterator[dict[str, Any]], ctx: CallContext) -> dict[str, Any]:
+    seen = []
+    async for message in messages:
+        if message.get("fail"):
+            raise ConnectError(Code.FAILED_PRECONDITION, "data before the start event")
+        if message.get("hang"):
+            await trio.sleep_forever()
+        seen.append(message["n"])
+    return {"seen": seen}
+
+
+async def client_stream(body: bytes | list[bytes], headers: list[tuple[str, str]] = STREAM
+                        ) -> list[tuple[int, Any]]:
+    r = ConnectRouter(max_request_bytes=1024)
+    r.client_stream("/process.Process/StreamInput", gather)
+    response = await r.handle(HttpRequest.make("POST", "/process.Process/StreamInput", headers, body),
+                              context())
+    assert (response.status, dict(response.headers)["content-type"]) == (200, "application/connect+json")
+    return [(flags, json.loads(payload)) for flags, payload in decode_envelopes(await body_of(response))]
+
+
+async def test_a_client_stream_reads_messages_as_they_come_and_answers_once() -> None:
+    data = b"".join(encode_message({"n": n}) for n in range(3))
+    pieces = [data[i:i + 7] for i in range(0, len(data), 7)]  # envelopes cut anywhere
+    assert await client_stream(pieces) == [(0, {"seen": [0, 1, 2]}), (FLAG_END_STREAM, {})]
+
+
+async def test_a_client_stream_error_is_its_end_envelope(autojump_clock: trio.abc.Clock) -> None:
+    end = (await client_stream(encode_message({"n": 1}) + encode_message({"fail": True})))[-1]
+    assert end == (FLAG_END_STREAM, {"error": {"code": "failed_precondition",
+                                               "message": "data before the start event"}})
+    assert (await client_stream(encode_envelope(1, b"x")))[-1][1]["error"]["code"] == "unimplemented"
+    assert (await client_stream(encode_message({"n": 1})[:-1]))[-1][1]["error"]["code"] == "invalid_argument"
+    big = encode_message({"n": 1, "pad": "x" * 2000})
+    assert (await client_stream(big))[-1][1]["error"]["code"] == "resource_exhausted"
+    with trio.fail_after(10):
+        end = (await client_stream(encode_message({"hang": True}),
+                                   [*STREAM, ("connect-timeout-ms", "500")]))[-1]
+    assert end[1]["error"]["code"] == "deadline_exceeded"

@@ -115,6 +115,8 @@ class CallContext:
 
 UnaryHandler = Callable[[dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
 StreamHandler = Callable[[dict[str, Any], CallContext], AsyncIterator[dict[str, Any]]]
+#: A client-streaming procedure: the request's messages as they arrive, one answer.
+ClientStreamHandler = Callable[[AsyncIterator[dict[str, Any]], CallContext], Awaitable[dict[str, Any]]]
 
 
 def encode_envelope(flags: int, payload: bytes) -> bytes:
@@ -211,7 +213,8 @@ def unary_error_response(error: ConnectError) -> HttpResponse:
 @attrs.define
 class _Route:
     streaming: bool
-    handler: UnaryHandler | StreamHandler
+    handler: UnaryHandler | StreamHandler | ClientStreamHandler
+    client_streaming: bool = False
 
 
 class ConnectRouter:
@@ -229,6 +232,12 @@ class ConnectRouter:
         """Serve ``handler`` (an async generator of messages) as the server-streaming
         procedure ``path``."""
         self._add(path, _Route(True, handler))
+
+    def client_stream(self, path: str, handler: ClientStreamHandler) -> None:
+        """Serve ``handler`` as the client-streaming procedure ``path``: it reads the request's
+        messages as they arrive (each bounded like a unary request) and answers one message,
+        sent as a stream's (an envelope, then the end envelope) once it returns."""
+        self._add(path, _Route(True, handler, client_streaming=True))
 
     def _add(self, path: str, route: _Route) -> None:
         if path in self._routes:
@@ -257,6 +266,9 @@ class ConnectRouter:
             timeout = parse_timeout(request.headers)
             deadline = None if timeout is None else trio.current_time() + timeout
             context = attrs.evolve(context, deadline=deadline)
+            if route.client_streaming:
+                return await self._client_stream(request, cast(ClientStreamHandler, route.handler),
+                                                 context)
             body = await self._read(request)
             if route.streaming:
                 envelopes = decode_envelopes(body, self.max_request_bytes)
@@ -298,6 +310,44 @@ class ConnectRouter:
         except HttpError as error:
             code = Code.RESOURCE_EXHAUSTED if error.status == 413 else Code.INVALID_ARGUMENT
             raise ConnectError(code, error.message) from None
+
+    async def _client_stream(self, request: HttpRequest, handler: ClientStreamHandler,
+                             context: CallContext) -> HttpResponse:
+        """Run a client-streaming call to its end (within the deadline) and answer it."""
+        path = request.path
+        decoder = EnvelopeDecoder(self.max_request_bytes)
+
+        async def messages() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for piece in request.body_chunks():
+                    for flags, payload in decoder.feed(piece):
+                        if flags & FLAG_COMPRESSED:
+                            raise ConnectError(Code.UNIMPLEMENTED, "compressed messages are not supported")
+                        if flags & FLAG_END_STREAM:
+                            return
+                        yield parse_message(payload)
+            except HttpError as error:
+                code = Code.RESOURCE_EXHAUSTED if error.status == 413 else Code.INVALID_ARGUMENT
+                raise ConnectError(code, error.message) from None
+            if decoder.pending:
+                raise ConnectError(Code.INVALID_ARGUMENT, "the request ends inside an envelope")
+
+        error: ConnectError | None = None
+        result: dict[str, Any] | None = None
+        try:
+            with trio.fail_at(context.deadline if context.deadline is not None else float("inf")):
+                result = await handler(messages(), context)
+            if not isinstance(result, dict):
+                raise TypeError(f"{path} answered {type(result).__name__}")
+        except trio.TooSlowError:
+            error = ConnectError(Code.DEADLINE_EXCEEDED, "the call's timeout passed")
+        except ConnectError as raised:
+            error = raised
+        except Exception as raised:
+            error = _internal(path, raised)
+        body = encode_end(error) if error is not None or result is None else (
+            encode_message(result) + encode_end())
+        return HttpResponse(200, [("content-type", STREAM_CONTENT_TYPE)], body)
 
     async def _unary(self, path: str, handler: UnaryHandler, message: dict[str, Any],
                      context: CallContext) -> HttpResponse:
