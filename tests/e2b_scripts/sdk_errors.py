@@ -83,10 +83,16 @@ if real is not None:
     obs.step("unsupported_snapshot", lambda: str(real.create_snapshot()))
     obs.step("unsupported_fork", lambda: [str(s) for s in real.fork()])
     obs.step("unsupported_network", lambda: real.update_network({"deny_out": ["0.0.0.0/0"]}))
-    obs.step(
-        "unsupported_stream_input",
-        lambda: real.commands.stream_input(real.commands.run("cat", background=True, stdin=True).pid, ["x"]),
-    )
+
+    def stream_input() -> dict[str, object]:
+        """commands.stream_input: a client-streaming call (StreamInput), then EOF."""
+        handle = real.commands.run("cat", background=True, stdin=True)
+        real.commands.stream_input(handle.pid, ["streamed ", b"input\n"])
+        real.commands.close_stdin(handle.pid)
+        result = handle.wait()
+        return {"stdout": result.stdout, "exit_code": result.exit_code}
+
+    obs.step("stream_input", stream_input)
     obs.step(
         "gzip_write",
         lambda: (real.files.write("/tmp/gz.txt", "zipped", gzip=True), real.files.read("/tmp/gz.txt"))[1],
