@@ -682,6 +682,25 @@ class Envd:
             raise ConnectError(Code(answer["code"]), answer["message"])
         return answer
 
+    async def client_stream(
+        self, method: str, messages: Sequence[dict[str, Any]], *, user: str = "user"
+    ) -> dict[str, Any]:
+        body = b"".join(encode_envelope(0, json.dumps(item).encode()) for item in messages)
+        request = HttpRequest.make(
+            "POST",
+            method,
+            [("content-type", "application/connect+json")],
+            [body[i : i + 7] for i in range(0, len(body), 7)],
+        )
+        response = await self.router.handle(request, self._context(user))
+        assert isinstance(response.body, bytes)
+        envelopes = list(EnvelopeDecoder().feed(response.body))
+        end = json.loads(envelopes[-1][1])
+        if "error" in end:
+            raise ConnectError(Code(end["error"]["code"]), end["error"]["message"])
+        answer: dict[str, Any] = json.loads(envelopes[0][1])
+        return answer
+
     @asynccontextmanager
     async def stream(
         self,
@@ -791,6 +810,15 @@ async def test_stdin_pty_resize_and_signals(guest: Path) -> None:
                 )
                 echoed = await events.__anext__()
                 assert base64.b64decode(echoed["event"]["data"]["stdout"]) == b"hello\n"
+                inputs: list[dict[str, Any]] = [
+                    {"start": {"process": {"pid": pid}}},
+                    {"keepalive": {}},
+                    *({"data": {"input": {"stdin": b64(b"part %d\n" % i)}}} for i in range(3)),
+                ]
+                assert await client.client_stream("/process.Process/StreamInput", inputs) == {}
+                streamed = b""
+                while streamed != b"part 0\npart 1\npart 2\n":  # in order, however they were cut
+                    streamed += base64.b64decode((await events.__anext__())["event"]["data"]["stdout"])
                 await client.unary("/process.Process/CloseStdin", {"process": {"pid": pid}})
                 rest = [item async for item in events]
                 assert rest[-1]["event"]["end"]["exitCode"] == 0

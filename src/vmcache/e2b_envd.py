@@ -3,29 +3,17 @@
 The entry points the listener wires (port 49983 of a sandbox): :func:`register_envd` puts
 ``process.Process/*`` (e2b_process.py) and ``filesystem.Filesystem/*`` (e2b_files.py) on a
 :class:`~vmcache.e2b_connect.ConnectRouter`; :func:`handle_files` answers ``GET``/``POST
-/files``. ``process.Process/StreamInput`` is a client stream: it is served when the router can
-read a request body as it arrives (``client_stream``); otherwise it answers ``unimplemented``
-and the SDK's ``send_stdin`` (SendInput) does the same job.
+/files``. ``process.Process/StreamInput`` is a client stream (the router decodes its messages
+as the request body arrives, which HTTP/1.1 allows: the answer comes after the body ends).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
 from vmcache import e2b_files, e2b_process
-from vmcache.e2b_connect import CallContext, Code, ConnectError, ConnectRouter
+from vmcache.e2b_connect import ConnectRouter
 from vmcache.e2b_files import handle_files
 
 __all__ = ["handle_files", "register_envd"]
-
-ClientStreamHandler = Callable[[AsyncIterator[dict[str, Any]], CallContext], Awaitable[dict[str, Any]]]
-
-
-async def _stream_input_unimplemented(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
-    raise ConnectError(Code.UNIMPLEMENTED, "process.Process/StreamInput (a client stream) is not served over "
-                                           "this HTTP/1.1 endpoint: send input with SendInput "
-                                           "(commands.send_stdin)")
 
 
 def register_envd(router: ConnectRouter) -> None:
@@ -38,11 +26,7 @@ def register_envd(router: ConnectRouter) -> None:
     router.unary(process + "SendSignal", e2b_process.send_signal)
     router.unary(process + "CloseStdin", e2b_process.close_stdin)
     router.unary(process + "Update", e2b_process.update)
-    client_stream: Callable[[str, ClientStreamHandler], None] | None = getattr(router, "client_stream", None)
-    if client_stream is not None:
-        client_stream(process + "StreamInput", e2b_process.stream_input)
-    else:
-        router.unary(process + "StreamInput", _stream_input_unimplemented)
+    router.client_stream(process + "StreamInput", e2b_process.stream_input)
     files = "/filesystem.Filesystem/"
     router.unary(files + "Stat", e2b_files.stat)
     router.unary(files + "ListDir", e2b_files.list_dir)
