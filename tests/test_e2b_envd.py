@@ -1020,3 +1020,22 @@ async def test_a_20_mb_multipart_upload_reads_back_byte_exact(guest: Path) -> No
                     await handle_files(HttpRequest.make("GET", target), context(client.sandbox))
                 assert raised.value.status == status
             await client.unary("/filesystem.Filesystem/Remove", {"path": "up"})
+
+
+async def test_a_pty_keeps_its_input_whatever_stdin_says() -> None:
+    agent = FakeProcessAgent()
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(agent, nursery)
+        request = start_request(stdin=False, pty={"size": {"rows": 5, "cols": 7}})
+        started = e2b_process.start(request, context(sandbox))
+        pid = (await started.__anext__())["event"]["start"]["pid"]
+        assert agent.started[0]["pty"].rows == 5 and not agent.processes[0].stdin.closed
+        await e2b_process.send_input(
+            {"process": {"pid": pid}, "input": {"pty": b64(b"ls\r")}}, context(sandbox)
+        )
+        assert agent.processes[0].stdin.received == b"ls\r"
+        with pytest.raises(ConnectError) as raised:
+            await e2b_process.close_stdin({"process": {"pid": pid}}, context(sandbox))
+        assert raised.value.code is Code.UNKNOWN and "Ctrl+D" in raised.value.message
+        await started.aclose()
+        nursery.cancel_scope.cancel()

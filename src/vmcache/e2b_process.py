@@ -232,7 +232,8 @@ class ProcessTable:
         shown_config: dict[str, Any] = {"cmd": cmd, "args": args, "envs": envs}
         if cwd is not None:
             shown_config["cwd"] = cwd
-        proc = Proc(config=shown_config, tag=tag, pty=pty is not None, stdin=stdin)
+        # A PTY always takes input (envd applies `stdin` to pipes only).
+        proc = Proc(config=shown_config, tag=tag, pty=pty is not None, stdin=stdin or pty is not None)
         subscriber = proc.subscribe()
         self._sandbox.start_soon(self._run, proc, argv, env, directory, pty, timeout)
         with trio.move_on_after(START_TIMEOUT) as waited:
