@@ -9,6 +9,8 @@ here); and one module-scoped real guest that runs the kernel from its image as `
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
 import subprocess
 import sys
@@ -163,6 +165,43 @@ async def test_a_sandbox_that_ends_ends_the_stream(autojump_clock: trio.testing.
     sandbox.ended.set()
     assert json.loads(await body.__anext__())["name"] == "SandboxEnded"
     assert await body.__anext__() == b'{"type": "end_of_execution"}\n'
+
+
+def test_the_kernel_takes_an_interrupt_sent_with_its_execution() -> None:
+    """The host may send the interrupt right behind the execution (its client left at once):
+    the kernel must not start it, rather than let it run to the end."""
+    kernel = subprocess.Popen(["/usr/bin/python3", "-I", str(KERNEL_SOURCE), "--cwd", "/"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert kernel.stdin is not None and kernel.stdout is not None
+    out = kernel.stdout
+    pending = bytearray()
+
+    def message() -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while b"\n" not in pending:
+            ready, _, _ = select.select([out], [], [], max(0, deadline - time.monotonic()))
+            assert ready, "no message from the kernel within 10 s"
+            pending.extend(os.read(out.fileno(), 65536))
+        line, _, rest = bytes(pending).partition(b"\n")
+        pending[:] = rest
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    try:
+        assert message()["type"] == "ready"
+        started = time.monotonic()
+        kernel.stdin.write(b'{"type":"execute","id":"a","code":"import time\\ntime.sleep(30)"}\n'
+                           b'{"type":"interrupt","id":"a"}\n{"type":"interrupt","id":"gone"}\n'
+                           b'{"type":"execute","id":"b","code":"1"}\n')
+        kernel.stdin.flush()
+        messages = [message() for _ in range(6)]
+        assert time.monotonic() - started < 10
+        assert [(m["type"], m["id"]) for m in messages] == [
+            ("start", "a"), ("error", "a"), ("done", "a"), ("start", "b"), ("result", "b"),
+            ("done", "b")]
+        assert messages[1]["name"] == "KeyboardInterrupt"
+    finally:
+        kernel.kill()
+        kernel.wait()
 
 
 # --- The handler over a real agent and kernel on this host ----------------------------------------
@@ -487,6 +526,17 @@ async def test_a_vanished_client_interrupts_and_the_context_stays(client: Client
         await response.body.aclose()  # type: ignore[attr-defined]
         after = await client.run("kept, 'finished' in globals()")
     assert main_result(after)["text"] == "('yes', False)"  # type: ignore[index]
+
+
+async def test_a_client_gone_at_once_interrupts_without_losing_state(client: Client) -> None:
+    """The interrupt may reach the kernel before it took the execution off its queue."""
+    await client.run("kept = 'yes'")
+    for _ in range(5):
+        with trio.fail_after(4):  # not the 5 s grace and a kill
+            response = await client.call("POST", "/execute", {"code": "import time\ntime.sleep(60)"})
+            await response.body.aclose()  # type: ignore[union-attr]
+            after = await client.run("kept")
+        assert main_result(after)["text"] == "yes"  # type: ignore[index]
 
 
 async def test_a_deadline_interrupts_with_keyboard_interrupt(client: Client) -> None:

@@ -70,8 +70,9 @@ PARSE_IN_THREAD = 512 * 1024
 MAX_CONTEXTS = 32
 MAX_QUEUED = 32
 MAX_ENV_VARS = 1000
-#: Messages buffered between a kernel and a slow client (then the kernel waits).
-EVENT_BUFFER = 64
+#: Events buffered between a kernel and a slow client (then the kernel waits): each may be
+#: a result of several MiB, so few.
+EVENT_BUFFER = 2
 #: A keepalive line after this many seconds without output (E2B's server sends them too).
 KEEPALIVE_INTERVAL = 5.0
 #: How long a kernel may take to say it is ready.

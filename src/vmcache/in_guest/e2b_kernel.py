@@ -121,6 +121,9 @@ class Kernel:
         self.pending_size = 0
         self.pending_since = 0.0
         self.commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        #: Executions interrupted before they started (the host sent both at once).
+        self.interrupted: set[str] = set()
+        self.queued: set[str] = set()
         self.namespace: dict[str, Any] = {}
         #: Each cell's source, for tracebacks (put in linecache once something imports it).
         self.sources: dict[str, str] = {}
@@ -283,11 +286,15 @@ class Kernel:
         if not isinstance(command, dict):
             return
         if command.get("type") == "execute":
+            with self.lock:
+                self.queued.add(str(command.get("id", "")))
             self.commands.put(command)
         elif command.get("type") == "interrupt":
             with self.lock:
                 if self.current is not None and command.get("id") == self.current:
                     signal.pthread_kill(self.main_thread, signal.SIGINT)
+                elif command.get("id") in self.queued:
+                    self.interrupted.add(command["id"])  # not started yet: it never will
 
     def on_sigint(self, signum: int, frame: object) -> None:
         if self.user_code and not self.writing:
@@ -313,7 +320,11 @@ class Kernel:
         self.count += 1
         with self.lock:
             self.current = execution_id
+            self.queued.discard(execution_id)
             self.send({"type": "start", "id": execution_id, "execution_count": self.count})
+            if execution_id in self.interrupted:  # interrupted while it waited in the queue
+                self.interrupted.discard(execution_id)
+                code, env = "raise KeyboardInterrupt", {}
         saved: dict[str, str | None] = {}
         for name, value in env.items():
             if isinstance(name, str) and isinstance(value, str) and name and "=" not in name \
