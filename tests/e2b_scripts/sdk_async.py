@@ -142,8 +142,9 @@ async def main() -> None:
 
 asyncio.run(main())
 obs.done()
-# The SDK's async transport (pyqwest, a Rust runtime) aborts the interpreter at exit now and
-# then (SIGABRT in native code, no Python frame; seen in about 1 run in 10 of a bare
-# AsyncSandbox.create + commands.run + kill): what this script saw is printed and flushed, so it
-# leaves without the interpreter's teardown.
+# The SDK's async transport (pyqwest 0.12.0, a Rust HTTP client) aborts the interpreter at
+# exit now and then (SIGABRT in native code, no Python frame): about 1 run in 10 of a bare
+# AsyncSandbox.create + commands.run + kill, and likewise for a bare pyqwest GET against
+# Python's http.server, so not vmcache's doing. What this script saw is printed and flushed:
+# it leaves without the interpreter's teardown.
 os._exit(0)
