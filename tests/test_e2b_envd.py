@@ -1039,3 +1039,33 @@ async def test_a_pty_keeps_its_input_whatever_stdin_says() -> None:
         assert raised.value.code is Code.UNKNOWN and "Ctrl+D" in raised.value.message
         await started.aclose()
         nursery.cancel_scope.cancel()
+
+
+class FakeReadAgent:
+    """An agent with open_file only: whether each opened file was let go."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    @asynccontextmanager
+    async def open_file(self, path: str) -> AsyncIterator[trio.abc.ReceiveStream]:
+        send, receive = trio.open_memory_channel[bytes](4)
+        send.send_nowait(b"content")
+        send.close()
+        try:
+            yield _ChannelStream(receive)
+        finally:
+            self.closed.append(path)
+
+
+async def test_a_download_lets_the_guest_file_go_even_if_never_read() -> None:
+    agent = FakeReadAgent()
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(agent, nursery)
+        response = await handle_files(HttpRequest.make("GET", "/files?path=a"), context(sandbox))
+        assert response.status == 200 and not isinstance(response.body, bytes) and agent.closed == []
+        await response.body.aclose()  # type: ignore[attr-defined]  # the client went away at once
+        assert agent.closed == ["/home/user/a"]
+        response = await handle_files(HttpRequest.make("GET", "/files?path=/b"), context(sandbox))
+        assert not isinstance(response.body, bytes)
+        assert [piece async for piece in response.body] == [b"content"] and agent.closed[-1] == "/b"

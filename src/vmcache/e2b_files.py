@@ -26,13 +26,14 @@ import secrets
 import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from vmcache import e2b_message as m
-from vmcache.agent_client import GuestProcess
+from vmcache.agent_client import GuestFile, GuestProcess
 from vmcache.e2b_connect import CallContext, Code, ConnectError
 from vmcache.e2b_http import HttpError, HttpRequest, HttpResponse, json_response
 from vmcache.e2b_users import DEFAULT_USER, lookup, resolve_path
@@ -435,18 +436,35 @@ async def _download(request: HttpRequest, context: CallContext) -> HttpResponse:
             raise HttpError(400, f"path '{path}' is a directory") from None
         raise HttpError(500, f"error opening file '{path}': {error.message}") from None
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            while chunk := await file.receive_some(DOWNLOAD_CHUNK):
-                yield chunk
-        finally:
+    name = posixpath.basename(path).replace('"', "").replace("\\", "")
+    headers = [("content-type", "application/octet-stream"),
+               ("content-disposition", f'inline; filename="{printable(name)}"')]
+    return HttpResponse(200, headers, _FileBody(file, opened))
+
+
+class _FileBody:
+    """A download's body: the guest file's pieces; closing it (at the end, or when the client
+    went away, even before the first piece) lets the guest file go."""
+
+    def __init__(self, file: GuestFile, opened: AbstractAsyncContextManager[GuestFile]) -> None:
+        self._file = file
+        self._opened: AbstractAsyncContextManager[GuestFile] | None = opened
+
+    def __aiter__(self) -> _FileBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._file.receive_some(DOWNLOAD_CHUNK) if self._opened is not None else b""
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
             with trio.CancelScope(shield=True):
                 await opened.__aexit__(None, None, None)
-
-    name = posixpath.basename(path).replace('"', "")
-    headers = [("content-type", "application/octet-stream"),
-               ("content-disposition", f'inline; filename="{name}"')]
-    return HttpResponse(200, headers, body())
 
 
 async def _upload(request: HttpRequest, context: CallContext) -> HttpResponse:
