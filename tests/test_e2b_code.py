@@ -421,6 +421,17 @@ async def test_an_exception_is_an_error_with_the_users_traceback(client: Client)
     assert main_result(await client.run("'still alive'"))["text"] == "still alive"  # type: ignore[index]
 
 
+async def test_ipython_shell_lines_and_a_trailing_semicolon(client: Client) -> None:
+    events = await client.run("print('py')\n!echo from-shell; echo to-err >&2\nfor n in range(2):\n"
+                              "    !echo loop\n'shown'")
+    assert text_of(events, "stdout") == "py\nfrom-shell\nloop\nloop\n"
+    assert text_of(events, "stderr") == "to-err\n"
+    assert main_result(events)["text"] == "shown"  # type: ignore[index]
+    assert main_result(await client.run("1 + 1;")) is None
+    text = await client.run('s = """\n!not a command\n"""\ns.strip()')  # valid Python stays
+    assert main_result(text)["text"] == "!not a command"  # type: ignore[index]
+
+
 async def test_tracebacks_show_the_source_of_earlier_cells(client: Client) -> None:
     await client.run("def h():\n    raise RuntimeError('late')")
     assert "raise RuntimeError('late')" in the_error(await client.run("h()"))["traceback"]

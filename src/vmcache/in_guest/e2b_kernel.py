@@ -83,6 +83,8 @@ REPR_METHODS = (
     ("_repr_json_", "application/json"),
     ("_repr_javascript_", "application/javascript"),
 )
+#: The name ``!command`` lines call in the user's namespace.
+SYSTEM_NAME = "_vmcache_system"
 BINARY_TYPES = ("image/png", "image/jpeg", "application/pdf")
 
 
@@ -384,9 +386,17 @@ class Kernel:
         self.registered = len(self.sources)
 
     def evaluate(self, code: str, filename: str) -> object:
-        """Run ``code``; the value of its last statement when that is an expression."""
+        """Run ``code``; the value of its last statement when that is an expression (unless
+        it ends with ``;``, as in IPython). Code that is not Python only because of IPython's
+        ``!command`` or ``%pip`` lines runs with those lines as shell commands."""
         flags = _ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-        tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST | flags)
+        try:
+            tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST | flags)
+        except SyntaxError:
+            escaped = shell_escapes(code)
+            if escaped is None:
+                raise
+            tree = compile(escaped, filename, "exec", _ast.PyCF_ONLY_AST | flags)
         last: _ast.expr | None = None
         if tree.body and isinstance(tree.body[-1], _ast.Expr):
             last = tree.body[-1].value
@@ -396,7 +406,16 @@ class Kernel:
         if last is None:
             return None
         expression = _ast.Expression(last)
-        return self.run_code(compile(expression, filename, "eval", flags=flags))
+        value = self.run_code(compile(expression, filename, "eval", flags=flags))
+        return None if code.rstrip().endswith(";") else value
+
+    def system(self, command: str) -> None:
+        """IPython's ``!command``: run by the shell, its output streamed like any child's."""
+        import subprocess
+
+        self.flush_now()
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else None
+        subprocess.run(command, shell=True, executable=shell, check=False)
 
     def run_code(self, compiled: types.CodeType) -> object:
         result = eval(compiled, self.namespace)  # the user's code: running it is the point
@@ -479,6 +498,25 @@ class Kernel:
         for item in objects:
             self.emit({"type": "result", "id": self.current, "is_main_result": False,
                        "data": self.formats(item)})
+
+
+def shell_escapes(code: str) -> str | None:
+    """``code`` with IPython's ``!command`` and ``%pip ARGS`` lines turned into calls of the
+    kernel's shell runner (one line for one, so line numbers hold); None if it has none."""
+    lines = code.split("\n")
+    changed = False
+    for index, line in enumerate(lines):
+        stripped = line.lstrip()
+        indent = line[:len(line) - len(stripped)]
+        if stripped.startswith("!"):
+            command = stripped[1:]
+        elif stripped == "%pip" or stripped.startswith("%pip "):
+            command = f"{sys.executable} -m pip {stripped[4:].strip()}"
+        else:
+            continue
+        lines[index] = f"{indent}{SYSTEM_NAME}({command!r})"
+        changed = True
+    return "\n".join(lines) if changed else None
 
 
 def user_traceback(error: BaseException) -> list[str]:
@@ -571,6 +609,7 @@ def main(argv: list[str]) -> int:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = __builtins__
     module.__dict__["display"] = kernel.display
+    module.__dict__[SYSTEM_NAME] = kernel.system
     kernel.own_module = sys.modules["__main__"]
     sys.modules["__main__"] = module
     kernel.namespace = module.__dict__
