@@ -341,10 +341,13 @@ def serving(tmp: Path, api_key: str = "e2b_vmcache-test-key", pool: int = 2) -> 
     from conftest import RUN_DIR_PREFIX, qemu_pids, wait_until
     from daemon import Daemon
 
+    failed: SdkInstallError | None = None
     try:
         env = sdk_environment()
     except SdkInstallError as error:
-        pytest.fail(f"the E2B SDKs could not be installed: {error}", pytrace=False)
+        failed = error  # failed outside the except block: one line, no chained traceback
+    if failed is not None:
+        pytest.fail(f"the E2B SDKs could not be installed: {failed}", pytrace=False)
     run_dir = Path(f"{RUN_DIR_PREFIX}e2b-{time.monotonic_ns() % 10**9}")
     run_dir.mkdir(mode=0o700)
     old_run_dir = os.environ.get("VMCACHE_RUN_DIR")
