@@ -7,7 +7,8 @@ stdin, messages go out on stdout. Standard library only (the guest's Python 3.11
 Commands (one JSON object a line)::
 
     {"type": "execute", "id": ID, "code": SOURCE, "env": {NAME: VALUE}}
-    {"type": "interrupt", "id": ID}          # KeyboardInterrupt in execution ID, if it runs
+    {"type": "interrupt", "id": ID}          # KeyboardInterrupt in execution ID (if it
+                                             # still waits, it will not run at all)
 
 Messages, each one line of at most MAX_LINE bytes (ASCII: non-ASCII is escaped)::
 
@@ -35,6 +36,10 @@ Why it is built this way:
   message is never cut in half and the kernel loop never dies of it.
 - Every message is bounded: a long output is chunked, a huge repr truncated with a note, a
   format too large for a message dropped with a note.
+- What E2B's Jupyter kernel adds to Python, in part: ``display(obj)`` (a result that is not
+  the main one), a last expression ending in ``;`` shows nothing, top-level ``await``, and
+  ``!command`` / ``%pip ...`` lines run by the shell (only when the code is not Python
+  without them). Other IPython magics are not Python, and are a SyntaxError here.
 """
 
 from __future__ import annotations
