@@ -712,8 +712,9 @@ def real(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterato
     with open(daemon.config, "a") as config:
         config.write(f'[e2b]\nlisten = "127.0.0.1:{port}"\napi_keys_file = "{keys}"\n')
     try:
-        daemon.start()
-        assert f"E2B API listening on http://127.0.0.1:{port}" in daemon.log(), daemon.log()
+        daemon.start()  # its Unix socket accepts before the E2B listener is up: wait for that
+        assert wait_until(lambda: f"E2B API listening on http://127.0.0.1:{port}" in daemon.log(), 30,
+                          0.05), daemon.log()
         daemon.wait_cached(1)
         yield Real(daemon, port)
         assert daemon.status()["handed_out_vms"] == [], daemon.log()

@@ -328,13 +328,13 @@ class SandboxManager:
             sandbox._nursery = None
             gone = sandbox.entry.gone.is_set()
             if gone:
-                sandbox._ended.set()
                 self._sandboxes.pop(sandbox.id, None)
                 log.info("E2B sandbox %s ended: %s", sandbox.id, sandbox.entry.stop_reason or "its VM exited")
             with trio.CancelScope(shield=True):
                 await sandbox.guest.aclose()
                 if gone:
                     await self._remove_record(sandbox.id)
+                    sandbox._ended.set()  # last: a kill returns with nothing of it left
 
     async def kill(self, sandbox: Sandbox) -> None:
         """Stop the sandbox's VM and wait until it (and the sandbox) ended. Its tasks are
