@@ -792,8 +792,14 @@ def test_a_restarted_daemon_serves_its_sandboxes_again(real: Real) -> None:
     sandbox_id = created["sandboxID"]
     assert real.daemon.signal(signal.SIGTERM) == 0, real.daemon.log()
     real.daemon.start()
-    assert wait_until(lambda: real.request("GET", f"/sandboxes/{sandbox_id}")[0] == 200, 30, 0.2), \
-        real.daemon.log()
+
+    def served_again() -> bool:
+        try:
+            return real.request("GET", f"/sandboxes/{sandbox_id}")[0] == 200
+        except ConnectionRefusedError:  # the E2B listener comes up after the daemon's socket
+            return False
+
+    assert wait_until(served_again, 30, 0.2), real.daemon.log()
     status, info, _ = real.request("GET", f"/sandboxes/{sandbox_id}")
     assert info["metadata"] == {"kept": "yes"} and info["envdAccessToken"] == created["envdAccessToken"]
     envd = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983",
