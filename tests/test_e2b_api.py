@@ -449,6 +449,18 @@ def test_the_user_comes_from_basic_authorization() -> None:
         assert getattr(raised.value, "status", None) in (400, 401)
 
 
+async def test_an_address_in_use_is_one_line_naming_e2b_listen(server: E2BServer) -> None:
+    from vmcache.e2b_server import serve_e2b
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as raised:
+            await serve_e2b(server, "127.0.0.1", port)
+    assert f"[e2b] listen 127.0.0.1:{port}: cannot listen there" in str(raised.value)
+
+
 # ---------------------------------------------------------------- api_keys_file
 
 

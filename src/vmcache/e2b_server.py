@@ -33,7 +33,15 @@ import trio
 
 from .e2b_api import ControlPlane, SandboxProvider
 from .e2b_connect import CallContext, ConnectError, ConnectRouter, parse_timeout
-from .e2b_http import Headers, HttpError, HttpLimits, HttpRequest, HttpResponse, json_response, serve_http
+from .e2b_http import (
+    Headers,
+    HttpError,
+    HttpLimits,
+    HttpRequest,
+    HttpResponse,
+    json_response,
+    serve_listeners,
+)
 from .e2b_sandbox import Sandbox
 from .errors import AgentError, ConfigError, VMGoneError
 
@@ -235,5 +243,12 @@ class E2BServer:
 async def serve_e2b(server: E2BServer, host: str, port: int, *, limits: HttpLimits | None = None,
                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-    """Listen on ``host:port`` for E2B's SDKs until cancelled; ``started`` once it listens."""
-    await serve_http(server.handle, host, port, limits=limits, task_status=task_status)
+    """Listen on ``host:port`` for E2B's SDKs until cancelled; ``started`` once it listens.
+    An address that cannot be listened on (in use, not this host's) is a one-line
+    :class:`ConfigError` naming ``[e2b] listen``."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise ConfigError(f"[e2b] listen {host}:{port}: cannot listen there ({error.strerror or error}); "
+                          "pick another port or address") from None
+    await serve_listeners(server.handle, listeners, limits=limits, task_status=task_status)
