@@ -1069,3 +1069,43 @@ async def test_a_download_lets_the_guest_file_go_even_if_never_read() -> None:
         response = await handle_files(HttpRequest.make("GET", "/files?path=/b"), context(sandbox))
         assert not isinstance(response.body, bytes)
         assert [piece async for piece in response.body] == [b"content"] and agent.closed[-1] == "/b"
+
+
+async def test_a_lost_agent_ends_the_stream_as_unavailable_and_not_the_sandbox(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from vmcache.errors import AgentError
+
+    class Broken(trio.abc.ReceiveStream):
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            await trio.lowlevel.checkpoint()
+            raise AgentError("the connection to the guest agent broke")
+
+        async def aclose(self) -> None:
+            await trio.lowlevel.checkpoint()
+
+    class LostProcess(FakeProcess):
+        def __init__(self, pid: int) -> None:
+            super().__init__(pid)
+            self.stdout = Broken()
+
+        async def wait(self) -> int:
+            await trio.lowlevel.checkpoint()
+            raise AgentError("the connection to the guest agent broke")
+
+    class LostAgent(FakeProcessAgent):
+        @asynccontextmanager
+        async def open_process(self, argv: Sequence[str], **options: Any) -> AsyncIterator[FakeProcess]:
+            yield LostProcess(300)
+
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(LostAgent(), nursery)
+        started = e2b_process.start(start_request(), context(sandbox))
+        assert (await started.__anext__())["event"]["start"]["pid"] == 300
+        with pytest.raises(ConnectError) as raised:
+            async for _ in started:
+                pass
+        assert raised.value.code is Code.UNAVAILABLE
+        assert await e2b_process.list_processes({}, context(sandbox)) == {"processes": []}
+        nursery.cancel_scope.cancel()  # the nursery itself saw no error
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]  # an ending, not a bug

@@ -156,8 +156,12 @@ class FsHelper:
                 status = await process.wait()
                 self._failure = (f"it exited with status {status} (is the guest image built by this "
                                  "vmcache? e2b_fs.py must be in it)")
-        except (AgentError, ConnectError) as error:
+        except (AgentError, ConnectError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             self._failure = str(error)
+        except Exception as error:  # a task of the sandbox: a bug here must not end the sandbox
+            log.error("sandbox %s: the filesystem helper's reader failed: %s", self._sandbox.id, error,
+                      exc_info=error)
+            self._failure = "it failed inside vmcache: the daemon's log has the details"
         finally:
             self._process = None
             ready.set()

@@ -295,6 +295,11 @@ class ProcessTable:
             else:
                 log.info("sandbox %s: process %d lost with the guest agent: %s",
                          self._sandbox.id, proc.pid, error)
+        except Exception as error:  # a task of the sandbox: a bug here must not end the sandbox
+            log.error("sandbox %s: process %s failed: %s", self._sandbox.id, shown, error, exc_info=error)
+            if not proc.started.is_set():
+                proc.start_error = ConnectError(Code.INTERNAL, f"starting '{shown}' failed inside vmcache: "
+                                                               "the daemon's log has the details")
         finally:
             proc.started.set()
             proc.ended.set()
@@ -313,10 +318,14 @@ async def _first_line(process: GuestProcess) -> str:
 
 
 async def _pump(proc: Proc, stream: trio.abc.ReceiveStream, kind: str) -> None:
-    """Read one output of the process as it comes; each chunk goes to the current subscribers."""
-    while chunk := await stream.receive_some(CHUNK):
-        if proc.subscribers:
-            proc.publish({"data": {kind: m.b64(chunk)}})
+    """Read one output of the process as it comes; each chunk goes to the current subscribers.
+    A broken agent connection ends it quietly (the process's wait then says so, once)."""
+    try:
+        while chunk := await stream.receive_some(CHUNK):
+            if proc.subscribers:
+                proc.publish({"data": {kind: m.b64(chunk)}})
+    except (AgentError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return
 
 
 # --- Handlers ---------------------------------------------------------------------------------
