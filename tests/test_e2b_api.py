@@ -201,8 +201,10 @@ async def test_create_answers_201_with_what_the_sdk_reads(server: E2BServer, pro
     assert created["envdAccessToken"] == sandbox.access_token
     assert created["trafficAccessToken"] == sandbox.traffic_token
     assert sandbox.end - sandbox.started_at == 300
-    status, _, _ = await call(server, "POST", "/sandboxes", {"templateID": "code-interpreter-v1"})
+    status, again, _ = await call(server, "POST", "/sandboxes", {"templateID": "code-interpreter-v1"})
     assert status == 201  # E2B's first create path
+    default = provider.sandboxes_by_id[again["sandboxID"]]
+    assert default.end - default.started_at == 300  # no timeout given: E2B's API gives 300 s
 
 
 async def test_get_info_and_list_describe_the_sandbox(server: E2BServer) -> None:

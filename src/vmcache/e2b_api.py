@@ -62,8 +62,9 @@ log = logging.getLogger("vmcache.e2b.api")
 
 #: The largest control-plane request body.
 MAX_API_BODY = 1024 * 1024
-#: E2B's defaults: a create without ``timeout`` lives 15 s; a list page holds 100 at most.
-DEFAULT_TIMEOUT = 15
+#: E2B's defaults: a create without ``timeout`` lives 300 s (its API's NewSandbox default,
+#: which the Python SDK relies on: it sends none unless given); a list page holds 100 at most.
+DEFAULT_TIMEOUT = 300
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 100
 #: The most Idempotency-Keys remembered (each names a live sandbox).
