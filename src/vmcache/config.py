@@ -56,7 +56,16 @@ import attrs
 import cattrs
 
 from .errors import ConfigError, ImageError, NetworkPolicyError
-from .image import AGENT_DIR, AGENT_FILES, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, image_id, read_manifest
+from .image import (
+    AGENT_DIR,
+    AGENT_FILES,
+    HELPER_FILES,
+    INITRD_FILE,
+    KERNEL_FILE,
+    ROOTFS_FILE,
+    image_id,
+    read_manifest,
+)
 from .image.cpio import S_IFREG, read_initrd, resolve_path
 from .network_policy import AllowEntry, NetworkMode, NetworkPolicy, parse_entries
 from .paths import default_endpoint, default_image_dir, default_run_dir
@@ -704,7 +713,8 @@ def _root_image(qemu: QemuConfig, image_dir: Path, manifest: dict[str, object] |
 #: What an initramfs must carry to run the agent without a root image.
 _AGENT_NEEDS = ("usr/bin/python3", f"{AGENT_DIR}/vmcache_agent.py", f"{AGENT_DIR}/agent_protocol.py",
                 *(f"{AGENT_DIR}/{name}" for name, _ in AGENT_FILES
-                  if name not in ("vmcache_agent.py", "agent_protocol.py")))
+                  if name not in ("vmcache_agent.py", "agent_protocol.py")
+                  and name not in dict(HELPER_FILES)))
 _INITRD_CHECKS: dict[tuple[str, int, int], list[str]] = {}
 
 

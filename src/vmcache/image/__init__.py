@@ -10,6 +10,7 @@ from __future__ import annotations
 from .build import (
     AGENT_DIR,
     AGENT_FILES,
+    HELPER_FILES,
     INITRD_FILE,
     KERNEL_FILE,
     MANIFEST_FILE,
@@ -24,6 +25,7 @@ from .rootfs import ROOTFS_FILE, ROOTFS_TYPE, pack_directory
 __all__ = [
     "AGENT_DIR",
     "AGENT_FILES",
+    "HELPER_FILES",
     "INITRD_FILE",
     "KERNEL_FILE",
     "MANIFEST_FILE",

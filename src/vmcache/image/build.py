@@ -51,6 +51,12 @@ MANIFEST_FORMAT = 2
 
 #: Where the agent's files live in the initramfs; /init copies them to the new root.
 AGENT_DIR = "vmcache/agent"
+#: E2B's envd and code interpreter, guest side: helpers the host runs through the agent.
+#: /init copies them when present (its HELPER_FILES), so a user's own initrd may lack them.
+HELPER_FILES = (
+    ("e2b_fs.py", ("in_guest", "e2b_fs.py")),
+    ("e2b_kernel.py", ("in_guest", "e2b_kernel.py")),
+)
 #: (file name in the initramfs, the vmcache package resource it comes from)
 AGENT_FILES = (
     ("vmcache_agent.py", ("in_guest", "vmcache_agent.py")),
@@ -59,9 +65,7 @@ AGENT_FILES = (
     ("agent_files.py", ("in_guest", "agent_files.py")),
     ("agent_tcp.py", ("in_guest", "agent_tcp.py")),
     ("agent_protocol.py", ("agent_protocol.py",)),
-    # E2B's envd and code interpreter, guest side: helpers the host runs through the agent.
-    ("e2b_fs.py", ("in_guest", "e2b_fs.py")),
-    ("e2b_kernel.py", ("in_guest", "e2b_kernel.py")),
+    *HELPER_FILES,
 )
 
 
