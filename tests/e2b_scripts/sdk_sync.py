@@ -200,6 +200,7 @@ obs.step(
     ],
 )
 obs.step("write_root_as_user", lambda: files.write("/root/denied.txt", "x").path)
+obs.step("owner_root_as_user", lambda: files.get_info("/root/denied.txt", user="root").owner)
 obs.step("read_root_as_user", lambda: files.read("/root/.profile"))
 obs.step("list_root_as_user", lambda: [e.name for e in files.list("/root")])
 
