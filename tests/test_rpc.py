@@ -30,6 +30,7 @@ from google.protobuf.message import Message as ProtoMessage
 import vmcache
 from vmcache._proto import cache_pb2
 from vmcache.errors import CacheError, DeadlineExceededError, InvalidRequestError, leaves
+from vmcache.handle import VMHandle
 from vmcache.rpc import server as rpc_server
 from vmcache.rpc import transport
 from vmcache.rpc.client import open_channel
@@ -37,7 +38,7 @@ from vmcache.rpc.endpoint import bind_unix_socket
 from vmcache.rpc.server import Method, PeerCheck, RpcCall, RpcServer, unary
 from vmcache.rpc.transport import Code
 from vmcache.security import PeerCredentials
-from vmcache.wire import SERVICE
+from vmcache.wire import SERVICE, grpc_vm
 
 
 class Recorder:
@@ -429,3 +430,57 @@ async def test_a_hand_out_reply_is_not_written_once_the_deadline_has_passed(
                 await channel.unary("GetBaseVM", Empty(), cache_pb2.GrpcVM, timeout=5)
         nursery.cancel_scope.cancel()
     assert outcome == ["kept"]
+
+
+async def test_a_lease_cancelled_as_a_signal_cancels_a_cli_is_released_on_its_own_call(
+        tmp_path: Path) -> None:
+    """``vmcache run`` stopped by SIGTERM: run_async cancels everything in the connection's
+    block, the connection's reader and writer with the lease. The lease's shielded cleanup
+    must still release the VM on the lease's own call, and hear that it ended: cancelled
+    along, the reader marked the connection closed and reset the call, so the release never
+    went out, the daemon learned nothing until the process closed its socket, and the client
+    fell back to a second connection (StopVM) after all its other cleanups."""
+    handle = VMHandle(id="0123456789ab", pid=2**22 + 1, start_time=1, qmp_socket="/nonexistent/qmp.sock",
+                      agent_socket="/nonexistent/agent-0.sock", console_log="/nonexistent/console.log",
+                      run_dir="/nonexistent/vm-0123456789ab", cpu=1, memory=256)
+    seen: list[str] = []
+    leased = trio.Event()
+
+    async def take_vm(call: RpcCall[ProtoMessage]) -> None:  # the daemon's side, as _take_vm
+        await call.receive_one()
+        await call.send(cache_pb2.TakeReply(offer=grpc_vm(handle)))
+        await call.receive()
+        await call.send(cache_pb2.TakeReply(claimed=cache_pb2.TakeClaimed(vm_id=handle.id)))
+        leased.set()
+        try:
+            message = await call.receive()
+        except rpc_server.CallGone:
+            seen.append("the call ended under the lease")
+            raise
+        seen.append(f"TakeVM: {message.WhichOneof('step') if message is not None else 'half-closed'}")
+        await call.send(cache_pb2.TakeReply(ended=cache_pb2.TakeEnded(
+            vm_id=handle.id, reason="the client released it")), last=True)
+        await call.finish()
+
+    async def stop_vm(call: RpcCall[ProtoMessage]) -> None:
+        seen.append("StopVM")
+        await call.receive_one()
+        await call.send(cache_pb2.StopVMReply(vm_id=handle.id, was_running=True), last=True)
+        await call.finish()
+
+    server = RpcServer(SERVICE, {"TakeVM": Method(cache_pb2.TakeRequest, take_vm),
+                                 "StopVM": Method(cache_pb2.StopVMRequest, stop_vm)})
+    path = tmp_path / "s.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, bind_unix_socket(path))
+        with trio.fail_after(10):
+            with trio.CancelScope() as command:  # run_async's nursery
+                async with vmcache.connect(path) as cache, cache.lease_vm() as vm:
+                    assert vm.id == handle.id and leased.is_set()
+                    command.cancel()  # SIGTERM
+                    await trio.sleep_forever()
+            assert command.cancelled_caught
+            while server.active_calls:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert seen == ["TakeVM: release"]

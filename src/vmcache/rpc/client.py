@@ -148,21 +148,35 @@ async def open_channel(endpoint: Path, service: str) -> AsyncIterator[Channel]:
         raise DaemonNotRunningError(f"cannot connect to {endpoint}: {error.strerror}; check the path, "
                                     "or start a daemon there with `vmcache serve`") from None
     connection = Connection(stream, client_side=True)
+    # The reader and the flusher serve the connection until the block is left, not until the
+    # block is cancelled: a caller's shielded cleanup inside it (a lease released when a CLI
+    # is stopped by a signal) still talks to the daemon, and hears its answer. Cancelled with
+    # the block, they would mark the connection closed and reset every call at once: the
+    # release could not go out, the daemon would learn nothing until this process closed
+    # the socket, and the cleanup would fall back to a second connection (StopVM).
+    serving = trio.CancelScope(shield=True)
     try:
         async with trio.open_nursery() as nursery:
             await connection.start()
 
-            async def read() -> None:
-                try:
-                    await connection.receive_loop()
-                except TransportError:
-                    pass  # every open call has been reset: their callers raise
+            async def serve() -> None:
+                with serving:
+                    async with trio.open_nursery() as tasks:
 
-            nursery.start_soon(read)
-            nursery.start_soon(connection.flush_loop)
+                        async def read() -> None:
+                            try:
+                                await connection.receive_loop()
+                            except TransportError:
+                                pass  # every open call has been reset: their callers raise
+
+                        tasks.start_soon(read)
+                        tasks.start_soon(connection.flush_loop)
+
+            nursery.start_soon(serve)
             try:
                 yield Channel(endpoint, service, connection)
             finally:
+                serving.cancel()
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await connection.close()
