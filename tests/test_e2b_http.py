@@ -307,3 +307,102 @@ async def test_make_builds_requests_for_handler_tests() -> None:
     with pytest.raises(HttpError) as raised:
         await HttpRequest.make("POST", "/", body=b"x" * 11).read_body(10)
     assert raised.value.status == 413
+
+
+async def test_a_new_connection_that_says_nothing_has_only_the_header_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with trio.fail_after(100):
+        await serve_connection(server_stream, echo, HttpLimits(idle_timeout=1000, header_timeout=5))
+    assert trio.current_time() - start < 6
+    assert await client_stream.receive_some(10) == b""
+
+
+async def test_a_kept_alive_connection_has_the_idle_timeout_between_requests(
+        autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server_stream, echo,
+                           HttpLimits(idle_timeout=300, header_timeout=5))
+        with trio.fail_after(5):
+            await client.request("GET", "/one")
+            assert (await client.response())[0].status_code == 200
+        await trio.sleep(200)  # a pooled connection, idle: still served
+        with trio.fail_after(5):
+            await client.request("GET", "/two")
+            assert (await client.response())[0].status_code == 200
+
+
+class _FakeSocket:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+
+    def getpeername(self) -> tuple[str, int]:
+        return self.address
+
+
+class _FakeStream:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.socket = _FakeSocket(address)
+
+
+def test_only_non_loopback_peers_are_capped_per_address() -> None:
+    from vmcache.e2b_http import _peer_address
+
+    def peer(host: str) -> str | None:
+        return _peer_address(_FakeStream((host, 1)))  # type: ignore[arg-type]
+
+    assert peer("127.0.0.1") is None and peer("127.0.0.9") is None
+    assert peer("::1") is None and peer("::ffff:127.0.0.1") is None
+    assert peer("10.1.2.3") == "10.1.2.3"
+    assert HttpLimits().max_connections_per_peer < HttpLimits().max_connections
+
+
+async def test_a_client_gone_while_a_handler_works_cancels_the_handler() -> None:
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        await request.read_body(100)
+        started.set()
+        try:
+            await trio.sleep_forever()  # waiting for a VM, say
+        finally:
+            cancelled.set()
+        return json_response(200, {})
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server_stream, handler, HttpLimits())
+        with trio.fail_after(5):
+            await client.request("POST", "/sandboxes", body=b"{}")
+            await started.wait()
+            await client_stream.aclose()
+            await cancelled.wait()
+
+
+async def test_a_body_read_without_idle_bound_outlasts_the_body_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    import math
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        got = b""
+        async for piece in request.body_chunks(math.inf):
+            got += piece
+        return json_response(200, {"got": got.decode()})
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server_stream, handler, HttpLimits(body_timeout=60))
+        await client.send(h11.Request(method="POST", target="/x",
+                                      headers=[("host", "t"), ("transfer-encoding", "chunked")]))
+        await client.send(h11.Data(data=b"a"))
+        await trio.sleep(120)  # a user who stops typing for two minutes
+        await client.send(h11.Data(data=b"b"), h11.EndOfMessage())
+        with trio.fail_after(5):
+            head, body = await client.response()
+        assert head.status_code == 200 and body == b'{"got":"ab"}'

@@ -10,13 +10,17 @@ need. h11 parses and frames; this module moves bytes, bounds everything and turn
   the client goes away mid-stream (EOF or a broken socket, watched while the iterator waits)
   the iterator is cancelled and ``aclose()``\\ d at once, so a guest process's stream or a
   directory watch is let go;
+- a client that goes away while a handler works on a request whose body was read whole is
+  noticed too (EOF or a broken socket): the handler is cancelled, nothing is answered;
 - bounded: the request head (:attr:`HttpLimits.max_header_bytes`, 431), the body
-  (:attr:`HttpLimits.max_body_bytes` and a handler's own ``read_body(max_size)``, 413), the time
-  a head may take once it started (:attr:`HttpLimits.header_timeout`), an idle keep-alive
-  connection (:attr:`HttpLimits.idle_timeout`), a silent body (:attr:`HttpLimits.body_timeout`),
-  a client that does not read what we send (:attr:`HttpLimits.send_timeout`: the connection is
-  dropped), and the connections served at once (:attr:`HttpLimits.max_connections`; one more is
-  answered 503 and closed).
+  (:attr:`HttpLimits.max_body_bytes` and a handler's own ``read_body(max_size)``, 413), the
+  time a new connection has for its first request's head and any later head once started
+  (:attr:`HttpLimits.header_timeout`), an idle keep-alive connection between requests
+  (:attr:`HttpLimits.idle_timeout`), a silent body (:attr:`HttpLimits.body_timeout`, or the
+  handler's own per-call bound), a client that does not read what we send
+  (:attr:`HttpLimits.send_timeout`: the connection is dropped), and the connections served at
+  once (:attr:`HttpLimits.max_connections`, and :attr:`HttpLimits.max_connections_per_peer`
+  from any one non-loopback address; one more is answered 503 and closed).
 
 A handler never sees a malformed request, and no exception of a handler reaches the client as a
 traceback: :class:`HttpError` becomes its status with E2B's JSON error body ``{"code": status,
@@ -25,6 +29,7 @@ traceback: :class:`HttpError` becomes its status with E2B's JSON error body ``{"
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -107,8 +112,9 @@ def _text(value: bytes | str) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
-BodyReader = Callable[[], Awaitable[bytes]]
-"""Gives the next piece of a request body, ``b""`` at its end."""
+BodyReader = Callable[[float | None], Awaitable[bytes]]
+"""Gives the next piece of a request body, ``b""`` at its end, waiting at most the timeout
+given (None: the server's :attr:`HttpLimits.body_timeout`; ``math.inf``: no bound)."""
 
 
 class HttpRequest:
@@ -147,7 +153,7 @@ class HttpRequest:
         handlers that call one another."""
         pieces: Iterator[bytes] = iter([body] if isinstance(body, bytes) else list(body))
 
-        async def reader() -> bytes:
+        async def reader(timeout: float | None) -> bytes:
             await trio.lowlevel.checkpoint()
             for piece in pieces:
                 if piece:
@@ -162,14 +168,18 @@ class HttpRequest:
         values = self.query.get(name)
         return values[0] if values else None
 
-    async def body_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, in pieces (each non-empty); bounded only by the server's
-        :attr:`HttpLimits.max_body_bytes` (413 past it)."""
+    async def body_chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives, in pieces (each non-empty); bounded by the server's
+        :attr:`HttpLimits.max_body_bytes` (413 past it). A client silent for ``idle_timeout``
+        seconds is gone (:class:`ClientGone`): None is the server's
+        :attr:`HttpLimits.body_timeout`, ``math.inf`` no bound beyond the connection's own
+        liveness (a client stream whose silence is the caller's business, bounded by its
+        call's deadline)."""
         if self._consumed:
             raise RuntimeError("the request body was already read")
         self._consumed = True
         while True:
-            piece = await self._body()
+            piece = await self._body(idle_timeout)
             if not piece:
                 return
             yield piece
@@ -222,12 +232,19 @@ class HttpLimits:
     body_timeout: float = 60.0
     send_timeout: float = 60.0
     max_connections: int = 512
+    #: Connections at once from one non-loopback address. Loopback peers are not capped: every
+    #: local client (the usual setup: the listener defaults to 127.0.0.1) shares 127.0.0.1, so a
+    #: cap there would only cap the user's own SDK; the header timeout is what bounds a local
+    #: client that opens connections and says nothing.
+    max_connections_per_peer: int = 64
     #: How much of a body the handler left unread is read and dropped to keep the connection.
     drain_bytes: int = 256 * 1024
 
 
-class _ClientGone(Exception):
-    """The peer closed, broke the socket, or stopped reading: drop the connection."""
+class ClientGone(Exception):
+    """The peer closed, broke the socket, was silent too long or stopped reading: drop the
+    connection. Nothing is answered to a client that is gone, and it is no error of the daemon:
+    a handler that meets it (reading a body) lets it pass."""
 
 
 class _Connection:
@@ -239,6 +256,10 @@ class _Connection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.body_read = 0
         self.peer_closed = False
+        #: Requests whose head was read on this connection (the first has no idle time).
+        self.requests = 0
+        #: Set once the current request's body was read to its end.
+        self.body_done = trio.Event()
 
     async def send(self, event: h11.Event) -> None:
         """Send one event; a client that does not take it within the send timeout, or whose
@@ -250,12 +271,12 @@ class _Connection:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                raise _ClientGone("the client's socket broke") from error
+                raise ClientGone("the client's socket broke") from error
         if scope.cancelled_caught:
-            raise _ClientGone("the client stopped reading")
+            raise ClientGone("the client stopped reading")
 
     async def receive(self, timeout: float) -> None:
-        """Feed h11 the next bytes from the client; :class:`_ClientGone` if none came within
+        """Feed h11 the next bytes from the client; :class:`ClientGone` if none came within
         ``timeout`` or the socket broke. EOF is fed to h11 (it decides what it means)."""
         if self.conn.they_are_waiting_for_100_continue:
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
@@ -263,18 +284,22 @@ class _Connection:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                raise _ClientGone("the client's socket broke") from error
+                raise ClientGone("the client's socket broke") from error
         if scope.cancelled_caught:
-            raise _ClientGone("the client was silent too long")
+            raise ClientGone("the client was silent too long")
         if not data:
             self.peer_closed = True
         self.conn.receive_data(bytes(data))
 
-    async def next_event(self, *, head: bool) -> h11.Event:
-        """The next h11 event, reading as needed: for a request head, the idle timeout until
-        its first byte and the header timeout for the rest; for a body, the body timeout for
-        each read."""
-        idle_deadline = trio.current_time() + self.limits.idle_timeout
+    async def next_event(self, *, head: bool, body_timeout: float | None = None) -> h11.Event:
+        """The next h11 event, reading as needed: for a connection's first request head, the
+        header timeout for the whole of it (a new connection that says nothing holds a slot
+        no longer); for a later head, the idle timeout until its first byte and the header
+        timeout for the rest; for a body, ``body_timeout`` (None: the server's) for each
+        read."""
+        now = trio.current_time()
+        first = self.requests == 0
+        idle_deadline = now + (self.limits.header_timeout if first else self.limits.idle_timeout)
         head_deadline: float | None = None
         while True:
             event = self.conn.next_event()
@@ -287,18 +312,20 @@ class _Connection:
                 deadline = idle_deadline if head_deadline is None else head_deadline
                 timeout = deadline - trio.current_time()
                 if timeout <= 0:
-                    raise _ClientGone("the request's head took too long")
+                    raise ClientGone("the request's head took too long")
             else:
-                timeout = self.limits.body_timeout
+                timeout = self.limits.body_timeout if body_timeout is None else body_timeout
             await self.receive(timeout)
 
-    async def read_body_piece(self) -> bytes:
-        """The next piece of the current request's body, ``b""`` at its end."""
+    async def read_body_piece(self, timeout: float | None = None) -> bytes:
+        """The next piece of the current request's body, ``b""`` at its end; ``timeout`` as in
+        :meth:`HttpRequest.body_chunks`."""
         while True:
             if self.conn.their_state is not h11.SEND_BODY:
+                self.body_done.set()
                 return b""
             try:
-                event = await self.next_event(head=False)
+                event = await self.next_event(head=False, body_timeout=timeout)
             except h11.RemoteProtocolError as error:
                 raise HttpError(400, f"the request body is malformed: {error}") from None
             if isinstance(event, h11.Data):
@@ -308,9 +335,10 @@ class _Connection:
                 if event.data:
                     return bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                self.body_done.set()
                 return b""
             elif isinstance(event, h11.ConnectionClosed):
-                raise _ClientGone("the client closed the connection mid-body")
+                raise ClientGone("the client closed the connection mid-body")
 
     async def watch_for_close(self, gone: trio.CancelScope) -> None:
         """While a streamed response waits on its iterator: read what the client sends (a
@@ -327,6 +355,15 @@ class _Connection:
                 return
             self.conn.receive_data(bytes(data))
         await trio.sleep_forever()
+
+    async def watch_after_body(self, gone: trio.CancelScope) -> None:
+        """While a handler works: once the request's body was read whole, watch for the client
+        leaving (:meth:`watch_for_close`), cancelling ``gone`` if it does."""
+        await self.body_done.wait()
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
+            await self.watch_for_close(gone)
+        else:
+            await trio.sleep_forever()
 
 
 def _response_headers(response: HttpResponse) -> list[tuple[str, str]]:
@@ -374,7 +411,7 @@ async def _send_response(connection: _Connection, method: str, response: HttpRes
                         if piece:
                             await connection.send(h11.Data(data=piece))
                     await connection.send(h11.EndOfMessage())
-                except _ClientGone as error:
+                except ClientGone as error:
                     failure = str(error)
                 except Exception as error:
                     # Too late for an error status: cut the stream (no last chunk), which the
@@ -386,7 +423,7 @@ async def _send_response(connection: _Connection, method: str, response: HttpRes
         if gone.cancelled_caught:
             failure = "the client went away mid-stream"
         if failure is not None:
-            raise _ClientGone(failure)
+            raise ClientGone(failure)
     finally:
         await _aclose(body)
 
@@ -405,7 +442,7 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Ht
     try:
         async with stream:
             await _serve(connection, handler)
-    except _ClientGone as gone:
+    except ClientGone as gone:
         log.debug("an E2B client connection ended: %s", gone)
 
 
@@ -425,6 +462,7 @@ async def _serve(connection: _Connection, handler: Handler) -> None:
         if isinstance(event, h11.ConnectionClosed):
             return
         assert isinstance(event, h11.Request)
+        connection.requests += 1
         size = len(event.method) + len(event.target) + sum(
             len(name) + len(value) + 4 for name, value in event.headers)
         if size > connection.limits.max_header_bytes:
@@ -467,21 +505,33 @@ async def _serve_one(connection: _Connection, handler: Handler, event: h11.Reque
     length_text = headers.get("content-length")
     length = int(length_text) if length_text is not None else None  # h11 checked the digits
     connection.body_read = 0
+    connection.body_done = trio.Event()
     if not length and headers.get("transfer-encoding") is None:
         # No body: h11 ends the message without reading, so the request is DONE now.
         assert isinstance(connection.conn.next_event(), h11.EndOfMessage)
-    response: HttpResponse
-    try:
-        if length is not None and length > connection.limits.max_body_bytes:
-            raise HttpError(413, f"the request body ({length} bytes) is over "
-                                 f"{connection.limits.max_body_bytes} bytes")
-        request = HttpRequest(method, event.target.decode("latin-1"), headers,
-                              connection.read_body_piece, length)
-        response = await handler(request)
-    except _ClientGone:
-        raise
-    except Exception as error:
-        response = await _error_for(error)
+        connection.body_done.set()
+    response: HttpResponse | None = None
+    left: ClientGone | None = None
+    gone = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.watch_after_body, gone)
+        with gone:
+            try:
+                if length is not None and length > connection.limits.max_body_bytes:
+                    raise HttpError(413, f"the request body ({length} bytes) is over "
+                                         f"{connection.limits.max_body_bytes} bytes")
+                request = HttpRequest(method, event.target.decode("latin-1"), headers,
+                                      connection.read_body_piece, length)
+                response = await handler(request)
+            except ClientGone as error:
+                left = error
+            except Exception as error:
+                response = await _error_for(error)
+        nursery.cancel_scope.cancel()
+    if left is not None:
+        raise left
+    if gone.cancelled_caught or response is None:
+        raise ClientGone("the client went away before its answer")
     if connection.conn.their_state is h11.SEND_BODY and (
             response.status >= 400 or connection.conn.they_are_waiting_for_100_continue):
         # A refused request's unread body is not read: say so, and close after.
@@ -507,22 +557,53 @@ async def serve_listeners(handler: Handler, listeners: list[trio.SocketListener]
     limits = limits or HttpLimits()
     slots = trio.CapacityLimiter(limits.max_connections)
 
+    per_peer: dict[str, int] = {}
+
     async def one(stream: trio.SocketStream) -> None:
+        peer = _peer_address(stream)
+        if peer is not None and per_peer.get(peer, 0) >= limits.max_connections_per_peer:
+            await _refuse(stream, limits)
+            return
         try:
             slots.acquire_on_behalf_of_nowait(stream)
         except trio.WouldBlock:
             await _refuse(stream, limits)
             return
+        if peer is not None:
+            per_peer[peer] = per_peer.get(peer, 0) + 1
         try:
             await serve_connection(stream, handler, limits)
         except Exception as error:  # a bug here must not end the listener
             log.error("an E2B connection failed: %s: %s", type(error).__name__, error, exc_info=error)
         finally:
             slots.release_on_behalf_of(stream)
+            if peer is not None:
+                per_peer[peer] -= 1
+                if not per_peer[peer]:
+                    del per_peer[peer]
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, one, listeners)
         task_status.started(listeners)
+
+
+def _peer_address(stream: trio.SocketStream) -> str | None:
+    """The client's address, for the per-peer cap; None for a loopback peer (not capped) or
+    one whose address cannot be read."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return None
+    host = address[0] if isinstance(address, tuple) else None
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return None if ip.is_loopback else host
 
 
 async def _refuse(stream: trio.abc.Stream, limits: HttpLimits) -> None:
