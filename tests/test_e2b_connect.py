@@ -5,6 +5,7 @@ early."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from vmcache.e2b_connect import (
     encode_envelope,
     encode_message,
 )
-from vmcache.e2b_http import Headers, HttpRequest, HttpResponse
+from vmcache.e2b_http import ClientGone, Headers, HttpRequest, HttpResponse
 
 T = TypeVar("T")
 
@@ -282,3 +283,38 @@ async def test_a_client_stream_error_is_its_end_envelope(autojump_clock: trio.ab
         end = (await client_stream(encode_message({"hang": True}),
                                    [*STREAM, ("connect-timeout-ms", "500")]))[-1]
     assert end[1]["error"]["code"] == "deadline_exceeded"
+
+
+def _request_reading(pieces: list[bytes | BaseException], timeouts: list[float | None]) -> HttpRequest:
+    """A client-stream request whose body reader records the idle timeout it is given and
+    gives ``pieces`` in turn (an exception is raised, as the server does for a client gone)."""
+
+    async def reader(timeout: float | None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        timeouts.append(timeout)
+        if not pieces:
+            return b""
+        piece = pieces.pop(0)
+        if isinstance(piece, BaseException):
+            raise piece
+        return piece
+
+    return HttpRequest("POST", "/process.Process/StreamInput", Headers(STREAM), reader)
+
+
+async def test_a_client_stream_has_no_idle_bound_but_its_deadline() -> None:
+    r = ConnectRouter(max_request_bytes=1024)
+    r.client_stream("/process.Process/StreamInput", gather)
+    timeouts: list[float | None] = []
+    response = await r.handle(_request_reading([encode_message({"n": 1})], timeouts), context())
+    assert decode_envelopes(await body_of(response))[0] == (0, b'{"seen":[1]}')
+    assert timeouts and all(timeout == math.inf for timeout in timeouts)
+
+
+async def test_a_client_leaving_a_client_stream_ends_it_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    r = ConnectRouter(max_request_bytes=1024)
+    r.client_stream("/process.Process/StreamInput", gather)
+    request = _request_reading([encode_message({"n": 1}), ClientGone("the client left")], [])
+    with pytest.raises(ClientGone):
+        await r.handle(request, context())
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]

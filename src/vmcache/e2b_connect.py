@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import attrs
 import trio
 
-from .e2b_http import Headers, HttpError, HttpRequest, HttpResponse
+from .e2b_http import ClientGone, Headers, HttpError, HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
     from .e2b_sandbox import SandboxRuntime
@@ -313,13 +314,17 @@ class ConnectRouter:
 
     async def _client_stream(self, request: HttpRequest, handler: ClientStreamHandler,
                              context: CallContext) -> HttpResponse:
-        """Run a client-streaming call to its end (within the deadline) and answer it."""
+        """Run a client-streaming call to its end (within the deadline) and answer it.
+
+        The stream's messages may be far apart (``commands.stream_input`` is a user typing):
+        no idle bound applies between them but the call's deadline; a client that leaves
+        mid-stream ends the call quietly (:class:`ClientGone` passes: nothing is answered)."""
         path = request.path
         decoder = EnvelopeDecoder(self.max_request_bytes)
 
         async def messages() -> AsyncIterator[dict[str, Any]]:
             try:
-                async for piece in request.body_chunks():
+                async for piece in request.body_chunks(math.inf):
                     for flags, payload in decoder.feed(piece):
                         if flags & FLAG_COMPRESSED:
                             raise ConnectError(Code.UNIMPLEMENTED, "compressed messages are not supported")
@@ -343,7 +348,12 @@ class ConnectRouter:
             error = ConnectError(Code.DEADLINE_EXCEEDED, "the call's timeout passed")
         except ConnectError as raised:
             error = raised
+        except ClientGone:
+            raise
         except Exception as raised:
+            gone = _client_gone(raised)
+            if gone is not None:
+                raise gone from None
             error = _internal(path, raised)
         body = encode_end(error) if error is not None or result is None else (
             encode_message(result) + encode_end())
@@ -402,6 +412,18 @@ class ConnectRouter:
                         except Exception as raised:
                             log.error("closing the stream of %s failed: %s", path, raised, exc_info=raised)
         yield encode_end(error)
+
+
+def _client_gone(error: BaseException) -> ClientGone | None:
+    """The :class:`ClientGone` that ``error`` is, or that an exception group of only it holds
+    (a handler reading its messages from a nursery's task)."""
+    if isinstance(error, ClientGone):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        matched, rest = error.split(ClientGone)
+        if matched is not None and rest is None:
+            return _client_gone(matched.exceptions[0])
+    return None
 
 
 def _internal(path: str, error: BaseException) -> ConnectError:
