@@ -331,7 +331,9 @@ async def _pump(proc: Proc, stream: trio.abc.ReceiveStream, kind: str) -> None:
 # --- Handlers ---------------------------------------------------------------------------------
 
 
-def _keepalive_interval(context: CallContext) -> float:
+def keepalive_interval(context: CallContext) -> float:
+    """envd's keepalive interval of a stream: ``Keepalive-Ping-Interval`` (seconds, bounded to
+    1..3600), else :data:`DEFAULT_KEEPALIVE`."""
     value = context.headers.get("Keepalive-Ping-Interval")
     try:
         seconds = float(value) if value is not None else DEFAULT_KEEPALIVE
@@ -366,7 +368,7 @@ async def start(request: dict[str, Any], context: CallContext) -> AsyncGenerator
     (or the request refused) when the router first asks for a message."""
     table = context.sandbox.service(ProcessTable)
     proc, subscriber = await table.start(request, context)
-    interval = _keepalive_interval(context)
+    interval = keepalive_interval(context)
     try:
         yield {"event": {"start": {"pid": proc.pid}}}
         while "end" not in (response := await _next_event(proc, subscriber, interval))["event"]:
@@ -394,7 +396,7 @@ async def connect(request: dict[str, Any], context: CallContext) -> AsyncGenerat
         raise ConnectError(Code.RESOURCE_EXHAUSTED, f"more than {MAX_SUBSCRIBERS} streams follow process "
                                                     f"{proc.pid}: close one first")
     subscriber = proc.subscribe()
-    interval = _keepalive_interval(context)
+    interval = keepalive_interval(context)
     try:
         yield {"event": {"start": {"pid": proc.pid}}}
         while "end" not in (response := await _next_event(proc, subscriber, interval))["event"]:

@@ -69,8 +69,9 @@ def resolve_path(user: str, path: str | None) -> str:
         text = account.home + text[1:]
     if not text.startswith("/"):
         text = posixpath.join(account.home, text)
-    normal = posixpath.normpath(text)
-    return "/" if normal.startswith("//") else normal
+    # normpath keeps a leading "//" (POSIX leaves its meaning to the system); Go's filepath.Clean,
+    # which envd uses, folds it like any other run of slashes: "//tmp/x" is "/tmp/x".
+    return "/" + posixpath.normpath(text).lstrip("/")
 
 
 def user_env(user: str, env: Mapping[str, str] = {}) -> dict[str, str]:
