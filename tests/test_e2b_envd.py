@@ -1109,3 +1109,155 @@ async def test_a_lost_agent_ends_the_stream_as_unavailable_and_not_the_sandbox(
         assert await e2b_process.list_processes({}, context(sandbox)) == {"processes": []}
         nursery.cancel_scope.cancel()  # the nursery itself saw no error
     assert not [record for record in caplog.records if record.levelname == "ERROR"]  # an ending, not a bug
+
+
+# --- review findings: paths, names, a hostile helper, watchers, a stuck upload -------------------
+
+
+def test_paths_fold_every_run_of_slashes_as_envds_filepath_clean() -> None:
+    assert resolve_path("root", "//tmp/x") == "/tmp/x"  # never "/": Remove("//tmp/x") removed the root
+    assert resolve_path("root", "///tmp//x/") == "/tmp/x"
+    assert resolve_path("root", "/./tmp/./x") == "/tmp/x"
+    assert resolve_path("root", "/../../tmp/x") == "/tmp/x"
+    assert resolve_path("root", "//") == "/" and resolve_path("root", "/..") == "/"
+    assert resolve_path("user", "../../../etc") == "/etc"
+
+
+async def test_a_download_of_a_non_ascii_name_has_an_ascii_header_with_the_name_in_utf8() -> None:
+    import h11
+
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(FakeReadAgent(), nursery)
+        response = await handle_files(HttpRequest.make("GET", "/files?path=/tmp/%C3%A9t%C3%A9.txt"),
+                                      context(sandbox))
+        await response.body.aclose()  # type: ignore[union-attr]
+    value = dict(response.headers)["content-disposition"]
+    h11.Response(status_code=200, headers=response.headers)  # h11 takes it (header values are ASCII)
+    assert value.isascii() and parse_header_value(value) == ("inline", {"filename": "été.txt"})
+    assert e2b_files.content_disposition("plain.txt") == 'inline; filename="plain.txt"'
+
+
+class HelperAgent(FakeFileAgent):
+    """A FakeFileAgent that keeps its filesystem helper, to send lines as the guest would."""
+
+    helper: FakeUploadProcess | None = None
+
+    @asynccontextmanager
+    async def open_process(self, argv: Sequence[str], **options: Any) -> AsyncIterator[FakeUploadProcess]:
+        process = FakeUploadProcess(self, list(argv))
+        if list(argv) == e2b_files.HELPER_ARGV:
+            self.helper = process
+        yield process
+
+
+async def test_a_hostile_helper_cannot_kill_the_helper_or_grow_a_watcher_unbounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = HelperAgent()
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(agent, nursery)
+        ctx = context(sandbox, "root")
+        with trio.fail_after(10):
+            watcher_id = (await e2b_files.create_watcher({"path": "/tmp"}, ctx))["watcherId"]
+            assert agent.helper is not None
+            ident = agent.requests[-1]["watch"]
+            sink = sandbox.service(e2b_files.Watchers).by_id[watcher_id][1]
+
+            async def send(message: object) -> None:
+                changed = sink.changed
+                assert agent.helper is not None
+                await agent.helper._send.send(json.dumps(message).encode() + b"\n")
+                await changed.wait()
+
+            # Nested past the parser's recursion limit, small (on the loop) and big (in a thread).
+            await agent.helper._send.send(b"[" * 100_000 + b"\n")
+            await agent.helper._send.send(b"[" * (e2b_files.PARSE_IN_THREAD + 10) + b"\n")
+            entry = {"name": "c", "type": "FILE_TYPE_FILE", "path": "/tmp/c", "size": "1", "mode": 0o644,
+                     "permissions": "-rw-r--r--", "owner": "root", "group": "root",
+                     "modifiedTime": "2026-01-01T00:00:00Z", "extra": "x" * 100}
+            await send({"watch": ident, "events": [
+                {"name": "a", "type": "EVENT_TYPE_CREATE"},
+                {"name": "x" * 5000, "type": "EVENT_TYPE_CREATE"},  # longer than any guest path
+                {"name": "b", "type": "EVENT_TYPE_BOGUS"},
+                {"name": "c", "type": "EVENT_TYPE_WRITE", "entry": {**entry, "mode": "rw"}},
+                {"name": "c", "type": "EVENT_TYPE_WRITE", "entry": entry},
+            ]})
+            events = (await e2b_files.get_watcher_events({"watcherId": watcher_id}, ctx))["events"]
+            assert events == [{"name": "a", "type": "EVENT_TYPE_CREATE"},
+                              {"name": "c", "type": "EVENT_TYPE_WRITE",
+                               "entry": {k: v for k, v in entry.items() if k != "extra"}}]
+            # The helper still answers.
+            assert await e2b_files.list_dir({"path": "/"}, ctx) == {"entries": []}
+            # Far fewer than MAX_WATCH_EVENTS events, but long ones: the byte bound ends the watcher.
+            long_event = {"name": "n" * 4000, "type": "EVENT_TYPE_CREATE"}
+            for _ in range(e2b_files.MAX_WATCH_BYTES // (4000 * 256) + 1):
+                await send({"watch": ident, "events": [long_event] * 256})
+            assert sink.error is not None and not sink.events  # an ended sink keeps no events
+            with pytest.raises(ConnectError) as raised:
+                await e2b_files.get_watcher_events({"watcherId": watcher_id}, ctx)
+            assert raised.value.code is Code.DATA_LOSS
+            # Reported: the watcher is gone.
+            assert sandbox.service(e2b_files.Watchers).by_id == {}
+            with pytest.raises(ConnectError) as raised:
+                await e2b_files.get_watcher_events({"watcherId": watcher_id}, ctx)
+            assert raised.value.code is Code.NOT_FOUND
+        nursery.cancel_scope.cancel()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_create_watcher_is_bounded_even_when_the_guest_ends_watches() -> None:
+    agent = HelperAgent()
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(agent, nursery)
+        ctx = context(sandbox, "root")
+        with trio.fail_after(10):
+            for _ in range(e2b_files.MAX_WATCHERS):
+                watcher_id = (await e2b_files.create_watcher({"path": "/tmp"}, ctx))["watcherId"]
+                sink = sandbox.service(e2b_files.Watchers).by_id[watcher_id][1]
+                changed = sink.changed
+                assert agent.helper is not None
+                error = {"code": "not_found", "message": "gone"}
+                await agent.helper._send.send(json.dumps({"watch": agent.requests[-1]["watch"],
+                                                          "error": error}).encode() + b"\n")
+                await changed.wait()
+            with pytest.raises(ConnectError) as raised:
+                await e2b_files.create_watcher({"path": "/tmp"}, ctx)
+            assert raised.value.code is Code.RESOURCE_EXHAUSTED
+        nursery.cancel_scope.cancel()
+
+
+class StuckWriterAgent(FakeFileAgent):
+    """Uploads write to a named pipe nobody reads: the writer never ends by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed: list[str] = []
+
+    @asynccontextmanager
+    async def open_process(self, argv: Sequence[str], **options: Any) -> AsyncIterator[FakeUploadProcess]:
+        process = FakeUploadProcess(self, list(argv))
+        if list(argv) != e2b_files.HELPER_ARGV:
+            process.stderr = _ChannelStream(trio.open_memory_channel[bytes](0)[1])  # never ends
+            process.wait = trio.sleep_forever  # type: ignore[method-assign]
+        try:
+            yield process
+        finally:
+            self.killed.append(process.path)
+
+
+async def test_an_upload_that_stops_moving_is_answered_and_its_writer_killed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    agent = StuckWriterAgent()
+    async with trio.open_nursery() as nursery:
+        sandbox = Sandbox(agent, nursery)
+        request = HttpRequest.make("POST", "/files?username=root&path=/tmp/fifo",
+                                   [("content-type", "application/octet-stream")], b"x")
+        with trio.fail_after(e2b_files.FILES_TIMEOUT * 2):
+            start = trio.current_time()
+            with pytest.raises(HttpError) as raised:
+                await handle_files(request, context(sandbox, "root"))
+        assert trio.current_time() - start == pytest.approx(e2b_files.FILES_TIMEOUT, abs=1)
+        assert raised.value.status == 500 and "context deadline exceeded" in raised.value.message
+        assert agent.killed == ["/tmp/fifo"]
+        nursery.cancel_scope.cancel()

@@ -4,8 +4,11 @@ The filesystem calls go to one long-lived guest helper per sandbox (in_guest/e2b
 started through the agent as root the first time a sandbox needs it, as envd runs as root):
 a JSON line per request and per answer over its stdin/stdout, so a Stat costs one round trip
 through the agent instead of starting a Python each time. Its watch events come on the same
-stdout and are queued per watcher, bounded (:data:`MAX_WATCH_EVENTS`): a watcher nobody
-drains that far is ended with ``data_loss`` (and its guest watch removed).
+stdout and are queued per watcher, bounded in count and bytes (:data:`MAX_WATCH_EVENTS`,
+:data:`MAX_WATCH_BYTES`): a watcher nobody drains that far is ended with ``data_loss`` (and its
+guest watch removed). Everything the helper sends is untrusted (the guest may be hostile): its
+lines are bounded (:data:`MAX_HELPER_LINE`), big ones parsed in a worker thread, and each
+watch event is checked for envd's shape before it is queued.
 
 ``GET /files`` streams the guest file through the agent's ``open_file`` (never whole in
 memory); ``POST /files`` takes ``multipart/form-data`` (the Python SDK's and the JS SDK's
@@ -36,6 +39,7 @@ from vmcache import e2b_message as m
 from vmcache.agent_client import GuestFile, GuestProcess
 from vmcache.e2b_connect import CallContext, Code, ConnectError
 from vmcache.e2b_http import HttpError, HttpRequest, HttpResponse, json_response
+from vmcache.e2b_process import keepalive_interval
 from vmcache.e2b_users import DEFAULT_USER, lookup, resolve_path
 from vmcache.errors import AgentError, GuestRequestError, printable
 
@@ -48,18 +52,38 @@ log = logging.getLogger(__name__)
 HELPER_ARGV = ["/usr/bin/python3", "-I", "-S", "/run/vmcache/agent/e2b_fs.py", "serve"]
 #: How long one helper call may take (a ListDir of a big tree included).
 CALL_TIMEOUT = 60.0
-#: Longest line the helper may send (a ListDir's answer).
-MAX_HELPER_LINE = 64 * 1024 * 1024
-#: Events a watcher keeps until they are fetched (or streamed).
+#: Longest line the helper may send. A ListDir's answer is the largest; the helper answers
+#: ``resource_exhausted`` ("list it with a smaller depth") rather than send a longer one
+#: (in_guest/e2b_fs.py's MAX_ANSWER, the same bound), and splits watch events into lines
+#: far shorter. A longer line ends the helper (it is restarted by the next call).
+MAX_HELPER_LINE = 16 * 1024 * 1024
+#: Lines at least this long are parsed in a worker thread, off the event loop.
+PARSE_IN_THREAD = 256 * 1024
+#: Events a watcher keeps until they are fetched (or streamed), and their bytes (names and
+#: entries) at most: whichever comes first ends the watcher with ``data_loss``.
 MAX_WATCH_EVENTS = 10_000
+MAX_WATCH_BYTES = 4 * 1024 * 1024
+#: Longest name or path in an event or entry from the guest (Linux's PATH_MAX).
+MAX_GUEST_PATH = 4096
+#: envd's EventType and FileType names, the only ones taken from the guest.
+EVENT_TYPES = frozenset({"EVENT_TYPE_CREATE", "EVENT_TYPE_WRITE", "EVENT_TYPE_REMOVE",
+                         "EVENT_TYPE_RENAME", "EVENT_TYPE_CHMOD"})
+FILE_TYPES = frozenset({"FILE_TYPE_UNSPECIFIED", "FILE_TYPE_FILE", "FILE_TYPE_DIRECTORY",
+                        "FILE_TYPE_SYMLINK"})
 #: Most watchers of a sandbox at once (the helper's own bound).
 MAX_WATCHERS = 64
-#: envd's keepalive interval for WatchDir without ``Keepalive-Ping-Interval``.
-DEFAULT_KEEPALIVE = 90.0
 #: Deepest ListDir walked (a deeper one lists this far: no tree of a sandbox is deeper in practice).
 MAX_DEPTH = 256
 #: Bytes read from the guest per piece of a download.
 DOWNLOAD_CHUNK = 256 * 1024
+#: Longest a ``/files`` transfer may go without progress (a piece written to or read from the
+#: guest, or the writer's end after the body): envd has no such bound, but a write to a named
+#: pipe nobody reads, or a guest that stops answering, must not hold the handler, the guest
+#: process and an HTTP slot until the sandbox ends. It is idle time, not a cap on the whole
+#: transfer: the SDKs' own request timeout (60 s) is httpx's/fetch's per read and write, so a
+#: big file that keeps moving is never cut. ``Connect-Timeout-Ms``'s deadline, when sent, is
+#: a cap as well.
+FILES_TIMEOUT = 60.0
 
 
 def _code(value: object) -> Code:
@@ -71,7 +95,63 @@ def _code(value: object) -> Code:
 
 def _guest_error(error: object) -> ConnectError:
     fields = error if isinstance(error, dict) else {}
-    return ConnectError(_code(fields.get("code")), printable(str(fields.get("message", "failed")))[:2000])
+    return ConnectError(_code(fields.get("code")), printable(str(fields.get("message", "failed"))[:2000]))
+
+
+def parse_helper_line(line: bytes) -> dict[str, Any] | None:
+    """One helper line as an object; None (logged by the caller) if it is not JSON, is nested
+    too deep for the parser (RecursionError) or is not an object."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+#: EntryInfo's string fields and their longest accepted value (``size`` is an int64 as a string).
+_ENTRY_STRINGS = {"name": MAX_GUEST_PATH, "path": MAX_GUEST_PATH, "symlinkTarget": MAX_GUEST_PATH,
+                  "permissions": 64, "owner": 256, "group": 256, "modifiedTime": 64, "size": 24}
+
+
+def checked_entry(value: object) -> dict[str, Any] | None:
+    """A guest EntryInfo with only envd's fields, each of its type and bounded; None if any
+    is wrong (a guest that sends it is broken or hostile)."""
+    if not isinstance(value, dict):
+        return None
+    entry: dict[str, Any] = {}
+    for name, limit in _ENTRY_STRINGS.items():
+        field = value.get(name)
+        if field is None and name == "symlinkTarget":
+            continue
+        if not isinstance(field, str) or len(field) > limit:
+            return None
+        entry[name] = field
+    kind, mode = value.get("type"), value.get("mode")
+    if kind not in FILE_TYPES or type(mode) is not int or not 0 <= mode <= 0o7777:
+        return None
+    if not entry["size"].isdigit():
+        return None
+    entry["type"], entry["mode"] = kind, mode
+    return entry
+
+
+def checked_event(value: object) -> tuple[dict[str, Any], int] | None:
+    """A guest watch event (``name``, ``type``, optional ``entry``) in envd's shape and its
+    size in bytes for the sink's bound; None if it is not one."""
+    if not isinstance(value, dict):
+        return None
+    name, kind = value.get("name"), value.get("type")
+    if not isinstance(name, str) or len(name) > MAX_GUEST_PATH or kind not in EVENT_TYPES:
+        return None
+    event: dict[str, Any] = {"name": name, "type": kind}
+    size = 64 + len(name)
+    if value.get("entry") is not None:
+        entry = checked_entry(value["entry"])
+        if entry is None:
+            return None
+        event["entry"] = entry
+        size += 64 + sum(len(field) for field in entry.values() if isinstance(field, str))
+    return event, size
 
 
 @attrs.define(eq=False)
@@ -81,21 +161,29 @@ class WatchSink:
     events: deque[dict[str, Any]] = attrs.Factory(deque)
     error: ConnectError | None = None
     changed: trio.Event = attrs.Factory(trio.Event)
+    size: int = 0
 
-    def add(self, events: list[dict[str, Any]]) -> bool:
-        """Queue events; False (and the sink ended) if that overflows it."""
+    def add(self, events: list[tuple[dict[str, Any], int]]) -> bool:
+        """Queue events (each with its size in bytes); False (and the sink ended, its events
+        dropped) if that overflows it in count or in bytes."""
         if self.error is not None:
             return True
-        if len(self.events) + len(events) > MAX_WATCH_EVENTS:
+        size = self.size + sum(event_size for _, event_size in events)
+        if len(self.events) + len(events) > MAX_WATCH_EVENTS or size > MAX_WATCH_BYTES:
             self.fail(ConnectError(Code.DATA_LOSS,
-                                   f"watcher error: more than {MAX_WATCH_EVENTS} events were not fetched; "
+                                   f"watcher error: more than {MAX_WATCH_EVENTS} events or "
+                                   f"{MAX_WATCH_BYTES // (1024 * 1024)} MiB of them were not fetched; "
                                    "the watch was stopped: watch the directory again"))
             return False
-        self.events.extend(events)
+        self.events.extend(event for event, _ in events)
+        self.size = size
         self._wake()
         return True
 
     def fail(self, error: ConnectError) -> None:
+        """End the sink: ``error`` is all it has to say from now on (its events go)."""
+        self.events.clear()
+        self.size = 0
         if self.error is None:
             self.error = error
             self._wake()
@@ -103,6 +191,7 @@ class WatchSink:
     def take(self) -> list[dict[str, Any]]:
         events = list(self.events)
         self.events.clear()
+        self.size = 0
         return events
 
     def _wake(self) -> None:
@@ -145,11 +234,19 @@ class FsHelper:
                 assert process.stdout is not None
                 buffer = bytearray()
                 while chunk := await process.stdout.receive_some(256 * 1024):
+                    searched = len(buffer)
                     buffer += chunk
-                    while (end := buffer.find(b"\n")) >= 0:
+                    while (end := buffer.find(b"\n", searched)) >= 0:
+                        if end > MAX_HELPER_LINE:
+                            break
                         line = bytes(buffer[:end])
                         del buffer[:end + 1]
-                        self._dispatch(line)
+                        searched = 0
+                        if len(line) >= PARSE_IN_THREAD:
+                            message = await trio.to_thread.run_sync(parse_helper_line, line)
+                        else:
+                            message = parse_helper_line(line)
+                        self._dispatch(message)
                     if len(buffer) > MAX_HELPER_LINE:
                         raise ConnectError(Code.INTERNAL, "the filesystem helper sent a line over "
                                                           f"{MAX_HELPER_LINE} bytes")
@@ -174,13 +271,10 @@ class FsHelper:
                 sink.fail(lost)
             self._watches.clear()
 
-    def _dispatch(self, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            log.warning("sandbox %s: the filesystem helper sent a line that is not JSON", self._sandbox.id)
-            return
-        if not isinstance(message, dict):
+    def _dispatch(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            log.warning("sandbox %s: the filesystem helper sent a line that is not a JSON object",
+                        self._sandbox.id)
             return
         ident = message.get("id")
         if isinstance(ident, int) and ident in self._pending:
@@ -197,7 +291,12 @@ class FsHelper:
                 self._watches.pop(watch, None)
             else:
                 events = message.get("events")
-                if isinstance(events, list) and not sink.add([e for e in events if isinstance(e, dict)]):
+                checked = [event for event in map(checked_event, events) if event is not None
+                           ] if isinstance(events, list) else []
+                if isinstance(events, list) and len(checked) < len(events):
+                    log.warning("sandbox %s: the filesystem helper sent %d watch events not in envd's "
+                                "shape (dropped)", self._sandbox.id, len(events) - len(checked))
+                if checked and not sink.add(checked):
                     self._watches.pop(watch, None)
                     self._sandbox.start_soon(self._unwatch_quietly, watch)
 
@@ -261,6 +360,7 @@ class Watchers:
     """CreateWatcher's watchers of one sandbox, by id (``context.sandbox.service(Watchers)``)."""
 
     def __init__(self, sandbox: SandboxRuntime) -> None:
+        #: At most :data:`MAX_WATCHERS`; one whose failure GetWatcherEvents reported is dropped.
         self.by_id: dict[str, tuple[int, WatchSink]] = {}
 
 
@@ -268,8 +368,18 @@ class Watchers:
 
 
 def _entry(result: Mapping[str, Any]) -> dict[str, Any]:
-    entry = result.get("entry")
-    return entry if isinstance(entry, dict) else {}
+    entry = checked_entry(result.get("entry"))
+    if entry is None:
+        raise ConnectError(Code.INTERNAL, "the guest's filesystem helper answered an entry not in "
+                                          "envd's shape")
+    return entry
+
+
+def _entries(values: object) -> list[dict[str, Any]]:
+    """A ListDir answer's entries, each checked (the ones not in envd's shape dropped)."""
+    if not isinstance(values, list):
+        return []
+    return [entry for entry in map(checked_entry, values) if entry is not None]
 
 
 def _path(request: Mapping[str, Any], context: CallContext, name: str = "path") -> str:
@@ -288,7 +398,9 @@ async def list_dir(request: dict[str, Any], context: CallContext) -> dict[str, A
     depth = min(m.get_int(request, "depth") or 1, MAX_DEPTH)
     result = await context.sandbox.service(FsHelper).call("list", path=_path(request, context), depth=depth)
     entries = result.get("entries")
-    return {"entries": entries if isinstance(entries, list) else []}
+    if isinstance(entries, list) and len(entries) > 1000:
+        return {"entries": await trio.to_thread.run_sync(_entries, entries)}
+    return {"entries": _entries(entries)}
 
 
 async def make_dir(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
@@ -320,15 +432,6 @@ def _watch_args(request: Mapping[str, Any], context: CallContext) -> tuple[str, 
     return (_path(request, context), m.get_bool(request, "recursive"), m.get_bool(request, "includeEntry"))
 
 
-def _keepalive(context: CallContext) -> float:
-    value = context.headers.get("Keepalive-Ping-Interval")
-    try:
-        seconds = float(value) if value is not None else DEFAULT_KEEPALIVE
-    except ValueError:
-        seconds = DEFAULT_KEEPALIVE
-    return max(1.0, min(seconds, 3600.0)) if seconds == seconds and seconds > 0 else DEFAULT_KEEPALIVE
-
-
 async def watch_dir(request: dict[str, Any], context: CallContext
                     ) -> AsyncGenerator[dict[str, Any], None]:
     """``filesystem.Filesystem/WatchDir`` (server stream): start, then each event as it comes,
@@ -336,7 +439,7 @@ async def watch_dir(request: dict[str, Any], context: CallContext
     helper = context.sandbox.service(FsHelper)
     path, recursive, include_entry = _watch_args(request, context)
     ident, sink = await helper.watch(path, recursive, include_entry)
-    interval = _keepalive(context)
+    interval = keepalive_interval(context)
     try:
         yield {"start": {}}
         while True:
@@ -363,9 +466,13 @@ async def watch_dir(request: dict[str, Any], context: CallContext
 async def create_watcher(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
     """``filesystem.Filesystem/CreateWatcher``: a watch whose events GetWatcherEvents takes."""
     path, recursive, include_entry = _watch_args(request, context)
+    watchers = context.sandbox.service(Watchers)
+    if len(watchers.by_id) >= MAX_WATCHERS:
+        raise ConnectError(Code.RESOURCE_EXHAUSTED, f"more than {MAX_WATCHERS} watchers in this sandbox: "
+                                                    "remove some with RemoveWatcher")
     ident, sink = await context.sandbox.service(FsHelper).watch(path, recursive, include_entry)
     watcher_id = "w" + secrets.token_hex(8)
-    context.sandbox.service(Watchers).by_id[watcher_id] = (ident, sink)
+    watchers.by_id[watcher_id] = (ident, sink)
     return {"watcherId": watcher_id}
 
 
@@ -379,8 +486,9 @@ def _watcher(request: Mapping[str, Any], context: CallContext) -> tuple[str, int
 
 async def get_watcher_events(request: dict[str, Any], context: CallContext) -> dict[str, Any]:
     """``filesystem.Filesystem/GetWatcherEvents``: the events since the last call."""
-    _, _, sink = _watcher(request, context)
+    watcher_id, _, sink = _watcher(request, context)
     if sink.error is not None:
+        del context.sandbox.service(Watchers).by_id[watcher_id]  # reported: nothing more to say
         raise sink.error
     return {"events": sink.take()}
 
@@ -410,6 +518,25 @@ def _files_user(request: HttpRequest) -> str:
     return name
 
 
+def _idle_deadline(context: CallContext) -> float:
+    """When a /files transfer that makes no more progress from now gives up."""
+    deadline = trio.current_time() + FILES_TIMEOUT
+    return deadline if context.deadline is None else min(deadline, context.deadline)
+
+
+def content_disposition(name: str) -> str:
+    """``inline`` with the file's name as RFC 6266 says (HTTP header values are ASCII): a
+    plain ``filename`` (non-ASCII characters as ``_``) and, for a name that is not plain
+    ASCII, ``filename*=UTF-8''...`` percent-encoded, which clients prefer."""
+    from urllib.parse import quote
+
+    shown = printable(name)
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "_" for c in shown)
+    if fallback == shown:
+        return f'inline; filename="{fallback}"'
+    return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(shown, safe='')}"
+
+
 def _files_path(user: str, path: str | None) -> str:
     try:
         return resolve_path(user, path)
@@ -432,7 +559,11 @@ async def _download(request: HttpRequest, context: CallContext) -> HttpResponse:
     agent = await context.sandbox.agent()
     opened = agent.open_file(path)
     try:
-        file = await opened.__aenter__()
+        with trio.fail_at(_idle_deadline(context)):
+            file = await opened.__aenter__()
+    except trio.TooSlowError:
+        raise HttpError(500, f"error opening file '{path}': the guest did not open it within "
+                             f"{FILES_TIMEOUT:g} s (context deadline exceeded)") from None
     except GuestRequestError as error:
         if error.errno in (errno.ENOENT, errno.ENOTDIR):
             raise HttpError(404, f"path '{path}' does not exist") from None
@@ -440,25 +571,33 @@ async def _download(request: HttpRequest, context: CallContext) -> HttpResponse:
             raise HttpError(400, f"path '{path}' is a directory") from None
         raise HttpError(500, f"error opening file '{path}': {error.message}") from None
 
-    name = posixpath.basename(path).replace('"', "").replace("\\", "")
     headers = [("content-type", "application/octet-stream"),
-               ("content-disposition", f'inline; filename="{printable(name)}"')]
-    return HttpResponse(200, headers, _FileBody(file, opened))
+               ("content-disposition", content_disposition(posixpath.basename(path)))]
+    return HttpResponse(200, headers, _FileBody(file, opened, context))
 
 
 class _FileBody:
     """A download's body: the guest file's pieces; closing it (at the end, or when the client
     went away, even before the first piece) lets the guest file go."""
 
-    def __init__(self, file: GuestFile, opened: AbstractAsyncContextManager[GuestFile]) -> None:
+    def __init__(self, file: GuestFile, opened: AbstractAsyncContextManager[GuestFile],
+                 context: CallContext) -> None:
         self._file = file
         self._opened: AbstractAsyncContextManager[GuestFile] | None = opened
+        self._context = context
 
     def __aiter__(self) -> _FileBody:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._file.receive_some(DOWNLOAD_CHUNK) if self._opened is not None else b""
+        chunk = b""
+        if self._opened is not None:
+            try:
+                with trio.fail_at(_idle_deadline(self._context)):
+                    chunk = await self._file.receive_some(DOWNLOAD_CHUNK)
+            except trio.TooSlowError:
+                await self.aclose()
+                raise  # too late for a status: the stream is cut, which the client sees
         if not chunk:
             await self.aclose()
             raise StopAsyncIteration
@@ -518,16 +657,23 @@ class _Uploader:
             await helper.call("prepare_upload", path=path, uid=self.user.uid, gid=self.user.gid)
             agent = await self.context.sandbox.agent()
             argv = [*WRITE_ARGV, path, f"{self.user.uid}:{self.user.gid}"]
-            async with agent.open_process(argv, capture_stdout=False) as process:
-                assert process.stdin is not None
-                try:
-                    async for chunk in data:
-                        await process.stdin.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the writer is gone: its status and stderr say why
-                await process.stdin.aclose()
-                problem = await _read_some(process.stderr, 4096)
-                status = await process.wait()
+            # Each piece moved pushes the deadline on; leaving the block kills the writer.
+            with trio.CancelScope(deadline=_idle_deadline(self.context)) as idle:
+                async with agent.open_process(argv, capture_stdout=False) as process:
+                    assert process.stdin is not None
+                    try:
+                        async for chunk in data:
+                            await process.stdin.send_all(chunk)
+                            idle.deadline = _idle_deadline(self.context)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the writer is gone: its status and stderr say why
+                    idle.deadline = _idle_deadline(self.context)
+                    await process.stdin.aclose()
+                    problem = await _read_some(process.stderr, 4096)
+                    status = await process.wait()
+            if idle.cancelled_caught:
+                raise HttpError(500, f"error writing file '{path}': no progress for {FILES_TIMEOUT:g} s "
+                                     "(is it a named pipe nobody reads?): context deadline exceeded")
         except ConnectError as error:
             status_code = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.PERMISSION_DENIED: 403,
                            Code.RESOURCE_EXHAUSTED: 507}.get(error.code, 500)

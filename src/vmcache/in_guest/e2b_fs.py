@@ -31,6 +31,11 @@ from typing import Any
 MAX_LINE = 1024 * 1024
 #: Most entries one ListDir answers (a larger tree: list it with a smaller depth).
 MAX_ENTRIES = 100_000
+#: Longest answer line (the host's MAX_HELPER_LINE, the same bound): a ListDir answer longer
+#: than this is ``resource_exhausted`` instead (about 50,000 entries of ordinary names).
+MAX_ANSWER = 16 * 1024 * 1024
+#: Most watch events in one line (a burst of them goes out in several).
+EVENTS_PER_LINE = 256
 #: Most watches at once, and directories one recursive watch may cover.
 MAX_WATCHES = 64
 MAX_WATCHED_DIRS = 8192
@@ -515,7 +520,19 @@ def answer(request: object, watches: Watches) -> dict[str, Any]:
 
 
 def write(message: dict[str, Any]) -> None:
-    sys.stdout.buffer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    """One message as a line, never longer than MAX_ANSWER: watch events go in lines of
+    EVENTS_PER_LINE, an answer too long becomes its ``resource_exhausted`` error."""
+    events = message.get("events")
+    if isinstance(events, list) and len(events) > EVENTS_PER_LINE:
+        for start in range(0, len(events), EVENTS_PER_LINE):
+            write({**message, "events": events[start:start + EVENTS_PER_LINE]})
+        return
+    line = json.dumps(message, separators=(",", ":")).encode()
+    if len(line) > MAX_ANSWER:
+        why = f"the answer is over {MAX_ANSWER // (1024 * 1024)} MiB: list it with a smaller depth"
+        line = json.dumps({"id": message.get("id"), "error": {"code": "resource_exhausted", "message": why}},
+                          separators=(",", ":")).encode()
+    sys.stdout.buffer.write(line + b"\n")
 
 
 def serve() -> int:
