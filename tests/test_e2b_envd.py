@@ -590,6 +590,8 @@ def test_the_guest_helper_answers_envds_shapes(tmp_path: Path) -> None:
         (tmp_path / "d" / "e" / os.fsdecode(b"bad\xff")).write_bytes(b"")  # a name that is not UTF-8
         deep = call(id=7, op="list", path=str(tmp_path / "d"), depth=2)["ok"]["entries"]
         assert [e["name"] for e in deep] == ["e", "bad\ufffd", "f"]
+        for entry in [link, *listed, *deep]:  # the host's shape check takes the helper's entries whole
+            assert e2b_files.checked_entry(entry) == entry
     finally:
         helper.stdin.close()
         assert helper.wait(10) == 0
@@ -1261,3 +1263,21 @@ async def test_an_upload_that_stops_moving_is_answered_and_its_writer_killed(
         assert raised.value.status == 500 and "context deadline exceeded" in raised.value.message
         assert agent.killed == ["/tmp/fifo"]
         nursery.cancel_scope.cancel()
+
+
+def test_the_guest_helper_never_sends_a_line_the_host_refuses(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2b_fs_under_test", HELPER)
+    assert spec is not None and spec.loader is not None
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    assert helper.MAX_ANSWER <= e2b_files.MAX_HELPER_LINE
+    helper.write({"watch": 3, "events": [{"name": "a", "type": "EVENT_TYPE_CREATE"}] * 600})
+    lines = capsysbinary.readouterr().out.splitlines()
+    assert [len(json.loads(line)["events"]) for line in lines] == [256, 256, 88]
+    helper.write({"id": 9, "ok": {"entries": [{"name": "x" * 4000}] * (helper.MAX_ANSWER // 4000 + 1)}})
+    (line,) = capsysbinary.readouterr().out.splitlines()
+    assert json.loads(line)["error"]["code"] == "resource_exhausted"
