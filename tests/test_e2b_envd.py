@@ -971,7 +971,9 @@ async def test_files_stat_list_mkdir_move_remove_and_watch(guest: Path) -> None:
 
 
 @pytest.mark.qemu
-async def test_a_20_mb_multipart_upload_reads_back_byte_exact(guest: Path) -> None:
+async def test_a_20_mb_multipart_upload_reads_back_byte_exact(
+    guest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = random.Random(20).randbytes(BIG)
     boundary = "----vmcache-upload-boundary"
     head = (
@@ -1022,6 +1024,17 @@ async def test_a_20_mb_multipart_upload_reads_back_byte_exact(guest: Path) -> No
                     await handle_files(HttpRequest.make("GET", target), context(client.sandbox))
                 assert raised.value.status == status
             await client.unary("/filesystem.Filesystem/Remove", {"path": "up"})
+            # A write to a named pipe nobody reads gives up once it stops moving; its writer goes.
+            monkeypatch.setattr(e2b_files, "FILES_TIMEOUT", 2.0)
+            await client.run("mkfifo ~/fifo")
+            octet = [("content-type", "application/octet-stream")]
+            stuck = HttpRequest.make("POST", "/files?path=fifo", octet, b"x")
+            with pytest.raises(HttpError) as raised:
+                await handle_files(stuck, context(client.sandbox))
+            assert raised.value.status == 500 and "context deadline exceeded" in raised.value.message
+            out, _, _ = await client.run("sleep 0.5; pgrep -f 'e2b-uploa[d]'; pgrep -x cat; rm /home/user/fifo",
+                                         user="root")
+            assert out == b""
 
 
 async def test_a_pty_keeps_its_input_whatever_stdin_says() -> None:
