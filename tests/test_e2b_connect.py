@@ -139,7 +139,8 @@ async def test_an_unexpected_exception_is_internal_without_its_details() -> None
     assert "secret" not in error["message"]
 
 
-@pytest.mark.parametrize(("raw", "why"), [(b"{nope", "not JSON"), (b"[1]", "JSON object")])
+@pytest.mark.parametrize(("raw", "why"), [(b"{nope", "not JSON"), (b"[1]", "JSON object"),
+                                        (b"[" * 1020, "nested too deeply")])
 async def test_bad_json_is_invalid_argument(raw: bytes, why: str) -> None:
     status, error = await unary(raw)
     assert status == 400 and error["code"] == "invalid_argument" and why in error["message"]

@@ -86,7 +86,9 @@ _HTTP_STATUS = {
 
 
 class ConnectError(Exception):
-    """An error a Connect handler answers with: ``code`` and a message the user reads."""
+    """An error a Connect handler answers with: ``code`` and a message the user reads. It
+    derives from plain :class:`Exception`, not :class:`~vmcache.errors.VmcacheError`: it is an
+    answer on the wire, not a daemon error."""
 
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -181,13 +183,14 @@ def decode_envelopes(data: bytes, max_size: int = MAX_REQUEST_BYTES) -> list[tup
 
 def parse_message(payload: bytes) -> dict[str, Any]:
     """A request message: a JSON object, or :class:`ConnectError` ``invalid_argument``."""
+    from .e2b_message import NotJsonObject, parse_json_object  # it imports this module
+
+    if not payload.strip():
+        return {}
     try:
-        value = json.loads(payload) if payload.strip() else {}
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ConnectError(Code.INVALID_ARGUMENT, f"the request is not JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise ConnectError(Code.INVALID_ARGUMENT, "the request must be a JSON object")
-    return value
+        return parse_json_object(payload, "the request")
+    except NotJsonObject as error:
+        raise ConnectError(Code.INVALID_ARGUMENT, str(error)) from None
 
 
 def parse_timeout(headers: Headers) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,27 @@ from vmcache.e2b_connect import Code, ConnectError
 #: Longest string field accepted (paths, commands, tags, env values).
 MAX_STRING = 64 * 1024
 UINT32_MAX = 2**32 - 1
+
+
+class NotJsonObject(ValueError):
+    """Bytes a client sent that are not one JSON object; the message says what they were meant
+    to be and why not, for the caller to answer in its own protocol (Connect's
+    ``invalid_argument``, HTTP 400)."""
+
+
+def parse_json_object(data: bytes | str, what: str) -> dict[str, Any]:
+    """``data`` as a JSON object, or :class:`NotJsonObject` saying why ``what`` ("the request
+    body") is not one. Nesting too deep for the parser (``[[[[...``: a RecursionError) is bad
+    input like any other, not a daemon error."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise NotJsonObject(f"{what} is not JSON: {error}") from None
+    except RecursionError:
+        raise NotJsonObject(f"{what} is not JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise NotJsonObject(f"{what} must be a JSON object")
+    return value
 
 
 def invalid(field: str, why: str) -> ConnectError:
