@@ -30,12 +30,12 @@ import trio.testing
 from fakes import FakeProcess
 
 from vmcache.e2b_http import HttpLimits, HttpRequest, serve_connection
-from vmcache.e2b_sandbox import SandboxManager
+from vmcache.e2b_sandbox import CREATE_WAIT, SandboxManager
 from vmcache.e2b_server import E2BServer, load_api_keys, user_of
-from vmcache.errors import AgentError, ConfigError, QuotaReachedError, VMGoneError
+from vmcache.errors import AgentError, ConfigError, QuotaReachedError, VMGoneError, WaitExpiredError
 from vmcache.handle import VMHandle
 from vmcache.ledger import HandedOut
-from vmcache.lifecycle import Phase, VMLife
+from vmcache.lifecycle import Phase, StopReason, VMLife
 
 if TYPE_CHECKING:
     from daemon import Daemon
@@ -292,8 +292,35 @@ async def test_an_unknown_template_is_404(server: E2BServer, provider: FakeProvi
 
 async def test_the_daemons_refusals_keep_their_meaning(server: E2BServer, provider: FakeProvider) -> None:
     provider.refuse = QuotaReachedError("uid 0 already holds 2 VMs")
-    status, error, _ = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"})
+    status, error, headers = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"})
     assert (status, error["message"]) == (429, "uid 0 already holds 2 VMs")
+    assert headers.get("should-retry") == "false"  # the SDK would retry a bare 429
+    provider.refuse = WaitExpiredError("no VM of pool 'default' became ready within 40 s")
+    status, _, headers = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"})
+    assert status == 503 and "should-retry" not in headers  # a VM may come: the SDK retries
+    provider.refuse = VMGoneError("the E2B sandboxes are not being served (the daemon is stopping)")
+    status, _, headers = await call(server, "POST", "/v2/sandboxes", {"templateID": "base"})
+    assert (status, headers.get("should-retry")) == (503, "false")
+
+
+async def test_deeply_nested_json_is_400_not_500(server: E2BServer) -> None:
+    status, error, _ = await call(server, "POST", "/v2/sandboxes", b"[" * 100_000)
+    assert status == 400 and "nested too deeply" in error["message"]
+    token = base64.urlsafe_b64encode(b"[" * 100_000).decode()
+    assert (await call(server, "GET", f"/v2/sandboxes?nextToken={token}"))[0] == 400
+
+
+async def test_a_sandbox_that_ends_under_a_request_is_404(server: E2BServer,
+                                                         provider: FakeProvider) -> None:
+    created = await create(server)
+
+    async def ended(sandbox: FakeSandbox, timeout: float) -> None:
+        raise VMGoneError("the VM is being stopped")  # what the ledger says of a dying VM
+
+    provider.set_timeout = ended  # type: ignore[method-assign]
+    status, error, _ = await call(server, "POST", f"/sandboxes/{created['sandboxID']}/timeout",
+                                  {"timeout": 30})
+    assert status == 404 and "doesn't exist" in error["message"]
 
 
 async def test_what_vmcache_does_not_do_is_501_naming_it(server: E2BServer) -> None:
@@ -353,15 +380,20 @@ async def test_an_idempotency_key_gets_the_same_sandbox(server: E2BServer, provi
     assert provider.counter == 1
 
 
-async def test_a_create_whose_client_goes_away_keeps_its_sandbox(server: E2BServer,
-                                                                 provider: FakeProvider) -> None:
-    """The VM is claimed before the 201 is written: the sandbox lives its timeout (listed,
-    killable), rather than being lost or half-made."""
+async def test_a_create_whose_client_goes_away_while_it_waits_claims_nothing(
+        server: E2BServer, provider: FakeProvider) -> None:
+    """A client that gave up waiting for a VM (closed its connection) gets none claimed for
+    it: the wait is cancelled, no sandbox is made for nobody."""
     release = trio.Event()
+    cancelled = trio.Event()
     real_create = provider.create
 
     async def slow_create(*args: Any, **kwargs: Any) -> FakeSandbox:
-        await release.wait()
+        try:
+            await release.wait()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
         return await real_create(*args, **kwargs)
 
     provider.create = slow_create  # type: ignore[method-assign]
@@ -377,11 +409,10 @@ async def test_a_create_whose_client_goes_away_keeps_its_sandbox(server: E2BServ
             await client.send_all(conn.send(h11.EndOfMessage()) or b"")
             await trio.testing.wait_all_tasks_blocked()
             await client.aclose()
+            await cancelled.wait()
             release.set()
-            while not provider.sandboxes_by_id:
-                await trio.sleep(0.01)
     status, listed, _ = await call(server, "GET", "/v2/sandboxes")
-    assert status == 200 and len(listed) == 1
+    assert status == 200 and listed == []
 
 
 # ---------------------------------------------------------------- the sandbox headers
@@ -515,13 +546,19 @@ class FakeSource:
         self.entries: dict[str, HandedOut] = {}
         self.ttls: dict[str, float] = {}
         self.stopped: list[str] = []
+        self.waits: list[float] = []
+        #: Set: a hand-out waits for it (a VM not ready yet).
+        self.hold: trio.Event | None = None
 
     @property
     def pool_names(self) -> list[str]:
         return ["default", "big"]
 
-    async def hand_out_claimed(self, pool: str, *, ttl: float) -> HandedOut:
+    async def hand_out_claimed(self, pool: str, *, ttl: float, wait: float) -> HandedOut:
+        self.waits.append(wait)
         await trio.lowlevel.checkpoint()
+        if self.hold is not None:
+            await self.hold.wait()
         vm_id = f"{len(self.entries) + 1:012x}"
         handle = VMHandle(id=vm_id, pid=1, start_time=1, qmp_socket="q", agent_socket="a",
                           console_log="c", run_dir=str(self.run_dir), cpu=2, memory=512)
@@ -566,6 +603,7 @@ async def test_a_sandbox_is_a_claimed_vm_with_its_tasks_until_a_kill(
     sandbox = await manager.create("base", timeout=30, envs={"A": "1"}, metadata={"m": "x"})
     assert source.ttls[sandbox.id] == 30 and sandbox.envs == {"A": "1"}
     assert sandbox.check_access_token(sandbox.access_token) and not sandbox.check_access_token("x")
+    assert source.waits == [CREATE_WAIT] and CREATE_WAIT < 60  # the SDK's request timeout
     record = records / f"{sandbox.id}.json"
     assert record.stat().st_mode & 0o777 == 0o600
     assert json.loads(record.read_text())["envdAccessToken"] == sandbox.access_token
@@ -632,6 +670,46 @@ async def test_a_daemon_stop_keeps_sandboxes_and_the_next_one_serves_them(tmp_pa
         assert second.get(dropped.id) is None
         nursery.cancel_scope.cancel()
     assert sorted(path.name for path in records.iterdir()) == [f"{kept.id}.json"]
+
+
+async def test_a_sandbox_being_stopped_is_gone_for_the_api(
+        managed: tuple[SandboxManager, FakeSource, Path]) -> None:
+    manager, source, _ = managed
+    sandbox = await manager.create("base", timeout=30, envs={}, metadata={})
+    source.entries[sandbox.id].life.ask_stop(StopReason.TTL)  # the ledger stops it
+    assert not sandbox.alive and manager.get(sandbox.id) is None and manager.sandboxes() == []
+    with pytest.raises(VMGoneError):
+        sandbox.start_soon(trio.sleep_forever)
+
+
+async def test_a_vm_that_arrives_after_the_daemon_began_to_stop_is_stopped(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path)
+    source.hold = trio.Event()
+    manager = SandboxManager(source, tmp_path / "e2b")
+    failure: list[BaseException] = []
+
+    async def create() -> None:
+        try:
+            await manager.create("base", timeout=30, envs={}, metadata={})
+        except VMGoneError as error:
+            failure.append(error)
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            outer.start_soon(create)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # the daemon stops while the create waits
+        source.hold.set()
+    assert len(failure) == 1 and source.stopped == list(source.entries)
+
+
+def test_an_unreadable_records_directory_is_one_config_error(tmp_path: Path) -> None:
+    from vmcache.e2b_sandbox import _read_record_files
+
+    (tmp_path / "e2b").write_text("not a directory")
+    with pytest.raises(ConfigError, match="E2B sandbox records"):
+        _read_record_files(tmp_path / "e2b")
 
 
 # ---------------------------------------------------------------- [e2b] and the h2 trap

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from .e2b_http import HttpError, HttpRequest, HttpResponse, json_response
+from .e2b_message import NotJsonObject, parse_json_object
 from .e2b_sandbox import (
     CLIENT_ID,
     ENVD_VERSION,
@@ -55,6 +56,7 @@ from .errors import (
     NoVMAvailableError,
     QuotaReachedError,
     VmcacheError,
+    VMGoneError,
     WaitExpiredError,
 )
 
@@ -111,9 +113,12 @@ class SandboxProvider(Protocol):
     async def set_timeout(self, sandbox: Any, timeout: float) -> None: ...
 
 
-def error(status: int, message: str) -> HttpError:
-    """An E2B-style error."""
-    return HttpError(status, message)
+def error(status: int, message: str, *, retry: bool | None = None) -> HttpError:
+    """An E2B-style error; ``retry`` says ``Should-Retry`` (the SDK retries a 429 or 503 without
+    the header, and never one that says false: a quota or a missing KVM will not pass by
+    retrying)."""
+    headers = [] if retry is None else [("Should-Retry", "true" if retry else "false")]
+    return HttpError(status, message, headers)
 
 
 def _iso(unix: float) -> str:
@@ -150,6 +155,14 @@ class ControlPlane:
         version = 1
         if parts and len(parts[0]) <= 3 and parts[0][:1] == "v" and parts[0][1:].isdigit():
             version, parts = int(parts[0][1:]), parts[1:]
+        try:
+            return await self._route(request, parts, version)
+        except VMGoneError:
+            # The sandbox ended (a kill, its TTL) while the request was served: it is gone.
+            raise error(404, "the sandbox doesn't exist anymore (it was killed or its timeout "
+                             "passed)") from None
+
+    async def _route(self, request: HttpRequest, parts: list[str], version: int) -> HttpResponse:
         method = request.method
         if parts[:1] == ["sandboxes"]:
             rest = parts[1:]
@@ -217,15 +230,20 @@ class ControlPlane:
             sandbox = await self.provider.create(template, timeout=timeout, envs=envs, metadata=metadata,
                                                  alias=template if template != pool else None)
         except QuotaReachedError as failure:
-            raise error(429, failure.message) from None
-        except (WaitExpiredError, NoVMAvailableError, HardwareAccelRequiredError) as failure:
-            raise error(503, failure.message) from None
+            raise error(429, failure.message, retry=False) from None
+        except (WaitExpiredError, NoVMAvailableError) as failure:
+            raise error(503, failure.message) from None  # a VM may be ready soon: the SDK retries
+        except HardwareAccelRequiredError as failure:
+            raise error(503, failure.message, retry=False) from None
+        except VMGoneError as failure:  # the daemon is stopping
+            raise error(503, failure.message, retry=False) from None
         except NotAllowedError as failure:
-            raise error(403, failure.message) from None
+            raise error(403, failure.message, retry=False) from None
         except BadRequestError as failure:
-            raise error(400, failure.message) from None
+            raise error(400, failure.message, retry=False) from None
         except VmcacheError as failure:
-            raise error(500, f"the sandbox could not be created: {failure.message}") from None
+            raise error(500, f"the sandbox could not be created: {failure.message}",
+                        retry=False) from None
         if key is not None:
             if len(self._idempotent) >= MAX_IDEMPOTENCY_KEYS:
                 self._idempotent = {k: v for k, v in self._idempotent.items() if self.provider.get(v)}
@@ -312,12 +330,9 @@ async def _json_body(request: HttpRequest) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as failure:
-        raise error(400, f"the request body is not JSON: {failure}") from None
-    if not isinstance(value, dict):
-        raise error(400, "the request body must be a JSON object")
-    return value
+        return parse_json_object(raw, "the request body")
+    except NotJsonObject as failure:
+        raise error(400, str(failure)) from None
 
 
 def _timeout(value: object, name: str) -> float:
@@ -386,7 +401,7 @@ def _decode_token(token: str) -> tuple[float, str]:
         started, sandbox_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(started, int | float) or not isinstance(sandbox_id, str):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise error(400, "nextToken: not a token this API gave") from None
     return (float(started), sandbox_id)
 

@@ -59,16 +59,19 @@ class HttpError(Exception):
 
     Raised by handlers (and by :meth:`HttpRequest.read_body`) for anything a client got wrong;
     the server turns it into the response, so a handler never builds error bodies itself.
+    ``headers`` go with it (``Should-Retry``, say). It derives from plain :class:`Exception`,
+    not :class:`~vmcache.errors.VmcacheError`: it is an answer on the wire, not a daemon error.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = list(headers)
 
     def response(self) -> HttpResponse:
         """The response that says this error."""
-        return json_response(self.status, {"code": self.status, "message": self.message})
+        return json_response(self.status, {"code": self.status, "message": self.message}, self.headers)
 
 
 class Headers:

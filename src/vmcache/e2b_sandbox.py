@@ -32,7 +32,7 @@ import trio
 from . import safefile
 from .agent_client import AgentConnection
 from .config import DEFAULT_POOL
-from .errors import QuotaReachedError, VMGoneError
+from .errors import ConfigError, QuotaReachedError, VMGoneError
 from .guest_api import Guest
 from .ledger import HandedOut
 from .paths import make_private_dir
@@ -91,6 +91,10 @@ MAX_KEY = 256
 MAX_VALUE = 16 * 1024
 #: The most sandboxes served at once (each holds one VM: the pools bound them long before).
 MAX_SANDBOXES = 4096
+#: How long a create waits for a VM of its pool: well under the SDK's own request timeout
+#: (60 s), so that a VM that becomes ready is claimed for a client still waiting, not for one
+#: that gave up (a client that closes its connection cancels the wait at once, too).
+CREATE_WAIT = 40.0
 #: The subdirectory of the daemon's state directory holding one E2B record per sandbox.
 RECORDS_DIR = "e2b"
 _ID_RE = re.compile(r"^[0-9a-f]{1,64}$")
@@ -145,7 +149,10 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        return self.entry.alive and not self._ended.is_set()
+        """Whether the sandbox serves calls: its VM runs and nobody asked it to stop (a kill
+        under way, its TTL passed: the API already answers 404 for it, as E2B does)."""
+        return (self.entry.alive and self.entry.life.stop is None and not self._stopping
+                and not self._ended.is_set())
 
     @property
     def cpu_count(self) -> int:
@@ -167,7 +174,7 @@ class Sandbox:
         return found  # type: ignore[return-value]
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        if self._ended.is_set() or self._stopping:
+        if not self.alive:  # ended, or its VM's stop was asked: no new task
             raise VMGoneError(f"sandbox {self.id} has ended")
         if self._nursery is None:
             self._early.append((fn, args))
@@ -209,8 +216,9 @@ class VMSource(Protocol):
     @property
     def pool_names(self) -> Sequence[str]: ...
 
-    async def hand_out_claimed(self, pool: str, *, ttl: float) -> HandedOut:
-        """A VM of ``pool`` taken from the cache and claimed in the ledger with ``ttl`` (s)."""
+    async def hand_out_claimed(self, pool: str, *, ttl: float, wait: float) -> HandedOut:
+        """A VM of ``pool`` taken from the cache (waiting at most ``wait`` s for one) and
+        claimed in the ledger with ``ttl`` (s); a cancelled wait claims nothing."""
         ...
 
     def set_ttl(self, entry: HandedOut, ttl: float) -> None:
@@ -233,7 +241,9 @@ class SandboxManager:
     and live on as every claimed VM does. Each sandbox's E2B record (id, template, envVars,
     metadata, tokens) is kept, 0600, in ``records_dir``; the next daemon adopts the claimed
     VMs of the ledger and, with these records, serves their sandboxes again. A record whose
-    VM is not in the ledger is removed.
+    VM is not in the ledger is removed. Records are read (and pruned) only by a daemon that
+    serves E2B: one run with ``[e2b]`` off leaves them as they are (small, 0600, one a
+    sandbox), and the next one with it on serves what is still claimed and forgets the rest.
     """
 
     def __init__(self, source: VMSource, records_dir: Path | None,
@@ -292,11 +302,16 @@ class SandboxManager:
             raise VMGoneError("the E2B sandboxes are not being served (the daemon is stopping)")
         if len(self._sandboxes) >= MAX_SANDBOXES:
             raise QuotaReachedError(f"{MAX_SANDBOXES} sandboxes run already, the most one daemon serves")
-        entry = await self.source.hand_out_claimed(pool, ttl=timeout)
+        entry = await self.source.hand_out_claimed(pool, ttl=timeout, wait=CREATE_WAIT)
         # From here the VM is claimed: it is the sandbox's, whatever happens to the client.
+        if self._nursery is None:  # the daemon began to stop while we waited
+            with trio.CancelScope(shield=True):
+                await self.source.stop(entry)
+            raise VMGoneError("the E2B sandboxes are not being served (the daemon is stopping)")
         sandbox = self._make(entry, template, dict(envs), dict(metadata), time.time(),
                              secrets.token_urlsafe(32), secrets.token_urlsafe(32), alias)
-        await self._write_record(sandbox)
+        with trio.CancelScope(shield=True):
+            await self._write_record(sandbox)
         log.info("E2B sandbox %s (template %s, pool %s) created; it ends in %g s",
                  sandbox.id, template, pool, timeout)
         return sandbox
@@ -412,6 +427,10 @@ def _read_record_files(directory: Path) -> list[dict[str, Any]]:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
+    except OSError as error:
+        raise ConfigError(f"cannot read the E2B sandbox records in {directory}: "
+                          f"{error.strerror or error}; make it a directory the daemon's user "
+                          "owns and can read, or remove it") from None
     records = []
     for name in names[:MAX_SANDBOXES]:
         stem = name.removesuffix(".json")

@@ -267,10 +267,11 @@ class CacheDaemon:
     def pool_names(self) -> list[str]:
         return list(self.pools)
 
-    async def hand_out_claimed(self, pool: str, *, ttl: float) -> HandedOut:
+    async def hand_out_claimed(self, pool: str, *, ttl: float, wait: float = DEFAULT_WAIT) -> HandedOut:
         """A VM of ``pool`` claimed at once by the daemon's own uid with ``ttl``: TakeVM's
         hand-out (lease, network policy default, quota) with the offer and claim in one step,
-        for E2B's create. A VM is in the ledger before this returns, or back in the cache."""
+        for E2B's create, waiting at most ``wait`` s for one. A VM is in the ledger before this
+        returns, or back in the cache (a cancelled wait claims nothing)."""
         uid = self.peer_policy.own_uid
         placement = place(self.shapes, pool=pool, max_vcpus=self.spec.max_vcpus,
                           max_memory_mib=self.spec.max_memory_mib)
@@ -279,11 +280,11 @@ class CacheDaemon:
         started = trio.current_time()
         try:
             with self._hand_out_to(uid):
-                with trio.move_on_after(DEFAULT_WAIT) as waited:
+                with trio.move_on_after(wait) as waited:
                     handle, process = await self._take_from_pool(self.pools[pool], placement,
                                                                  handed_out, policy)
                 if waited.cancelled_caught:
-                    raise WaitExpiredError(f"no VM of pool {pool!r} became ready within {DEFAULT_WAIT:g} s")
+                    raise WaitExpiredError(f"no VM of pool {pool!r} became ready within {wait:g} s")
                 handle.network = policy
                 entry = self.ledger.adopt(handle, process, uid, Phase.OFFERED)
             try:
