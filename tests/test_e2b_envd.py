@@ -1032,8 +1032,8 @@ async def test_a_20_mb_multipart_upload_reads_back_byte_exact(
             with pytest.raises(HttpError) as raised:
                 await handle_files(stuck, context(client.sandbox))
             assert raised.value.status == 500 and "context deadline exceeded" in raised.value.message
-            out, _, _ = await client.run("sleep 0.5; pgrep -f 'e2b-uploa[d]'; pgrep -x cat; rm /home/user/fifo",
-                                         user="root")
+            left = "sleep 0.5; pgrep -f 'e2b-uploa[d]'; pgrep -x cat; rm /home/user/fifo"
+            out, _, _ = await client.run(left, user="root")
             assert out == b""
 
 
@@ -1294,3 +1294,46 @@ def test_the_guest_helper_never_sends_a_line_the_host_refuses(
     helper.write({"id": 9, "ok": {"entries": [{"name": "x" * 4000}] * (helper.MAX_ANSWER // 4000 + 1)}})
     (line,) = capsysbinary.readouterr().out.splitlines()
     assert json.loads(line)["error"]["code"] == "resource_exhausted"
+
+
+class SlowHelperAgent(FakeFileAgent):
+    """An agent whose helper takes longer than CALL_TIMEOUT to start, or fails to."""
+
+    def __init__(self, delay: float, fail: bool = False) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail = fail
+        self.opened = 0
+
+    @asynccontextmanager
+    async def open_process(self, argv: Sequence[str], **options: Any) -> AsyncIterator[FakeUploadProcess]:
+        from vmcache.errors import AgentError
+
+        self.opened += 1
+        await trio.sleep(self.delay)
+        if self.fail:
+            raise AgentError("the guest agent refused to start it")
+        yield FakeUploadProcess(self, list(argv))
+
+
+async def test_the_helper_starts_once_however_slowly_and_again_after_it_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slow = SlowHelperAgent(e2b_files.CALL_TIMEOUT + 10)
+    async with trio.open_nursery() as nursery:
+        ctx = context(Sandbox(slow, nursery), "root")
+        with pytest.raises(ConnectError) as raised:
+            await e2b_files.list_dir({"path": "/"}, ctx)
+        assert raised.value.code is Code.UNAVAILABLE
+        assert await e2b_files.list_dir({"path": "/"}, ctx) == {"entries": []}  # the same start, done
+        assert slow.opened == 1
+        nursery.cancel_scope.cancel()
+    failing = SlowHelperAgent(1, fail=True)
+    async with trio.open_nursery() as nursery:
+        ctx = context(Sandbox(failing, nursery), "root")
+        for _ in range(2):
+            with pytest.raises(ConnectError) as raised:
+                await e2b_files.list_dir({"path": "/"}, ctx)
+            assert raised.value.code is Code.UNAVAILABLE and "refused to start it" in raised.value.message
+        assert failing.opened == 2  # each call tried again
+        nursery.cancel_scope.cancel()

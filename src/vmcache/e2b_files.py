@@ -20,6 +20,7 @@ it, the directories made for it too, as envd does.
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import json
@@ -199,6 +200,22 @@ class WatchSink:
         self.changed = trio.Event()
 
 
+class HelperState(enum.Enum):
+    """Where a sandbox's filesystem helper is."""
+
+    STOPPED = "stopped"    # none yet, or the last one ended (``_failure`` says why): a call starts one
+    STARTING = "starting"  # its task is opening the guest process
+    RUNNING = "running"    # it answers calls
+
+
+#: The helper's moves, all of them.
+HELPER_TRANSITIONS: dict[HelperState, frozenset[HelperState]] = {
+    HelperState.STOPPED: frozenset({HelperState.STARTING}),
+    HelperState.STARTING: frozenset({HelperState.RUNNING, HelperState.STOPPED}),
+    HelperState.RUNNING: frozenset({HelperState.STOPPED}),
+}
+
+
 class FsHelper:
     """The sandbox's guest filesystem helper (``context.sandbox.service(FsHelper)``)."""
 
@@ -207,21 +224,29 @@ class FsHelper:
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._watches: dict[int, WatchSink] = {}
-        self._process: GuestProcess | None = None
+        self.state = HelperState.STOPPED
+        self._process: GuestProcess | None = None  # while RUNNING
+        self._ready = trio.Event()  # set when a start ends (RUNNING or STOPPED again)
         self._starting = trio.Lock()
         self._writing = trio.Lock()
         self._failure = ""
 
+    def _move(self, state: HelperState) -> None:
+        if state not in HELPER_TRANSITIONS[self.state]:
+            raise AssertionError(f"filesystem helper: {self.state.value} -> {state.value}")
+        self.state = state
+
     async def _ensure(self) -> GuestProcess:
         async with self._starting:
-            if self._process is None:
-                ready = trio.Event()
-                self._sandbox.start_soon(self._run, ready)
-                with trio.move_on_after(CALL_TIMEOUT):
-                    await ready.wait()
-                if self._process is None:
-                    raise ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper did not start"
-                                                         + (f": {self._failure}" if self._failure else ""))
+            if self.state is HelperState.STOPPED:
+                self._move(HelperState.STARTING)
+                self._ready = trio.Event()
+                self._sandbox.start_soon(self._run, self._ready)
+            with trio.move_on_after(CALL_TIMEOUT):
+                await self._ready.wait()
+            if self.state is not HelperState.RUNNING or self._process is None:
+                raise ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper did not start"
+                                                     + (f": {self._failure}" if self._failure else ""))
             return self._process
 
     async def _run(self, ready: trio.Event) -> None:
@@ -230,6 +255,7 @@ class FsHelper:
             agent = await self._sandbox.agent()
             async with agent.open_process(HELPER_ARGV, capture_stderr=False) as process:
                 self._process = process
+                self._move(HelperState.RUNNING)
                 ready.set()
                 assert process.stdout is not None
                 buffer = bytearray()
@@ -261,6 +287,7 @@ class FsHelper:
             self._failure = "it failed inside vmcache: the daemon's log has the details"
         finally:
             self._process = None
+            self._move(HelperState.STOPPED)
             ready.set()
             lost = ConnectError(Code.UNAVAILABLE, "the guest's filesystem helper ended"
                                 + (f": {self._failure}" if self._failure else ""))
@@ -346,7 +373,7 @@ class FsHelper:
 
     async def unwatch(self, ident: int) -> None:
         self._watches.pop(ident, None)
-        if self._process is not None:
+        if self.state is HelperState.RUNNING:
             await self.call("unwatch", watch=ident)
 
     async def _unwatch_quietly(self, ident: int) -> None:
