@@ -27,6 +27,7 @@ from vmcache.e2b_connect import (
     encode_message,
 )
 from vmcache.e2b_http import ClientGone, Headers, HttpRequest, HttpResponse
+from vmcache.errors import VMGoneError
 
 T = TypeVar("T")
 
@@ -76,6 +77,8 @@ async def list_processes(message: dict[str, Any], ctx: CallContext) -> dict[str,
         raise KeyError("secret-internal-detail")
     if message.get("slow"):
         await trio.sleep(100)
+    if message.get("ended"):
+        raise VMGoneError("sandbox sbx has ended")
     return {"processes": [], "user": ctx.user, "deadline": ctx.deadline is not None}
 
 
@@ -88,6 +91,8 @@ async def start(message: dict[str, Any], ctx: CallContext) -> AsyncIterator[dict
             raise ValueError("secret-internal-detail")
         if message.get("hang"):
             await trio.sleep_forever()
+        if message.get("ended"):
+            raise VMGoneError("sandbox sbx has ended")
         yield {"event": {"end": {"exitCode": 0}}}
     finally:
         closed.set()
@@ -318,4 +323,12 @@ async def test_a_client_leaving_a_client_stream_ends_it_quietly(caplog: pytest.L
     request = _request_reading([encode_message({"n": 1}), ClientGone("the client left")], [])
     with pytest.raises(ClientGone):
         await r.handle(request, context())
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_a_sandbox_ending_under_a_call_is_no_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(VMGoneError):  # the server answers it 404, as E2B's proxy does
+        await unary({"ended": True})
+    end = (await stream({"ended": True}))[-1]
+    assert end[1]["error"]["code"] == "unavailable"
     assert not [record for record in caplog.records if record.levelname == "ERROR"]

@@ -13,7 +13,9 @@ is refused with ``unimplemented``, and nothing is ever sent compressed.
 :class:`ConnectRouter` maps a path (``/process.Process/Start``) to a handler on dicts in the
 protobuf-JSON form; it bounds the request, applies ``Connect-Timeout-Ms`` as a deadline, and
 turns errors into what the client reads: a :class:`ConnectError` keeps its code and message,
-anything else is ``internal`` (logged once, no traceback to the client).
+the sandbox ending under a call (:class:`~vmcache.errors.VMGoneError`) is left to the server
+(404, as E2B's proxy answers) or ends a stream ``unavailable``, anything else is ``internal``
+(logged once, no traceback to the client).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import attrs
 import trio
 
 from .e2b_http import ClientGone, Headers, HttpError, HttpRequest, HttpResponse
+from .errors import VMGoneError
 
 if TYPE_CHECKING:
     from .e2b_sandbox import SandboxRuntime
@@ -351,8 +354,8 @@ class ConnectRouter:
             error = ConnectError(Code.DEADLINE_EXCEEDED, "the call's timeout passed")
         except ConnectError as raised:
             error = raised
-        except ClientGone:
-            raise
+        except (ClientGone, VMGoneError):
+            raise  # VMGoneError: the sandbox ended under the call; the server answers 404
         except Exception as raised:
             gone = _client_gone(raised)
             if gone is not None:
@@ -371,6 +374,8 @@ class ConnectRouter:
             return unary_error_response(ConnectError(Code.DEADLINE_EXCEEDED, "the call's timeout passed"))
         except ConnectError as error:
             return unary_error_response(error)
+        except VMGoneError:
+            raise  # the sandbox ended under the call: the server answers what E2B's proxy does
         except Exception as error:
             return unary_error_response(_internal(path, error))
         if not isinstance(result, dict):
@@ -402,6 +407,9 @@ class ConnectRouter:
                 yield encode_message(item)
         except ConnectError as raised:
             error = raised
+        except VMGoneError as raised:  # the sandbox ended mid-stream (a kill, its TTL)
+            log.info("%s ended with its sandbox: %s", path, raised)
+            error = ConnectError(Code.UNAVAILABLE, f"the sandbox ended: {raised}")
         except Exception as raised:
             error = _internal(path, raised)
         finally:
