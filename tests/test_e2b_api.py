@@ -30,7 +30,7 @@ import trio.testing
 from fakes import FakeProcess
 
 from vmcache.e2b_http import HttpLimits, HttpRequest, serve_connection
-from vmcache.e2b_sandbox import CREATE_WAIT, SandboxManager
+from vmcache.e2b_sandbox import CREATE_WAIT, Sandbox, SandboxManager, SandboxState
 from vmcache.e2b_server import E2BServer, load_api_keys, user_of
 from vmcache.errors import AgentError, ConfigError, QuotaReachedError, VMGoneError, WaitExpiredError
 from vmcache.handle import VMHandle
@@ -580,6 +580,11 @@ class FakeSource:
         return self.entries.get(vm_id)
 
 
+def state(sandbox: Sandbox) -> SandboxState:
+    """The sandbox's state now (a call, so that mypy does not keep an earlier one)."""
+    return sandbox.state
+
+
 def gone(entry: HandedOut) -> None:
     """The VM exits, as the ledger then tells it."""
     entry.process.kill()
@@ -617,10 +622,11 @@ async def test_a_sandbox_is_a_claimed_vm_with_its_tasks_until_a_kill(
 
     sandbox.start_soon(task)
     await trio.testing.wait_all_tasks_blocked()
-    assert manager.get(sandbox.id) is sandbox
+    assert manager.get(sandbox.id) is sandbox and sandbox.state is SandboxState.LIVE
     with trio.fail_after(5):
         await manager.kill(sandbox)
         await cancelled.wait()
+    assert state(sandbox) is SandboxState.ENDED and not sandbox._move(SandboxState.LIVE)
     assert sandbox.ended.is_set() and manager.get(sandbox.id) is None and source.stopped == [sandbox.id]
     assert not record.exists()
     with pytest.raises(VMGoneError):
@@ -658,6 +664,7 @@ async def test_a_daemon_stop_keeps_sandboxes_and_the_next_one_serves_them(tmp_pa
         dropped = await first.create("base", timeout=30, envs={}, metadata={})
         nursery.cancel_scope.cancel()  # the daemon stops: no VM is stopped
     assert source.stopped == [] and kept.entry.alive and not kept.ended.is_set()
+    assert kept.state is SandboxState.DETACHED
     del source.entries[dropped.id]  # its VM went while no daemon ran
     (records / "0000000000ff.json").write_text("{not json")
     async with trio.open_nursery() as nursery:

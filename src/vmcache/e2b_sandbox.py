@@ -15,6 +15,7 @@ sandbox id is the VM's id, so ``vmcache status`` and ``vmcache stop`` name the s
 from __future__ import annotations
 
 import contextlib
+import enum
 import hmac
 import json
 import logging
@@ -105,6 +106,32 @@ def valid_sandbox_id(text: str) -> bool:
     return bool(_ID_RE.match(text))
 
 
+class SandboxState(enum.Enum):
+    """Where a sandbox is in its life (its transitions are :data:`_TRANSITIONS`)."""
+
+    #: Made; its task nursery does not run yet (tasks asked for now wait in ``_early``).
+    STARTING = "starting"
+    #: Serving calls; its tasks run.
+    LIVE = "live"
+    #: A kill is under way: no call is served, no task started, its tasks are cancelled.
+    STOPPING = "stopping"
+    #: Its VM is gone (its TTL, a kill, ``vmcache stop``, a crash); nothing of it is left.
+    ENDED = "ended"
+    #: The daemon stopped: its tasks are cancelled but its VM lives on, claimed, for the next
+    #: daemon to serve again (a new Sandbox then).
+    DETACHED = "detached"
+
+
+_TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.STARTING: frozenset({SandboxState.LIVE, SandboxState.STOPPING, SandboxState.ENDED,
+                                      SandboxState.DETACHED}),
+    SandboxState.LIVE: frozenset({SandboxState.STOPPING, SandboxState.ENDED, SandboxState.DETACHED}),
+    SandboxState.STOPPING: frozenset({SandboxState.ENDED, SandboxState.DETACHED}),
+    SandboxState.ENDED: frozenset(),
+    SandboxState.DETACHED: frozenset(),
+}
+
+
 @attrs.define(eq=False)
 class Sandbox:
     """One E2B sandbox: a claimed hand-out (``entry``), and what E2B keeps beside it.
@@ -125,14 +152,20 @@ class Sandbox:
     _services: dict[type, object] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     _ended: trio.Event = attrs.Factory(trio.Event)
-    #: A kill is under way: no new task.
-    _stopping: bool = False
+    state: SandboxState = SandboxState.STARTING
     #: Tasks asked for before the sandbox's nursery ran.
     _early: list[tuple[Callable[..., Awaitable[object]], tuple[object, ...]]] = attrs.Factory(list)
 
     @property
     def id(self) -> str:
         return self.entry.id
+
+    def _move(self, to: SandboxState) -> bool:
+        """Go to state ``to`` if the table allows it from here: True if it did."""
+        if to not in _TRANSITIONS[self.state]:
+            return False
+        self.state = to
+        return True
 
     @property
     def envs(self) -> Mapping[str, str]:
@@ -151,8 +184,8 @@ class Sandbox:
     def alive(self) -> bool:
         """Whether the sandbox serves calls: its VM runs and nobody asked it to stop (a kill
         under way, its TTL passed: the API already answers 404 for it, as E2B does)."""
-        return (self.entry.alive and self.entry.life.stop is None and not self._stopping
-                and not self._ended.is_set())
+        return (self.state in (SandboxState.STARTING, SandboxState.LIVE) and self.entry.alive
+                and self.entry.life.stop is None)
 
     @property
     def cpu_count(self) -> int:
@@ -331,6 +364,7 @@ class SandboxManager:
         try:
             async with trio.open_nursery() as nursery:
                 sandbox._nursery = nursery
+                sandbox._move(SandboxState.LIVE)  # unless a kill came first
                 for fn, args in sandbox._early:
                     nursery.start_soon(sandbox._guarded, fn, *args)
                 sandbox._early.clear()
@@ -342,6 +376,7 @@ class SandboxManager:
         finally:
             sandbox._nursery = None
             gone = sandbox.entry.gone.is_set()
+            sandbox._move(SandboxState.ENDED if gone else SandboxState.DETACHED)
             if gone:
                 self._sandboxes.pop(sandbox.id, None)
                 log.info("E2B sandbox %s ended: %s", sandbox.id, sandbox.entry.stop_reason or "its VM exited")
@@ -354,7 +389,7 @@ class SandboxManager:
     async def kill(self, sandbox: Sandbox) -> None:
         """Stop the sandbox's VM and wait until it (and the sandbox) ended. Its tasks are
         cancelled first, so that none of them sees its guest vanish under it."""
-        sandbox._stopping = True
+        sandbox._move(SandboxState.STOPPING)
         if sandbox._nursery is not None:
             sandbox._nursery.cancel_scope.cancel()
         await self.source.stop(sandbox.entry)
